@@ -1,0 +1,22 @@
+//! specializer: machine code in, faster machine code out.
+//!
+//! Given a region of x86-64 code read through [`Memory`], an entry address and
+//! what is known at entry (registers, flags), it decodes, abstractly
+//! interprets, folds what is known (including loads from pages the caller
+//! declares constant) and emits a [`Variant`]: residual code, its exits, a
+//! deopt map for every instruction boundary and the pages it relied on.
+//!
+//! Invariants:
+//! - **No system calls.** The target is read only through [`Memory`]; every
+//!   test runs in-process. This crate depends on iced-x86 (and thiserror) only.
+//! - **Never wrong.** An instruction whose effect is not modelled exactly is
+//!   emitted as is and everything it writes becomes unknown. The only
+//!   assumptions of a variant are the entry state and the contents of
+//!   [`Variant::guard_pages`].
+//! - Failing to specialize is a typed [`SpecializeError`], never a panic on
+//!   target data.
+
+pub mod insn_info;
+mod types;
+
+pub use types::*;

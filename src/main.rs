@@ -1,0 +1,2 @@
+//! dynspec: the command-line tool. Drives tracer, specializer and codecache.
+fn main() {}
