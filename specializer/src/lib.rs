@@ -17,6 +17,7 @@
 //!   target data.
 
 pub mod insn_info;
+pub mod snippet;
 mod types;
 
 pub use types::*;

@@ -1,0 +1,1 @@
+//! Snippets for `dynspec fold` and filetests: parse, specialize, render (being written).
