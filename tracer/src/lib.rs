@@ -21,3 +21,9 @@ pub mod watch;
 
 pub use addr::RemoteAddr;
 pub use error::TracerError;
+pub use maps::{mapping_at, read_maps, Mapping};
+pub use nix::unistd::Pid;
+pub use process::{Event, ExitStatus, SpawnOptions, Tracer};
+pub use remote::{remote_close, remote_mmap, remote_mprotect, remote_munmap, remote_userfaultfd};
+pub use symbols::{modules, symbolize, Module, Symbol};
+pub use watch::{WatchResult, WatchSummary, WriteWatch};

@@ -1,1 +1,198 @@
-//! (being written)
+//! Modules (loaded ELF files) of a process and their function symbols at runtime addresses (goblin).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use goblin::elf::program_header::PT_LOAD;
+use goblin::elf::sym::STT_FUNC;
+use goblin::elf::Elf;
+use nix::unistd::Pid;
+
+use crate::maps::{read_maps, Mapping};
+use crate::{RemoteAddr, TracerError};
+
+/// A function symbol at absolute runtime addresses `[start, end)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Symbol {
+    pub name: String,
+    pub start: RemoteAddr,
+    pub end: RemoteAddr,
+}
+
+/// One loaded ELF file (executable or shared library).
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub path: PathBuf,
+    /// Load bias: runtime address = ELF virtual address + base (0 for non-PIE executables).
+    pub base: RemoteAddr,
+    /// Lowest and highest addresses mapped from this file.
+    pub start: RemoteAddr,
+    pub end: RemoteAddr,
+    /// FUNC symbols from .symtab and .dynsym, sorted by start; empty for a stripped file.
+    pub symbols: Vec<Symbol>,
+}
+
+impl Module {
+    /// The symbol containing `a`, if any.
+    pub fn symbol_at(&self, a: RemoteAddr) -> Option<&Symbol> {
+        let i = self.symbols.partition_point(|s| s.start <= a);
+        let s = self.symbols.get(i.checked_sub(1)?)?;
+        (a < s.end).then_some(s)
+    }
+
+    /// The symbol with this exact name, if any.
+    pub fn symbol(&self, name: &str) -> Option<&Symbol> {
+        self.symbols.iter().find(|s| s.name == name)
+    }
+}
+
+/// What is kept of a parsed ELF file, independent of where it is loaded.
+#[derive(Debug, Default)]
+struct Parsed {
+    /// (name, vaddr, size) of FUNC symbols, sorted by vaddr, de-duplicated by address.
+    syms: Vec<(String, u64, u64)>,
+    /// (file offset, vaddr) of PT_LOAD segments, both page-aligned down.
+    loads: Vec<(u64, u64)>,
+}
+
+type Cache = Mutex<HashMap<(PathBuf, u64), Arc<Parsed>>>;
+
+fn cache() -> &'static Cache {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    CACHE.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+const PAGE_MASK: u64 = !(crate::addr::PAGE_SIZE - 1);
+
+fn parse(bytes: &[u8]) -> Parsed {
+    let Ok(elf) = Elf::parse(bytes) else {
+        return Parsed::default();
+    };
+    let loads = elf
+        .program_headers
+        .iter()
+        .filter(|ph| ph.p_type == PT_LOAD)
+        .map(|ph| (ph.p_offset & PAGE_MASK, ph.p_vaddr & PAGE_MASK))
+        .collect();
+    let mut syms: Vec<(String, u64, u64)> = Vec::new();
+    for (tab, strtab) in [(&elf.syms, &elf.strtab), (&elf.dynsyms, &elf.dynstrtab)] {
+        for s in tab.iter() {
+            if s.st_type() != STT_FUNC || s.st_value == 0 || s.st_shndx == 0 {
+                continue;
+            }
+            let Some(name) = strtab.get_at(s.st_name) else {
+                continue;
+            };
+            if name.is_empty() {
+                continue;
+            }
+            syms.push((name.to_string(), s.st_value, s.st_size));
+        }
+    }
+    // One symbol per address: prefer a sized one, then the shortest (non-versioned, non-alias-ish) name.
+    syms.sort_by(|a, b| {
+        a.1.cmp(&b.1)
+            .then((b.2 > 0).cmp(&(a.2 > 0)))
+            .then(a.0.starts_with('_').cmp(&b.0.starts_with('_')))
+            .then(a.0.len().cmp(&b.0.len()))
+    });
+    syms.dedup_by_key(|s| s.1);
+    Parsed { syms, loads }
+}
+
+fn load(pid: Pid, path: &Path, inode: u64) -> Arc<Parsed> {
+    let key = (path.to_path_buf(), inode);
+    if let Ok(c) = cache().lock() {
+        if let Some(p) = c.get(&key) {
+            return p.clone();
+        }
+    }
+    // The target may live in another mount namespace: read through its root first.
+    let rooted =
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
+    let bytes = std::fs::read(&rooted)
+        .or_else(|_| std::fs::read(path))
+        .unwrap_or_default();
+    let parsed = Arc::new(parse(&bytes));
+    if let Ok(mut c) = cache().lock() {
+        c.insert(key, parsed.clone());
+    }
+    parsed
+}
+
+/// Compute the load bias of a file from its mappings and PT_LOAD segments.
+fn load_bias(parsed: &Parsed, maps: &[&Mapping]) -> Option<u64> {
+    for m in maps {
+        if let Some((_, vaddr)) = parsed.loads.iter().find(|(off, _)| *off == m.offset) {
+            return Some(m.start.0.wrapping_sub(*vaddr));
+        }
+    }
+    None
+}
+
+/// The modules of `pid`: one per file that has an executable mapping. Stripped files give empty symbol lists.
+pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
+    let maps = read_maps(pid)?;
+    let mut keys: Vec<(PathBuf, u64)> = Vec::new();
+    for m in &maps {
+        if m.exec && m.is_file() && !m.is_pseudo() {
+            let key = (m.path.clone().unwrap_or_default(), m.inode);
+            if !keys.contains(&key) {
+                keys.push(key);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (path, inode) in keys {
+        let mine: Vec<&Mapping> = maps
+            .iter()
+            .filter(|m| m.inode == inode && m.path.as_deref() == Some(path.as_path()))
+            .collect();
+        let (Some(first), Some(last)) = (mine.first(), mine.last()) else {
+            continue;
+        };
+        let parsed = load(pid, &path, inode);
+        let bias =
+            load_bias(&parsed, &mine).unwrap_or_else(|| first.start.0.wrapping_sub(first.offset));
+        let symbols = parsed
+            .syms
+            .iter()
+            .enumerate()
+            .map(|(i, (name, vaddr, size))| {
+                let start = vaddr.wrapping_add(bias);
+                let end = if *size > 0 {
+                    start.wrapping_add(*size)
+                } else {
+                    // Unsized symbols extend to the next symbol (or the module end).
+                    parsed
+                        .syms
+                        .get(i + 1)
+                        .map(|n| n.1.wrapping_add(bias))
+                        .unwrap_or(last.end.0)
+                        .max(start + 1)
+                };
+                Symbol {
+                    name: name.clone(),
+                    start: RemoteAddr(start),
+                    end: RemoteAddr(end),
+                }
+            })
+            .collect();
+        out.push(Module {
+            path,
+            base: RemoteAddr(bias),
+            start: first.start,
+            end: last.end,
+            symbols,
+        });
+    }
+    out.sort_by_key(|m| m.start);
+    Ok(out)
+}
+
+/// The module containing `a`, and the function symbol containing it if known.
+pub fn symbolize(modules: &[Module], a: RemoteAddr) -> Option<(&Module, Option<&Symbol>)> {
+    let m = modules.iter().find(|m| m.start <= a && a < m.end)?;
+    Some((m, m.symbol_at(a)))
+}
