@@ -1,0 +1,297 @@
+//! Shared helpers for the end-to-end tests: building the C samples, running them natively and under dynspec.
+//!
+//! Use from a test file in `tests/` with `mod common;`. Every helper panics with a clear message on a
+//! setup failure (a test cannot proceed without its sample), never on the behaviour under test.
+#![allow(dead_code)] // each test binary uses a different subset of these helpers
+
+use std::fs::{self, File};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// A run that takes longer than this is hung: it is killed and the test fails (a watchdog, not a timing assertion).
+pub const HANG_LIMIT: Duration = Duration::from_secs(300);
+
+/// The repository's `samples/` directory (found upwards from this crate, so other workspace crates can include this
+/// module with `#[path]`).
+pub fn samples_dir() -> PathBuf {
+    let start = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    start
+        .ancestors()
+        .map(|d| d.join("samples"))
+        .find(|d| d.join("Makefile").is_file())
+        .unwrap_or_else(|| panic!("no samples/Makefile above {}", start.display()))
+}
+
+/// Path of the built sample `samples/build/NAME`, building all samples first (once per test binary).
+///
+/// `make` runs under an exclusive `flock` on `samples/build/.make.lock`, so concurrently running test binaries
+/// never build over each other; the Makefile also renames finished binaries into place atomically.
+pub fn sample(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = samples_dir();
+    if let Err(e) = BUILT.get_or_init(|| build_samples(&dir)) {
+        panic!("building the samples failed: {e}");
+    }
+    let path = dir.join("build").join(name);
+    assert!(
+        path.is_file(),
+        "sample {name} was not built: {} is missing",
+        path.display()
+    );
+    path
+}
+
+fn build_samples(dir: &Path) -> Result<(), String> {
+    let build = dir.join("build");
+    fs::create_dir_all(&build).map_err(|e| format!("create {}: {e}", build.display()))?;
+    let lock_path = build.join(".make.lock");
+    let lock =
+        File::create(&lock_path).map_err(|e| format!("create {}: {e}", lock_path.display()))?;
+    lock.lock()
+        .map_err(|e| format!("flock {}: {e}", lock_path.display()))?;
+    let out = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run make (is it installed?): {e}"))?;
+    // The lock is released when `lock` is dropped (also on the error paths above).
+    drop(lock);
+    if !out.status.success() {
+        return Err(format!(
+            "make -C {} failed ({}):\n{}{}",
+            dir.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// The exact expected stdout of sample NAME at its small size (`samples/NAME.expected`).
+pub fn expected(name: &str) -> Vec<u8> {
+    let p = samples_dir().join(format!("{name}.expected"));
+    fs::read(&p).unwrap_or_else(|e| panic!("cannot read {}: {e}", p.display()))
+}
+
+/// The dynspec binary under test.
+pub fn dynspec() -> PathBuf {
+    // Integration tests and benches of the root package get the path from cargo; anything else including this
+    // module falls back to the workspace target directory.
+    if let Some(p) = option_env!("CARGO_BIN_EXE_dynspec") {
+        return PathBuf::from(p);
+    }
+    let root = samples_dir()
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    ["release", "debug"]
+        .iter()
+        .map(|p| root.join("target").join(p).join("dynspec"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("dynspec binary not found under {}/target", root.display()))
+}
+
+/// Runs `path args...` with stdin from /dev/null and captures stdout/stderr.
+pub fn run_native(path: impl AsRef<Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(path.as_ref());
+    cmd.args(args);
+    output_of(cmd, None)
+}
+
+/// Runs `dynspec DYNSPEC_ARGS... -- path args...` with stdin from /dev/null and captures stdout/stderr.
+///
+/// `dynspec_args` is everything before `--`, subcommand included, e.g. `&["run", "--profile-only", "-q"]`.
+pub fn run_dynspec(dynspec_args: &[&str], path: impl AsRef<Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(dynspec());
+    cmd.args(dynspec_args)
+        .arg("--")
+        .arg(path.as_ref())
+        .args(args);
+    output_of(cmd, None)
+}
+
+/// Runs `cmd` (its stdout/stderr captured), feeding it `stdin` (or /dev/null when `None`), and waits for it.
+///
+/// Kills it and panics if it is still running after [`HANG_LIMIT`].
+pub fn output_of(mut cmd: Command, stdin: Option<Vec<u8>>) -> Output {
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let what = format!("{cmd:?}");
+    let child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let mut guard = ChildGuard::new(child);
+    let child = guard.child_mut();
+    let feeder = match (stdin, child.stdin.take()) {
+        (Some(data), Some(mut pipe)) => Some(thread::spawn(move || {
+            use std::io::Write;
+            // A reader that exits early closes the pipe; that is its business, not an error here.
+            let _ = pipe.write_all(&data);
+        })),
+        _ => None,
+    };
+    let out_reader = reader(child.stdout.take());
+    let err_reader = reader(child.stderr.take());
+    let status = wait_with_limit(child, HANG_LIMIT).unwrap_or_else(|| {
+        panic!("{what} still running after {HANG_LIMIT:?}: killed (hung?)");
+    });
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    guard.disarm();
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+fn reader<R: Read + Send + 'static>(src: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut s) = src {
+            let _ = s.read_to_end(&mut buf);
+        }
+        buf
+    })
+}
+
+/// Waits for `child` up to `limit`; `None` if it is still running then (the caller decides what to do).
+pub fn wait_with_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return Some(st),
+            Ok(None) if start.elapsed() < limit => thread::sleep(Duration::from_millis(10)),
+            Ok(None) => return None,
+            Err(e) => panic!("waiting for child {}: {e}", child.id()),
+        }
+    }
+}
+
+/// A directory under the system temp dir, deleted with its contents on drop.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates a fresh, uniquely named directory.
+    pub fn new() -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let path = std::env::temp_dir().join(format!(
+            "dynspec-test-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `self.path()/name`.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Default for TempDir {
+    fn default() -> Self {
+        TempDir::new()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+/// Owns a child process: kills and reaps it on drop unless it was already waited for (no stray processes when a
+/// test fails half-way).
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> ChildGuard {
+        ChildGuard { child: Some(child) }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    pub fn child_mut(&mut self) -> &mut Child {
+        self.child.as_mut().expect("ChildGuard used after disarm")
+    }
+
+    /// Waits (up to [`HANG_LIMIT`]) and collects the remaining stdout/stderr; the guard no longer kills anything.
+    pub fn wait_output(mut self) -> Output {
+        let mut child = self.child.take().expect("ChildGuard used after disarm");
+        let out_reader = reader(child.stdout.take());
+        let err_reader = reader(child.stderr.take());
+        let status = match wait_with_limit(&mut child, HANG_LIMIT) {
+            Some(st) => st,
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "child {} still running after {HANG_LIMIT:?}: killed (hung?)",
+                    child.id()
+                );
+            }
+        };
+        Output {
+            status,
+            stdout: out_reader.join().unwrap_or_default(),
+            stderr: err_reader.join().unwrap_or_default(),
+        }
+    }
+
+    /// Gives up ownership: the child is neither killed nor waited for on drop.
+    fn disarm(&mut self) {
+        self.child = None;
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `true` if the status says "killed by signal `sig`" or "exited with 128 + sig" (how a shell reports it).
+pub fn died_of(status: &ExitStatus, sig: i32) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    status.signal() == Some(sig) || status.code() == Some(128 + sig)
+}
+
+/// Lossy text of a byte buffer, for assertion messages.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}

@@ -1,0 +1,300 @@
+//! End-to-end tests: every sample behaves byte-for-byte the same natively and under `dynspec run` / `dynspec attach`.
+
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use common::{
+    died_of, dynspec, expected, output_of, run_dynspec, run_native, sample, text, ChildGuard,
+    TempDir,
+};
+
+/// One sample at its small size, as documented at the top of its .c file and in samples/README.md.
+struct Case {
+    /// Binary name in samples/build/.
+    bin: &'static str,
+    /// Name of the `.expected` file (the -nopie/-stripped builds share interp_switch's).
+    expected: &'static str,
+    size: &'static str,
+    code: i32,
+    stderr: &'static str,
+}
+
+const fn case(bin: &'static str, size: &'static str) -> Case {
+    Case {
+        bin,
+        expected: bin,
+        size,
+        code: 0,
+        stderr: "",
+    }
+}
+
+const INTERP_SWITCH: Case = case("interp_switch", "1000000");
+const INTERP_SWITCH_NOPIE: Case = Case {
+    bin: "interp_switch-nopie",
+    expected: "interp_switch",
+    ..INTERP_SWITCH
+};
+const INTERP_SWITCH_STRIPPED: Case = Case {
+    bin: "interp_switch-stripped",
+    expected: "interp_switch",
+    ..INTERP_SWITCH
+};
+const BPF_FILTER: Case = case("bpf_filter", "5000000");
+const CONFIG_LOOP: Case = case("config_loop", "60000");
+const SELFMOD_INTERP: Case = case("selfmod_interp", "800000");
+const MT_INTERP: Case = case("mt_interp", "300000");
+const FORK_EXEC: Case = case("fork_exec", "10000000");
+const SIGNALS: Case = Case {
+    code: 3,
+    stderr: "signals: done, exiting with status 3 on purpose\n",
+    ..case("signals", "25000")
+};
+const NOTHING: Case = case("nothing", "300");
+const KERNEL_READ: Case = case("kernel_read", "40000");
+
+/// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
+fn check_native(c: &Case) -> Output {
+    let out = run_native(sample(c.bin), &[c.size]);
+    assert_eq!(
+        text(&out.stdout),
+        text(&expected(c.expected)),
+        "{}: native stdout differs from {}.expected",
+        c.bin,
+        c.expected
+    );
+    assert_eq!(text(&out.stderr), c.stderr, "{}: native stderr", c.bin);
+    assert_eq!(
+        out.status.code(),
+        Some(c.code),
+        "{}: native exit status {}",
+        c.bin,
+        out.status
+    );
+    out
+}
+
+/// Asserts that the run under dynspec is indistinguishable from the native one (stdout, stderr, exit status).
+fn assert_same(what: &str, native: &Output, traced: &Output) {
+    assert_eq!(
+        text(&traced.stdout),
+        text(&native.stdout),
+        "{what}: stdout differs from the native run"
+    );
+    assert_eq!(
+        text(&traced.stderr),
+        text(&native.stderr),
+        "{what}: stderr differs from the native run (dynspec must be silent with -q)"
+    );
+    assert_eq!(
+        (traced.status.code(), traced.status.signal()),
+        (native.status.code(), native.status.signal()),
+        "{what}: exit status {} differs from native {}",
+        traced.status,
+        native.status
+    );
+}
+
+/// The report written by a run exists and is a version-1 dynspec report.
+fn check_report(what: &str, path: &Path) -> serde_json::Value {
+    let bytes = std::fs::read(path)
+        .unwrap_or_else(|e| panic!("{what}: no report at {}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|e| panic!("{what}: report is not JSON: {e}"));
+    assert_eq!(v["version"], 1, "{what}: report version");
+    v
+}
+
+fn check_under_dynspec(c: &Case, mode: &[&str]) {
+    let native = check_native(c);
+    let tmp = TempDir::new();
+    let report = tmp.join("report.json");
+    let report_arg = report.to_str().expect("temp paths are UTF-8");
+    let mut args = vec!["run"];
+    args.extend_from_slice(mode);
+    args.extend_from_slice(&["-q", "--report", report_arg]);
+    let traced = run_dynspec(&args, sample(c.bin), &[c.size]);
+    let what = format!("dynspec {} -- {} {}", args.join(" "), c.bin, c.size);
+    assert_same(&what, &native, &traced);
+    let v = check_report(&what, &report);
+    let status = &v["exit_status"];
+    if c.code != 0 || status.get("code").is_some() {
+        assert_eq!(status["code"], c.code, "{what}: exit_status in the report");
+    }
+}
+
+macro_rules! sample_tests {
+    ($($name:ident => $case:expr;)*) => {
+        mod native {
+            $(#[test] fn $name() { super::check_native(&$case); })*
+        }
+        mod profile_only {
+            $(#[test] fn $name() { super::check_under_dynspec(&$case, &["--profile-only"]); })*
+        }
+        mod full {
+            $(#[test] fn $name() { super::check_under_dynspec(&$case, &[]); })*
+        }
+    };
+}
+
+sample_tests! {
+    interp_switch => super::INTERP_SWITCH;
+    interp_switch_nopie => super::INTERP_SWITCH_NOPIE;
+    interp_switch_stripped => super::INTERP_SWITCH_STRIPPED;
+    bpf_filter => super::BPF_FILTER;
+    config_loop => super::CONFIG_LOOP;
+    selfmod_interp => super::SELFMOD_INTERP;
+    mt_interp => super::MT_INTERP;
+    fork_exec => super::FORK_EXEC;
+    signals => super::SIGNALS;
+    nothing => super::NOTHING;
+    kernel_read => super::KERNEL_READ;
+}
+
+/// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.
+const ATTACH_SIZE: &str = "30000000";
+/// interp_switch's stdout at ATTACH_SIZE (regenerate with `samples/build/interp_switch 30000000`).
+const ATTACH_STDOUT: &str = "program: 18 instructions\nresult: 8610247303291299\nx: 11165572\n";
+
+#[test]
+fn attach_and_detach_leaves_the_program_untouched() {
+    let tmp = TempDir::new();
+    let report = tmp.join("attach.json");
+    let child = Command::new(sample("interp_switch"))
+        .arg(ATTACH_SIZE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start interp_switch");
+    // Owns the target: if an assertion below fails, the target is killed rather than left running.
+    let target = ChildGuard::new(child);
+    let pid = target.id().to_string();
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["attach", &pid, "--for", "2", "-q", "--report"])
+        .arg(&report);
+    let attached = output_of(cmd, None);
+    assert!(
+        attached.status.success(),
+        "dynspec attach failed ({}): {}",
+        attached.status,
+        text(&attached.stderr)
+    );
+    assert_eq!(
+        text(&attached.stderr),
+        "",
+        "dynspec attach -q must be silent"
+    );
+    let v = check_report("attach", &report);
+    assert_eq!(v["pid"].to_string(), pid, "report names the attached pid");
+    // Detached: the program runs on to its normal end with the output of an untouched run.
+    let out = target.wait_output();
+    assert_eq!(
+        text(&out.stdout),
+        ATTACH_STDOUT,
+        "stdout after attach/detach"
+    );
+    assert_eq!(text(&out.stderr), "");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "exit status after attach/detach: {}",
+        out.status
+    );
+}
+
+/// `dynspec run ARGS -- CMD...` in a temp dir with the given stdin; the report goes to the temp dir.
+fn run_cmd(mode: &[&str], cmd: &[&str], stdin: Option<Vec<u8>>) -> Output {
+    let tmp = TempDir::new();
+    let mut c = Command::new(dynspec());
+    c.current_dir(tmp.path())
+        .arg("run")
+        .args(mode)
+        .arg("-q")
+        .arg("--report")
+        .arg(tmp.join("r.json"))
+        .arg("--");
+    c.args(cmd);
+    output_of(c, stdin)
+}
+
+#[test]
+fn stdin_passes_through() {
+    // Large enough to need several pipe buffers, with every byte value.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+    for mode in [&["--profile-only"][..], &[][..]] {
+        let out = run_cmd(mode, &["cat"], Some(data.clone()));
+        assert!(
+            out.status.success(),
+            "dynspec run {mode:?} -- cat: {} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert!(
+            out.stdout == data,
+            "dynspec run {mode:?} -- cat: stdout is not stdin ({} of {} bytes)",
+            out.stdout.len(),
+            data.len()
+        );
+    }
+}
+
+#[test]
+fn exit_code_passes_through() {
+    for mode in [&["--profile-only"][..], &[][..]] {
+        for code in [0, 1, 7, 255] {
+            let script = format!("exit {code}");
+            let out = run_cmd(mode, &["sh", "-c", &script], None);
+            assert_eq!(
+                out.status.code(),
+                Some(code),
+                "dynspec run {mode:?} -- sh -c '{script}': {}",
+                out.status
+            );
+            assert_eq!(text(&out.stderr), "", "dynspec -q must be silent");
+        }
+    }
+}
+
+#[test]
+fn death_by_signal_passes_through() {
+    for mode in [&["--profile-only"][..], &[][..]] {
+        for (sig, name) in [
+            (libc::SIGSEGV, "SEGV"),
+            (libc::SIGTERM, "TERM"),
+            (libc::SIGKILL, "KILL"),
+        ] {
+            let script = format!("kill -{name} $$");
+            let out = run_cmd(mode, &["sh", "-c", &script], None);
+            assert!(
+                died_of(&out.status, sig),
+                "dynspec run {mode:?} -- sh -c '{script}': expected death by signal {sig}, got {}",
+                out.status
+            );
+        }
+    }
+}
+
+#[test]
+fn sample_usage_errors_are_deterministic() {
+    // A bad SIZE is a usage error (status 2) with a message on stderr, natively and under dynspec alike.
+    let native = run_native(sample("interp_switch"), &["not-a-number"]);
+    assert_eq!(native.status.code(), Some(2));
+    assert!(native.stdout.is_empty());
+    let traced = run_cmd(
+        &["--profile-only"],
+        &[
+            sample("interp_switch").to_str().expect("UTF-8 path"),
+            "not-a-number",
+        ],
+        None,
+    );
+    assert_same(
+        "dynspec run -- interp_switch not-a-number",
+        &native,
+        &traced,
+    );
+}
