@@ -1,2 +1,364 @@
 //! dynspec: the command-line tool. Drives tracer, specializer and codecache.
-fn main() {}
+
+mod fold;
+mod profile;
+mod report;
+mod session;
+mod signals;
+
+use std::ffi::OsString;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use crate::report::{Report, DEFAULT_REPORT};
+use crate::session::{Outcome, SessionConfig, Target};
+
+/// Make unmodified x86-64 Linux programs faster while they run (profiling and specialization).
+#[derive(Debug, Parser)]
+#[command(name = "dynspec", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct ProfileOpts {
+    /// Only profile; do not specialize.
+    #[arg(long)]
+    profile_only: bool,
+    /// Where to write the report [default: ./dynspec.report.json, the previous one kept as .old].
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// Samples per second of CPU time, per thread.
+    #[arg(long, value_name = "HZ", default_value_t = 4999, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rate: u64,
+    /// Seconds of sampling before the write watch, and seconds of write watching.
+    #[arg(long, value_name = "SECS", default_value = "0.3", value_parser = parse_secs)]
+    window: Duration,
+    /// No messages from dynspec itself (errors still go to stderr).
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a program under dynspec.
+    Run {
+        #[command(flatten)]
+        opts: ProfileOpts,
+        /// The program and its arguments (put them after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Attach to a running process; detach leaving it running (on Ctrl-C, SIGTERM or after --for).
+    Attach {
+        /// Process ID to attach to.
+        #[arg(value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
+        pid: i32,
+        /// Detach after this many seconds.
+        #[arg(long = "for", value_name = "SECS", value_parser = parse_secs)]
+        for_secs: Option<Duration>,
+        #[command(flatten)]
+        opts: ProfileOpts,
+    },
+    /// Show a report.
+    Report {
+        /// Report file [default: ./dynspec.report.json].
+        path: Option<PathBuf>,
+        /// Print the JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what the specializer does to a snippet of code.
+    Fold(fold::FoldArgs),
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !v.is_finite() || v <= 0.0 || v > 1e7 {
+        return Err(format!("'{s}' must be a positive number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("dynspec: error: {}", one_line(&e));
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+/// The cause chain joined by ": " on one line (messages with newlines are folded).
+fn one_line(e: &anyhow::Error) -> String {
+    let parts: Vec<String> = e
+        .chain()
+        .map(|c| c.to_string().replace('\n', " "))
+        .collect();
+    // Some errors already repeat their source's text; do not print it twice.
+    let mut out: Vec<String> = Vec::new();
+    for p in parts {
+        if out.last().is_some_and(|l: &String| l.ends_with(&p)) {
+            continue;
+        }
+        out.push(p);
+    }
+    out.join(": ")
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.cmd {
+        Command::Run { opts, command } => {
+            let program = validate_program(&command[0])?;
+            let mut argv = command.clone();
+            argv[0] = program.into_os_string();
+            // Keep what the user typed as argv[0] for the report; the tracer gets the resolved path.
+            let cfg = session_config(&opts, None);
+            if !opts.profile_only && !opts.quiet {
+                eprintln!(
+                    "dynspec: specialization is not available in this build yet; profiling only"
+                );
+            }
+            let target = Target::Run {
+                argv,
+                shown: command,
+            };
+            let outcome = session::run(target, &cfg)?;
+            Ok(finish(outcome, &cfg))
+        }
+        Command::Attach {
+            pid,
+            for_secs,
+            opts,
+        } => {
+            validate_pid(pid)?;
+            let cfg = session_config(&opts, for_secs);
+            let outcome = session::run(Target::Attach(nix::unistd::Pid::from_raw(pid)), &cfg)?;
+            Ok(finish(outcome, &cfg))
+        }
+        Command::Report { path, json } => {
+            let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT));
+            let r = Report::load(&path)?;
+            if json {
+                println!("{}", r.to_json());
+            } else {
+                print!("{}", r.render());
+            }
+            Ok(0)
+        }
+        Command::Fold(args) => {
+            fold::run(args)?;
+            Ok(0)
+        }
+    }
+}
+
+fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionConfig {
+    SessionConfig {
+        rate_hz: opts.rate,
+        window: opts.window,
+        quiet: opts.quiet,
+        report_path: opts
+            .report
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT)),
+        attach_for,
+    }
+}
+
+/// Exit code for the outcome; re-raises the target's fatal signal on ourselves.
+fn finish(outcome: Outcome, cfg: &SessionConfig) -> i32 {
+    if !cfg.quiet {
+        eprintln!("dynspec: report written to {}", cfg.report_path.display());
+    }
+    match outcome {
+        Outcome::Exited(tracer::ExitStatus::Code(c)) => c,
+        Outcome::Exited(tracer::ExitStatus::Signaled { signal, .. }) => signals::die_of(signal),
+        Outcome::Detached => 0,
+        Outcome::Interrupted(code) => code,
+    }
+}
+
+/// Resolve a program like a shell does and check it is something we can trace, before forking anything.
+fn validate_program(prog: &OsString) -> anyhow::Result<PathBuf> {
+    let p = Path::new(prog);
+    let shown = p.display().to_string();
+    let path = if prog.is_empty() {
+        bail!("program not found: '' — check the path or PATH");
+    } else if p.as_os_str().as_encoded_bytes().contains(&b'/') {
+        if !p.exists() {
+            bail!("program not found: {shown} — check the path or PATH");
+        }
+        p.to_path_buf()
+    } else {
+        let paths =
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+        let found = std::env::split_paths(&paths)
+            .map(|d| d.join(p))
+            .find(|c| c.is_file() && is_executable(c));
+        match found {
+            Some(f) => f,
+            None => bail!("program not found: {shown} — check the path or PATH"),
+        }
+    };
+    if path.is_dir() {
+        bail!("{shown} is a directory, not a program");
+    }
+    if !is_executable(&path) {
+        bail!("{shown} is not executable (permission denied; chmod +x?)");
+    }
+    let mut head = [0u8; 20];
+    let n = std::fs::File::open(&path)
+        .and_then(|mut f| {
+            let mut n = 0;
+            while n < head.len() {
+                match f.read(&mut head[n..])? {
+                    0 => break,
+                    k => n += k,
+                }
+            }
+            Ok(n)
+        })
+        .with_context(|| format!("cannot read {shown}"))?;
+    check_elf_header(&head[..n]).map_err(|why| anyhow::anyhow!("{shown}: {why}"))?;
+    Ok(path)
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that lives across the call.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// Accept x86-64 ELF executables and `#!` scripts (the kernel runs their interpreter, which we then check at exec).
+fn check_elf_header(h: &[u8]) -> Result<(), String> {
+    if h.starts_with(b"#!") {
+        return Ok(());
+    }
+    if h.len() < 20 || &h[..4] != b"\x7fELF" {
+        return Err("not an ELF executable".into());
+    }
+    let class = h[4];
+    let machine = u16::from_le_bytes([h[18], h[19]]);
+    match (class, machine) {
+        (2, 62) => Ok(()),
+        (1, _) => Err(format!(
+            "is a 32-bit ELF executable ({}); dynspec supports x86-64 programs only",
+            machine_name(machine)
+        )),
+        (_, m) => Err(format!(
+            "is an ELF executable for a foreign architecture ({}); dynspec supports x86-64 programs only",
+            machine_name(m)
+        )),
+    }
+}
+
+fn machine_name(m: u16) -> String {
+    match m {
+        3 => "i386".into(),
+        40 => "ARM".into(),
+        62 => "x86-64".into(),
+        183 => "AArch64".into(),
+        243 => "RISC-V".into(),
+        8 => "MIPS".into(),
+        20 | 21 => "PowerPC".into(),
+        other => format!("e_machine {other}"),
+    }
+}
+
+fn validate_pid(pid: i32) -> anyhow::Result<()> {
+    if pid as u32 == std::process::id() {
+        bail!("cannot attach to dynspec itself (PID {pid})");
+    }
+    if !Path::new(&format!("/proc/{pid}")).exists() {
+        bail!("no such process: PID {pid}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elf_header_checks() {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(b"\x7fELF");
+        h[4] = 2;
+        h[18] = 62;
+        assert!(check_elf_header(&h).is_ok());
+        h[4] = 1;
+        h[18] = 3;
+        assert!(check_elf_header(&h).unwrap_err().contains("32-bit"));
+        h[4] = 2;
+        h[18] = 183;
+        assert!(check_elf_header(&h).unwrap_err().contains("AArch64"));
+        assert_eq!(
+            check_elf_header(b"hello world, this is text").unwrap_err(),
+            "not an ELF executable"
+        );
+        assert!(check_elf_header(b"#!/bin/sh\n").is_ok());
+        assert!(check_elf_header(b"").is_err());
+    }
+
+    #[test]
+    fn secs_parser() {
+        assert_eq!(parse_secs("0.5"), Ok(Duration::from_millis(500)));
+        assert!(parse_secs("0").is_err());
+        assert!(parse_secs("-1").is_err());
+        assert!(parse_secs("nan").is_err());
+        assert!(parse_secs("abc").is_err());
+    }
+
+    #[test]
+    fn error_chain_is_one_line() {
+        let e = anyhow::anyhow!("inner\ncause").context("outer");
+        assert_eq!(one_line(&e), "outer: inner cause");
+    }
+
+    #[test]
+    fn perf_permission_error_names_the_fix() {
+        let e = anyhow::Error::new(tracer::sampler::SamplerError::PermissionDenied { tid: 5 })
+            .context("cannot sample PID 5");
+        let msg = one_line(&e);
+        assert!(msg.contains("kernel.perf_event_paranoid"), "{msg}");
+        assert!(msg.contains("CAP_PERFMON"), "{msg}");
+        assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn missing_program_message() {
+        let e = validate_program(&OsString::from("./definitely-not-here")).unwrap_err();
+        assert_eq!(
+            one_line(&e),
+            "program not found: ./definitely-not-here — check the path or PATH"
+        );
+        let e = validate_program(&OsString::from("definitely-not-on-path-xyz")).unwrap_err();
+        assert!(one_line(&e).starts_with("program not found: definitely-not-on-path-xyz"));
+    }
+
+    #[test]
+    fn directory_is_refused() {
+        let e = validate_program(&OsString::from("/tmp/")).unwrap_err();
+        assert!(one_line(&e).contains("is a directory"));
+    }
+}

@@ -672,6 +672,56 @@ mod tests {
         assert!(sampler.threads().is_empty());
     }
 
+    /// A real EACCES: an unprivileged thread may not sample a root-owned process.
+    #[test]
+    fn unprivileged_sampling_of_root_process_is_permission_denied() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // the scenario needs root to create the root-owned victim and drop privileges
+        }
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let victim = Kill(
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .expect("spawn sleep"),
+        );
+        let pid = victim.0.id() as i32;
+        let res = std::thread::spawn(move || {
+            // SAFETY: the raw syscall (unlike glibc's setresuid) changes the credentials of this thread only,
+            // which ends right after; no memory is involved.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid");
+            let sampler = Sampler::new(SamplerConfig {
+                rate_hz: 100,
+                ..Default::default()
+            })
+            .expect("sampler");
+            sampler.add_thread(Pid::from_raw(pid))
+        })
+        .join()
+        .expect("thread");
+        // Dropping privileges made the whole process non-dumpable; undo that for the other tests.
+        // SAFETY: prctl(PR_SET_DUMPABLE, 1) has no memory-safety preconditions.
+        unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+        let err = res.expect_err("must be refused");
+        assert!(
+            matches!(err, SamplerError::PermissionDenied { .. }),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("kernel.perf_event_paranoid") && msg.contains("CAP_PERFMON"),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn gone_thread_is_reported() {
         let sampler = Sampler::new(SamplerConfig::default()).expect("sampler");

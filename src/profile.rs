@@ -1,0 +1,587 @@
+//! Profile analysis: hot regions, per-(instruction, register) value profiles and the pages hot loads read.
+//!
+//! Samples are folded in as they arrive ([`Profiler::ingest`]) because the target may be gone by the time the
+//! session ends: instruction bytes and symbols are looked up while it still runs, through [`ProfileEnv`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use nix::unistd::Pid;
+use specializer::insn_info::{decode_info, InsnInfo};
+use specializer::{Addr, Gpr};
+use tracer::sampler::Sample;
+use tracer::RemoteAddr;
+
+use crate::report::{Hex, HotRegionJson, TopValueJson, TriggerJson};
+
+/// Distinct values counted exactly per (address, register); beyond this the count saturates.
+pub const DISTINCT_CAP: usize = 4096;
+/// Values reported per trigger candidate.
+pub const TOP_K: usize = 64;
+/// A candidate with more distinct values than this is penalised (a dispatch stub handles at most this many).
+pub const PREDICTABLE_DISTINCT: u64 = 64;
+/// Stripped code is grouped into spans of this granularity.
+pub const SPAN_GRANULE: u64 = 256;
+/// Regions below this share get no value profile.
+pub const MIN_REGION_SHARE: f64 = 0.01;
+/// Regions analysed for triggers and candidate pages.
+pub const MAX_HOT_REGIONS: usize = 8;
+/// Trigger candidates reported per region.
+pub const MAX_TRIGGERS: usize = 32;
+/// Pages per instruction remembered for the store profile.
+const PAGES_PER_IP_CAP: usize = 256;
+
+/// Where an instruction address lies, as far as the module map and symbols tell.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Location {
+    /// Inside a known function.
+    Symbol {
+        module: String,
+        name: String,
+        start: RemoteAddr,
+        end: RemoteAddr,
+    },
+    /// Inside an executable mapping without a covering symbol (stripped code, JIT code): `start..end` bounds the
+    /// mapping so recovered spans never leave it.
+    Unsymbolized {
+        module: String,
+        start: RemoteAddr,
+        end: RemoteAddr,
+    },
+    /// Not in any mapping we could read.
+    Unknown,
+}
+
+/// What the profiler needs from the live target.
+pub trait ProfileEnv {
+    /// Symbolize `ip` in process `pid`.
+    fn locate(&mut self, pid: Pid, ip: RemoteAddr) -> Location;
+    /// Read instruction bytes at `ip`; return how many bytes were read (0 if none).
+    fn read_code(&mut self, pid: Pid, ip: RemoteAddr, buf: &mut [u8]) -> usize;
+}
+
+/// Per (address, register) value histogram.
+#[derive(Default, Debug)]
+struct ValueStats {
+    samples: u64,
+    counts: HashMap<u64, u64>,
+    /// Samples whose value arrived after the distinct cap was reached (not in `counts`).
+    overflow: u64,
+}
+
+impl ValueStats {
+    fn add(&mut self, v: u64) {
+        self.samples += 1;
+        if let Some(c) = self.counts.get_mut(&v) {
+            *c += 1;
+        } else if self.counts.len() < DISTINCT_CAP {
+            self.counts.insert(v, 1);
+        } else {
+            self.overflow += 1;
+        }
+    }
+
+    fn distinct(&self) -> u64 {
+        // Saturated profiles report at least cap + 1 so readers know the count is a lower bound.
+        self.counts.len() as u64 + u64::from(self.overflow > 0)
+    }
+
+    /// Top values (most frequent first, ties by value) and the share of samples they cover.
+    fn top(&self, k: usize) -> (Vec<(u64, u64)>, f64) {
+        let mut v: Vec<(u64, u64)> = self.counts.iter().map(|(&val, &c)| (val, c)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(k);
+        let covered: u64 = v.iter().map(|x| x.1).sum();
+        let coverage = if self.samples == 0 {
+            0.0
+        } else {
+            covered as f64 / self.samples as f64
+        };
+        (v, coverage)
+    }
+}
+
+/// Everything known about one sampled instruction address.
+struct IpStats {
+    samples: u64,
+    location: usize,
+    info: Option<Arc<InsnInfo>>,
+}
+
+/// A hot region as computed from the samples so far.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HotRegion {
+    pub module: String,
+    pub symbol: Option<String>,
+    pub start: RemoteAddr,
+    pub end: RemoteAddr,
+    pub samples: u64,
+    pub share: f64,
+}
+
+impl HotRegion {
+    fn contains(&self, a: u64) -> bool {
+        self.start.0 <= a && a < self.end.0
+    }
+}
+
+/// Accumulates samples; see the module docs.
+pub struct Profiler {
+    root: Pid,
+    total: u64,
+    /// Keyed by (code epoch, address): an exec gives a process a new epoch so old bytes/symbols are not reused.
+    ips: HashMap<(u64, u64), IpStats>,
+    epochs: HashMap<Pid, u64>,
+    next_epoch: u64,
+    locations: Vec<Location>,
+    location_index: HashMap<Location, usize>,
+    values: HashMap<(u64, Gpr), ValueStats>,
+    /// Per instruction address: page -> samples, for loads of the root process.
+    pages: HashMap<u64, HashMap<u64, u64>>,
+}
+
+impl Profiler {
+    /// A profiler for a session whose root process is `root` (candidate pages are of that process).
+    pub fn new(root: Pid) -> Profiler {
+        Profiler {
+            root,
+            total: 0,
+            ips: HashMap::new(),
+            epochs: HashMap::new(),
+            next_epoch: 0,
+            locations: Vec::new(),
+            location_index: HashMap::new(),
+            values: HashMap::new(),
+            pages: HashMap::new(),
+        }
+    }
+
+    /// Total samples ingested.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// `pid` called execve: its addresses now mean other code. Samples so far keep counting for their regions.
+    pub fn forget_process(&mut self, pid: Pid) {
+        self.epochs.remove(&pid);
+        if pid == self.root {
+            // Pages of the old image are meaningless now.
+            self.pages.clear();
+        }
+    }
+
+    fn intern(&mut self, loc: Location) -> usize {
+        if let Some(&i) = self.location_index.get(&loc) {
+            return i;
+        }
+        self.locations.push(loc.clone());
+        self.location_index.insert(loc, self.locations.len() - 1);
+        self.locations.len() - 1
+    }
+
+    /// Fold samples in.
+    pub fn ingest(&mut self, samples: &[Sample], env: &mut dyn ProfileEnv) {
+        for s in samples {
+            self.total += 1;
+            let ip = s.ip.0;
+            let next = &mut self.next_epoch;
+            let epoch = *self.epochs.entry(s.pid).or_insert_with(|| {
+                *next += 1;
+                *next
+            });
+            let key = (epoch, ip);
+            if !self.ips.contains_key(&key) {
+                let loc = env.locate(s.pid, s.ip);
+                let location = self.intern(loc);
+                let mut buf = [0u8; 16];
+                let n = env.read_code(s.pid, s.ip, &mut buf);
+                let info = decode_info(&buf[..n.min(buf.len())], Addr(ip)).map(Arc::new);
+                self.ips.insert(
+                    key,
+                    IpStats {
+                        samples: 0,
+                        location,
+                        info,
+                    },
+                );
+            }
+            let Some(st) = self.ips.get_mut(&key) else {
+                continue;
+            };
+            st.samples += 1;
+            let Some(info) = st.info.clone() else {
+                continue;
+            };
+            for &g in &info.regs_read {
+                // The stack pointer differs per call depth and thread: never a useful trigger.
+                if g == Gpr::Rsp {
+                    continue;
+                }
+                self.values
+                    .entry((ip, g))
+                    .or_default()
+                    .add(s.regs[g.index()]);
+            }
+            if s.pid != self.root {
+                continue;
+            }
+            for m in info.mem.iter().filter(|m| m.is_read) {
+                // Stack accesses say nothing about constant data and the stack is always written.
+                if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
+                    continue;
+                }
+                let ea = m.effective_address(|g| s.regs[g.index()]);
+                let pages = self.pages.entry(ip).or_default();
+                let page = ea.page().0;
+                if let Some(c) = pages.get_mut(&page) {
+                    *c += 1;
+                } else if pages.len() < PAGES_PER_IP_CAP {
+                    pages.insert(page, 1);
+                }
+            }
+        }
+    }
+
+    /// Hot regions, hottest first: functions where symbols exist, recovered spans elsewhere.
+    pub fn hot_regions(&self) -> Vec<HotRegion> {
+        if self.total == 0 {
+            return Vec::new();
+        }
+        // Group per location; unsymbolized locations are split into spans below.
+        let mut by_loc: HashMap<usize, Vec<(u64, u64)>> = HashMap::new();
+        for (&(_, ip), st) in &self.ips {
+            by_loc
+                .entry(st.location)
+                .or_default()
+                .push((ip, st.samples));
+        }
+        let mut regions = Vec::new();
+        for (loc, mut ips) in by_loc {
+            ips.sort_unstable();
+            match &self.locations[loc] {
+                Location::Symbol {
+                    module,
+                    name,
+                    start,
+                    end,
+                } => regions.push(HotRegion {
+                    module: module.clone(),
+                    symbol: Some(name.clone()),
+                    start: *start,
+                    end: (*end).max(start.offset(1)),
+                    samples: ips.iter().map(|x| x.1).sum(),
+                    share: 0.0,
+                }),
+                Location::Unsymbolized { module, start, end } => {
+                    for (s, e, n) in spans(&ips, *start, *end) {
+                        regions.push(HotRegion {
+                            module: module.clone(),
+                            symbol: None,
+                            start: s,
+                            end: e,
+                            samples: n,
+                            share: 0.0,
+                        });
+                    }
+                }
+                Location::Unknown => {
+                    for (s, e, n) in spans(&ips, RemoteAddr(0), RemoteAddr(u64::MAX)) {
+                        regions.push(HotRegion {
+                            module: "[unknown]".into(),
+                            symbol: None,
+                            start: s,
+                            end: e,
+                            samples: n,
+                            share: 0.0,
+                        });
+                    }
+                }
+            }
+        }
+        for r in &mut regions {
+            r.share = r.samples as f64 / self.total as f64;
+        }
+        regions.sort_by(|a, b| b.samples.cmp(&a.samples).then(a.start.cmp(&b.start)));
+        regions
+    }
+
+    /// The regions worth analysing: the hottest few with at least [`MIN_REGION_SHARE`].
+    pub fn analysed_regions(&self) -> Vec<HotRegion> {
+        self.hot_regions()
+            .into_iter()
+            .filter(|r| r.share >= MIN_REGION_SHARE)
+            .take(MAX_HOT_REGIONS)
+            .collect()
+    }
+
+    /// Pages of the root process that loads in the hot regions read, most sampled first, at most `cap`.
+    pub fn candidate_pages(&self, cap: usize) -> Vec<RemoteAddr> {
+        let regions = self.analysed_regions();
+        let mut counts: HashMap<u64, u64> = HashMap::new();
+        for (&ip, pages) in &self.pages {
+            if regions.iter().any(|r| r.contains(ip)) {
+                for (&p, &c) in pages {
+                    *counts.entry(p).or_default() += c;
+                }
+            }
+        }
+        let mut v: Vec<(u64, u64)> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v.truncate(cap);
+        let mut pages: Vec<RemoteAddr> = v.into_iter().map(|(p, _)| RemoteAddr(p)).collect();
+        pages.sort();
+        pages
+    }
+
+    /// Trigger candidates of one region, best first.
+    fn triggers(&self, region: &HotRegion) -> Vec<TriggerJson> {
+        let mut cands: Vec<(f64, TriggerJson)> = Vec::new();
+        for (&(ip, reg), vs) in &self.values {
+            if !region.contains(ip) || vs.samples < 2 {
+                continue;
+            }
+            let (top, coverage) = vs.top(TOP_K);
+            let distinct = vs.distinct();
+            let mut score = vs.samples as f64 * coverage;
+            if distinct > PREDICTABLE_DISTINCT {
+                score *= PREDICTABLE_DISTINCT as f64 / distinct as f64;
+            }
+            let trig = TriggerJson {
+                address: Hex(ip),
+                register: reg.name().to_string(),
+                samples: vs.samples,
+                distinct,
+                coverage,
+                top_values: top
+                    .into_iter()
+                    .map(|(v, c)| TopValueJson {
+                        value: Hex(v),
+                        share: c as f64 / vs.samples as f64,
+                    })
+                    .collect(),
+            };
+            cands.push((score, trig));
+        }
+        cands.sort_by(|a, b| {
+            b.0.total_cmp(&a.0)
+                .then(a.1.address.cmp(&b.1.address))
+                .then(a.1.register.cmp(&b.1.register))
+        });
+        cands.into_iter().take(MAX_TRIGGERS).map(|c| c.1).collect()
+    }
+
+    /// Hot regions for the report, the analysed ones with their trigger candidates.
+    pub fn report_regions(&self) -> Vec<HotRegionJson> {
+        self.analysed_regions()
+            .into_iter()
+            .map(|r| HotRegionJson {
+                triggers: self.triggers(&r),
+                module: r.module,
+                symbol: r.symbol,
+                start: Hex(r.start.0),
+                end: Hex(r.end.0),
+                samples: r.samples,
+                share: r.share,
+            })
+            .collect()
+    }
+}
+
+/// Split sorted (ip, samples) of code without symbols into spans: 256-byte granules, merging granules separated by
+/// at most one empty granule, clamped to `[lo, hi)`.
+fn spans(ips: &[(u64, u64)], lo: RemoteAddr, hi: RemoteAddr) -> Vec<(RemoteAddr, RemoteAddr, u64)> {
+    let mut granules: BTreeMap<u64, u64> = BTreeMap::new();
+    for &(ip, n) in ips {
+        *granules.entry(ip & !(SPAN_GRANULE - 1)).or_default() += n;
+    }
+    let mut out: Vec<(u64, u64, u64)> = Vec::new();
+    for (g, n) in granules {
+        match out.last_mut() {
+            Some(last) if g <= last.1.saturating_add(SPAN_GRANULE) => {
+                last.1 = g.saturating_add(SPAN_GRANULE);
+                last.2 += n;
+            }
+            _ => out.push((g, g.saturating_add(SPAN_GRANULE), n)),
+        }
+    }
+    out.into_iter()
+        .map(|(s, e, n)| {
+            let s = s.max(lo.0);
+            let e = e.min(hi.0).max(s + 1);
+            (RemoteAddr(s), RemoteAddr(e), n)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake target: one function `f` at 0x1000..0x1100 and stripped code at 0x5000..0x9000.
+    struct FakeEnv {
+        code: HashMap<u64, Vec<u8>>,
+    }
+
+    impl ProfileEnv for FakeEnv {
+        fn locate(&mut self, _pid: Pid, ip: RemoteAddr) -> Location {
+            if (0x1000..0x1100).contains(&ip.0) {
+                Location::Symbol {
+                    module: "/bin/x".into(),
+                    name: "f".into(),
+                    start: RemoteAddr(0x1000),
+                    end: RemoteAddr(0x1100),
+                }
+            } else if (0x5000..0x9000).contains(&ip.0) {
+                Location::Unsymbolized {
+                    module: "/bin/y".into(),
+                    start: RemoteAddr(0x5000),
+                    end: RemoteAddr(0x9000),
+                }
+            } else {
+                Location::Unknown
+            }
+        }
+        fn read_code(&mut self, _pid: Pid, ip: RemoteAddr, buf: &mut [u8]) -> usize {
+            match self.code.get(&ip.0) {
+                Some(b) => {
+                    let n = b.len().min(buf.len());
+                    buf[..n].copy_from_slice(&b[..n]);
+                    n
+                }
+                None => 0,
+            }
+        }
+    }
+
+    fn sample(ip: u64, set: &[(Gpr, u64)]) -> Sample {
+        let mut regs = [0u64; 16];
+        regs[Gpr::Rsp.index()] = 0x7fff_0000;
+        for &(g, v) in set {
+            regs[g.index()] = v;
+        }
+        Sample {
+            pid: Pid::from_raw(10),
+            tid: Pid::from_raw(10),
+            ip: RemoteAddr(ip),
+            regs,
+            flags: 0x202,
+        }
+    }
+
+    fn env() -> FakeEnv {
+        let mut code = HashMap::new();
+        // mov eax, [rdx]  (dispatch load through the bytecode pointer)
+        code.insert(0x1010, vec![0x8b, 0x02]);
+        // mov eax, [rsp+8]
+        code.insert(0x1020, vec![0x8b, 0x44, 0x24, 0x08]);
+        // add eax, ecx
+        code.insert(0x5010, vec![0x01, 0xc8]);
+        code.insert(0x5400, vec![0x01, 0xc8]);
+        FakeEnv { code }
+    }
+
+    #[test]
+    fn hot_regions_by_symbol_and_span() {
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut e = env();
+        let mut v = Vec::new();
+        for i in 0..80u64 {
+            v.push(sample(0x1010, &[(Gpr::Rdx, 0x20000 + (i % 8) * 16)]));
+        }
+        for _ in 0..15 {
+            v.push(sample(0x5010, &[]));
+        }
+        for _ in 0..5 {
+            v.push(sample(0x5400, &[]));
+        }
+        p.ingest(&v, &mut e);
+        let r = p.hot_regions();
+        assert_eq!(p.total(), 100);
+        assert_eq!(r[0].symbol.as_deref(), Some("f"));
+        assert!((r[0].share - 0.8).abs() < 1e-9);
+        assert_eq!(
+            (r[0].start, r[0].end),
+            (RemoteAddr(0x1000), RemoteAddr(0x1100))
+        );
+        // 0x5010 and 0x5400 are 4 granules apart: two spans.
+        assert_eq!(r.len(), 3);
+        assert_eq!(
+            (r[1].start, r[1].end, r[1].samples),
+            (RemoteAddr(0x5000), RemoteAddr(0x5100), 15)
+        );
+        assert_eq!(r[1].symbol, None);
+        assert_eq!(r[1].module, "/bin/y");
+    }
+
+    #[test]
+    fn value_profile_of_dispatch_pointer() {
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut e = env();
+        let v: Vec<Sample> = (0..64u64)
+            .map(|i| sample(0x1010, &[(Gpr::Rdx, 0x20000 + (i % 4) * 16)]))
+            .collect();
+        p.ingest(&v, &mut e);
+        let regs = p.report_regions();
+        let t = &regs[0].triggers;
+        assert_eq!(t.len(), 1);
+        assert_eq!(t[0].register, "rdx");
+        assert_eq!(t[0].distinct, 4);
+        assert!((t[0].coverage - 1.0).abs() < 1e-9);
+        assert_eq!(t[0].top_values.len(), 4);
+        assert!((t[0].top_values[0].share - 0.25).abs() < 1e-9);
+        assert_eq!(p.candidate_pages(256), vec![RemoteAddr(0x20000)]);
+    }
+
+    #[test]
+    fn stack_loads_and_rsp_are_ignored() {
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut e = env();
+        let v: Vec<Sample> = (0..10).map(|_| sample(0x1020, &[])).collect();
+        p.ingest(&v, &mut e);
+        assert!(p.candidate_pages(256).is_empty());
+        assert!(p.report_regions()[0].triggers.is_empty());
+    }
+
+    #[test]
+    fn unreadable_code_and_unknown_locations_never_fail() {
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut e = env();
+        let v: Vec<Sample> = (0..10).map(|i| sample(0xdead_0000 + i, &[])).collect();
+        p.ingest(&v, &mut e);
+        let r = p.hot_regions();
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].module, "[unknown]");
+        assert!(p.report_regions()[0].triggers.is_empty());
+    }
+
+    #[test]
+    fn distinct_saturates_and_is_penalised() {
+        let mut vs = ValueStats::default();
+        for v in 0..(DISTINCT_CAP as u64 + 10) {
+            vs.add(v);
+        }
+        assert_eq!(vs.distinct(), DISTINCT_CAP as u64 + 1);
+        let (top, cov) = vs.top(TOP_K);
+        assert_eq!(top.len(), TOP_K);
+        assert!(cov < 0.02);
+    }
+
+    #[test]
+    fn other_process_pages_are_not_candidates() {
+        let mut p = Profiler::new(Pid::from_raw(99));
+        let mut e = env();
+        let v: Vec<Sample> = (0..10)
+            .map(|_| sample(0x1010, &[(Gpr::Rdx, 0x30000)]))
+            .collect();
+        p.ingest(&v, &mut e);
+        assert!(p.candidate_pages(256).is_empty());
+    }
+
+    #[test]
+    fn empty_profile() {
+        let p = Profiler::new(Pid::from_raw(1));
+        assert!(p.hot_regions().is_empty());
+        assert!(p.report_regions().is_empty());
+        assert!(p.candidate_pages(10).is_empty());
+    }
+}

@@ -1,0 +1,608 @@
+//! The session loop: trace the target, sample it, watch the pages hot loads read, and produce the report.
+//!
+//! Profile-only mode for now; the loop is a small state machine on a clock (`Phase`) so later phases
+//! (specialize, install, invalidate) slot in after `Watching`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result};
+use nix::unistd::Pid;
+use tracer::maps::{mapping_at, read_maps, Mapping};
+use tracer::sampler::{Sampler, SamplerConfig, SamplerError};
+use tracer::symbols::{modules, symbolize, Module};
+use tracer::watch::WriteWatch;
+use tracer::RemoteAddr;
+use tracer::{Event, ExitStatus, Tracer};
+
+use crate::profile::{Location, ProfileEnv, Profiler};
+use crate::report::{
+    ExitStatusJson, Hex, MethodCounts, Report, StoreProfileJson, Timings, REPORT_VERSION,
+};
+use crate::signals;
+
+/// How long one `next_event` wait may block: bounds the latency of phase changes and signal handling.
+const EVENT_POLL: Duration = Duration::from_millis(50);
+/// Most pages the store profile watches.
+const MAX_WATCHED_PAGES: usize = 256;
+/// Module lists are re-read at most this often per process when an address is not found in them.
+const MODULE_REFRESH: Duration = Duration::from_millis(100);
+
+/// What to trace.
+pub enum Target {
+    /// Spawn `argv` (argv[0] resolved); `shown` is the command line as the user typed it (for the report).
+    Run {
+        argv: Vec<OsString>,
+        shown: Vec<OsString>,
+    },
+    /// Attach to a running process.
+    Attach(Pid),
+}
+
+/// Session settings from the command line.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    pub rate_hz: u64,
+    pub window: Duration,
+    pub quiet: bool,
+    pub report_path: PathBuf,
+    /// Attach mode: detach after this long.
+    pub attach_for: Option<Duration>,
+}
+
+/// How the session ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// The root process exited (run mode): pass its status on.
+    Exited(ExitStatus),
+    /// Attach mode: detached, the process keeps running.
+    Detached,
+    /// Run mode: the user insisted (second Ctrl-C) and the target was killed; exit with this code.
+    Interrupted(i32),
+}
+
+/// Where the store profile is.
+enum Phase {
+    /// Sampling only, until the first window elapses.
+    Sampling { until: Instant },
+    /// Write-watching the candidate pages, until the second window elapses.
+    Watching { until: Instant },
+    /// Profile complete; sampling continues until the end.
+    Done,
+}
+
+/// Symbols and mappings of the target, cached per process and refreshed when an address is not covered.
+#[derive(Default)]
+struct CodeMap {
+    modules: HashMap<Pid, (Vec<Module>, Instant)>,
+    maps: HashMap<Pid, (Vec<Mapping>, Instant)>,
+}
+
+impl CodeMap {
+    fn forget(&mut self, pid: Pid) {
+        self.modules.remove(&pid);
+        self.maps.remove(&pid);
+    }
+}
+
+/// [`ProfileEnv`] over the live target.
+struct LiveEnv<'a> {
+    tracer: &'a Tracer,
+    code: &'a mut CodeMap,
+}
+
+impl LiveEnv<'_> {
+    fn ensure_modules(&mut self, pid: Pid, a: RemoteAddr) {
+        let stale = match self.code.modules.get(&pid) {
+            None => true,
+            Some((mods, at)) => symbolize(mods, a).is_none() && at.elapsed() >= MODULE_REFRESH,
+        };
+        if stale {
+            // A process we cannot read gives no modules; samples then fall back to mappings or Unknown.
+            let mods = modules(pid).unwrap_or_default();
+            self.code.modules.insert(pid, (mods, Instant::now()));
+        }
+    }
+
+    fn ensure_maps(&mut self, pid: Pid, a: RemoteAddr) {
+        let stale = match self.code.maps.get(&pid) {
+            None => true,
+            Some((maps, at)) => mapping_at(maps, a).is_none() && at.elapsed() >= MODULE_REFRESH,
+        };
+        if stale {
+            let maps = read_maps(pid).unwrap_or_default();
+            self.code.maps.insert(pid, (maps, Instant::now()));
+        }
+    }
+}
+
+impl ProfileEnv for LiveEnv<'_> {
+    fn locate(&mut self, pid: Pid, ip: RemoteAddr) -> Location {
+        self.ensure_modules(pid, ip);
+        if let Some((mods, _)) = self.code.modules.get(&pid) {
+            if let Some((m, sym)) = symbolize(mods, ip) {
+                let module = m.path.display().to_string();
+                return match sym {
+                    Some(s) => Location::Symbol {
+                        module,
+                        name: s.name.clone(),
+                        start: s.start,
+                        end: if s.end > s.start {
+                            s.end
+                        } else {
+                            s.start.offset(1)
+                        },
+                    },
+                    None => Location::Unsymbolized {
+                        module,
+                        start: m.start,
+                        end: m.end,
+                    },
+                };
+            }
+        }
+        self.ensure_maps(pid, ip);
+        if let Some((maps, _)) = self.code.maps.get(&pid) {
+            if let Some(m) = mapping_at(maps, ip) {
+                let module = match &m.path {
+                    Some(p) => p.display().to_string(),
+                    None => "[anon]".to_string(),
+                };
+                return Location::Unsymbolized {
+                    module,
+                    start: m.start,
+                    end: m.end,
+                };
+            }
+        }
+        Location::Unknown
+    }
+
+    fn read_code(&mut self, pid: Pid, ip: RemoteAddr, buf: &mut [u8]) -> usize {
+        if self.tracer.read_memory(pid, ip, buf).is_ok() {
+            return buf.len();
+        }
+        // The instruction may end right before an unmapped page: read up to the page end only.
+        let to_page_end = (tracer::addr::PAGE_SIZE - (ip.0 % tracer::addr::PAGE_SIZE)) as usize;
+        let n = to_page_end.min(buf.len());
+        if n < buf.len() && self.tracer.read_memory(pid, ip, &mut buf[..n]).is_ok() {
+            return n;
+        }
+        0
+    }
+}
+
+/// The state of one session.
+struct Session {
+    cfg: SessionConfig,
+    tracer: Tracer,
+    sampler: Sampler,
+    profiler: Profiler,
+    code: CodeMap,
+    root: Pid,
+    phase: Phase,
+    watch: Option<WriteWatch>,
+    store: StoreProfileJson,
+    start: Instant,
+    profile_done: Option<Instant>,
+    attach_mode: bool,
+    warned_sampler: bool,
+    progress: Option<Instant>,
+    handled_interrupts: u32,
+}
+
+/// Run a whole session and write its report.
+pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
+    signals::install().context("cannot install dynspec's signal handlers")?;
+    let (tracer, command, attach_pid) = match &target {
+        Target::Run { argv, shown } => {
+            let t = Tracer::spawn(argv)
+                .with_context(|| format!("cannot start {}", argv[0].to_string_lossy()))?;
+            let shown: Vec<String> = shown
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            (t, Some(shown), None)
+        }
+        Target::Attach(pid) => {
+            let t = Tracer::attach(*pid).with_context(|| format!("cannot attach to PID {pid}"))?;
+            (t, None, Some(pid.as_raw()))
+        }
+    };
+    let root = tracer.root();
+    let sampler = Sampler::new(SamplerConfig {
+        rate_hz: cfg.rate_hz,
+        ..Default::default()
+    })
+    .context("cannot set up perf_event sampling")?;
+    let start = Instant::now();
+    let mut s = Session {
+        cfg: cfg.clone(),
+        tracer,
+        sampler,
+        profiler: Profiler::new(root),
+        code: CodeMap::default(),
+        root,
+        phase: Phase::Sampling {
+            until: start + cfg.window,
+        },
+        watch: None,
+        store: StoreProfileJson::default(),
+        start,
+        profile_done: None,
+        attach_mode: attach_pid.is_some(),
+        warned_sampler: false,
+        progress: if !cfg.quiet && std::io::stderr().is_terminal() {
+            Some(start)
+        } else {
+            None
+        },
+        handled_interrupts: 0,
+    };
+    for tid in s.tracer.all_threads() {
+        match s.sampler.add_thread(tid) {
+            Ok(()) | Err(SamplerError::ThreadGone { .. }) => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot sample PID {root}")),
+        }
+    }
+    s.tracer.resume_all().context("cannot resume the target")?;
+    let end = s.event_loop()?;
+    s.ingest();
+    let exit_status = match &end {
+        End::Exited(ExitStatus::Code(c)) => Some(ExitStatusJson::Code(*c)),
+        End::Exited(ExitStatus::Signaled { signal, .. }) => Some(ExitStatusJson::Signal(*signal)),
+        End::Detach | End::Kill(_) => None,
+    };
+    let outcome = match end {
+        End::Exited(st) => {
+            // The watch's process is gone: just collect what it saw.
+            s.end_watch_after_exit();
+            if s.attach_mode {
+                Outcome::Detached
+            } else {
+                Outcome::Exited(st)
+            }
+        }
+        End::Detach => {
+            s.tracer
+                .stop_all()
+                .context("cannot stop the target to detach")?;
+            s.end_watch();
+            let report = s.build_report(command, attach_pid, exit_status);
+            let Session { tracer, cfg, .. } = s;
+            tracer.detach().context("cannot detach from the target")?;
+            report.write(&cfg.report_path)?;
+            return Ok(Outcome::Detached);
+        }
+        End::Kill(code) => {
+            // Stop it now; dropping the tracer at the end reaps it (spawned targets are killed on drop).
+            let _ = nix::sys::signal::kill(s.root, nix::sys::signal::Signal::SIGKILL);
+            Outcome::Interrupted(code)
+        }
+    };
+    s.build_report(command, attach_pid, exit_status)
+        .write(&s.cfg.report_path)?;
+    Ok(outcome)
+}
+
+/// Why the loop ended.
+enum End {
+    Exited(ExitStatus),
+    Detach,
+    /// Kill the target, then exit with this code.
+    Kill(i32),
+}
+
+impl Session {
+    fn ingest(&mut self) {
+        let samples = self.sampler.take_samples();
+        if samples.is_empty() {
+            return;
+        }
+        let mut env = LiveEnv {
+            tracer: &self.tracer,
+            code: &mut self.code,
+        };
+        self.profiler.ingest(&samples, &mut env);
+    }
+
+    fn add_threads(&mut self, tids: &[Pid]) {
+        for &tid in tids {
+            match self.sampler.add_thread(tid) {
+                Ok(()) | Err(SamplerError::ThreadGone { .. }) => {}
+                Err(e) => {
+                    // Losing one thread's samples is not worth stopping the program for; say it once.
+                    if !self.warned_sampler && !self.cfg.quiet {
+                        eprintln!("dynspec: warning: cannot sample thread {tid}: {e}");
+                    }
+                    self.warned_sampler = true;
+                }
+            }
+        }
+    }
+
+    fn event_loop(&mut self) -> Result<End> {
+        loop {
+            if let Some(end) = self.check_interrupts()? {
+                return Ok(end);
+            }
+            if let Some(limit) = self.cfg.attach_for {
+                if self.attach_mode && self.start.elapsed() >= limit {
+                    return Ok(End::Detach);
+                }
+            }
+            let ev = self
+                .tracer
+                .next_event(Some(EVENT_POLL))
+                .context("lost control of the target")?;
+            if let Some(ev) = ev {
+                if let Some(end) = self.handle_event(ev)? {
+                    return Ok(end);
+                }
+            }
+            self.ingest();
+            self.advance_phase();
+            self.show_progress();
+        }
+    }
+
+    fn handle_event(&mut self, ev: Event) -> Result<Option<End>> {
+        match ev {
+            Event::Signal {
+                tid,
+                signal,
+                siginfo,
+            } => {
+                let mut claimed = false;
+                if signal == libc::SIGSEGV {
+                    if let Some(w) = self.watch.as_mut() {
+                        claimed = w
+                            .handle_segv(&mut self.tracer, tid, &siginfo)
+                            .unwrap_or(false);
+                    }
+                }
+                let deliver = if claimed { None } else { Some(signal) };
+                self.resume_quiet(tid, deliver);
+            }
+            Event::NewThread { tid, parent } => {
+                self.add_threads(&[tid]);
+                self.resume_quiet(tid, None);
+                self.resume_quiet(parent, None);
+            }
+            Event::Forked { parent, child } => {
+                let tids = self.tracer.threads(child);
+                self.add_threads(&tids);
+                if let Some(w) = self.watch.as_mut() {
+                    // A child must not inherit pages we write-protected: restore them before it runs.
+                    if let Err(e) = w.on_fork(&mut self.tracer, child) {
+                        if !self.cfg.quiet {
+                            eprintln!("dynspec: warning: cannot restore watched pages in child {child}: {e}");
+                        }
+                    }
+                }
+                for t in tids {
+                    self.resume_quiet(t, None);
+                }
+                self.resume_quiet(parent, None);
+            }
+            Event::Exec { pid } => {
+                if let Some(w) = self.watch.as_mut() {
+                    w.on_exec(pid);
+                }
+                self.code.forget(pid);
+                self.profiler.forget_process(pid);
+                let tids = self.tracer.threads(pid);
+                self.add_threads(&tids);
+                self.resume_quiet(pid, None);
+            }
+            Event::ThreadExited { tid } => {
+                self.sampler.remove_thread(tid);
+            }
+            Event::Exited { pid, status } => {
+                if pid == self.root {
+                    return Ok(Some(End::Exited(status)));
+                }
+                self.code.forget(pid);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Resume a thread; a thread that vanished meanwhile is not an error (its exit event follows).
+    fn resume_quiet(&mut self, tid: Pid, signal: Option<i32>) {
+        if let Err(e) = self.tracer.resume(tid, signal) {
+            if !matches!(
+                e,
+                tracer::TracerError::ProcessGone(_) | tracer::TracerError::UnknownThread(_)
+            ) && !self.cfg.quiet
+            {
+                eprintln!("dynspec: warning: cannot resume thread {tid}: {e}");
+            }
+        }
+    }
+
+    fn check_interrupts(&mut self) -> Result<Option<End>> {
+        let irq = signals::interrupts();
+        if irq.count == self.handled_interrupts {
+            return Ok(None);
+        }
+        self.handled_interrupts = irq.count;
+        if self.attach_mode {
+            return Ok(Some(End::Detach));
+        }
+        // Run mode: the terminal's Ctrl-C reached the target too. A signal sent to dynspec alone (kill) is
+        // passed on, as a wrapper would. A second request ends profiling and kills the target.
+        if irq.count >= 2 {
+            if !self.cfg.quiet {
+                eprintln!("dynspec: interrupted again; killing the target");
+            }
+            return Ok(Some(End::Kill(128 + irq.last_signal)));
+        }
+        if irq.last_from_user || irq.last_signal == libc::SIGTERM {
+            let _ = nix::sys::signal::kill(
+                self.root,
+                nix::sys::signal::Signal::try_from(irq.last_signal).ok(),
+            );
+        }
+        Ok(None)
+    }
+
+    fn advance_phase(&mut self) {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Sampling { until } if now >= until => {
+                self.start_watch();
+                self.phase = Phase::Watching {
+                    until: now + self.cfg.window,
+                };
+            }
+            Phase::Watching { until } if now >= until => {
+                if self.watch.is_some() {
+                    match self.tracer.stop_all() {
+                        Ok(()) => {
+                            self.end_watch();
+                            self.resume_all_quiet();
+                        }
+                        Err(e) => {
+                            if !self.cfg.quiet {
+                                eprintln!("dynspec: warning: cannot stop the target to end the write watch: {e}");
+                            }
+                        }
+                    }
+                }
+                self.profile_done = Some(Instant::now());
+                self.phase = Phase::Done;
+            }
+            _ => {}
+        }
+    }
+
+    fn resume_all_quiet(&mut self) {
+        if let Err(e) = self.tracer.resume_all() {
+            if !self.cfg.quiet {
+                eprintln!("dynspec: warning: cannot resume the target: {e}");
+            }
+        }
+    }
+
+    fn start_watch(&mut self) {
+        let pages = self.profiler.candidate_pages(MAX_WATCHED_PAGES);
+        if pages.is_empty() {
+            return;
+        }
+        if let Err(e) = self.tracer.stop_all() {
+            if !self.cfg.quiet {
+                eprintln!("dynspec: warning: cannot stop the target for the write watch: {e}");
+            }
+            return;
+        }
+        let result = (|| -> Result<WriteWatch> {
+            let tid = *self
+                .tracer
+                .threads(self.root)
+                .first()
+                .ok_or_else(|| anyhow::anyhow!("the target has no threads left"))?;
+            let mut w = WriteWatch::new(&mut self.tracer, self.root, tid)?;
+            let summary = w.watch(&mut self.tracer, &pages)?;
+            self.store.method = MethodCounts {
+                uffd: summary.uffd.len() as u64,
+                mprotect: summary.mprotect.len() as u64,
+            };
+            self.store.pages_read_only = summary.read_only.len() as u64;
+            Ok(w)
+        })();
+        match result {
+            Ok(w) => self.watch = Some(w),
+            Err(e) => {
+                if !self.cfg.quiet {
+                    eprintln!("dynspec: warning: write watch unavailable, no store profile: {e:#}");
+                }
+            }
+        }
+        self.resume_all_quiet();
+    }
+
+    /// Threads must be stopped.
+    fn end_watch(&mut self) {
+        let Some(w) = self.watch.take() else { return };
+        let watched = w.watched();
+        let written = w.written();
+        match w.finish(&mut self.tracer) {
+            Ok(res) => self.record_store(&res.watched, &res.written, res.read_only.len()),
+            Err(e) => {
+                if !self.cfg.quiet {
+                    eprintln!("dynspec: warning: cannot remove the write watch cleanly: {e}");
+                }
+                self.record_store(&watched, &written, self.store.pages_read_only as usize);
+            }
+        }
+    }
+
+    /// The watched process is gone: no protection to remove, only results to keep.
+    fn end_watch_after_exit(&mut self) {
+        let Some(w) = self.watch.take() else { return };
+        let watched = w.watched();
+        let written = w.written();
+        let ro = self.store.pages_read_only as usize;
+        // Dropping the watch closes its fds and joins its thread; the process' memory is gone with it.
+        drop(w);
+        self.record_store(&watched, &written, ro);
+    }
+
+    fn record_store(
+        &mut self,
+        watched: &std::collections::BTreeSet<RemoteAddr>,
+        written: &std::collections::BTreeSet<RemoteAddr>,
+        read_only: usize,
+    ) {
+        self.store.watched = watched.iter().map(|a| Hex(a.0)).collect();
+        self.store.written = written.iter().map(|a| Hex(a.0)).collect();
+        self.store.pages_watched = watched.len() as u64;
+        self.store.pages_written = written.len() as u64;
+        self.store.pages_read_only = read_only as u64;
+        if self.profile_done.is_none() {
+            self.profile_done = Some(Instant::now());
+        }
+    }
+
+    fn show_progress(&mut self) {
+        let Some(last) = self.progress else { return };
+        if last.elapsed() >= Duration::from_millis(250) {
+            eprint!("\rdynspec: {} samples\x1b[K", self.profiler.total());
+            self.progress = Some(Instant::now());
+        }
+    }
+
+    fn build_report(
+        &mut self,
+        command: Option<Vec<String>>,
+        pid: Option<i32>,
+        exit_status: Option<ExitStatusJson>,
+    ) -> Report {
+        if self.progress.is_some() {
+            eprint!("\r\x1b[K");
+        }
+        let duration = self.start.elapsed();
+        let profile_ms = self
+            .profile_done
+            .map(|t| t - self.start)
+            .unwrap_or(duration)
+            .as_millis() as u64;
+        Report {
+            version: REPORT_VERSION,
+            command,
+            pid,
+            exit_status,
+            samples: self.profiler.total(),
+            lost_samples: self.sampler.lost(),
+            rate_hz: self.sampler.rate_hz(),
+            duration_ms: duration.as_millis() as u64,
+            hot_regions: self.profiler.report_regions(),
+            store_profile: self.store.clone(),
+            timings: Timings { profile_ms },
+        }
+    }
+}
