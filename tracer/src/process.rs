@@ -128,8 +128,11 @@ pub struct SpawnOptions {
 enum StopKind {
     /// signal-delivery-stop: resuming with a signal delivers it (with the siginfo the kernel holds).
     Signal,
-    /// ptrace-event stop or interrupt trap: resumed with PTRACE_CONT, no signal can be injected.
+    /// Interrupt trap or the first stop of a new task: resumed with PTRACE_CONT, no signal can be injected.
     Event,
+    /// ptrace-event stop inside a system call (exec, clone/fork/vfork): like `Event`, but the syscall has not
+    /// returned yet, so its return value will still be written to rax.
+    SyscallEvent,
     /// group-stop (job control) of a seized task: resumed with PTRACE_LISTEN so it stays stopped like without us.
     GroupStop,
 }
@@ -507,7 +510,7 @@ impl Tracer {
             let event = st >> 16;
             if event == libc::PTRACE_EVENT_EXEC {
                 tr.threads.get_mut(&child).expect("registered above").state =
-                    State::Stopped(StopKind::Event);
+                    State::Stopped(StopKind::SyscallEvent);
                 return Ok(tr);
             }
             // Before exec: the seize trap, our SIGCONT, the SIGSTOP — all are ours; suppress them.
@@ -670,9 +673,10 @@ impl Tracer {
         let (req, sig, next) = match kind {
             StopKind::GroupStop => (libc::PTRACE_LISTEN, 0, State::Listening),
             StopKind::Signal => (libc::PTRACE_CONT, signal.unwrap_or(0), State::Running),
-            StopKind::Event => (libc::PTRACE_CONT, 0, State::Running),
+            StopKind::Event | StopKind::SyscallEvent => (libc::PTRACE_CONT, 0, State::Running),
         };
-        let kind_stop_sig = matches!(kind, StopKind::Event) && signal.is_some();
+        let kind_stop_sig =
+            matches!(kind, StopKind::Event | StopKind::SyscallEvent) && signal.is_some();
         match pt(req, tid, 0, sig as usize) {
             Ok(_) => th.state = next,
             // The thread was killed meanwhile (SIGKILL): its exit will be reported by next_event.
@@ -950,7 +954,7 @@ impl Tracer {
                 };
                 {
                     let th = self.threads.get_mut(&tid).expect("checked above");
-                    th.state = State::Stopped(StopKind::Event);
+                    th.state = State::Stopped(StopKind::SyscallEvent);
                     th.fresh = false;
                     if event == libc::PTRACE_EVENT_VFORK {
                         th.vfork_wait = true;
@@ -995,7 +999,7 @@ impl Tracer {
                 }
                 self.mem.borrow_mut().remove(&tgid);
                 let th = self.threads.get_mut(&tid).expect("checked above");
-                th.state = State::Stopped(StopKind::Event);
+                th.state = State::Stopped(StopKind::SyscallEvent);
                 th.pending = None;
                 th.fresh = false;
                 // The vfork parent (if any) is released by this exec; VFORK_DONE will tell it too.
@@ -1004,7 +1008,7 @@ impl Tracer {
             libc::PTRACE_EVENT_VFORK_DONE => {
                 let th = self.threads.get_mut(&tid).expect("checked above");
                 th.vfork_wait = false;
-                th.state = State::Stopped(StopKind::Event);
+                th.state = State::Stopped(StopKind::SyscallEvent);
                 if !stopping {
                     self.resume(tid, None)?;
                 }
@@ -1256,6 +1260,11 @@ impl Tracer {
             return Err(TracerError::NotStopped(tid));
         };
         let gadget = self.gadget(th.tgid)?;
+        let mut kind = kind;
+        if kind == StopKind::SyscallEvent {
+            self.leave_syscall(tid)?;
+            kind = StopKind::Signal;
+        }
         let saved = self.regs(tid)?;
         let saved_si = if kind == StopKind::Signal {
             Some(self.siginfo(tid)?)
@@ -1288,7 +1297,7 @@ impl Tracer {
             t.state = State::Stopped(match kind {
                 StopKind::Signal => StopKind::Signal,
                 // We are now in a SIGTRAP signal-delivery-stop; resuming with signal 0 suppresses it.
-                StopKind::Event => StopKind::Signal,
+                StopKind::Event | StopKind::SyscallEvent => StopKind::Signal,
                 StopKind::GroupStop => StopKind::Signal,
             });
         }
@@ -1307,6 +1316,7 @@ impl Tracer {
 
     fn step_syscall(&mut self, tid: Pid, gadget: RemoteAddr) -> Result<i64, TracerError> {
         let mut deferred: Vec<i32> = Vec::new();
+        let mut stray = 0;
         pt(libc::PTRACE_SINGLESTEP, tid, 0, 0)
             .map_err(|e| self.map_ptrace_err(tid, "PTRACE_SINGLESTEP", e))?;
         let out = loop {
@@ -1323,11 +1333,19 @@ impl Tracer {
             let sig = libc::WSTOPSIG(st);
             let event = st >> 16;
             if event == 0 && sig == libc::SIGTRAP {
-                let r = self.regs(tid)?;
+                let r = match self.regs(tid) {
+                    Ok(r) => r,
+                    Err(e) => break Err(e),
+                };
                 if r.rip == gadget.0 + 2 {
                     break Ok(r.rax as i64);
                 }
-                break Err(TracerError::UnexpectedStop { tid, status: st });
+                // Stopped inside a syscall (exec/clone event stops): the kernel reports the single-step once at
+                // that syscall's exit, before our instruction ran. Step again.
+                if r.rip != gadget.0 || stray >= 3 {
+                    break Err(TracerError::UnexpectedStop { tid, status: st });
+                }
+                stray += 1;
             }
             if event == 0 && sig != (libc::SIGTRAP | 0x80) {
                 // Another signal arrived first: hold it back and re-raise it afterwards.
@@ -1339,6 +1357,47 @@ impl Tracer {
             }
         };
         if let Some(tgid) = self.tgid(tid) {
+            for s in deferred {
+                // SAFETY: plain tgkill syscall with integer arguments.
+                unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), s) };
+            }
+        }
+        out
+    }
+
+    /// Let a thread stopped at a ptrace event inside a system call (exec, clone...) finish that system call
+    /// without running any of its code: a single-step is reported at the syscall's exit, before the next
+    /// instruction. Afterwards it is in a SIGTRAP signal-delivery-stop that resuming with no signal discards.
+    fn leave_syscall(&mut self, tid: Pid) -> Result<(), TracerError> {
+        let mut deferred = Vec::new();
+        pt(libc::PTRACE_SINGLESTEP, tid, 0, 0)
+            .map_err(|e| self.map_ptrace_err(tid, "PTRACE_SINGLESTEP", e))?;
+        let out = loop {
+            let (_, st) = match waitpid_raw(tid.as_raw(), WAIT_FLAGS) {
+                Ok(Some(x)) => x,
+                Ok(None) => continue,
+                Err(e) => break Err(TracerError::errno("waitpid", e)),
+            };
+            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+                self.queue_exit(tid, st);
+                break Err(TracerError::ProcessGone(tid));
+            }
+            let sig = libc::WSTOPSIG(st);
+            let event = st >> 16;
+            if event == 0 && sig == libc::SIGTRAP {
+                break Ok(());
+            }
+            if event == 0 && sig != (libc::SIGTRAP | 0x80) {
+                deferred.push(sig);
+            }
+            if let Err(e) = pt(libc::PTRACE_SINGLESTEP, tid, 0, 0) {
+                break Err(self.map_ptrace_err(tid, "PTRACE_SINGLESTEP", e));
+            }
+        };
+        if let Some(th) = self.threads.get_mut(&tid) {
+            th.state = State::Stopped(StopKind::Signal);
+            th.pending = None;
+            let tgid = th.tgid;
             for s in deferred {
                 // SAFETY: plain tgkill syscall with integer arguments.
                 unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), s) };
