@@ -16,8 +16,15 @@
 //! - Failing to specialize is a typed [`SpecializeError`], never a panic on
 //!   target data.
 
+mod engine;
 pub mod insn_info;
+mod score;
+mod sem;
 pub mod snippet;
 mod types;
+mod variant;
 
+pub use engine::{modelled_mnemonics, specialize};
+pub use score::{score_trigger, TriggerCandidate, TriggerScore, ValueScore};
 pub use types::*;
+pub use variant::{Encoded, Variant};

@@ -1,0 +1,1671 @@
+//! The specialization engine: worklist over (address, abstract state), folding and emission.
+
+use crate::sem::{self, AluOp, Flags, ShiftOp};
+use crate::variant::{Emitted, Variant, LABEL_BASE};
+use crate::{
+    Addr, Exit, ExitReason, Flag, Gpr, KnownState, Memory, Options, Request, SpecializeError,
+    Stats, PAGE_SIZE,
+};
+use iced_x86::{
+    Code, ConditionCode, Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory,
+    Mnemonic, OpAccess, OpKind, Register, RflagsBits,
+};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::OnceLock;
+
+/// The six status flags (everything but DF), as a bit mask over `Flag as usize`.
+const STATUS: u8 = 0b101_1111;
+const STATUS_FLAGS: [Flag; 6] = [Flag::Cf, Flag::Pf, Flag::Af, Flag::Zf, Flag::Sf, Flag::Of];
+
+/// Abstract state: each GPR unknown or known (with a bit telling whether the
+/// real register holds the value), the flags likewise. `fmat == false` means
+/// the known status flags are folded (the real flags are stale) and unknown
+/// status flags are don't-care (undefined or dead).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+pub(crate) struct AbsState {
+    regs: [Option<u64>; 16],
+    rmat: u16,
+    flags: Flags,
+    fmat: bool,
+}
+
+impl AbsState {
+    fn from_known(k: &KnownState) -> AbsState {
+        let mut s = AbsState {
+            regs: k.regs,
+            rmat: 0xffff,
+            flags: k.flags,
+            fmat: true,
+        };
+        s.normalize();
+        s
+    }
+
+    /// Unknown registers carry no materialized bit, so equal states hash equal.
+    fn normalize(&mut self) {
+        for i in 0..16 {
+            if self.regs[i].is_none() {
+                self.rmat &= !(1 << i);
+            }
+        }
+        if (0..7).all(|i| i == Flag::Df as usize || self.flags[i].is_none()) {
+            self.fmat = true;
+        }
+    }
+
+    fn get(&self, g: Gpr) -> Option<u64> {
+        self.regs[g.index()]
+    }
+
+    fn is_mat(&self, g: Gpr) -> bool {
+        self.rmat & (1 << g.index()) != 0
+    }
+
+    fn set(&mut self, g: Gpr, v: Option<u64>, mat: bool) {
+        self.regs[g.index()] = v;
+        if v.is_some() && mat {
+            self.rmat |= 1 << g.index();
+        } else {
+            self.rmat &= !(1 << g.index());
+        }
+    }
+
+    /// What the deopt map must restore at this point: folded registers and flags.
+    fn folded(&self) -> KnownState {
+        let mut k = KnownState::default();
+        for g in Gpr::ALL {
+            if let Some(v) = self.get(g) {
+                if !self.is_mat(g) {
+                    k.set_reg(g, Some(v));
+                }
+            }
+        }
+        if !self.fmat {
+            for f in STATUS_FLAGS {
+                k.set_flag(f, self.flags[f as usize]);
+            }
+        }
+        k
+    }
+
+    fn known(&self) -> KnownState {
+        KnownState {
+            regs: self.regs,
+            flags: self.flags,
+        }
+    }
+
+    fn all_unknown(&mut self) {
+        *self = AbsState {
+            fmat: true,
+            ..AbsState::default()
+        };
+    }
+}
+
+/// Map an iced RflagsBits mask to our `Flag` bit mask.
+fn flag_mask(bits: u32) -> u8 {
+    let mut m = 0u8;
+    for (b, f) in [
+        (RflagsBits::CF, Flag::Cf),
+        (RflagsBits::PF, Flag::Pf),
+        (RflagsBits::AF, Flag::Af),
+        (RflagsBits::ZF, Flag::Zf),
+        (RflagsBits::SF, Flag::Sf),
+        (RflagsBits::DF, Flag::Df),
+        (RflagsBits::OF, Flag::Of),
+    ] {
+        if bits & b != 0 {
+            m |= 1 << (f as u8);
+        }
+    }
+    m
+}
+
+fn written_flags(ins: &Instruction) -> u8 {
+    flag_mask(ins.rflags_modified())
+}
+
+/// Whether the instruction may leave the flags it "modifies" unchanged
+/// (shift/rotate by a count that may be zero).
+fn conditional_flag_write(ins: &Instruction) -> bool {
+    use Mnemonic as M;
+    matches!(
+        ins.mnemonic(),
+        M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
+    ) && (ins.op_kind(ins.op_count() - 1) == OpKind::Register
+        || (ins.immediate(ins.op_count() - 1) & 31) == 0)
+}
+
+/// Lookup table: for (known-mask, values) over the 6 status flags, an 8-bit
+/// `cmp a, b` pair producing them.
+fn cmp_table() -> &'static Vec<Option<(u8, u8)>> {
+    static T: OnceLock<Vec<Option<(u8, u8)>>> = OnceLock::new();
+    T.get_or_init(|| {
+        let mut t = vec![None; 64 * 64];
+        for a in 0..=255u8 {
+            for b in 0..=255u8 {
+                let f = sem::cmp8_flags(a, b);
+                let mut v = 0usize;
+                for (i, fl) in STATUS_FLAGS.iter().enumerate() {
+                    if f[*fl as usize] == Some(true) {
+                        v |= 1 << i;
+                    }
+                }
+                for m in 0..64usize {
+                    let k = m * 64 + (v & m);
+                    if t[k].is_none() {
+                        t[k] = Some((a, b));
+                    }
+                }
+            }
+        }
+        t
+    })
+}
+
+/// An 8-bit compare producing every known flag of `want` (unknown ones free).
+pub(crate) fn cmp_for(want: &Flags) -> Option<(u8, u8)> {
+    let mut m = 0usize;
+    let mut v = 0usize;
+    for (i, fl) in STATUS_FLAGS.iter().enumerate() {
+        if let Some(b) = want[*fl as usize] {
+            m |= 1 << i;
+            if b {
+                v |= 1 << i;
+            }
+        }
+    }
+    cmp_table()[m * 64 + v]
+}
+
+fn is_setcc(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Seto
+            | M::Setno
+            | M::Setb
+            | M::Setae
+            | M::Sete
+            | M::Setne
+            | M::Setbe
+            | M::Seta
+            | M::Sets
+            | M::Setns
+            | M::Setp
+            | M::Setnp
+            | M::Setl
+            | M::Setge
+            | M::Setle
+            | M::Setg
+    )
+}
+
+fn is_cmovcc(m: Mnemonic) -> bool {
+    use Mnemonic as M;
+    matches!(
+        m,
+        M::Cmovo
+            | M::Cmovno
+            | M::Cmovb
+            | M::Cmovae
+            | M::Cmove
+            | M::Cmovne
+            | M::Cmovbe
+            | M::Cmova
+            | M::Cmovs
+            | M::Cmovns
+            | M::Cmovp
+            | M::Cmovnp
+            | M::Cmovl
+            | M::Cmovge
+            | M::Cmovle
+            | M::Cmovg
+    )
+}
+
+/// The 32-bit register of a GPR.
+fn gpr32(g: Gpr) -> Register {
+    use Register as R;
+    [
+        R::EAX, R::ECX, R::EDX, R::EBX, R::ESP, R::EBP, R::ESI, R::EDI, R::R8D, R::R9D, R::R10D,
+        R::R11D, R::R12D, R::R13D, R::R14D, R::R15D,
+    ][g.index()]
+}
+
+fn is_high8(r: Register) -> bool {
+    matches!(r, Register::AH | Register::CH | Register::DH | Register::BH)
+}
+
+fn fits_i32(v: i64) -> bool {
+    v >= i32::MIN as i64 && v <= i32::MAX as i64
+}
+
+/// Every mnemonic whose semantics is modelled exactly.
+pub fn modelled_mnemonics() -> &'static [Mnemonic] {
+    use Mnemonic as M;
+    &[
+        M::Mov,
+        M::Movzx,
+        M::Movsx,
+        M::Movsxd,
+        M::Lea,
+        M::Add,
+        M::Sub,
+        M::Adc,
+        M::Sbb,
+        M::And,
+        M::Or,
+        M::Xor,
+        M::Not,
+        M::Neg,
+        M::Inc,
+        M::Dec,
+        M::Shl,
+        M::Shr,
+        M::Sar,
+        M::Rol,
+        M::Ror,
+        M::Imul,
+        M::Cmp,
+        M::Test,
+        M::Seto,
+        M::Setno,
+        M::Setb,
+        M::Setae,
+        M::Sete,
+        M::Setne,
+        M::Setbe,
+        M::Seta,
+        M::Sets,
+        M::Setns,
+        M::Setp,
+        M::Setnp,
+        M::Setl,
+        M::Setge,
+        M::Setle,
+        M::Setg,
+        M::Cmovo,
+        M::Cmovno,
+        M::Cmovb,
+        M::Cmovae,
+        M::Cmove,
+        M::Cmovne,
+        M::Cmovbe,
+        M::Cmova,
+        M::Cmovs,
+        M::Cmovns,
+        M::Cmovp,
+        M::Cmovnp,
+        M::Cmovl,
+        M::Cmovge,
+        M::Cmovle,
+        M::Cmovg,
+        M::Jo,
+        M::Jno,
+        M::Jb,
+        M::Jae,
+        M::Je,
+        M::Jne,
+        M::Jbe,
+        M::Ja,
+        M::Js,
+        M::Jns,
+        M::Jp,
+        M::Jnp,
+        M::Jl,
+        M::Jge,
+        M::Jle,
+        M::Jg,
+        M::Jmp,
+        M::Call,
+        M::Ret,
+        M::Push,
+        M::Pop,
+        M::Nop,
+        M::Endbr64,
+    ]
+}
+
+enum Next {
+    Continue(Addr),
+    Stop,
+}
+
+/// One specialization run.
+struct Engine<'a> {
+    req: &'a Request,
+    mem: &'a dyn Memory,
+    items: Vec<Emitted>,
+    /// Label id -> position in `items` of the instruction it names.
+    labels: Vec<Option<usize>>,
+    key_label: HashMap<(Addr, AbsState), u32>,
+    pending: VecDeque<(u32, Addr, AbsState)>,
+    seen_at: HashMap<Addr, Vec<AbsState>>,
+    exits: Vec<Exit>,
+    exit_items: Vec<usize>,
+    guard: BTreeSet<Addr>,
+    stats: Stats,
+    est_bytes: usize,
+    budget_hit: bool,
+    live_cache: HashMap<Addr, u8>,
+    decode_cache: HashMap<Addr, Option<Instruction>>,
+    data_labels: HashMap<u8, u32>,
+    info: InstructionInfoFactory,
+}
+
+/// Specialize `req` reading the target through `mem`.
+pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, SpecializeError> {
+    if req.entry < req.region_start || req.entry >= req.region_end {
+        return Err(SpecializeError::EntryOutsideRegion(req.entry));
+    }
+    let mut e = Engine {
+        req,
+        mem,
+        items: Vec::new(),
+        labels: Vec::new(),
+        key_label: HashMap::new(),
+        pending: VecDeque::new(),
+        seen_at: HashMap::new(),
+        exits: Vec::new(),
+        exit_items: Vec::new(),
+        guard: BTreeSet::new(),
+        stats: Stats::default(),
+        est_bytes: 0,
+        budget_hit: false,
+        live_cache: HashMap::new(),
+        decode_cache: HashMap::new(),
+        data_labels: HashMap::new(),
+        info: InstructionInfoFactory::new(),
+    };
+    // The entry must decode; anything later that does not becomes an exit.
+    if e.decode(req.entry).is_none() {
+        let mut b = [0u8; 1];
+        return Err(if mem.read(req.entry, &mut b).is_err() {
+            SpecializeError::Unreadable(req.entry)
+        } else {
+            SpecializeError::Undecodable(req.entry)
+        });
+    }
+    let st = AbsState::from_known(&req.known);
+    let l = e.new_label();
+    e.pending.push_back((l, req.entry, st));
+    while let Some((label, addr, st)) = e.pending.pop_front() {
+        e.walk(label, addr, st)?;
+    }
+    e.finish()
+}
+
+impl<'a> Engine<'a> {
+    fn opts(&self) -> &Options {
+        &self.req.options
+    }
+
+    fn new_label(&mut self) -> u32 {
+        self.labels.push(None);
+        (self.labels.len() - 1) as u32
+    }
+
+    fn label_ip(l: u32) -> u64 {
+        LABEL_BASE + l as u64
+    }
+
+    fn place(&mut self, l: u32) {
+        self.labels[l as usize] = Some(self.items.len());
+    }
+
+    fn in_region(&self, a: Addr) -> bool {
+        a >= self.req.region_start && a < self.req.region_end
+    }
+
+    fn decode(&mut self, ip: Addr) -> Option<Instruction> {
+        if let Some(d) = self.decode_cache.get(&ip) {
+            return *d;
+        }
+        let mut buf = [0u8; 15];
+        let mut n = 15;
+        // Near the end of a mapping fewer than 15 bytes may be readable.
+        while n > 0 && self.mem.read(ip, &mut buf[..n]).is_err() {
+            n -= 1;
+        }
+        let r = if n == 0 {
+            None
+        } else {
+            let mut d = Decoder::with_ip(64, &buf[..n], ip.0, DecoderOptions::NONE);
+            let ins = d.decode();
+            if ins.is_invalid() {
+                None
+            } else {
+                Some(ins)
+            }
+        };
+        self.decode_cache.insert(ip, r);
+        r
+    }
+
+    // ----- emission -------------------------------------------------------
+
+    fn emit(&mut self, ins: Instruction, orig: Addr, st: &AbsState) {
+        let mut ins = ins;
+        ins.set_ip(0);
+        self.est_bytes += if ins.len() > 0 { ins.len() + 2 } else { 10 };
+        if self.est_bytes > self.opts().max_code_bytes {
+            self.budget_hit = true;
+        }
+        self.stats.residual += 1;
+        self.items.push(Emitted {
+            ins,
+            orig,
+            folded: st.folded(),
+            is_data: false,
+        });
+    }
+
+    fn mov_imm(g: Gpr, v: u64) -> Instruction {
+        let r = g.to_iced();
+        let res = if v <= u32::MAX as u64 {
+            let r32 = gpr32(g);
+            Instruction::with2(Code::Mov_r32_imm32, r32, v as u32)
+        } else if fits_i32(v as i64) {
+            Instruction::with2(Code::Mov_rm64_imm32, r, v as i64 as i32)
+        } else {
+            Instruction::with2(Code::Mov_r64_imm64, r, v)
+        };
+        // The operands above always match their codes.
+        res.unwrap_or_default()
+    }
+
+    fn mat_reg(&mut self, g: Gpr, orig: Addr, st: &mut AbsState) {
+        if let Some(v) = st.get(g) {
+            if !st.is_mat(g) {
+                self.emit(Self::mov_imm(g, v), orig, st);
+                st.set(g, Some(v), true);
+            }
+        }
+    }
+
+    fn mat_all_regs(&mut self, orig: Addr, st: &mut AbsState) {
+        for g in Gpr::ALL {
+            self.mat_reg(g, orig, st);
+        }
+    }
+
+    fn data_label(&mut self, b: u8) -> u32 {
+        if let Some(&l) = self.data_labels.get(&b) {
+            return l;
+        }
+        let l = self.new_label();
+        self.data_labels.insert(b, l);
+        l
+    }
+
+    /// Make the real flags hold every known folded status flag in `live`.
+    fn mat_flags(&mut self, live: u8, orig: Addr, st: &mut AbsState) -> Result<(), SpecializeError> {
+        if st.fmat {
+            return Ok(());
+        }
+        let mut want = [None; 7];
+        let mut any = false;
+        for f in STATUS_FLAGS {
+            if live & (1 << f as u8) != 0 {
+                want[f as usize] = st.flags[f as usize];
+                any |= want[f as usize].is_some();
+            }
+        }
+        if any {
+            let (a, b) = cmp_for(&want).ok_or_else(|| {
+                SpecializeError::NoGain(format!("cannot rebuild the folded flags at {orig}"))
+            })?;
+            let l = self.data_label(a);
+            let mem = iced_x86::MemoryOperand::with_base_displ(Register::RIP, Self::label_ip(l) as i64);
+            let ins = Instruction::with2(Code::Cmp_rm8_imm8, mem, b as u32)
+                .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+            self.emit(ins, orig, st);
+            let f = sem::cmp8_flags(a, b);
+            for fl in STATUS_FLAGS {
+                st.flags[fl as usize] = f[fl as usize];
+            }
+        } else {
+            for fl in STATUS_FLAGS {
+                st.flags[fl as usize] = None;
+            }
+        }
+        st.fmat = true;
+        Ok(())
+    }
+
+    fn jump_label(&mut self, l: u32, orig: Addr, st: &AbsState) {
+        let ins = Instruction::with_branch(Code::Jmp_rel32_64, Self::label_ip(l)).unwrap_or_default();
+        self.emit(ins, orig, st);
+    }
+
+    /// The label for (addr, state), queueing it for emission when new.
+    fn label_for(&mut self, addr: Addr, st: &AbsState) -> u32 {
+        let mut st = st.clone();
+        self.canonicalize(addr, &mut st);
+        if let Some(&l) = self.key_label.get(&(addr, st.clone())) {
+            return l;
+        }
+        let l = self.new_label();
+        self.key_label.insert((addr, st.clone()), l);
+        self.pending.push_back((l, addr, st));
+        l
+    }
+
+    fn exit(&mut self, target: Addr, reason: ExitReason, st: &mut AbsState) -> Result<(), SpecializeError> {
+        let first = self.items.len();
+        let live = self.live_flags(target);
+        self.mat_flags(live, target, st)?;
+        self.mat_all_regs(target, st);
+        let dest = self
+            .opts()
+            .chain
+            .as_ref()
+            .and_then(|c| c.get(&target).copied())
+            .unwrap_or(target);
+        let ins = Instruction::with_branch(Code::Jmp_rel32_64, dest.0)
+            .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+        self.emit(ins, target, st);
+        self.exits.push(Exit {
+            target,
+            reason,
+            state: st.known(),
+        });
+        self.exit_items.push(first);
+        Ok(())
+    }
+
+    // ----- liveness -------------------------------------------------------
+
+    /// Status flags that may be read on some path from `addr` before being
+    /// written (conservative: unknown control flow means live).
+    fn live_flags(&mut self, addr: Addr) -> u8 {
+        if let Some(&m) = self.live_cache.get(&addr) {
+            return m;
+        }
+        let mut live = 0u8;
+        let mut work = vec![(addr, STATUS)];
+        let mut seen: HashMap<Addr, u8> = HashMap::new();
+        let mut steps = 0;
+        while let Some((a, mut pending)) = work.pop() {
+            let mut a = a;
+            loop {
+                if pending == 0 {
+                    break;
+                }
+                let prev = seen.get(&a).copied().unwrap_or(0);
+                if pending & !prev == 0 {
+                    break;
+                }
+                seen.insert(a, prev | pending);
+                steps += 1;
+                if steps > 400 {
+                    live |= pending;
+                    break;
+                }
+                let Some(ins) = self.decode(a) else {
+                    live |= pending;
+                    break;
+                };
+                live |= flag_mask(ins.rflags_read()) & pending;
+                if !conditional_flag_write(&ins) {
+                    pending &= !written_flags(&ins);
+                }
+                if pending == 0 {
+                    break;
+                }
+                match ins.flow_control() {
+                    FlowControl::Next => a = Addr(ins.next_ip()),
+                    FlowControl::UnconditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
+                        a = Addr(ins.near_branch_target())
+                    }
+                    FlowControl::ConditionalBranch if ins.op0_kind() == OpKind::NearBranch64 => {
+                        work.push((Addr(ins.near_branch_target()), pending));
+                        a = Addr(ins.next_ip());
+                    }
+                    _ => {
+                        live |= pending;
+                        break;
+                    }
+                }
+            }
+        }
+        self.live_cache.insert(addr, live);
+        live
+    }
+
+    /// Drop flags that are dead at `addr` so equivalent states compare equal.
+    fn canonicalize(&mut self, addr: Addr, st: &mut AbsState) {
+        let live = self.live_flags(addr);
+        for f in STATUS_FLAGS {
+            if live & (1 << f as u8) == 0 {
+                st.flags[f as usize] = None;
+            }
+        }
+        st.normalize();
+    }
+
+    // ----- the walk -------------------------------------------------------
+
+    fn walk(&mut self, label: u32, addr: Addr, st: AbsState) -> Result<(), SpecializeError> {
+        self.place(label);
+        let mut ip = addr;
+        let mut st = st;
+        let mut first = true;
+        loop {
+            if !self.in_region(ip) {
+                return self.exit(ip, ExitReason::LeftRegion, &mut st);
+            }
+            self.canonicalize(ip, &mut st);
+            if !first {
+                if let Some(&l) = self.key_label.get(&(ip, st.clone())) {
+                    self.jump_label(l, ip, &st);
+                    return Ok(());
+                }
+            }
+            if self.budget_hit {
+                return self.exit(ip, ExitReason::Budget, &mut st);
+            }
+            if !first {
+                self.widen(ip, &mut st)?;
+                if let Some(&l) = self.key_label.get(&(ip, st.clone())) {
+                    self.jump_label(l, ip, &st);
+                    return Ok(());
+                }
+                let l = self.new_label();
+                self.place(l);
+                self.key_label.insert((ip, st.clone()), l);
+            } else {
+                self.key_label.entry((ip, st.clone())).or_insert(label);
+            }
+            self.seen_at.entry(ip).or_default().push(st.clone());
+            first = false;
+            self.stats.visited += 1;
+            if self.stats.visited > 200_000 + 20 * self.opts().max_code_bytes {
+                self.budget_hit = true;
+            }
+            match self.step(ip, &mut st)? {
+                Next::Continue(n) => ip = n,
+                Next::Stop => return Ok(()),
+            }
+        }
+    }
+
+    /// After too many distinct states at `ip`, forget what differs.
+    fn widen(&mut self, ip: Addr, st: &mut AbsState) -> Result<(), SpecializeError> {
+        let max = self.opts().max_states_per_address.max(1) as usize;
+        let Some(seen) = self.seen_at.get(&ip) else {
+            return Ok(());
+        };
+        if seen.len() < max {
+            return Ok(());
+        }
+        let mut differ_regs = 0u16;
+        let mut differ_flags = false;
+        for s in seen {
+            for i in 0..16 {
+                if s.regs[i] != st.regs[i] {
+                    differ_regs |= 1 << i;
+                }
+            }
+            if s.flags != st.flags || s.fmat != st.fmat {
+                differ_flags = true;
+            }
+        }
+        for g in Gpr::ALL {
+            if differ_regs & (1 << g.index()) != 0 {
+                self.mat_reg(g, ip, st);
+                st.set(g, None, false);
+            }
+        }
+        if differ_flags {
+            let live = self.live_flags(ip);
+            self.mat_flags(live, ip, st)?;
+            for f in STATUS_FLAGS {
+                st.flags[f as usize] = None;
+            }
+        }
+        st.normalize();
+        Ok(())
+    }
+
+    // ----- operand access ------------------------------------------------
+
+    fn reg_val(st: &AbsState, r: Register) -> Option<u64> {
+        let g = Gpr::containing(r)?;
+        let v = st.get(g)?;
+        Some(match r.size() {
+            8 => v,
+            4 => v & 0xffff_ffff,
+            2 => v & 0xffff,
+            _ if is_high8(r) => (v >> 8) & 0xff,
+            _ => v & 0xff,
+        })
+    }
+
+    /// Whether writing `r` with a known value keeps the full register known.
+    fn write_known_possible(st: &AbsState, r: Register) -> bool {
+        r.size() >= 4 || Gpr::containing(r).and_then(|g| st.get(g)).is_some()
+    }
+
+    fn write_reg(st: &mut AbsState, r: Register, v: Option<u64>, mat: bool) {
+        let Some(g) = Gpr::containing(r) else { return };
+        let full = match (v, r.size()) {
+            (None, _) => None,
+            (Some(v), 8) => Some(v),
+            (Some(v), 4) => Some(v & 0xffff_ffff),
+            (Some(v), 2) => st.get(g).map(|o| (o & !0xffff) | (v & 0xffff)),
+            (Some(v), _) if is_high8(r) => st.get(g).map(|o| (o & !0xff00) | ((v & 0xff) << 8)),
+            (Some(v), _) => st.get(g).map(|o| (o & !0xff) | (v & 0xff)),
+        };
+        st.set(g, full, mat);
+    }
+
+    /// Effective address of the memory operand when every part is known.
+    fn mem_addr(st: &AbsState, ins: &Instruction) -> Option<u64> {
+        if matches!(ins.memory_segment(), Register::FS | Register::GS) {
+            return None;
+        }
+        let base = ins.memory_base();
+        if base == Register::RIP {
+            return Some(ins.ip_rel_memory_address());
+        }
+        let mut a = ins.memory_displacement64();
+        let mut addr32 = false;
+        if base != Register::None {
+            if base.size() != 8 {
+                addr32 = true;
+            }
+            a = a.wrapping_add(Self::reg_val(st, base)?);
+        }
+        let index = ins.memory_index();
+        if index != Register::None {
+            if !index.is_gpr() {
+                return None;
+            }
+            if index.size() != 8 {
+                addr32 = true;
+            }
+            a = a.wrapping_add(Self::reg_val(st, index)?.wrapping_mul(ins.memory_index_scale() as u64));
+        }
+        Some(if addr32 { a & 0xffff_ffff } else { a })
+    }
+
+    /// Read `size` bytes at `a` when every byte lies in constant pages.
+    fn load(&mut self, a: u64, size: usize) -> Option<u64> {
+        if size == 0 || size > 8 {
+            return None;
+        }
+        let end = a.checked_add(size as u64 - 1)?;
+        let mut p = Addr(a).page();
+        let mut pages = Vec::new();
+        while p.0 <= end {
+            if !self.mem.is_constant(p) {
+                return None;
+            }
+            pages.push(p);
+            p = Addr(p.0.checked_add(PAGE_SIZE)?);
+        }
+        let mut buf = [0u8; 8];
+        self.mem.read(Addr(a), &mut buf[..size]).ok()?;
+        self.guard.extend(pages);
+        Some(u64::from_le_bytes(buf))
+    }
+
+    /// Value of operand `i` (`bits` wide) if known.
+    fn op_val(&mut self, st: &AbsState, ins: &Instruction, i: u32, bits: u32) -> Option<u64> {
+        let v = match ins.op_kind(i) {
+            OpKind::Register => Self::reg_val(st, ins.op_register(i))?,
+            OpKind::Memory => {
+                let a = Self::mem_addr(st, ins)?;
+                self.load(a, ins.memory_size().size())?
+            }
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => ins.immediate(i),
+            _ => return None,
+        };
+        Some(v & sem::mask(bits))
+    }
+
+    /// Operand width in bits of operand `i`.
+    fn op_bits(ins: &Instruction, i: u32) -> u32 {
+        match ins.op_kind(i) {
+            OpKind::Register => ins.op_register(i).size() as u32 * 8,
+            OpKind::Memory => ins.memory_size().size() as u32 * 8,
+            _ => 64,
+        }
+    }
+
+    /// Plain integer operands only (GPRs, memory without vsib, immediates).
+    fn plain(ins: &Instruction) -> bool {
+        (0..ins.op_count()).all(|i| match ins.op_kind(i) {
+            OpKind::Register => ins.op_register(i).is_gpr(),
+            OpKind::Memory => !ins.memory_index().is_vector_register(),
+            OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64 => true,
+            _ => false,
+        }) && !ins.has_lock_prefix()
+    }
+
+    // ----- residual emission --------------------------------------------
+
+    /// Rewrite known address parts and known register sources into
+    /// displacements and immediates where encodable.
+    fn rewrite(st: &AbsState, ins: &Instruction) -> Instruction {
+        use Mnemonic as M;
+        let mut out = *ins;
+        let has_mem = (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory);
+        let mnem = ins.mnemonic();
+        if has_mem
+            && !matches!(mnem, M::Bndldx | M::Bndstx)
+            && !ins.memory_index().is_vector_register()
+            && ins.memory_base() != Register::RIP
+        {
+            let base = ins.memory_base();
+            let index = ins.memory_index();
+            let ok64 = |r: Register| r == Register::None || (r.is_gpr() && r.size() == 8);
+            if ok64(base) && ok64(index) {
+                let bv = if base != Register::None { Self::reg_val(st, base) } else { None };
+                let iv = if index != Register::None { Self::reg_val(st, index) } else { None };
+                let disp = ins.memory_displacement64() as i64;
+                let scale = ins.memory_index_scale() as i64;
+                let tries: [(bool, bool); 3] = [(true, true), (false, true), (true, false)];
+                for (fb, fi) in tries {
+                    let fold_b = fb && bv.is_some();
+                    let fold_i = fi && iv.is_some();
+                    if !fold_b && !fold_i {
+                        continue;
+                    }
+                    let mut d = disp;
+                    if fold_b {
+                        d = d.wrapping_add(bv.unwrap_or(0) as i64);
+                    }
+                    if fold_i {
+                        d = d.wrapping_add((iv.unwrap_or(0) as i64).wrapping_mul(scale));
+                    }
+                    if !fits_i32(d) {
+                        continue;
+                    }
+                    let nb = if fold_b { Register::None } else { base };
+                    let ni = if fold_i { Register::None } else { index };
+                    // rsp cannot be an index; fold only into valid forms.
+                    out.set_memory_base(nb);
+                    out.set_memory_index(ni);
+                    if ni == Register::None {
+                        out.set_memory_index_scale(1);
+                    }
+                    out.set_memory_displacement64(d as u64);
+                    out.set_memory_displ_size(if nb == Register::None {
+                        4
+                    } else if d == 0 {
+                        0
+                    } else if d as i8 as i64 == d {
+                        1
+                    } else {
+                        4
+                    });
+                    break;
+                }
+            }
+        }
+        // Register source -> immediate.
+        if ins.op_count() == 2 && ins.op_kind(1) == OpKind::Register && ins.op_register(1).is_gpr() {
+            let src = ins.op_register(1);
+            if let Some(v) = Self::reg_val(st, src) {
+                let bits = src.size() as u32 * 8;
+                let dst_is_reg = ins.op_kind(0) == OpKind::Register;
+                let code = match (mnem, src.size()) {
+                    (M::Add, 1) => Some(Code::Add_rm8_imm8),
+                    (M::Add, 2) => Some(Code::Add_rm16_imm16),
+                    (M::Add, 4) => Some(Code::Add_rm32_imm32),
+                    (M::Add, 8) => Some(Code::Add_rm64_imm32),
+                    (M::Sub, 1) => Some(Code::Sub_rm8_imm8),
+                    (M::Sub, 2) => Some(Code::Sub_rm16_imm16),
+                    (M::Sub, 4) => Some(Code::Sub_rm32_imm32),
+                    (M::Sub, 8) => Some(Code::Sub_rm64_imm32),
+                    (M::And, 1) => Some(Code::And_rm8_imm8),
+                    (M::And, 2) => Some(Code::And_rm16_imm16),
+                    (M::And, 4) => Some(Code::And_rm32_imm32),
+                    (M::And, 8) => Some(Code::And_rm64_imm32),
+                    (M::Or, 1) => Some(Code::Or_rm8_imm8),
+                    (M::Or, 2) => Some(Code::Or_rm16_imm16),
+                    (M::Or, 4) => Some(Code::Or_rm32_imm32),
+                    (M::Or, 8) => Some(Code::Or_rm64_imm32),
+                    (M::Xor, 1) => Some(Code::Xor_rm8_imm8),
+                    (M::Xor, 2) => Some(Code::Xor_rm16_imm16),
+                    (M::Xor, 4) => Some(Code::Xor_rm32_imm32),
+                    (M::Xor, 8) => Some(Code::Xor_rm64_imm32),
+                    (M::Adc, 1) => Some(Code::Adc_rm8_imm8),
+                    (M::Adc, 2) => Some(Code::Adc_rm16_imm16),
+                    (M::Adc, 4) => Some(Code::Adc_rm32_imm32),
+                    (M::Adc, 8) => Some(Code::Adc_rm64_imm32),
+                    (M::Sbb, 1) => Some(Code::Sbb_rm8_imm8),
+                    (M::Sbb, 2) => Some(Code::Sbb_rm16_imm16),
+                    (M::Sbb, 4) => Some(Code::Sbb_rm32_imm32),
+                    (M::Sbb, 8) => Some(Code::Sbb_rm64_imm32),
+                    (M::Cmp, 1) => Some(Code::Cmp_rm8_imm8),
+                    (M::Cmp, 2) => Some(Code::Cmp_rm16_imm16),
+                    (M::Cmp, 4) => Some(Code::Cmp_rm32_imm32),
+                    (M::Cmp, 8) => Some(Code::Cmp_rm64_imm32),
+                    (M::Test, 1) => Some(Code::Test_rm8_imm8),
+                    (M::Test, 2) => Some(Code::Test_rm16_imm16),
+                    (M::Test, 4) => Some(Code::Test_rm32_imm32),
+                    (M::Test, 8) => Some(Code::Test_rm64_imm32),
+                    (M::Mov, 1) if dst_is_reg => Some(Code::Mov_r8_imm8),
+                    (M::Mov, 2) if dst_is_reg => Some(Code::Mov_r16_imm16),
+                    (M::Mov, 4) if dst_is_reg => Some(Code::Mov_r32_imm32),
+                    (M::Mov, 8) if dst_is_reg => Some(Code::Mov_r64_imm64),
+                    (M::Mov, 1) => Some(Code::Mov_rm8_imm8),
+                    (M::Mov, 2) => Some(Code::Mov_rm16_imm16),
+                    (M::Mov, 4) => Some(Code::Mov_rm32_imm32),
+                    (M::Mov, 8) => Some(Code::Mov_rm64_imm32),
+                    _ => None,
+                };
+                // `test r/m, r` is symmetric in iced's operand order; the
+                // destination being a high-byte register with REX is not an issue
+                // for imm forms. imm32 forms of 64-bit ops sign-extend.
+                if let Some(code) = code {
+                    let kind = match bits {
+                        8 => Some(OpKind::Immediate8),
+                        16 => Some(OpKind::Immediate16),
+                        32 => Some(OpKind::Immediate32),
+                        _ if code == Code::Mov_r64_imm64 => Some(OpKind::Immediate64),
+                        _ if fits_i32(v as i64) => Some(OpKind::Immediate32to64),
+                        _ => None,
+                    };
+                    // A memory destination must not use a register we are
+                    // replacing (it stays as is; only op1 changes).
+                    if let Some(kind) = kind {
+                        let mut n = out;
+                        n.set_code(code);
+                        n.set_op1_kind(kind);
+                        match kind {
+                            OpKind::Immediate8 => n.set_immediate8(v as u8),
+                            OpKind::Immediate16 => n.set_immediate16(v as u16),
+                            OpKind::Immediate32 => n.set_immediate32(v as u32),
+                            OpKind::Immediate64 => n.set_immediate64(v),
+                            _ => n.set_immediate32to64(v as i64),
+                        }
+                        out = n;
+                    }
+                }
+            }
+        }
+        if mnem == M::Push && ins.op_count() == 1 && ins.op_kind(0) == OpKind::Register {
+            let r = ins.op_register(0);
+            if r.size() == 8 {
+                if let Some(v) = Self::reg_val(st, r) {
+                    if fits_i32(v as i64) {
+                        if let Ok(n) = Instruction::with1(Code::Pushq_imm32, v as i64 as i32) {
+                            out = n;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Emit `ins` (rewritten) as residual code: materialize what it reads,
+    /// then forget what it writes.
+    fn residual(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        let out = Self::rewrite(st, ins);
+        self.residual_exact(ip, &out, st)
+    }
+
+    fn residual_exact(&mut self, ip: Addr, out: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        let reads_f = flag_mask(out.rflags_read());
+        let writes_f = flag_mask(out.rflags_modified());
+        if (reads_f | writes_f) & STATUS != 0 && !st.fmat {
+            let live = self.live_flags(ip) | reads_f;
+            self.mat_flags(live, ip, st)?;
+        }
+        let mut written: Vec<Gpr> = Vec::new();
+        let used: Vec<(Register, OpAccess)> = self
+            .info
+            .info(out)
+            .used_registers()
+            .iter()
+            .map(|u| (u.register(), u.access()))
+            .collect();
+        for (r, acc) in used {
+            let Some(g) = Gpr::containing(r) else { continue };
+            let full_write = acc == OpAccess::Write && r.size() >= 4;
+            if !full_write && acc != OpAccess::None && acc != OpAccess::NoMemAccess {
+                self.mat_reg(g, ip, st);
+            }
+            if matches!(
+                acc,
+                OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+            ) {
+                written.push(g);
+            }
+        }
+        self.emit(*out, ip, st);
+        for g in written {
+            st.set(g, None, false);
+        }
+        if writes_f & STATUS != 0 {
+            if !st.fmat {
+                // Nothing folded was live here: the rest is don't-care.
+                for f in STATUS_FLAGS {
+                    st.flags[f as usize] = None;
+                }
+                st.fmat = true;
+            }
+            for f in Flag::ALL {
+                if writes_f & (1 << f as u8) != 0 {
+                    st.flags[f as usize] = None;
+                }
+            }
+            let set = flag_mask(out.rflags_set());
+            let clr = flag_mask(out.rflags_cleared());
+            for f in Flag::ALL {
+                if set & (1 << f as u8) != 0 {
+                    st.flags[f as usize] = Some(true);
+                }
+                if clr & (1 << f as u8) != 0 {
+                    st.flags[f as usize] = Some(false);
+                }
+            }
+        } else if writes_f & (1 << Flag::Df as u8) != 0 {
+            st.flags[Flag::Df as usize] = None;
+            let set = flag_mask(out.rflags_set());
+            let clr = flag_mask(out.rflags_cleared());
+            if set & (1 << Flag::Df as u8) != 0 {
+                st.flags[Flag::Df as usize] = Some(true);
+            }
+            if clr & (1 << Flag::Df as u8) != 0 {
+                st.flags[Flag::Df as usize] = Some(false);
+            }
+        }
+        st.normalize();
+        Ok(())
+    }
+
+    /// Fold the instruction when everything is known and the result can be
+    /// rebuilt later, else emit it residually and keep what is computable.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+        dests: &[(Register, Option<u64>)],
+        dest_is_mem: bool,
+        flags_out: Option<(Option<Flags>, u8)>,
+    ) -> Result<(), SpecializeError> {
+        let next = Addr(ins.next_ip());
+        let mut fold = !dest_is_mem
+            && dests
+                .iter()
+                .all(|(r, v)| v.is_some() && Self::write_known_possible(st, *r));
+        if let Some((nf, written)) = flags_out {
+            match nf {
+                None => fold = false,
+                Some(nf) if fold => {
+                    let live = self.live_flags(next);
+                    let preserved = STATUS & !written;
+                    if st.fmat {
+                        for f in STATUS_FLAGS {
+                            let b = 1 << f as u8;
+                            if preserved & b != 0 && live & b != 0 && st.flags[f as usize].is_none() {
+                                fold = false;
+                            }
+                        }
+                    }
+                    let mut want = [None; 7];
+                    for f in STATUS_FLAGS {
+                        if live & (1 << f as u8) != 0 {
+                            want[f as usize] = nf[f as usize];
+                        }
+                    }
+                    if cmp_for(&want).is_none() {
+                        fold = false;
+                    }
+                }
+                _ => {}
+            }
+        }
+        if fold {
+            for (r, v) in dests {
+                Self::write_reg(st, *r, *v, false);
+            }
+            if let Some((Some(nf), _)) = flags_out {
+                let was_mat = st.fmat;
+                let old = st.flags;
+                st.flags = nf;
+                st.flags[Flag::Df as usize] = old[Flag::Df as usize];
+                st.fmat = false;
+                let _ = was_mat;
+            }
+            self.stats.folded += 1;
+            st.normalize();
+            return Ok(());
+        }
+        self.residual(ip, ins, st)?;
+        // The residual instruction computes what we computed: keep it known.
+        for (r, v) in dests {
+            if v.is_some() && Self::write_known_possible(st, *r) {
+                Self::write_reg(st, *r, *v, true);
+            }
+        }
+        if let Some((Some(nf), written)) = flags_out {
+            for f in STATUS_FLAGS {
+                if written & (1 << f as u8) != 0 {
+                    st.flags[f as usize] = nf[f as usize];
+                }
+            }
+        }
+        st.normalize();
+        Ok(())
+    }
+
+    // ----- per-instruction semantics ------------------------------------
+
+    fn step(&mut self, ip: Addr, st: &mut AbsState) -> Result<Next, SpecializeError> {
+        use Mnemonic as M;
+        let Some(ins) = self.decode(ip) else {
+            self.exit(ip, ExitReason::Unsupported, st)?;
+            return Ok(Next::Stop);
+        };
+        let next = Addr(ins.next_ip());
+        let mnem = ins.mnemonic();
+        let plain = Self::plain(&ins);
+        match mnem {
+            M::Nop | M::Endbr64 | M::Endbr32 => {
+                self.stats.folded += 1;
+            }
+            M::Mov | M::Movzx | M::Movsx | M::Movsxd if plain => self.do_mov(ip, &ins, st)?,
+            M::Lea if plain => {
+                let r = ins.op_register(0);
+                let bits = r.size() as u32 * 8;
+                let v = Self::mem_addr(st, &ins).map(|a| a & sem::mask(bits));
+                self.conclude(ip, &ins, st, &[(r, v)], false, None)?;
+            }
+            M::Add | M::Sub | M::Adc | M::Sbb | M::And | M::Or | M::Xor | M::Cmp | M::Test if plain => {
+                self.do_alu(ip, &ins, st)?
+            }
+            M::Not | M::Neg | M::Inc | M::Dec if plain => self.do_unary(ip, &ins, st)?,
+            M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if plain => self.do_shift(ip, &ins, st)?,
+            M::Imul if plain => self.do_imul(ip, &ins, st)?,
+            m if is_setcc(m) && plain => self.do_setcc(ip, &ins, st)?,
+            m if is_cmovcc(m) && plain => self.do_cmov(ip, &ins, st)?,
+            _ if ins.is_jcc_short_or_near() => {
+                let taken = Addr(ins.near_branch_target());
+                match sem::condition(ins.condition_code(), &st.flags) {
+                    Some(true) => {
+                        self.stats.folded += 1;
+                        return Ok(Next::Continue(taken));
+                    }
+                    Some(false) => {
+                        self.stats.folded += 1;
+                    }
+                    None => {
+                        let reads = flag_mask(ins.rflags_read());
+                        if !st.fmat {
+                            let live = self.live_flags(ip) | reads;
+                            self.mat_flags(live, ip, st)?;
+                        }
+                        let l = self.label_for(taken, st);
+                        let mut j = ins;
+                        j.set_near_branch64(Self::label_ip(l));
+                        // Use the near form; the block encoder picks the shortest.
+                        self.emit(j, ip, st);
+                    }
+                }
+            }
+            M::Jmp => {
+                match ins.op0_kind() {
+                    OpKind::NearBranch64 => {
+                        self.stats.folded += 1;
+                        return Ok(Next::Continue(Addr(ins.near_branch_target())));
+                    }
+                    OpKind::Register | OpKind::Memory if plain => {
+                        let v = self.op_val(st, &ins, 0, 64);
+                        if let Some(t) = v {
+                            self.stats.folded += 1;
+                            return Ok(Next::Continue(Addr(t)));
+                        }
+                        self.exit(ip, ExitReason::UnknownTarget, st)?;
+                        return Ok(Next::Stop);
+                    }
+                    _ => {
+                        self.exit(ip, ExitReason::Unsupported, st)?;
+                        return Ok(Next::Stop);
+                    }
+                }
+            }
+            M::Call => {
+                let target = match ins.op0_kind() {
+                    OpKind::NearBranch64 => Some(ins.near_branch_target()),
+                    OpKind::Register | OpKind::Memory if plain => self.op_val(st, &ins, 0, 64),
+                    _ => {
+                        self.exit(ip, ExitReason::Unsupported, st)?;
+                        return Ok(Next::Stop);
+                    }
+                };
+                match target {
+                    Some(t) => {
+                        let live = self.live_flags(Addr(t));
+                        self.mat_flags(live, ip, st)?;
+                        self.mat_all_regs(ip, st);
+                        let c = Instruction::with_branch(Code::Call_rel32_64, t)
+                            .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+                        self.emit(c, ip, st);
+                    }
+                    None => {
+                        self.mat_flags(STATUS, ip, st)?;
+                        self.mat_all_regs(ip, st);
+                        let out = Self::rewrite(st, &ins);
+                        self.emit(out, ip, st);
+                    }
+                }
+                // Do not trust the ABI: the callee may change anything.
+                st.all_unknown();
+            }
+            M::Ret => {
+                self.mat_flags(STATUS, ip, st)?;
+                self.mat_all_regs(ip, st);
+                self.emit(ins, ip, st);
+                return Ok(Next::Stop);
+            }
+            M::Push | M::Pop if plain => {
+                // Stack writes are never folded; rsp itself is tracked when known.
+                let rsp = st.get(Gpr::Rsp);
+                let bytes = if ins.op_count() == 1 && ins.op_kind(0) == OpKind::Register {
+                    ins.op_register(0).size() as u64
+                } else if ins.op_count() == 1 && ins.op_kind(0) == OpKind::Memory {
+                    ins.memory_size().size() as u64
+                } else {
+                    8
+                };
+                self.residual(ip, &ins, st)?;
+                if let Some(sp) = rsp {
+                    let nsp = if mnem == M::Push {
+                        sp.wrapping_sub(bytes)
+                    } else {
+                        sp.wrapping_add(bytes)
+                    };
+                    // pop rsp loads rsp from the stack.
+                    let pops_rsp = mnem == M::Pop
+                        && ins.op_kind(0) == OpKind::Register
+                        && Gpr::containing(ins.op_register(0)) == Some(Gpr::Rsp);
+                    if !pops_rsp {
+                        st.set(Gpr::Rsp, Some(nsp), true);
+                    }
+                }
+            }
+            _ => match ins.flow_control() {
+                FlowControl::Next => self.residual(ip, &ins, st)?,
+                _ => {
+                    self.exit(ip, ExitReason::Unsupported, st)?;
+                    return Ok(Next::Stop);
+                }
+            },
+        }
+        Ok(Next::Continue(next))
+    }
+
+    fn do_mov(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        use Mnemonic as M;
+        if ins.op_kind(0) != OpKind::Register {
+            // A store: always residual.
+            return self.residual(ip, ins, st);
+        }
+        let dst = ins.op_register(0);
+        let dbits = dst.size() as u32 * 8;
+        let sbits = Self::op_bits(ins, 1).min(64);
+        let src = self.op_val(st, ins, 1, sbits);
+        let v = src.map(|s| match ins.mnemonic() {
+            M::Movsx | M::Movsxd => sem::sext(s, sbits) & sem::mask(dbits),
+            _ => s & sem::mask(dbits),
+        });
+        self.conclude(ip, ins, st, &[(dst, v)], false, None)
+    }
+
+    fn do_alu(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        use Mnemonic as M;
+        let mnem = ins.mnemonic();
+        let bits = Self::op_bits(ins, 0);
+        let same_reg = ins.op_kind(0) == OpKind::Register
+            && ins.op_kind(1) == OpKind::Register
+            && ins.op_register(0) == ins.op_register(1);
+        let (mut a, mut b) = (self.op_val(st, ins, 0, bits), self.op_val(st, ins, 1, bits));
+        if same_reg && matches!(mnem, M::Xor | M::Sub) {
+            // xor r,r / sub r,r: zero whatever r holds.
+            a = Some(0);
+            b = Some(0);
+        }
+        let cf = st.flags[Flag::Cf as usize];
+        let op = match mnem {
+            M::Add => AluOp::Add,
+            M::Adc => AluOp::Adc,
+            M::Sub | M::Cmp => AluOp::Sub,
+            M::Sbb => AluOp::Sbb,
+            M::And | M::Test => AluOp::And,
+            M::Or => AluOp::Or,
+            _ => AluOp::Xor,
+        };
+        let needs_cf = matches!(op, AluOp::Adc | AluOp::Sbb);
+        let res = match (a, b) {
+            (Some(a), Some(b)) if !needs_cf || cf.is_some() => {
+                Some(sem::alu(op, a, b, cf.unwrap_or(false), bits, &st.flags))
+            }
+            _ => None,
+        };
+        let written = STATUS;
+        let has_dest = !matches!(mnem, M::Cmp | M::Test);
+        let dest_is_mem = has_dest && ins.op_kind(0) == OpKind::Memory;
+        let dests: Vec<(Register, Option<u64>)> = if has_dest && !dest_is_mem {
+            vec![(ins.op_register(0), res.map(|r| r.0))]
+        } else {
+            vec![]
+        };
+        self.conclude(ip, ins, st, &dests, dest_is_mem, Some((res.map(|r| r.1), written)))
+    }
+
+    fn do_unary(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        use Mnemonic as M;
+        let bits = Self::op_bits(ins, 0);
+        let a = self.op_val(st, ins, 0, bits);
+        let dest_is_mem = ins.op_kind(0) == OpKind::Memory;
+        let (v, flags_out) = match ins.mnemonic() {
+            M::Not => (a.map(|a| !a & sem::mask(bits)), None),
+            M::Neg => {
+                let r = a.map(|a| sem::neg(a, bits, &st.flags));
+                (r.map(|r| r.0), Some((r.map(|r| r.1), STATUS)))
+            }
+            m => {
+                let r = a.map(|a| sem::inc_dec(m == M::Dec, a, bits, &st.flags));
+                let written = STATUS & !(1 << Flag::Cf as u8);
+                (r.map(|r| r.0), Some((r.map(|r| r.1), written)))
+            }
+        };
+        let dests: Vec<(Register, Option<u64>)> = if dest_is_mem {
+            vec![]
+        } else {
+            vec![(ins.op_register(0), v)]
+        };
+        self.conclude(ip, ins, st, &dests, dest_is_mem, flags_out)
+    }
+
+    fn do_shift(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        use Mnemonic as M;
+        let bits = Self::op_bits(ins, 0);
+        let count = self.op_val(st, ins, 1, 8);
+        let cmask = if bits == 64 { 63 } else { 31 };
+        if let Some(c) = count {
+            if c & cmask == 0 {
+                // A zero count changes nothing at all.
+                self.stats.folded += 1;
+                return Ok(());
+            }
+        }
+        let op = match ins.mnemonic() {
+            M::Shl | M::Sal => ShiftOp::Shl,
+            M::Shr => ShiftOp::Shr,
+            M::Sar => ShiftOp::Sar,
+            M::Rol => ShiftOp::Rol,
+            _ => ShiftOp::Ror,
+        };
+        let a = self.op_val(st, ins, 0, bits);
+        let dest_is_mem = ins.op_kind(0) == OpKind::Memory;
+        let written = match op {
+            ShiftOp::Rol | ShiftOp::Ror => (1 << Flag::Cf as u8) | (1 << Flag::Of as u8),
+            _ => STATUS,
+        };
+        let res = match (a, count) {
+            (Some(a), Some(c)) => Some(sem::shift(op, a, c, bits, &st.flags)),
+            _ => None,
+        };
+        if res.is_none() && count.is_some() && ins.op_kind(1) == OpKind::Register {
+            // Known count in cl: shift by an immediate instead.
+            if let Some(n) = Self::shift_imm(ins, count.unwrap_or(0) as u8) {
+                return self.residual(ip, &n, st);
+            }
+        }
+        let dests: Vec<(Register, Option<u64>)> = if dest_is_mem {
+            vec![]
+        } else {
+            vec![(ins.op_register(0), res.map(|r| r.0))]
+        };
+        self.conclude(ip, ins, st, &dests, dest_is_mem, Some((res.map(|r| r.1), written)))
+    }
+
+    fn shift_imm(ins: &Instruction, c: u8) -> Option<Instruction> {
+        use Mnemonic as M;
+        let size = match ins.op_kind(0) {
+            OpKind::Register => ins.op_register(0).size(),
+            _ => ins.memory_size().size(),
+        };
+        let code = match (ins.mnemonic(), size) {
+            (M::Shl | M::Sal, 1) => Code::Shl_rm8_imm8,
+            (M::Shl | M::Sal, 2) => Code::Shl_rm16_imm8,
+            (M::Shl | M::Sal, 4) => Code::Shl_rm32_imm8,
+            (M::Shl | M::Sal, 8) => Code::Shl_rm64_imm8,
+            (M::Shr, 1) => Code::Shr_rm8_imm8,
+            (M::Shr, 2) => Code::Shr_rm16_imm8,
+            (M::Shr, 4) => Code::Shr_rm32_imm8,
+            (M::Shr, 8) => Code::Shr_rm64_imm8,
+            (M::Sar, 1) => Code::Sar_rm8_imm8,
+            (M::Sar, 2) => Code::Sar_rm16_imm8,
+            (M::Sar, 4) => Code::Sar_rm32_imm8,
+            (M::Sar, 8) => Code::Sar_rm64_imm8,
+            (M::Rol, 1) => Code::Rol_rm8_imm8,
+            (M::Rol, 2) => Code::Rol_rm16_imm8,
+            (M::Rol, 4) => Code::Rol_rm32_imm8,
+            (M::Rol, 8) => Code::Rol_rm64_imm8,
+            (M::Ror, 1) => Code::Ror_rm8_imm8,
+            (M::Ror, 2) => Code::Ror_rm16_imm8,
+            (M::Ror, 4) => Code::Ror_rm32_imm8,
+            (M::Ror, 8) => Code::Ror_rm64_imm8,
+            _ => return None,
+        };
+        let mut n = *ins;
+        n.set_code(code);
+        n.set_op1_kind(OpKind::Immediate8);
+        n.set_immediate8(c);
+        Some(n)
+    }
+
+    fn do_imul(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        match ins.op_count() {
+            1 => {
+                let bits = Self::op_bits(ins, 0);
+                let src = self.op_val(st, ins, 0, bits);
+                let acc = Self::reg_val(st, Register::RAX).map(|v| v & sem::mask(bits));
+                let r = match (src, acc) {
+                    (Some(s), Some(a)) => Some(sem::imul(a, s, bits, &st.flags)),
+                    _ => None,
+                };
+                let dests: Vec<(Register, Option<u64>)> = match bits {
+                    8 => vec![(Register::AX, r.map(|r| (r.0 | (r.1 << 8)) & 0xffff))],
+                    16 => vec![(Register::AX, r.map(|r| r.0)), (Register::DX, r.map(|r| r.1))],
+                    32 => vec![(Register::EAX, r.map(|r| r.0)), (Register::EDX, r.map(|r| r.1))],
+                    _ => vec![(Register::RAX, r.map(|r| r.0)), (Register::RDX, r.map(|r| r.1))],
+                };
+                self.conclude(ip, ins, st, &dests, false, Some((r.map(|r| r.2), STATUS)))
+            }
+            2 | 3 => {
+                let dst = ins.op_register(0);
+                let bits = dst.size() as u32 * 8;
+                let (a, b) = if ins.op_count() == 2 {
+                    (self.op_val(st, ins, 0, bits), self.op_val(st, ins, 1, bits))
+                } else {
+                    (self.op_val(st, ins, 1, bits), self.op_val(st, ins, 2, bits))
+                };
+                let r = match (a, b) {
+                    (Some(a), Some(b)) => Some(sem::imul(a, b, bits, &st.flags)),
+                    _ => None,
+                };
+                if r.is_none() && ins.op_count() == 2 && ins.op_kind(1) == OpKind::Register && bits >= 16 {
+                    // imul r, r_known -> imul r, r, imm
+                    if let Some(bv) = b {
+                        let code = match bits {
+                            16 => Some(Code::Imul_r16_rm16_imm16),
+                            32 => Some(Code::Imul_r32_rm32_imm32),
+                            _ if fits_i32(bv as i64) => Some(Code::Imul_r64_rm64_imm32),
+                            _ => None,
+                        };
+                        if let Some(code) = code {
+                            let n = match bits {
+                                16 => Instruction::with3(code, dst, dst, bv as u32),
+                                32 => Instruction::with3(code, dst, dst, bv as u32),
+                                _ => Instruction::with3(code, dst, dst, bv as i64 as i32),
+                            };
+                            if let Ok(n) = n {
+                                return self.residual(ip, &n, st);
+                            }
+                        }
+                    }
+                }
+                self.conclude(ip, ins, st, &[(dst, r.map(|r| r.0))], false, Some((r.map(|r| r.2), STATUS)))
+            }
+            _ => self.residual(ip, ins, st),
+        }
+    }
+
+    fn do_setcc(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        let Some(c) = sem::condition(ins.condition_code(), &st.flags) else {
+            return self.residual(ip, ins, st);
+        };
+        let v = c as u64;
+        if ins.op_kind(0) == OpKind::Register {
+            let r = ins.op_register(0);
+            if Self::write_known_possible(st, r) {
+                Self::write_reg(st, r, Some(v), false);
+                self.stats.folded += 1;
+                st.normalize();
+                return Ok(());
+            }
+            let n = Instruction::with2(Code::Mov_r8_imm8, r, v as u32)
+                .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+            return self.residual_exact(ip, &n, st);
+        }
+        let mut n = *ins;
+        n.set_code(Code::Mov_rm8_imm8);
+        n.set_op1_kind(OpKind::Immediate8);
+        n.set_immediate8(v as u8);
+        self.residual(ip, &n, st)
+    }
+
+    fn do_cmov(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+        let Some(c) = sem::condition(ins.condition_code(), &st.flags) else {
+            return self.residual(ip, ins, st);
+        };
+        let dst = ins.op_register(0);
+        let bits = dst.size() as u32 * 8;
+        if c {
+            let src = self.op_val(st, ins, 1, bits);
+            if let Some(v) = src {
+                if Self::write_known_possible(st, dst) {
+                    Self::write_reg(st, dst, Some(v), false);
+                    self.stats.folded += 1;
+                    st.normalize();
+                    return Ok(());
+                }
+            }
+            let code = match bits {
+                16 => Code::Mov_r16_rm16,
+                32 => Code::Mov_r32_rm32,
+                _ => Code::Mov_r64_rm64,
+            };
+            let mut n = *ins;
+            n.set_code(code);
+            return self.residual(ip, &n, st);
+        }
+        if bits == 32 {
+            // A false 32-bit cmov still zero-extends its destination.
+            if let Some(v) = Self::reg_val(st, dst) {
+                Self::write_reg(st, dst, Some(v), false);
+                self.stats.folded += 1;
+                st.normalize();
+                return Ok(());
+            }
+            let n = Instruction::with2(Code::Mov_r32_rm32, dst, dst)
+                .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+            return self.residual_exact(ip, &n, st);
+        }
+        self.stats.folded += 1;
+        Ok(())
+    }
+
+    // ----- finishing ----------------------------------------------------
+
+    fn finish(mut self) -> Result<Variant, SpecializeError> {
+        // Data bytes for flag materialization go after all code.
+        let mut data: Vec<(u8, u32)> = self.data_labels.iter().map(|(b, l)| (*b, *l)).collect();
+        data.sort();
+        for (b, l) in data {
+            self.labels[l as usize] = Some(self.items.len());
+            self.items.push(Emitted {
+                ins: Instruction::with_declare_byte_1(b),
+                orig: self.req.entry,
+                folded: KnownState::default(),
+                is_data: true,
+            });
+        }
+        // Several labels may name one position: pick one ip per position.
+        let mut canon: HashMap<usize, u64> = HashMap::new();
+        let mut remap: HashMap<u64, u64> = HashMap::new();
+        for (l, pos) in self.labels.iter().enumerate() {
+            let Some(p) = pos else { continue };
+            if *p >= self.items.len() {
+                return Err(SpecializeError::Encode(format!("label {l} has no instruction")));
+            }
+            let ip = *canon.entry(*p).or_insert(LABEL_BASE + l as u64);
+            remap.insert(LABEL_BASE + l as u64, ip);
+        }
+        for (p, ip) in &canon {
+            self.items[*p].ins.set_ip(*ip);
+        }
+        for e in &mut self.items {
+            if e.is_data {
+                continue;
+            }
+            if e.ins.op_count() > 0 && e.ins.op0_kind() == OpKind::NearBranch64 {
+                let t = e.ins.near_branch_target();
+                if crate::variant::is_label(t) {
+                    let n = remap
+                        .get(&t)
+                        .copied()
+                        .ok_or_else(|| SpecializeError::Encode(format!("unplaced label {t:#x}")))?;
+                    e.ins.set_near_branch64(n);
+                }
+            }
+            if e.ins.is_ip_rel_memory_operand() {
+                let t = e.ins.memory_displacement64();
+                if crate::variant::is_label(t) {
+                    let n = remap
+                        .get(&t)
+                        .copied()
+                        .ok_or_else(|| SpecializeError::Encode(format!("unplaced label {t:#x}")))?;
+                    e.ins.set_memory_displacement64(n);
+                }
+            }
+        }
+        let _ = ConditionCode::None;
+        Ok(Variant {
+            entry: self.req.entry,
+            exits: self.exits,
+            guard_pages: self.guard.into_iter().collect(),
+            stats: self.stats,
+            items: self.items,
+            exit_items: self.exit_items,
+        })
+    }
+}
