@@ -20,19 +20,26 @@ struct Case {
     size: &'static str,
     code: i32,
     stderr: &'static str,
+    /// The documented hot functions (exported when built with -DDYNSPEC_NO_MAIN -shared -fPIC).
+    hot: &'static [&'static str],
 }
 
-const fn case(bin: &'static str, size: &'static str) -> Case {
+const fn case(bin: &'static str, size: &'static str, hot: &'static [&'static str]) -> Case {
     Case {
         bin,
         expected: bin,
         size,
         code: 0,
         stderr: "",
+        hot,
     }
 }
 
-const INTERP_SWITCH: Case = case("interp_switch", "1000000");
+const INTERP_SWITCH: Case = case(
+    "interp_switch",
+    "1000000",
+    &["interp_run", "interp_demo_program"],
+);
 const INTERP_SWITCH_NOPIE: Case = Case {
     bin: "interp_switch-nopie",
     expected: "interp_switch",
@@ -43,18 +50,37 @@ const INTERP_SWITCH_STRIPPED: Case = Case {
     expected: "interp_switch",
     ..INTERP_SWITCH
 };
-const BPF_FILTER: Case = case("bpf_filter", "5000000");
-const CONFIG_LOOP: Case = case("config_loop", "60000");
-const SELFMOD_INTERP: Case = case("selfmod_interp", "800000");
-const MT_INTERP: Case = case("mt_interp", "300000");
-const FORK_EXEC: Case = case("fork_exec", "10000000");
+const BPF_FILTER: Case = case(
+    "bpf_filter",
+    "5000000",
+    &["bpf_run", "bpf_demo_filter", "bpf_demo_packet"],
+);
+const CONFIG_LOOP: Case = case("config_loop", "60000", &["process"]);
+const SELFMOD_INTERP: Case = case("selfmod_interp", "800000", &["selfmod_run"]);
+const MT_INTERP: Case = case("mt_interp", "300000", &["mt_interp_run"]);
+const FORK_EXEC: Case = case("fork_exec", "10000000", &["fork_work"]);
 const SIGNALS: Case = Case {
     code: 3,
     stderr: "signals: done, exiting with status 3 on purpose\n",
-    ..case("signals", "25000")
+    ..case("signals", "25000", &["sig_work"])
 };
-const NOTHING: Case = case("nothing", "300");
-const KERNEL_READ: Case = case("kernel_read", "40000");
+const NOTHING: Case = case("nothing", "300", &["nothing_sort", "nothing_chase"]);
+const KERNEL_READ: Case = case("kernel_read", "40000", &["kr_scan"]);
+
+/// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
+const ALL: &[&Case] = &[
+    &INTERP_SWITCH,
+    &INTERP_SWITCH_NOPIE,
+    &INTERP_SWITCH_STRIPPED,
+    &BPF_FILTER,
+    &CONFIG_LOOP,
+    &SELFMOD_INTERP,
+    &MT_INTERP,
+    &FORK_EXEC,
+    &SIGNALS,
+    &NOTHING,
+    &KERNEL_READ,
+];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
 fn check_native(c: &Case) -> Output {
@@ -297,4 +323,100 @@ fn sample_usage_errors_are_deterministic() {
         &native,
         &traced,
     );
+}
+
+/// Every samples/*.c is in the table above, with the small size its header documents and an .expected file.
+#[test]
+fn every_sample_is_tested_at_its_documented_size() {
+    let dir = common::samples_dir();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("read samples/") {
+        let path = entry.expect("samples/ entry").path();
+        if path.extension().and_then(|e| e.to_str()) != Some("c") {
+            continue;
+        }
+        seen += 1;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("UTF-8 sample name");
+        let c = ALL
+            .iter()
+            .find(|c| c.bin == name)
+            .unwrap_or_else(|| panic!("samples/{name}.c has no entry in tests/samples.rs"));
+        let src = std::fs::read_to_string(&path).expect("read sample source");
+        let documented = src
+            .lines()
+            .find_map(|l| l.split("small size (tests):").nth(1))
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{name}.c does not document its small size"));
+        assert_eq!(
+            documented, c.size,
+            "{name}: documented small size vs the test's"
+        );
+        assert!(
+            src.contains("#ifndef DYNSPEC_NO_MAIN"),
+            "{name}.c: main must be wrapped in #ifndef DYNSPEC_NO_MAIN"
+        );
+        assert!(
+            dir.join(format!("{name}.expected")).is_file(),
+            "{name}.expected missing"
+        );
+    }
+    assert!(seen >= 9, "only {seen} samples found in {}", dir.display());
+}
+
+/// Each sample builds as a shared library without main, exporting its documented hot functions (what the
+/// specializer's in-process tests do with it).
+#[test]
+fn every_sample_builds_as_a_library_exporting_its_hot_functions() {
+    let dir = common::samples_dir();
+    let tmp = TempDir::new();
+    for c in ALL.iter().filter(|c| c.bin == c.expected) {
+        let lib = tmp.join(&format!("lib{}.so", c.bin));
+        let mut gcc = Command::new("gcc");
+        gcc.args([
+            "-O2",
+            "-g",
+            "-pthread",
+            "-DDYNSPEC_NO_MAIN",
+            "-shared",
+            "-fPIC",
+            "-o",
+        ])
+        .arg(&lib)
+        .arg(dir.join(format!("{}.c", c.bin)));
+        let out = output_of(gcc, None);
+        assert!(
+            out.status.success(),
+            "{}: gcc failed: {}",
+            c.bin,
+            text(&out.stderr)
+        );
+        let mut nm = Command::new("nm");
+        nm.args(["-D", "--defined-only"]).arg(&lib);
+        let out = output_of(nm, None);
+        assert!(
+            out.status.success(),
+            "nm {}: {}",
+            lib.display(),
+            text(&out.stderr)
+        );
+        let symbols: Vec<String> = text(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_owned))
+            .collect();
+        for f in c.hot {
+            assert!(
+                symbols.iter().any(|s| s == f),
+                "{}: {f} not exported: {symbols:?}",
+                c.bin
+            );
+        }
+        assert!(
+            !symbols.iter().any(|s| s == "main"),
+            "{}: main is not compiled out",
+            c.bin
+        );
+    }
 }
