@@ -56,8 +56,89 @@ pub enum Location {
 pub trait ProfileEnv {
     /// Symbolize `ip` in process `pid`.
     fn locate(&mut self, pid: Pid, ip: RemoteAddr) -> Location;
-    /// Read instruction bytes at `ip`; return how many bytes were read (0 if none).
-    fn read_code(&mut self, pid: Pid, ip: RemoteAddr, buf: &mut [u8]) -> usize;
+    /// Read code bytes at `addr`; return how many leading bytes of `buf` were filled (0 if none).
+    fn read_code(&mut self, pid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> usize;
+}
+
+/// Instructions looked at before a sampled one (see [`Profiler::ingest`]).
+pub const BACK_WINDOW: usize = 6;
+/// Functions larger than this are not decoded for back-attribution.
+const MAX_FUNCTION_BYTES: u64 = 64 * 1024;
+
+/// One instruction of a linearly decoded function.
+struct LinearInsn {
+    addr: u64,
+    info: Arc<InsnInfo>,
+    /// GPRs this instruction may write (bit per `Gpr` index).
+    writes: u16,
+    /// Control may continue to the next instruction (not jmp/ret/call/int).
+    falls_through: bool,
+    /// Some direct branch of the function targets this instruction.
+    is_target: bool,
+}
+
+/// A function decoded once, front to back, so samples can be attributed to the instructions just before them.
+struct LinearFunction {
+    insns: Vec<LinearInsn>,
+}
+
+fn written_gprs(ins: &iced_x86::Instruction) -> u16 {
+    use iced_x86::{InstructionInfoFactory, OpAccess};
+    let mut fac = InstructionInfoFactory::new();
+    let mut mask = 0u16;
+    for u in fac.info(ins).used_registers() {
+        if matches!(
+            u.access(),
+            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+        ) {
+            if let Some(g) = Gpr::containing(u.register()) {
+                mask |= 1 << g.index();
+            }
+        }
+    }
+    mask
+}
+
+impl LinearFunction {
+    fn decode(bytes: &[u8], start: u64) -> LinearFunction {
+        use iced_x86::{FlowControl, OpKind};
+        let mut insns = Vec::new();
+        let mut targets = std::collections::HashSet::new();
+        let mut off = 0usize;
+        while off < bytes.len() {
+            let Some(info) = decode_info(&bytes[off..], Addr(start + off as u64)) else {
+                break; // data or padding we cannot decode: the rest is not attributed
+            };
+            if info.len == 0 {
+                break;
+            }
+            let ins = &info.instruction;
+            let fc = ins.flow_control();
+            if matches!(
+                fc,
+                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+            ) && ins.op_count() > 0
+                && matches!(ins.op0_kind(), OpKind::NearBranch64)
+            {
+                targets.insert(ins.near_branch_target());
+            }
+            let falls_through = matches!(fc, FlowControl::Next | FlowControl::ConditionalBranch);
+            let writes = written_gprs(ins);
+            let len = info.len;
+            insns.push(LinearInsn {
+                addr: start + off as u64,
+                info: Arc::new(info),
+                writes,
+                falls_through,
+                is_target: false,
+            });
+            off += len;
+        }
+        for i in &mut insns {
+            i.is_target = targets.contains(&i.addr);
+        }
+        LinearFunction { insns }
+    }
 }
 
 /// Per (address, register) value histogram.
@@ -138,6 +219,8 @@ pub struct Profiler {
     values: HashMap<(u64, Gpr), ValueStats>,
     /// Per instruction address: page -> samples, for loads of the root process.
     pages: HashMap<u64, HashMap<u64, u64>>,
+    /// Decoded functions per (epoch, symbol start); None when unreadable or too large.
+    functions: HashMap<(u64, u64), Option<Arc<LinearFunction>>>,
 }
 
 impl Profiler {
@@ -153,6 +236,7 @@ impl Profiler {
             location_index: HashMap::new(),
             values: HashMap::new(),
             pages: HashMap::new(),
+            functions: HashMap::new(),
         }
     }
 
@@ -209,35 +293,98 @@ impl Profiler {
                 continue;
             };
             st.samples += 1;
-            let Some(info) = st.info.clone() else {
-                continue;
-            };
-            for &g in &info.regs_read {
-                // The stack pointer differs per call depth and thread: never a useful trigger.
-                if g == Gpr::Rsp {
-                    continue;
-                }
-                self.values
-                    .entry((ip, g))
-                    .or_default()
-                    .add(s.regs[g.index()]);
+            let location = st.location;
+            if let Some(info) = st.info.clone() {
+                self.record(s, ip, &info, 0);
             }
-            if s.pid != self.root {
+            self.back_attribute(s, epoch, location, env);
+        }
+    }
+
+    /// A sample at A is also a sample of the few instructions that ran just before A in straight-line code, for the
+    /// registers they read that nothing in between overwrote. Timer samples land after slow instructions (a stalled
+    /// load retires, then the interrupt is taken), so an interpreter's dispatch load is rarely the sampled IP itself
+    /// but almost always one of the instructions right before it. The walk stops at direct branch targets and at
+    /// anything that does not fall through. This is only a profile: the dispatch stub checks the value at run time.
+    fn back_attribute(
+        &mut self,
+        s: &Sample,
+        epoch: u64,
+        location: usize,
+        env: &mut dyn ProfileEnv,
+    ) {
+        let Location::Symbol { start, end, .. } = self.locations[location].clone() else {
+            return;
+        };
+        let func = match self.functions.get(&(epoch, start.0)) {
+            Some(f) => f.clone(),
+            None => {
+                let len = end.0.saturating_sub(start.0);
+                let f = if len == 0 || len > MAX_FUNCTION_BYTES {
+                    None
+                } else {
+                    let mut buf = vec![0u8; len as usize];
+                    let n = env.read_code(s.pid, start, &mut buf);
+                    buf.truncate(n);
+                    Some(Arc::new(LinearFunction::decode(&buf, start.0)))
+                };
+                self.functions.insert((epoch, start.0), f.clone());
+                f
+            }
+        };
+        let Some(func) = func else { return };
+        let Ok(i) = func.insns.binary_search_by_key(&s.ip.0, |x| x.addr) else {
+            return; // not an instruction boundary of the linear decode
+        };
+        let mut killed = 0u16;
+        let mut cur = i;
+        for _ in 0..BACK_WINDOW {
+            if cur == 0 || func.insns[cur].is_target {
+                break;
+            }
+            let prev = &func.insns[cur - 1];
+            if !prev.falls_through {
+                break;
+            }
+            // prev's own writes count too: it read its inputs before overwriting them.
+            killed |= prev.writes;
+            self.record(s, prev.addr, &prev.info, killed);
+            cur -= 1;
+        }
+    }
+
+    /// Record the value samples and load pages of the instruction at `addr` as seen by sample `s`, ignoring the
+    /// registers in `killed` (overwritten between `addr` and the sampled IP).
+    fn record(&mut self, s: &Sample, addr: u64, info: &InsnInfo, killed: u16) {
+        let live = |g: Gpr| killed & (1 << g.index()) == 0;
+        for &g in &info.regs_read {
+            // The stack pointer differs per call depth and thread: never a useful trigger.
+            if g == Gpr::Rsp || !live(g) {
                 continue;
             }
-            for m in info.mem.iter().filter(|m| m.is_read) {
-                // Stack accesses say nothing about constant data and the stack is always written.
-                if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
-                    continue;
-                }
-                let ea = m.effective_address(|g| s.regs[g.index()]);
-                let pages = self.pages.entry(ip).or_default();
-                let page = ea.page().0;
-                if let Some(c) = pages.get_mut(&page) {
-                    *c += 1;
-                } else if pages.len() < PAGES_PER_IP_CAP {
-                    pages.insert(page, 1);
-                }
+            self.values
+                .entry((addr, g))
+                .or_default()
+                .add(s.regs[g.index()]);
+        }
+        if s.pid != self.root {
+            return;
+        }
+        for m in info.mem.iter().filter(|m| m.is_read) {
+            // Stack accesses say nothing about constant data and the stack is always written.
+            if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
+                continue;
+            }
+            if m.base.is_some_and(|g| !live(g)) || m.index.is_some_and(|g| !live(g)) {
+                continue;
+            }
+            let ea = m.effective_address(|g| s.regs[g.index()]);
+            let pages = self.pages.entry(addr).or_default();
+            let page = ea.page().0;
+            if let Some(c) = pages.get_mut(&page) {
+                *c += 1;
+            } else if pages.len() < PAGES_PER_IP_CAP {
+                pages.insert(page, 1);
             }
         }
     }
@@ -575,6 +722,70 @@ mod tests {
             .collect();
         p.ingest(&v, &mut e);
         assert!(p.candidate_pages(256).is_empty());
+    }
+
+    #[test]
+    fn back_attribution_reaches_the_dispatch_load() {
+        let mut e = env();
+        // f at 0x1000: cmp dword [rax],0xb; mov edx,[rax]; movsxd rdx,[r8+rdx*4]; add rdx,r8; jmp rdx
+        let code: Vec<u8> = vec![
+            0x83, 0x38, 0x0b, 0x8b, 0x10, 0x49, 0x63, 0x14, 0x90, 0x4c, 0x01, 0xc2, 0xff, 0xe2,
+        ];
+        let mut f = code.clone();
+        f.resize(0x100, 0xcc);
+        e.code.insert(0x1000, f);
+        e.code.insert(0x1009, code[9..].to_vec());
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let v: Vec<Sample> = (0..30u64)
+            .map(|i| {
+                sample(
+                    0x1009,
+                    &[
+                        (Gpr::Rax, 0x40000 + (i % 3) * 16),
+                        (Gpr::R8, 0x2000),
+                        (Gpr::Rdx, 99 + i),
+                    ],
+                )
+            })
+            .collect();
+        p.ingest(&v, &mut e);
+        let regions = p.report_regions();
+        let t = &regions[0].triggers;
+        let find = |a: u64, r: &str| t.iter().find(|x| x.address == Hex(a) && x.register == r);
+        // The dispatch load at 0x1003 sees rax (pc) although no sample landed on it.
+        let d = find(0x1003, "rax").expect("dispatch trigger");
+        assert_eq!((d.samples, d.distinct), (30, 3));
+        assert!(find(0x1000, "rax").is_some());
+        // rdx was overwritten by the movsxd at 0x1005 itself: not attributed there.
+        assert!(find(0x1005, "rdx").is_none());
+        assert_eq!(find(0x1005, "r8").map(|x| x.distinct), Some(1), "{t:#?}");
+        // The bytecode page is a candidate through the back-attributed loads.
+        assert!(p.candidate_pages(16).contains(&RemoteAddr(0x40000)));
+    }
+
+    #[test]
+    fn back_attribution_stops_at_branch_targets() {
+        let mut e = env();
+        // 0x1000: mov eax,[rdi]; 0x1002: jmp 0x1004 (eb 00); 0x1004: mov ecx,[rsi]; 0x1006: add eax,ecx
+        let code: Vec<u8> = vec![0x8b, 0x07, 0xeb, 0x00, 0x8b, 0x0e, 0x01, 0xc8];
+        let mut f = code.clone();
+        f.resize(0x100, 0xcc);
+        e.code.insert(0x1000, f);
+        e.code.insert(0x1006, code[6..].to_vec());
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let v: Vec<Sample> = (0..5)
+            .map(|_| sample(0x1006, &[(Gpr::Rsi, 0x7000), (Gpr::Rdi, 0x8000)]))
+            .collect();
+        p.ingest(&v, &mut e);
+        let regions = p.report_regions();
+        let t = &regions[0].triggers;
+        assert!(t
+            .iter()
+            .any(|x| x.address == Hex(0x1004) && x.register == "rsi"));
+        assert!(
+            !t.iter().any(|x| x.address == Hex(0x1000)),
+            "walked past a branch target"
+        );
     }
 
     #[test]

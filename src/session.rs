@@ -161,17 +161,27 @@ impl ProfileEnv for LiveEnv<'_> {
         Location::Unknown
     }
 
-    fn read_code(&mut self, pid: Pid, ip: RemoteAddr, buf: &mut [u8]) -> usize {
-        if self.tracer.read_memory(pid, ip, buf).is_ok() {
+    fn read_code(&mut self, pid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> usize {
+        if self.tracer.read_memory(pid, addr, buf).is_ok() {
             return buf.len();
         }
-        // The instruction may end right before an unmapped page: read up to the page end only.
-        let to_page_end = (tracer::addr::PAGE_SIZE - (ip.0 % tracer::addr::PAGE_SIZE)) as usize;
-        let n = to_page_end.min(buf.len());
-        if n < buf.len() && self.tracer.read_memory(pid, ip, &mut buf[..n]).is_ok() {
-            return n;
+        // Part of the range is unmapped (an instruction right before a guard page, a symbol size that runs past
+        // the mapping): read page by page and keep the readable prefix.
+        let page = tracer::addr::PAGE_SIZE as usize;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = addr.offset(done as u64);
+            let chunk = (page - (at.0 as usize % page)).min(buf.len() - done);
+            if self
+                .tracer
+                .read_memory(pid, at, &mut buf[done..done + chunk])
+                .is_err()
+            {
+                break;
+            }
+            done += chunk;
         }
-        0
+        done
     }
 }
 
