@@ -1,81 +1,700 @@
 //! Write watch for the store profile: userfaultfd write-protect (kernel and user writes) with an mprotect fallback.
+//!
+//! The userfaultfd is created *inside* the target by an injected system call (so it is bound to the target's
+//! memory), then duplicated into dynspec with `pidfd_getfd` and closed in the target. A background thread reads
+//! its write-protect faults: it records the page and removes the protection of that page, which wakes the faulting
+//! thread — this resolves kernel writes (`read(2)` into a watched buffer) as well as user writes, so the program
+//! never sees `EFAULT` (DESIGN invariant 7).
+//!
+//! Mappings uffd cannot register (file-backed private `.data` of a binary, shared memory) fall back to a remote
+//! `mprotect` that removes write permission from the watched pages; a write then raises SIGSEGV, which the session
+//! passes to [`WriteWatch::handle_segv`]. Limits of the fallback: a *kernel* write into such a page fails with
+//! `EFAULT` instead of faulting, and writes by other processes sharing the memory are not seen.
+//!
+//! Fork: uffd state is not inherited (no `UFFD_FEATURE_EVENT_FORK`: the kernel clears the registration and the
+//! write-protect bits in the child), but mprotect'ed pages are — [`WriteWatch::on_fork`] restores them in the child.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
+use nix::errno::Errno;
 use nix::unistd::Pid;
 
+use crate::addr::PAGE_SIZE;
+use crate::maps::{mapping_at, read_maps, Mapping};
 use crate::process::Tracer;
+use crate::remote::{remote_close, remote_mprotect, remote_userfaultfd};
 use crate::{RemoteAddr, TracerError};
 
 /// What `watch` did per page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatchSummary {
+    /// Watched with userfaultfd write-protect (kernel writes included).
     pub uffd: Vec<RemoteAddr>,
+    /// Watched by removing write permission (SIGSEGV on write, see `handle_segv`).
     pub mprotect: Vec<RemoteAddr>,
+    /// In a read-only mapping: constant without a watch.
     pub read_only: Vec<RemoteAddr>,
+    /// Not mapped, or in a mapping that cannot be watched (`[vvar]`, `[vsyscall]`, protection failed).
     pub skipped: Vec<RemoteAddr>,
 }
 
 /// Final result of a watch window.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatchResult {
+    /// Every page that was watched (uffd or mprotect).
     pub watched: BTreeSet<RemoteAddr>,
+    /// Watched pages written during the window.
     pub written: BTreeSet<RemoteAddr>,
+    /// Pages found in read-only mappings.
     pub read_only: BTreeSet<RemoteAddr>,
+}
+
+// userfaultfd ABI (include/uapi/linux/userfaultfd.h).
+/// `si_code` of a SIGSEGV on a present page without the needed permission.
+const SEGV_ACCERR: i32 = 2;
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: i32 = 1;
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+/// `struct uffd_msg` (packed, 32 bytes), page-fault view.
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    flags: u64,
+    address: u64,
+    ptid: u64,
+}
+
+fn uffd_ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> Result<(), Errno> {
+    loop {
+        // SAFETY: `arg` is a live, correctly sized #[repr(C)] struct matching the ioctl's ABI.
+        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
+        if r == 0 {
+            return Ok(());
+        }
+        match Errno::last() {
+            // EAGAIN: the target's memory map is changing (mmap/munmap in progress); retry.
+            Errno::EINTR | Errno::EAGAIN => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+/// Set or clear uffd write protection of `[start, start+len)` (clearing wakes threads blocked on it).
+fn writeprotect(fd: RawFd, start: u64, len: u64, protect: bool) -> Result<(), Errno> {
+    let mut wp = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    uffd_ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp)
+}
+
+/// The userfaultfd side: fd, features, and the reader thread.
+struct Uffd {
+    fd: Arc<OwnedFd>,
+    /// eventfd that tells the reader thread to stop.
+    stop: OwnedFd,
+    reader: Option<JoinHandle<()>>,
+    features: u64,
+}
+
+impl Uffd {
+    fn shutdown(&mut self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        unsafe {
+            libc::write(
+                self.stop.as_raw_fd(),
+                &one as *const u64 as *const libc::c_void,
+                8,
+            )
+        };
+        if let Some(h) = self.reader.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The reader thread: resolve write-protect faults by recording and unprotecting the page.
+fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<RemoteAddr>>>) {
+    let raw = fd.as_raw_fd();
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: raw,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if Errno::last() == Errno::EINTR {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+            && fds[0].revents & libc::POLLIN == 0
+        {
+            // The target's memory is gone (exit/exec): nothing more will fault.
+            return;
+        }
+        loop {
+            let mut msg = UffdMsg::default();
+            // SAFETY: reads at most size_of::<UffdMsg>() (32) bytes into a live, correctly sized buffer.
+            let n = unsafe {
+                libc::read(
+                    raw,
+                    &mut msg as *mut UffdMsg as *mut libc::c_void,
+                    std::mem::size_of::<UffdMsg>(),
+                )
+            };
+            if n < 0 {
+                match Errno::last() {
+                    Errno::EAGAIN => break,
+                    Errno::EINTR => continue,
+                    _ => return,
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            if n as usize != std::mem::size_of::<UffdMsg>() || msg.event != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let page = msg.address & !(PAGE_SIZE - 1);
+            if msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                if let Ok(mut w) = written.lock() {
+                    w.insert(RemoteAddr(page));
+                }
+                // Unprotect the page: this also wakes the faulting thread (user or kernel write).
+                if writeprotect(raw, page, PAGE_SIZE, false).is_err() {
+                    let mut range = UffdioRange {
+                        start: page,
+                        len: PAGE_SIZE,
+                    };
+                    let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
+                }
+            } else {
+                // Not ours (we register write-protect mode only): just wake the thread.
+                let mut range = UffdioRange {
+                    start: page,
+                    len: PAGE_SIZE,
+                };
+                let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
+            }
+        }
+    }
+}
+
+/// Create the userfaultfd inside the target and take it over. Returns None (with the reason) when unavailable.
+fn open_uffd(
+    tr: &mut Tracer,
+    pid: Pid,
+    tid: Pid,
+) -> Result<Result<(OwnedFd, u64), String>, TracerError> {
+    let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // Without UFFD_USER_MODE_ONLY kernel writes are resolved too; it needs privilege
+    // (CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1), so only fall back to it on EPERM.
+    let remote_fd = match remote_userfaultfd(tr, tid, base) {
+        Ok(fd) => fd,
+        Err(TracerError::RemoteSyscall { errno, .. }) if errno == libc::EPERM => {
+            match remote_userfaultfd(tr, tid, base | UFFD_USER_MODE_ONLY) {
+                Ok(fd) => fd,
+                Err(TracerError::RemoteSyscall { errno, .. }) => {
+                    return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(TracerError::RemoteSyscall { errno, .. }) => {
+            return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
+        }
+        Err(e) => return Err(e),
+    };
+    // SAFETY: pidfd_open with integer arguments.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let taken = if pidfd < 0 {
+        Err(format!("pidfd_open: {}", Errno::last()))
+    } else {
+        // SAFETY: pidfd is a fresh fd we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        // SAFETY: pidfd_getfd with integer arguments.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), remote_fd, 0) };
+        if fd < 0 {
+            Err(format!("pidfd_getfd: {}", Errno::last()))
+        } else {
+            // SAFETY: fd is a fresh fd we own.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        }
+    };
+    // The target must not keep (or see) the descriptor.
+    remote_close(tr, tid, remote_fd)?;
+    let fd = match taken {
+        Ok(fd) => fd,
+        Err(why) => return Ok(Err(why)),
+    };
+    for features in [
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    ] {
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        if uffd_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api).is_ok() {
+            return Ok(Ok((fd, features)));
+        }
+    }
+    Ok(Err(
+        "UFFDIO_API: write-protect faults not supported by this kernel".into(),
+    ))
 }
 
 /// Watches pages of one process for writes.
 pub struct WriteWatch {
     pid: Pid,
-    watched: BTreeSet<RemoteAddr>,
-    written: BTreeSet<RemoteAddr>,
+    tid: Pid,
+    uffd: Option<Uffd>,
+    /// Why uffd is not used, if it is not.
+    uffd_unavailable: Option<String>,
+    /// VMA ranges registered with uffd.
+    registered: Vec<(u64, u64)>,
+    /// VMA ranges uffd refused.
+    unregistrable: Vec<(u64, u64)>,
+    uffd_pages: BTreeSet<RemoteAddr>,
+    /// Pages currently write-protected by mprotect, with their original protection.
+    mprotected: BTreeMap<RemoteAddr, i32>,
+    /// Every page ever watched with mprotect.
+    mprotect_pages: BTreeSet<RemoteAddr>,
     read_only: BTreeSet<RemoteAddr>,
+    written: Arc<Mutex<BTreeSet<RemoteAddr>>>,
+    /// False once the process exec'd or exited: its memory (and our protections) are gone.
+    alive: bool,
+}
+
+impl std::fmt::Debug for WriteWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteWatch")
+            .field("pid", &self.pid)
+            .field("uffd", &self.uffd.is_some())
+            .field("uffd_pages", &self.uffd_pages.len())
+            .field("mprotect_pages", &self.mprotect_pages.len())
+            .finish()
+    }
 }
 
 impl WriteWatch {
-    pub fn new(_tr: &mut Tracer, pid: Pid, _tid: Pid) -> Result<WriteWatch, TracerError> {
+    /// Create a userfaultfd inside target `pid` via remote_syscall on stopped thread `tid`, take it with
+    /// pidfd_open+pidfd_getfd, close it in the target, enable write-protect faults. If uffd is unavailable, the
+    /// watch still works with the mprotect fallback only (see [`WriteWatch::uffd_unavailable`]).
+    pub fn new(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<WriteWatch, TracerError> {
+        let pid = tr.tgid(pid).ok_or(TracerError::UnknownThread(pid))?;
+        let written = Arc::new(Mutex::new(BTreeSet::new()));
+        let (uffd, uffd_unavailable) = match open_uffd(tr, pid, tid)? {
+            Ok((fd, features)) => {
+                // SAFETY: eventfd with integer arguments.
+                let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+                if efd < 0 {
+                    return Err(TracerError::errno("eventfd", Errno::last()));
+                }
+                // SAFETY: efd is a fresh fd we own.
+                let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+                let fd = Arc::new(fd);
+                let (f2, w2, s2) = (fd.clone(), written.clone(), stop.as_raw_fd());
+                let reader = std::thread::Builder::new()
+                    .name("dynspec-uffd".into())
+                    .spawn(move || reader_loop(f2, s2, w2))
+                    .map_err(|e| TracerError::io("starting the userfaultfd reader thread", e))?;
+                (
+                    Some(Uffd {
+                        fd,
+                        stop,
+                        reader: Some(reader),
+                        features,
+                    }),
+                    None,
+                )
+            }
+            Err(why) => (None, Some(why)),
+        };
         Ok(WriteWatch {
             pid,
-            watched: BTreeSet::new(),
-            written: BTreeSet::new(),
+            tid,
+            uffd,
+            uffd_unavailable,
+            registered: Vec::new(),
+            unregistrable: Vec::new(),
+            uffd_pages: BTreeSet::new(),
+            mprotected: BTreeMap::new(),
+            mprotect_pages: BTreeSet::new(),
             read_only: BTreeSet::new(),
+            written,
+            alive: true,
         })
     }
+
+    /// The watched process (tgid).
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Why userfaultfd is not used (None when it is).
+    pub fn uffd_unavailable(&self) -> Option<&str> {
+        self.uffd_unavailable.as_deref()
+    }
+
+    /// Whether unpopulated anonymous pages can be write-protected (UFFD_FEATURE_WP_UNPOPULATED).
+    pub fn wp_unpopulated(&self) -> bool {
+        self.uffd
+            .as_ref()
+            .is_some_and(|u| u.features & UFFD_FEATURE_WP_UNPOPULATED != 0)
+    }
+
+    /// A stopped thread of the watched process to run remote system calls on.
+    fn stopped_thread(&self, tr: &Tracer) -> Result<Pid, TracerError> {
+        if tr.is_stopped(self.tid) && tr.tgid(self.tid) == Some(self.pid) {
+            return Ok(self.tid);
+        }
+        tr.threads(self.pid)
+            .into_iter()
+            .find(|t| tr.is_stopped(*t))
+            .ok_or(TracerError::NotStopped(self.pid))
+    }
+
+    fn uffd_can_try(m: &Mapping) -> bool {
+        if m.shared {
+            return false;
+        }
+        match &m.path {
+            None => true,
+            Some(p) => {
+                let s = p.as_os_str().as_encoded_bytes();
+                s == b"[heap]" || s.starts_with(b"[stack") || s.starts_with(b"[anon")
+            }
+        }
+    }
+
+    /// Register the VMA for uffd write-protect mode (once). False if uffd refuses it.
+    fn ensure_registered(&mut self, fd: RawFd, m: &Mapping) -> bool {
+        let range = (m.start.0, m.end.0);
+        if self.registered.contains(&range) {
+            return true;
+        }
+        if self.unregistrable.contains(&range) {
+            return false;
+        }
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: range.0,
+                len: range.1 - range.0,
+            },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        if uffd_ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok() && reg.ioctls & (1 << 0x06) != 0 {
+            self.registered.push(range);
+            true
+        } else {
+            self.unregistrable.push(range);
+            false
+        }
+    }
+
+    /// Write-protect these pages (threads stopped). Returns what was done per page.
     pub fn watch(
         &mut self,
-        _tr: &mut Tracer,
+        tr: &mut Tracer,
         pages: &[RemoteAddr],
     ) -> Result<WatchSummary, TracerError> {
-        Ok(WatchSummary {
-            skipped: pages.to_vec(),
-            ..Default::default()
-        })
+        let mut sum = WatchSummary::default();
+        if !self.alive {
+            sum.skipped = pages.to_vec();
+            return Ok(sum);
+        }
+        let maps = read_maps(self.pid)?;
+        let mut seen = BTreeSet::new();
+        for &p in pages {
+            let page = p.page();
+            if !seen.insert(page) {
+                continue;
+            }
+            if self.uffd_pages.contains(&page) && !self.written().contains(&page) {
+                sum.uffd.push(page);
+                continue;
+            }
+            if self.mprotected.contains_key(&page) {
+                sum.mprotect.push(page);
+                continue;
+            }
+            let Some(m) = mapping_at(&maps, page) else {
+                sum.skipped.push(page);
+                continue;
+            };
+            if m.is_pseudo() && !Self::uffd_can_try(m) {
+                let name = m
+                    .path
+                    .as_ref()
+                    .map(|p| p.as_os_str().as_encoded_bytes().to_vec());
+                // [vdso] code is read-only anyway; [vvar]/[vsyscall] are kernel-managed.
+                if !m.write && name.as_deref() == Some(b"[vdso]") {
+                    self.read_only.insert(page);
+                    sum.read_only.push(page);
+                } else {
+                    sum.skipped.push(page);
+                }
+                continue;
+            }
+            if !m.write {
+                self.read_only.insert(page);
+                sum.read_only.push(page);
+                continue;
+            }
+            if let Some(fd) = self.uffd.as_ref().map(|u| u.fd.as_raw_fd()) {
+                if Self::uffd_can_try(m)
+                    && self.ensure_registered(fd, m)
+                    && writeprotect(fd, page.0, PAGE_SIZE, true).is_ok()
+                {
+                    // A page written earlier in this window is watched again from now on.
+                    if let Ok(mut w) = self.written.lock() {
+                        w.remove(&page);
+                    }
+                    self.uffd_pages.insert(page);
+                    sum.uffd.push(page);
+                    continue;
+                }
+            }
+            // Fallback: remove write permission of just this page.
+            let tid = self.stopped_thread(tr)?;
+            let orig = m.prot();
+            match remote_mprotect(tr, tid, page, PAGE_SIZE, orig & !libc::PROT_WRITE) {
+                Ok(()) => {
+                    self.mprotected.insert(page, orig);
+                    self.mprotect_pages.insert(page);
+                    if let Ok(mut w) = self.written.lock() {
+                        w.remove(&page);
+                    }
+                    sum.mprotect.push(page);
+                }
+                Err(TracerError::RemoteSyscall { .. }) => sum.skipped.push(page),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(sum)
     }
+
+    /// For the mprotect fallback: call on every SIGSEGV signal-delivery-stop. Returns true if the fault was a write
+    /// to a page this watch protected: the page is recorded as written, its protection restored, and the thread's
+    /// pending signal is dropped (resume it WITHOUT the signal). False: the signal is the program's — deliver it.
     pub fn handle_segv(
         &mut self,
-        _tr: &mut Tracer,
-        _tid: Pid,
-        _siginfo: &libc::siginfo_t,
+        tr: &mut Tracer,
+        tid: Pid,
+        siginfo: &libc::siginfo_t,
     ) -> Result<bool, TracerError> {
+        if siginfo.si_signo != libc::SIGSEGV || siginfo.si_code != SEGV_ACCERR || !self.alive {
+            return Ok(false);
+        }
+        if tr.tgid(tid) != Some(self.pid) {
+            return Ok(false);
+        }
+        // SAFETY: for SIGSEGV the kernel fills si_addr.
+        let addr = unsafe { siginfo.si_addr() } as u64;
+        let page = RemoteAddr(addr).page();
+        if let Some(orig) = self.mprotected.get(&page).copied() {
+            remote_mprotect(tr, tid, page, PAGE_SIZE, orig)?;
+            self.mprotected.remove(&page);
+            if let Ok(mut w) = self.written.lock() {
+                w.insert(page);
+            }
+            tr.suppress_signal(tid);
+            return Ok(true);
+        }
+        if self.mprotect_pages.contains(&page) {
+            // Two threads faulted on the page at once and the other one already restored it: if the page is
+            // writable now, re-running the write succeeds; otherwise the program protected it itself.
+            let maps = read_maps(self.pid)?;
+            if mapping_at(&maps, page).is_some_and(|m| m.write) {
+                tr.suppress_signal(tid);
+                return Ok(true);
+            }
+        }
         Ok(false)
     }
+
+    /// Pages written so far.
     pub fn written(&self) -> BTreeSet<RemoteAddr> {
-        self.written.clone()
+        self.written.lock().map(|w| w.clone()).unwrap_or_default()
     }
+
+    /// Pages watched so far (uffd and mprotect).
     pub fn watched(&self) -> BTreeSet<RemoteAddr> {
-        self.watched.clone()
+        self.uffd_pages
+            .union(&self.mprotect_pages)
+            .copied()
+            .collect()
     }
-    pub fn on_fork(&mut self, _tr: &mut Tracer, _child: Pid) -> Result<(), TracerError> {
+
+    /// Pages found in read-only mappings.
+    pub fn read_only(&self) -> BTreeSet<RemoteAddr> {
+        self.read_only.clone()
+    }
+
+    /// The watched process forked: the child inherited the mprotect'ed pages; give them back their protection
+    /// (the child is stopped at its `Event::Forked`). uffd protection is not inherited.
+    pub fn on_fork(&mut self, tr: &mut Tracer, child: Pid) -> Result<(), TracerError> {
+        if !self.alive {
+            return Ok(());
+        }
+        let pages: Vec<(RemoteAddr, i32)> = self.mprotected.iter().map(|(p, o)| (*p, *o)).collect();
+        for (page, orig) in pages {
+            match remote_mprotect(tr, child, page, PAGE_SIZE, orig) {
+                Ok(()) | Err(TracerError::RemoteSyscall { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
         Ok(())
     }
+
+    /// A process exec'd (or exited): if it is the watched one, its memory and every protection are gone.
     pub fn on_exec(&mut self, pid: Pid) {
-        let _ = pid == self.pid;
+        if pid == self.pid {
+            self.alive = false;
+            self.mprotected.clear();
+            if let Some(mut u) = self.uffd.take() {
+                u.shutdown();
+            }
+        }
     }
-    pub fn finish(self, _tr: &mut Tracer) -> Result<WatchResult, TracerError> {
+
+    /// Remove all remaining protection (threads must be stopped for the mprotect part) and return the result.
+    pub fn finish(mut self, tr: &mut Tracer) -> Result<WatchResult, TracerError> {
+        self.release_uffd();
+        let mut first_err = None;
+        if self.alive && !self.mprotected.is_empty() {
+            let maps = read_maps(self.pid);
+            let pages: Vec<(RemoteAddr, i32)> =
+                self.mprotected.iter().map(|(p, o)| (*p, *o)).collect();
+            for (page, orig) in pages {
+                // Only undo our own change: if the program re-protected the page meanwhile, leave it.
+                let ours = match &maps {
+                    Ok(maps) => {
+                        mapping_at(maps, page).is_some_and(|m| m.prot() == orig & !libc::PROT_WRITE)
+                    }
+                    Err(_) => false,
+                };
+                if !ours {
+                    continue;
+                }
+                let r = self
+                    .stopped_thread(tr)
+                    .and_then(|tid| remote_mprotect(tr, tid, page, PAGE_SIZE, orig));
+                match r {
+                    Ok(()) => {
+                        self.mprotected.remove(&page);
+                    }
+                    Err(TracerError::ProcessGone(_)) => break,
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
         Ok(WatchResult {
-            watched: self.watched.clone(),
-            written: self.written.clone(),
+            watched: self.watched(),
+            written: self.written(),
             read_only: self.read_only.clone(),
         })
+    }
+
+    /// Unprotect every uffd page, unregister, stop the reader thread and close the descriptor.
+    fn release_uffd(&mut self) {
+        let Some(mut u) = self.uffd.take() else {
+            return;
+        };
+        if self.alive {
+            let fd = u.fd.as_raw_fd();
+            for (start, end) in &self.registered {
+                // Clearing protection over the whole range also wakes any thread still blocked on it.
+                let _ = writeprotect(fd, *start, end - start, false);
+                let mut range = UffdioRange {
+                    start: *start,
+                    len: end - start,
+                };
+                let _ = uffd_ioctl(fd, UFFDIO_UNREGISTER, &mut range);
+            }
+        }
+        u.shutdown();
+    }
+}
+
+impl Drop for WriteWatch {
+    /// Removes the uffd protection; mprotect'ed pages need the tracer, so call [`WriteWatch::finish`].
+    fn drop(&mut self) {
+        self.release_uffd();
     }
 }
