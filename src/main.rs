@@ -249,18 +249,26 @@ fn is_executable(p: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
-/// Accept x86-64 ELF executables and `#!` scripts (the kernel runs their interpreter, which we then check at exec).
+/// Accept x86-64 little-endian 64-bit ELF executables only (the tracer follows exactly what it starts).
 fn check_elf_header(h: &[u8]) -> Result<(), String> {
     if h.starts_with(b"#!") {
-        return Ok(());
+        return Err(
+            "is a script, not an ELF executable: run its interpreter under dynspec instead (e.g. `dynspec run -- sh SCRIPT`)"
+                .into(),
+        );
     }
     if h.len() < 20 || &h[..4] != b"\x7fELF" {
         return Err("not an ELF executable".into());
     }
     let class = h[4];
-    let machine = u16::from_le_bytes([h[18], h[19]]);
+    let little_endian = h[5] == 1;
+    let machine = if little_endian {
+        u16::from_le_bytes([h[18], h[19]])
+    } else {
+        u16::from_be_bytes([h[18], h[19]])
+    };
     match (class, machine) {
-        (2, 62) => Ok(()),
+        (2, 62) if little_endian => Ok(()),
         (1, _) => Err(format!(
             "is a 32-bit ELF executable ({}); dynspec supports x86-64 programs only",
             machine_name(machine)
@@ -304,6 +312,7 @@ mod tests {
         let mut h = [0u8; 20];
         h[..4].copy_from_slice(b"\x7fELF");
         h[4] = 2;
+        h[5] = 1;
         h[18] = 62;
         assert!(check_elf_header(&h).is_ok());
         h[4] = 1;
@@ -316,7 +325,9 @@ mod tests {
             check_elf_header(b"hello world, this is text").unwrap_err(),
             "not an ELF executable"
         );
-        assert!(check_elf_header(b"#!/bin/sh\n").is_ok());
+        assert!(check_elf_header(b"#!/bin/sh\n")
+            .unwrap_err()
+            .contains("script"));
         assert!(check_elf_header(b"").is_err());
     }
 

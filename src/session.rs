@@ -289,7 +289,9 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         }
         End::Kill(code) => {
             // Stop it now; dropping the tracer at the end reaps it (spawned targets are killed on drop).
-            let _ = nix::sys::signal::kill(s.root, nix::sys::signal::Signal::SIGKILL);
+            for pid in s.tracer.processes() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
             Outcome::Interrupted(code)
         }
     };
@@ -369,9 +371,16 @@ impl Session {
                 let mut claimed = false;
                 if signal == libc::SIGSEGV {
                     if let Some(w) = self.watch.as_mut() {
-                        claimed = w
-                            .handle_segv(&mut self.tracer, tid, &siginfo)
-                            .unwrap_or(false);
+                        claimed = match w.handle_segv(&mut self.tracer, tid, &siginfo) {
+                            Ok(c) => c,
+                            Err(e) => {
+                                // Deliver it: the program's own handler (or default action) is the safe choice.
+                                if !self.cfg.quiet {
+                                    eprintln!("dynspec: warning: cannot classify a SIGSEGV of thread {tid}: {e}");
+                                }
+                                false
+                            }
+                        };
                     }
                 }
                 let deliver = if claimed { None } else { Some(signal) };

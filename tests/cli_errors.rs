@@ -292,3 +292,13 @@ fn ptrace_permission_denied() {
     ]);
     assert_one_line_error(&out, &["permission denied", "CAP_SYS_PTRACE"]);
 }
+
+#[test]
+fn script_is_refused_with_the_fix() {
+    let t = Tmp::new("script");
+    let p = t.path("s.sh");
+    std::fs::write(&p, "#!/bin/sh\necho hi\n").expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = run(&["run", "--", p.to_str().expect("utf8")]);
+    assert_one_line_error(&out, &["is a script", "dynspec run -- sh"]);
+}
