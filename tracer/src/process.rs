@@ -216,6 +216,73 @@ fn waitpid_raw(pid: i32, flags: i32) -> Result<Option<(Pid, i32)>, Errno> {
     }
 }
 
+/// The signal a [`WaitTimer`] sends to interrupt a blocking `waitpid` (a no-op handler is installed for it).
+fn wake_signal() -> i32 {
+    libc::SIGRTMAX() - 1
+}
+
+extern "C" fn wake_handler(_: libc::c_int) {}
+
+/// A one-shot POSIX timer aimed at the tracer thread: it interrupts a blocking `waitpid` (EINTR) at a deadline, so
+/// `next_event` with a timeout blocks in the kernel instead of polling.
+struct WaitTimer {
+    id: libc::timer_t,
+}
+
+impl WaitTimer {
+    fn new() -> Option<WaitTimer> {
+        static INSTALL: std::sync::Once = std::sync::Once::new();
+        static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        INSTALL.call_once(|| {
+            // SAFETY: installs a no-op handler (async-signal-safe) without SA_RESTART, so blocking calls return
+            // EINTR; the sigaction struct is fully initialised.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = wake_handler as *const () as usize;
+                sa.sa_flags = 0;
+                libc::sigemptyset(&mut sa.sa_mask);
+                let ok = libc::sigaction(wake_signal(), &sa, std::ptr::null_mut()) == 0;
+                INSTALLED.store(ok, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        if !INSTALLED.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        // SAFETY: sigevent is plain old data; the fields set select thread-directed delivery to this thread.
+        let mut sev: libc::sigevent = unsafe { std::mem::zeroed() };
+        sev.sigev_notify = libc::SIGEV_THREAD_ID;
+        sev.sigev_signo = wake_signal();
+        // SAFETY: gettid has no preconditions.
+        sev.sigev_notify_thread_id = unsafe { libc::gettid() };
+        let mut id: libc::timer_t = std::ptr::null_mut();
+        // SAFETY: valid pointers to a live sigevent and timer id.
+        if unsafe { libc::timer_create(libc::CLOCK_MONOTONIC, &mut sev, &mut id) } != 0 {
+            return None;
+        }
+        Some(WaitTimer { id })
+    }
+
+    /// Arm for `d` from now (a zero duration disarms).
+    fn arm(&self, d: Duration) {
+        // SAFETY: itimerspec is plain old data.
+        let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+        its.it_value.tv_sec = d.as_secs() as libc::time_t;
+        its.it_value.tv_nsec = d.subsec_nanos() as libc::c_long;
+        if d.is_zero() {
+            its.it_value.tv_nsec = 0;
+        }
+        // SAFETY: `self.id` is a live timer; `its` is a valid itimerspec.
+        unsafe { libc::timer_settime(self.id, 0, &its, std::ptr::null_mut()) };
+    }
+}
+
+impl Drop for WaitTimer {
+    fn drop(&mut self) {
+        // SAFETY: `self.id` was returned by timer_create and is deleted once.
+        unsafe { libc::timer_delete(self.id) };
+    }
+}
+
 /// Read one `Key:\tvalue` field of /proc/TID/status.
 pub(crate) fn proc_status_field(tid: Pid, key: &str) -> Option<String> {
     let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
@@ -354,6 +421,8 @@ pub struct Tracer {
     mem: RefCell<HashMap<Pid, File>>,
     owner: std::thread::ThreadId,
     finished: bool,
+    /// Interrupts blocking waits at a deadline; created lazily on the owner thread (None: poll instead).
+    timer: Option<Option<WaitTimer>>,
 }
 
 impl std::fmt::Debug for Tracer {
@@ -378,6 +447,7 @@ impl Tracer {
             mem: RefCell::new(HashMap::new()),
             owner: std::thread::current().id(),
             finished: false,
+            timer: None,
         }
     }
 
@@ -739,8 +809,8 @@ impl Tracer {
                 }
             }
         }
-        let mut backoff = Duration::from_micros(20);
-        let mut last_check = Instant::now();
+        // The first check for never-stopping zombie leaders comes soon, later ones rarely.
+        let mut slice = Duration::from_millis(5);
         loop {
             let waiting: Vec<Pid> = self
                 .threads
@@ -753,9 +823,8 @@ impl Tracer {
             if waiting.is_empty() {
                 return Ok(());
             }
-            match waitpid_raw(-1, WAIT_FLAGS | libc::WNOHANG) {
+            match self.wait_any(Some(Instant::now() + slice)) {
                 Ok(Some((tid, st))) => {
-                    backoff = Duration::from_micros(20);
                     if let Some(ev) = self.handle_status(tid, st, true)? {
                         self.queue.push_back(ev);
                     }
@@ -771,27 +840,15 @@ impl Tracer {
                 }
                 Err(e) => return Err(TracerError::errno("waitpid", e)),
             }
-            // A zombie leader (it called pthread_exit) never stops; do not wait for it.
-            if last_check.elapsed() > Duration::from_millis(50) {
-                last_check = Instant::now();
-                for tid in &waiting {
-                    match task_state(*tid) {
-                        Some('Z') | Some('X') => {
-                            if let Some(th) = self.threads.get_mut(tid) {
-                                th.state = State::Zombie;
-                            }
-                        }
-                        None => {
-                            if let Some(th) = self.threads.get_mut(tid) {
-                                th.state = State::Zombie;
-                            }
-                        }
-                        _ => {}
+            // A zombie leader (it called pthread_exit) never stops: do not wait for it.
+            slice = Duration::from_millis(50);
+            for tid in &waiting {
+                if matches!(task_state(*tid), Some('Z') | Some('X') | None) {
+                    if let Some(th) = self.threads.get_mut(tid) {
+                        th.state = State::Zombie;
                     }
                 }
             }
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_millis(2));
         }
     }
 
@@ -803,6 +860,47 @@ impl Tracer {
         }
     }
 
+    /// Wait for any wait status of our tasks until `deadline` (None = block). Ok(None) on timeout.
+    fn wait_any(&mut self, deadline: Option<Instant>) -> Result<Option<(Pid, i32)>, Errno> {
+        let Some(deadline) = deadline else {
+            return waitpid_raw(-1, WAIT_FLAGS);
+        };
+        if let Some(x) = waitpid_raw(-1, WAIT_FLAGS | libc::WNOHANG)? {
+            return Ok(Some(x));
+        }
+        if self.timer.is_none() {
+            self.timer = Some(WaitTimer::new());
+        }
+        let mut backoff = Duration::from_micros(20);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            let Some(Some(timer)) = self.timer.as_ref() else {
+                // No timer: poll with a short back-off.
+                std::thread::sleep(backoff.min(deadline - now));
+                backoff = (backoff * 2).min(Duration::from_millis(1));
+                if let Some(x) = waitpid_raw(-1, WAIT_FLAGS | libc::WNOHANG)? {
+                    return Ok(Some(x));
+                }
+                continue;
+            };
+            timer.arm((deadline - now).max(Duration::from_nanos(1)));
+            let mut status = 0;
+            // SAFETY: `status` is a valid out-pointer for the duration of the call.
+            let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS) };
+            let err = Errno::last();
+            timer.arm(Duration::ZERO);
+            if r > 0 {
+                return Ok(Some((Pid::from_raw(r), status)));
+            }
+            if err != Errno::EINTR {
+                return Err(err);
+            }
+        }
+    }
+
     /// Wait for the next event, at most `timeout` (None = block). Ok(None) on timeout.
     pub fn next_event(&mut self, timeout: Option<Duration>) -> Result<Option<Event>, TracerError> {
         self.check_thread()?;
@@ -810,7 +908,6 @@ impl Tracer {
             return Ok(Some(ev));
         }
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut backoff = Duration::from_micros(20);
         loop {
             if self.threads.is_empty() {
                 // Nothing is traced any more: nothing can happen.
@@ -823,23 +920,16 @@ impl Tracer {
                 }
                 return Err(TracerError::ProcessGone(self.root));
             }
-            let flags = if deadline.is_some() {
-                WAIT_FLAGS | libc::WNOHANG
-            } else {
-                WAIT_FLAGS
-            };
-            match waitpid_raw(-1, flags) {
+            match self.wait_any(deadline) {
                 Ok(Some((tid, st))) => {
-                    backoff = Duration::from_micros(20);
                     if let Some(ev) = self.handle_status(tid, st, false)? {
                         return Ok(Some(ev));
                     }
                     if let Some(ev) = self.queue.pop_front() {
                         return Ok(Some(ev));
                     }
-                    continue;
                 }
-                Ok(None) => {}
+                Ok(None) => return Ok(None),
                 Err(Errno::ECHILD) => {
                     let tids: Vec<Pid> = self.threads.keys().copied().collect();
                     for t in tids {
@@ -850,13 +940,6 @@ impl Tracer {
                 }
                 Err(e) => return Err(TracerError::errno("waitpid", e)),
             }
-            let Some(d) = deadline else { continue };
-            let now = Instant::now();
-            if now >= d {
-                return Ok(None);
-            }
-            std::thread::sleep(backoff.min(d - now));
-            backoff = (backoff * 2).min(Duration::from_millis(2));
         }
     }
 
