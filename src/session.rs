@@ -25,11 +25,11 @@ use crate::report::{
 use crate::signals;
 
 /// How long one `next_event` wait may block: bounds the latency of phase changes and signal handling.
-const EVENT_POLL: Duration = Duration::from_millis(50);
+const EVENT_POLL: Duration = Duration::from_millis(20);
 /// Most pages the store profile watches.
 const MAX_WATCHED_PAGES: usize = 256;
 /// Module lists are re-read at most this often per process when an address is not found in them.
-const MODULE_REFRESH: Duration = Duration::from_millis(100);
+const MODULE_REFRESH: Duration = Duration::from_millis(10);
 
 /// What to trace.
 pub enum Target {
@@ -86,6 +86,43 @@ impl CodeMap {
         self.modules.remove(&pid);
         self.maps.remove(&pid);
     }
+
+    /// Re-read the modules of `pid`; if that fails (the process is gone) keep what we had.
+    fn refresh_modules(&mut self, pid: Pid) {
+        match modules(pid) {
+            Ok(mods) => {
+                self.modules.insert(pid, (mods, Instant::now()));
+            }
+            Err(_) => {
+                self.modules
+                    .entry(pid)
+                    .or_insert_with(|| (Vec::new(), Instant::now()))
+                    .1 = Instant::now();
+            }
+        }
+    }
+
+    /// Re-read the mappings of `pid`; if that fails keep what we had.
+    fn refresh_maps(&mut self, pid: Pid) {
+        match read_maps(pid) {
+            Ok(maps) => {
+                self.maps.insert(pid, (maps, Instant::now()));
+            }
+            Err(_) => {
+                self.maps
+                    .entry(pid)
+                    .or_insert_with(|| (Vec::new(), Instant::now()))
+                    .1 = Instant::now();
+            }
+        }
+    }
+
+    /// Read symbols and mappings now, while the process is stopped and alive: a short-lived program may be gone
+    /// before its first samples are analysed.
+    fn preload(&mut self, pid: Pid) {
+        self.refresh_modules(pid);
+        self.refresh_maps(pid);
+    }
 }
 
 /// [`ProfileEnv`] over the live target.
@@ -101,9 +138,7 @@ impl LiveEnv<'_> {
             Some((mods, at)) => symbolize(mods, a).is_none() && at.elapsed() >= MODULE_REFRESH,
         };
         if stale {
-            // A process we cannot read gives no modules; samples then fall back to mappings or Unknown.
-            let mods = modules(pid).unwrap_or_default();
-            self.code.modules.insert(pid, (mods, Instant::now()));
+            self.code.refresh_modules(pid);
         }
     }
 
@@ -113,9 +148,37 @@ impl LiveEnv<'_> {
             Some((maps, at)) => mapping_at(maps, a).is_none() && at.elapsed() >= MODULE_REFRESH,
         };
         if stale {
-            let maps = read_maps(pid).unwrap_or_default();
-            self.code.maps.insert(pid, (maps, Instant::now()));
+            self.code.refresh_maps(pid);
         }
+    }
+
+    /// Code of a process that is gone (or memory we cannot read): the bytes of a read-only file mapping are the
+    /// file's bytes at the mapping's offset.
+    fn read_from_file(&mut self, pid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> usize {
+        use std::os::unix::fs::FileExt as _;
+        let Some((maps, _)) = self.code.maps.get(&pid) else {
+            return 0;
+        };
+        let Some(m) = mapping_at(maps, addr) else {
+            return 0;
+        };
+        if m.write || !m.is_file() || m.is_pseudo() {
+            return 0;
+        }
+        let Some(path) = &m.path else { return 0 };
+        let avail = (m.end.0 - addr.0).min(buf.len() as u64) as usize;
+        let off = m.offset + (addr.0 - m.start.0);
+        let Ok(f) = std::fs::File::open(path) else {
+            return 0;
+        };
+        let mut done = 0;
+        while done < avail {
+            match f.read_at(&mut buf[done..avail], off + done as u64) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => done += n,
+            }
+        }
+        done
     }
 }
 
@@ -181,6 +244,9 @@ impl ProfileEnv for LiveEnv<'_> {
             }
             done += chunk;
         }
+        if done == 0 {
+            return self.read_from_file(pid, addr, buf);
+        }
         done
     }
 }
@@ -223,6 +289,8 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         }
     };
     let root = tracer.root();
+    let mut code = CodeMap::default();
+    code.preload(root);
     let sampler = Sampler::new(SamplerConfig {
         rate_hz: cfg.rate_hz,
         ..Default::default()
@@ -234,7 +302,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         tracer,
         sampler,
         profiler: Profiler::new(root),
-        code: CodeMap::default(),
+        code,
         root,
         phase: Phase::Sampling {
             until: start + cfg.window,
@@ -394,6 +462,7 @@ impl Session {
             Event::Forked { parent, child } => {
                 let tids = self.tracer.threads(child);
                 self.add_threads(&tids);
+                self.code.preload(child);
                 if let Some(w) = self.watch.as_mut() {
                     // A child must not inherit pages we write-protected: restore them before it runs.
                     if let Err(e) = w.on_fork(&mut self.tracer, child) {
@@ -412,6 +481,7 @@ impl Session {
                     w.on_exec(pid);
                 }
                 self.code.forget(pid);
+                self.code.preload(pid);
                 self.profiler.forget_process(pid);
                 let tids = self.tracer.threads(pid);
                 self.add_threads(&tids);
