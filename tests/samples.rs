@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use common::{
-    died_of, dynspec, expected, output_of, run_dynspec, run_native, sample, text, ChildGuard,
-    TempDir,
+    children_of, died_of, dynspec, expected, is_alive, output_of, run_dynspec, run_native, sample,
+    send_signal, text, tracer_pid, ChildGuard, TempDir,
 };
 
 /// One sample at its small size, as documented at the top of its .c file and in samples/README.md.
@@ -419,4 +419,148 @@ fn every_sample_builds_as_a_library_exporting_its_hot_functions() {
             c.bin
         );
     }
+}
+
+/// Starts interp_switch at ATTACH_SIZE (about 4 s) natively with stdout/stderr captured.
+fn start_long_target() -> ChildGuard {
+    let child = Command::new(sample("interp_switch"))
+        .arg(ATTACH_SIZE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start interp_switch");
+    ChildGuard::new(child)
+}
+
+#[test]
+fn sigterm_in_attach_mode_detaches_leaving_the_program_untouched() {
+    let tmp = TempDir::new();
+    let report = tmp.join("attach-term.json");
+    let target = start_long_target();
+    let pid = target.id();
+    let tracer = Command::new(dynspec())
+        .args(["attach", &pid.to_string(), "-q", "--report"])
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dynspec attach");
+    let tracer = ChildGuard::new(tracer);
+    common::wait_for("dynspec to attach (TracerPid of the target)", || {
+        tracer_pid(pid).is_none_or(|t| t != 0)
+    });
+    assert!(
+        is_alive(pid),
+        "target ended before the test could signal dynspec (size too small?)"
+    );
+    send_signal(tracer.id() as i32, libc::SIGTERM);
+    let out = tracer.wait_output();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "dynspec attach after SIGTERM: {} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stderr), "", "dynspec attach -q must be silent");
+    assert!(
+        tracer_pid(pid).is_none_or(|t| t == 0),
+        "target still traced after dynspec exited"
+    );
+    check_report("attach + SIGTERM", &report);
+    let out = target.wait_output();
+    assert_eq!(
+        text(&out.stdout),
+        ATTACH_STDOUT,
+        "stdout after attach/SIGTERM/detach"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "exit status after attach/detach: {}",
+        out.status
+    );
+}
+
+/// Ctrl-C at a terminal signals the whole foreground process group: the target dies of SIGINT, dynspec does not
+/// die first, writes its report and then reports the target's death as its own.
+#[test]
+fn ctrl_c_in_run_mode_reaches_the_target() {
+    use std::os::unix::process::CommandExt;
+    let tmp = TempDir::new();
+    let report = tmp.join("ctrl-c.json");
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["run", "--profile-only", "-q", "--report"])
+        .arg(&report)
+        .arg("--")
+        .arg(sample("interp_switch"))
+        .arg(ATTACH_SIZE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let tracer = ChildGuard::new(cmd.spawn().expect("start dynspec run"));
+    let dpid = tracer.id();
+    let mut target = 0;
+    common::wait_for("dynspec to start and trace its target", || {
+        target = children_of(dpid)
+            .into_iter()
+            .find(|&c| tracer_pid(c).is_some_and(|t| t != 0))
+            .unwrap_or(0);
+        target != 0
+    });
+    // Like the terminal: the signal goes to the process group (dynspec and its target).
+    send_signal(-(dpid as i32), libc::SIGINT);
+    let out = tracer.wait_output();
+    assert!(
+        died_of(&out.status, libc::SIGINT),
+        "dynspec run after Ctrl-C: expected the target's death by SIGINT passed through, got {} {}",
+        out.status,
+        text(&out.stderr)
+    );
+    let v = check_report("run + Ctrl-C", &report);
+    assert_eq!(
+        v["exit_status"]["signal"],
+        libc::SIGINT,
+        "exit_status in the report"
+    );
+    assert!(
+        !is_alive(target),
+        "target {target} still alive after dynspec exited"
+    );
+}
+
+/// If dynspec itself is killed, its target goes with it (PTRACE_O_EXITKILL): no orphan keeps running unwatched.
+#[test]
+fn killing_dynspec_kills_its_target() {
+    let tmp = TempDir::new();
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["run", "-q", "--report"])
+        .arg(tmp.join("killed.json"))
+        .arg("--")
+        .arg(sample("interp_switch"))
+        .arg(ATTACH_SIZE)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let tracer = ChildGuard::new(cmd.spawn().expect("start dynspec run"));
+    let dpid = tracer.id();
+    let mut target = 0;
+    common::wait_for("dynspec to start and trace its target", || {
+        target = children_of(dpid)
+            .into_iter()
+            .find(|&c| tracer_pid(c).is_some_and(|t| t != 0))
+            .unwrap_or(0);
+        target != 0
+    });
+    send_signal(dpid as i32, libc::SIGKILL);
+    let out = tracer.wait_output();
+    assert!(
+        died_of(&out.status, libc::SIGKILL),
+        "dynspec: {}",
+        out.status
+    );
+    common::wait_for("the target to die with dynspec", || !is_alive(target));
 }

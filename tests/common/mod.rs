@@ -295,3 +295,63 @@ pub fn died_of(status: &ExitStatus, sig: i32) -> bool {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// `TracerPid` of process `pid` from /proc (0 when not traced); `None` when the process no longer exists.
+pub fn tracer_pid(pid: u32) -> Option<u32> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `true` while `pid` exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state letter follows the parenthesised command name, which may itself contain ") ".
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Err(_) => false,
+    }
+}
+
+/// Child processes of every thread of `pid` (from /proc/PID/task/*/children).
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+            out.extend(s.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+        }
+    }
+    out
+}
+
+/// Polls `cond` every few milliseconds until it holds; panics with `what` after [`HANG_LIMIT`].
+///
+/// This is synchronisation with another process (e.g. "dynspec has attached"), not a timing assertion.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < HANG_LIMIT,
+            "gave up waiting after {HANG_LIMIT:?}: {what}"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Sends signal `sig` to process `pid` (or to process group `-pid` when `pid` is negative).
+pub fn send_signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions; it only takes integers.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
