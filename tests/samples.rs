@@ -214,6 +214,10 @@ fn attach_and_detach_leaves_the_program_untouched() {
         "",
         "dynspec attach -q must be silent"
     );
+    assert!(
+        tracer_pid(target.id()).is_none_or(|t| t == 0),
+        "target still traced after dynspec attach --for 2 exited"
+    );
     let v = check_report("attach", &report);
     assert_eq!(v["pid"].to_string(), pid, "report names the attached pid");
     // Detached: the program runs on to its normal end with the output of an untouched run.
