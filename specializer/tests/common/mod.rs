@@ -318,6 +318,17 @@ thread_local! {
 /// Set the description printed if native code crashes (SIGSEGV/SIGILL/SIGBUS/SIGFPE/SIGTRAP).
 pub fn on_crash(f: impl Fn() -> String + 'static) {
     install_crash_handler();
+    // Native code may leave rsp anywhere: the handler needs its own stack (per thread).
+    thread_local! {
+        static ALT: Mapping = {
+            let m = Mapping::anywhere(256 * 1024);
+            let st = libc::stack_t { ss_sp: m.addr as *mut libc::c_void, ss_flags: 0, ss_size: m.len };
+            // SAFETY: the mapping lives as long as the thread (thread-local) and is writable.
+            unsafe { libc::sigaltstack(&st, std::ptr::null_mut()) };
+            m
+        };
+    }
+    ALT.with(|_| {});
     CRASH.with(|c| c.borrow_mut().describe = Some(Box::new(f)));
 }
 
@@ -332,7 +343,12 @@ extern "C" fn crash_handler(sig: i32) {
         .ok()
         .flatten()
         .unwrap_or_else(|| "(no description)".to_string());
-    eprintln!("\nnative code crashed with signal {sig} while running:\n{msg}");
+    // Raw write: the test harness captures eprintln! output, which _exit would lose.
+    let text = format!("\nnative code crashed with signal {sig} while running:\n{msg}\n");
+    // SAFETY: writing a valid buffer to fd 2.
+    unsafe {
+        libc::write(2, text.as_ptr() as *const libc::c_void, text.len());
+    }
     // SAFETY: _exit is async-signal-safe.
     unsafe { libc::_exit(101) }
 }
@@ -534,4 +550,46 @@ pub fn hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// Offsets of the instructions reachable from offset 0 of `code` (encoded at
+/// `base`), following fall-through and direct branches inside the code; data
+/// the encoder placed after unconditional jumps is not decoded.
+pub fn reachable_boundaries(code: &[u8], base: u64) -> Vec<u64> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let mut seen = std::collections::BTreeSet::new();
+    let mut work = vec![0u64];
+    while let Some(off) = work.pop() {
+        let mut off = off;
+        loop {
+            if off as usize >= code.len() || !seen.insert(off) {
+                break;
+            }
+            let mut d =
+                Decoder::with_ip(64, &code[off as usize..], base + off, DecoderOptions::NONE);
+            let i = d.decode();
+            if i.is_invalid() {
+                break;
+            }
+            let next = off + i.len() as u64;
+            let target = |t: u64| (t >= base && t < base + code.len() as u64).then(|| t - base);
+            match i.flow_control() {
+                FlowControl::Next | FlowControl::Call | FlowControl::IndirectCall => off = next,
+                FlowControl::ConditionalBranch => {
+                    if let Some(t) = target(i.near_branch_target()) {
+                        work.push(t);
+                    }
+                    off = next;
+                }
+                FlowControl::UnconditionalBranch => {
+                    if let Some(t) = target(i.near_branch_target()) {
+                        work.push(t);
+                    }
+                    break;
+                }
+                _ => break,
+            }
+        }
+    }
+    seen.into_iter().collect()
 }
