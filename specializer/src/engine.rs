@@ -179,6 +179,13 @@ pub(crate) fn cmp_for(want: &Flags) -> Option<(u8, u8)> {
     cmp_table()[m * 64 + v]
 }
 
+/// Whether [`Engine::mat_flags`] can rebuild these flags (cmp, then stc/clc).
+fn flags_rebuildable(want: &Flags) -> bool {
+    let mut no_cf = *want;
+    no_cf[Flag::Cf as usize] = None;
+    cmp_for(want).is_some() || cmp_for(&no_cf).is_some()
+}
+
 fn is_setcc(m: Mnemonic) -> bool {
     use Mnemonic as M;
     matches!(
@@ -229,8 +236,22 @@ fn is_cmovcc(m: Mnemonic) -> bool {
 fn gpr32(g: Gpr) -> Register {
     use Register as R;
     [
-        R::EAX, R::ECX, R::EDX, R::EBX, R::ESP, R::EBP, R::ESI, R::EDI, R::R8D, R::R9D, R::R10D,
-        R::R11D, R::R12D, R::R13D, R::R14D, R::R15D,
+        R::EAX,
+        R::ECX,
+        R::EDX,
+        R::EBX,
+        R::ESP,
+        R::EBP,
+        R::ESI,
+        R::EDI,
+        R::R8D,
+        R::R9D,
+        R::R10D,
+        R::R11D,
+        R::R12D,
+        R::R13D,
+        R::R14D,
+        R::R15D,
     ][g.index()]
 }
 
@@ -353,6 +374,8 @@ struct Engine<'a> {
     decode_cache: HashMap<Addr, Option<Instruction>>,
     data_labels: HashMap<u8, u32>,
     info: InstructionInfoFactory,
+    /// Registers whose value addressed a folded constant load (bit per Gpr).
+    static_regs: u16,
 }
 
 /// Specialize `req` reading the target through `mem`.
@@ -378,6 +401,7 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         decode_cache: HashMap::new(),
         data_labels: HashMap::new(),
         info: InstructionInfoFactory::new(),
+        static_regs: 0,
     };
     // The entry must decode; anything later that does not becomes an exit.
     if e.decode(req.entry).is_none() {
@@ -501,7 +525,12 @@ impl<'a> Engine<'a> {
     }
 
     /// Make the real flags hold every known folded status flag in `live`.
-    fn mat_flags(&mut self, live: u8, orig: Addr, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn mat_flags(
+        &mut self,
+        live: u8,
+        orig: Addr,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         if st.fmat {
             return Ok(());
         }
@@ -514,29 +543,45 @@ impl<'a> Engine<'a> {
             }
         }
         if any {
-            let (a, b) = cmp_for(&want).ok_or_else(|| {
-                SpecializeError::NoGain(format!("cannot rebuild the folded flags at {orig}"))
-            })?;
+            // One `cmp byte [data], imm8` when it can produce the flags, else
+            // a compare for the other five followed by `stc`/`clc` for CF.
+            let (pair, fix_cf) = match cmp_for(&want) {
+                Some(p) => (p, None),
+                None => {
+                    let mut no_cf = want;
+                    no_cf[Flag::Cf as usize] = None;
+                    let p = cmp_for(&no_cf).ok_or_else(|| {
+                        SpecializeError::NoGain(format!(
+                            "cannot rebuild the folded flags at {orig}"
+                        ))
+                    })?;
+                    (p, want[Flag::Cf as usize])
+                }
+            };
+            let (a, b) = pair;
             let l = self.data_label(a);
-            let mem = iced_x86::MemoryOperand::with_base_displ(Register::RIP, Self::label_ip(l) as i64);
+            let mem =
+                iced_x86::MemoryOperand::with_base_displ(Register::RIP, Self::label_ip(l) as i64);
             let ins = Instruction::with2(Code::Cmp_rm8_imm8, mem, b as u32)
                 .map_err(|e| SpecializeError::Encode(e.to_string()))?;
             self.emit(ins, orig, st);
-            let f = sem::cmp8_flags(a, b);
-            for fl in STATUS_FLAGS {
-                st.flags[fl as usize] = f[fl as usize];
+            if let Some(cf) = fix_cf {
+                let code = if cf { Code::Stc } else { Code::Clc };
+                self.emit(Instruction::with(code), orig, st);
             }
-        } else {
-            for fl in STATUS_FLAGS {
-                st.flags[fl as usize] = None;
-            }
+        }
+        // Only what was wanted is known now; the rest holds whatever the
+        // compare left, which the abstract state does not claim.
+        for fl in STATUS_FLAGS {
+            st.flags[fl as usize] = want[fl as usize];
         }
         st.fmat = true;
         Ok(())
     }
 
     fn jump_label(&mut self, l: u32, orig: Addr, st: &AbsState) {
-        let ins = Instruction::with_branch(Code::Jmp_rel32_64, Self::label_ip(l)).unwrap_or_default();
+        let ins =
+            Instruction::with_branch(Code::Jmp_rel32_64, Self::label_ip(l)).unwrap_or_default();
         self.emit(ins, orig, st);
     }
 
@@ -553,7 +598,12 @@ impl<'a> Engine<'a> {
         l
     }
 
-    fn exit(&mut self, target: Addr, reason: ExitReason, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn exit(
+        &mut self,
+        target: Addr,
+        reason: ExitReason,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         let first = self.items.len();
         let live = self.live_flags(target);
         self.mat_flags(live, target, st)?;
@@ -693,33 +743,52 @@ impl<'a> Engine<'a> {
     }
 
     /// After too many distinct states at `ip`, forget what differs.
+    ///
+    /// Registers that served as the address of a folded constant load (an
+    /// interpreter's pc, a table index) are what makes specialization pay;
+    /// they are kept up to a much higher bound, so a bytecode program
+    /// unrolls while a plain loop counter is widened after a few states.
+    /// The code budget and the visit limit bound the rest.
     fn widen(&mut self, ip: Addr, st: &mut AbsState) -> Result<(), SpecializeError> {
         let max = self.opts().max_states_per_address.max(1) as usize;
+        let hard = max.saturating_mul(32).max(256);
         let Some(seen) = self.seen_at.get(&ip) else {
             return Ok(());
         };
         if seen.len() < max {
             return Ok(());
         }
-        let mut differ_regs = 0u16;
-        let mut differ_flags = false;
-        for s in seen {
-            for i in 0..16 {
-                if s.regs[i] != st.regs[i] {
-                    differ_regs |= 1 << i;
-                }
+        let flags_differ = seen
+            .iter()
+            .any(|s| s.flags != st.flags || s.fmat != st.fmat);
+        let below_hard = seen.len() < hard;
+        let mut widen_regs = 0u16;
+        for g in Gpr::ALL {
+            let i = g.index();
+            let mut values: Vec<Option<u64>> = seen.iter().map(|s| s.regs[i]).collect();
+            values.push(st.regs[i]);
+            values.sort();
+            values.dedup();
+            if values.len() <= 1 {
+                continue;
             }
-            if s.flags != st.flags || s.fmat != st.fmat {
-                differ_flags = true;
+            // Below the hard bound keep registers that address constant
+            // loads and registers that only took a few distinct values
+            // (they cannot drive an unbounded unrolling on their own).
+            let is_static = self.static_regs & (1 << i) != 0;
+            if below_hard && (is_static || values.len() <= max) {
+                continue;
             }
+            widen_regs |= 1 << i;
         }
         for g in Gpr::ALL {
-            if differ_regs & (1 << g.index()) != 0 {
+            if widen_regs & (1 << g.index()) != 0 {
                 self.mat_reg(g, ip, st);
                 st.set(g, None, false);
             }
         }
-        if differ_flags {
+        // Flags take finitely many values; widen them only at the hard bound.
+        if !below_hard && flags_differ {
             let live = self.live_flags(ip);
             self.mat_flags(live, ip, st)?;
             for f in STATUS_FLAGS {
@@ -787,7 +856,9 @@ impl<'a> Engine<'a> {
             if index.size() != 8 {
                 addr32 = true;
             }
-            a = a.wrapping_add(Self::reg_val(st, index)?.wrapping_mul(ins.memory_index_scale() as u64));
+            a = a.wrapping_add(
+                Self::reg_val(st, index)?.wrapping_mul(ins.memory_index_scale() as u64),
+            );
         }
         Some(if addr32 { a & 0xffff_ffff } else { a })
     }
@@ -819,7 +890,13 @@ impl<'a> Engine<'a> {
             OpKind::Register => Self::reg_val(st, ins.op_register(i))?,
             OpKind::Memory => {
                 let a = Self::mem_addr(st, ins)?;
-                self.load(a, ins.memory_size().size())?
+                let v = self.load(a, ins.memory_size().size())?;
+                for r in [ins.memory_base(), ins.memory_index()] {
+                    if let Some(g) = Gpr::containing(r) {
+                        self.static_regs |= 1 << g.index();
+                    }
+                }
+                v
             }
             OpKind::Immediate8
             | OpKind::Immediate16
@@ -878,8 +955,16 @@ impl<'a> Engine<'a> {
             let index = ins.memory_index();
             let ok64 = |r: Register| r == Register::None || (r.is_gpr() && r.size() == 8);
             if ok64(base) && ok64(index) {
-                let bv = if base != Register::None { Self::reg_val(st, base) } else { None };
-                let iv = if index != Register::None { Self::reg_val(st, index) } else { None };
+                let bv = if base != Register::None {
+                    Self::reg_val(st, base)
+                } else {
+                    None
+                };
+                let iv = if index != Register::None {
+                    Self::reg_val(st, index)
+                } else {
+                    None
+                };
                 let disp = ins.memory_displacement64() as i64;
                 let scale = ins.memory_index_scale() as i64;
                 let tries: [(bool, bool); 3] = [(true, true), (false, true), (true, false)];
@@ -922,7 +1007,8 @@ impl<'a> Engine<'a> {
             }
         }
         // Register source -> immediate.
-        if ins.op_count() == 2 && ins.op_kind(1) == OpKind::Register && ins.op_register(1).is_gpr() {
+        if ins.op_count() == 2 && ins.op_kind(1) == OpKind::Register && ins.op_register(1).is_gpr()
+        {
             let src = ins.op_register(1);
             if let Some(v) = Self::reg_val(st, src) {
                 let bits = src.size() as u32 * 8;
@@ -1021,12 +1107,22 @@ impl<'a> Engine<'a> {
 
     /// Emit `ins` (rewritten) as residual code: materialize what it reads,
     /// then forget what it writes.
-    fn residual(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn residual(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         let out = Self::rewrite(st, ins);
         self.residual_exact(ip, &out, st)
     }
 
-    fn residual_exact(&mut self, ip: Addr, out: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn residual_exact(
+        &mut self,
+        ip: Addr,
+        out: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         let reads_f = flag_mask(out.rflags_read());
         let writes_f = flag_mask(out.rflags_modified());
         if (reads_f | writes_f) & STATUS != 0 && !st.fmat {
@@ -1042,14 +1138,19 @@ impl<'a> Engine<'a> {
             .map(|u| (u.register(), u.access()))
             .collect();
         for (r, acc) in used {
-            let Some(g) = Gpr::containing(r) else { continue };
+            let Some(g) = Gpr::containing(r) else {
+                continue;
+            };
             let full_write = acc == OpAccess::Write && r.size() >= 4;
             if !full_write && acc != OpAccess::None && acc != OpAccess::NoMemAccess {
                 self.mat_reg(g, ip, st);
             }
             if matches!(
                 acc,
-                OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
             ) {
                 written.push(g);
             }
@@ -1122,9 +1223,18 @@ impl<'a> Engine<'a> {
                     if st.fmat {
                         for f in STATUS_FLAGS {
                             let b = 1 << f as u8;
-                            if preserved & b != 0 && live & b != 0 && st.flags[f as usize].is_none() {
+                            if preserved & b != 0 && live & b != 0 && st.flags[f as usize].is_none()
+                            {
                                 fold = false;
                             }
+                        }
+                    }
+                    // A flag left undefined has a CPU-specific value we cannot
+                    // rebuild: fold only if nothing can read it.
+                    for f in STATUS_FLAGS {
+                        let b = 1 << f as u8;
+                        if written & b != 0 && live & b != 0 && nf[f as usize].is_none() {
+                            fold = false;
                         }
                     }
                     let mut want = [None; 7];
@@ -1133,7 +1243,7 @@ impl<'a> Engine<'a> {
                             want[f as usize] = nf[f as usize];
                         }
                     }
-                    if cmp_for(&want).is_none() {
+                    if !flags_rebuildable(&want) {
                         fold = false;
                     }
                 }
@@ -1156,12 +1266,21 @@ impl<'a> Engine<'a> {
             st.normalize();
             return Ok(());
         }
-        self.residual(ip, ins, st)?;
-        // The residual instruction computes what we computed: keep it known.
+        // The residual instruction computes what we computed: keep it known
+        // (merging sub-registers against the values before it runs).
+        let mut after = st.clone();
+        let mut full: Vec<(Gpr, Option<u64>)> = Vec::new();
         for (r, v) in dests {
-            if v.is_some() && Self::write_known_possible(st, *r) {
-                Self::write_reg(st, *r, *v, true);
+            if v.is_some() && Self::write_known_possible(&after, *r) {
+                Self::write_reg(&mut after, *r, *v, true);
+                if let Some(g) = Gpr::containing(*r) {
+                    full.push((g, after.get(g)));
+                }
             }
+        }
+        self.residual(ip, ins, st)?;
+        for (g, v) in full {
+            st.set(g, v, true);
         }
         if let Some((Some(nf), written)) = flags_out {
             for f in STATUS_FLAGS {
@@ -1196,11 +1315,15 @@ impl<'a> Engine<'a> {
                 let v = Self::mem_addr(st, &ins).map(|a| a & sem::mask(bits));
                 self.conclude(ip, &ins, st, &[(r, v)], false, None)?;
             }
-            M::Add | M::Sub | M::Adc | M::Sbb | M::And | M::Or | M::Xor | M::Cmp | M::Test if plain => {
+            M::Add | M::Sub | M::Adc | M::Sbb | M::And | M::Or | M::Xor | M::Cmp | M::Test
+                if plain =>
+            {
                 self.do_alu(ip, &ins, st)?
             }
             M::Not | M::Neg | M::Inc | M::Dec if plain => self.do_unary(ip, &ins, st)?,
-            M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if plain => self.do_shift(ip, &ins, st)?,
+            M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror if plain => {
+                self.do_shift(ip, &ins, st)?
+            }
             M::Imul if plain => self.do_imul(ip, &ins, st)?,
             m if is_setcc(m) && plain => self.do_setcc(ip, &ins, st)?,
             m if is_cmovcc(m) && plain => self.do_cmov(ip, &ins, st)?,
@@ -1228,27 +1351,25 @@ impl<'a> Engine<'a> {
                     }
                 }
             }
-            M::Jmp => {
-                match ins.op0_kind() {
-                    OpKind::NearBranch64 => {
-                        self.stats.folded += 1;
-                        return Ok(Next::Continue(Addr(ins.near_branch_target())));
-                    }
-                    OpKind::Register | OpKind::Memory if plain => {
-                        let v = self.op_val(st, &ins, 0, 64);
-                        if let Some(t) = v {
-                            self.stats.folded += 1;
-                            return Ok(Next::Continue(Addr(t)));
-                        }
-                        self.exit(ip, ExitReason::UnknownTarget, st)?;
-                        return Ok(Next::Stop);
-                    }
-                    _ => {
-                        self.exit(ip, ExitReason::Unsupported, st)?;
-                        return Ok(Next::Stop);
-                    }
+            M::Jmp => match ins.op0_kind() {
+                OpKind::NearBranch64 => {
+                    self.stats.folded += 1;
+                    return Ok(Next::Continue(Addr(ins.near_branch_target())));
                 }
-            }
+                OpKind::Register | OpKind::Memory if plain => {
+                    let v = self.op_val(st, &ins, 0, 64);
+                    if let Some(t) = v {
+                        self.stats.folded += 1;
+                        return Ok(Next::Continue(Addr(t)));
+                    }
+                    self.exit(ip, ExitReason::UnknownTarget, st)?;
+                    return Ok(Next::Stop);
+                }
+                _ => {
+                    self.exit(ip, ExitReason::Unsupported, st)?;
+                    return Ok(Next::Stop);
+                }
+            },
             M::Call => {
                 let target = match ins.op0_kind() {
                     OpKind::NearBranch64 => Some(ins.near_branch_target()),
@@ -1320,7 +1441,12 @@ impl<'a> Engine<'a> {
         Ok(Next::Continue(next))
     }
 
-    fn do_mov(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_mov(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         use Mnemonic as M;
         if ins.op_kind(0) != OpKind::Register {
             // A store: always residual.
@@ -1337,7 +1463,12 @@ impl<'a> Engine<'a> {
         self.conclude(ip, ins, st, &[(dst, v)], false, None)
     }
 
-    fn do_alu(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_alu(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         use Mnemonic as M;
         let mnem = ins.mnemonic();
         let bits = Self::op_bits(ins, 0);
@@ -1375,10 +1506,22 @@ impl<'a> Engine<'a> {
         } else {
             vec![]
         };
-        self.conclude(ip, ins, st, &dests, dest_is_mem, Some((res.map(|r| r.1), written)))
+        self.conclude(
+            ip,
+            ins,
+            st,
+            &dests,
+            dest_is_mem,
+            Some((res.map(|r| r.1), written)),
+        )
     }
 
-    fn do_unary(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_unary(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         use Mnemonic as M;
         let bits = Self::op_bits(ins, 0);
         let a = self.op_val(st, ins, 0, bits);
@@ -1403,14 +1546,37 @@ impl<'a> Engine<'a> {
         self.conclude(ip, ins, st, &dests, dest_is_mem, flags_out)
     }
 
-    fn do_shift(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_shift(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         use Mnemonic as M;
         let bits = Self::op_bits(ins, 0);
         let count = self.op_val(st, ins, 1, 8);
         let cmask = if bits == 64 { 63 } else { 31 };
         if let Some(c) = count {
             if c & cmask == 0 {
-                // A zero count changes nothing at all.
+                // A zero count changes no flag; a 32-bit register destination
+                // is still zero-extended.
+                if bits == 32 && ins.op_kind(0) == OpKind::Register {
+                    let r = ins.op_register(0);
+                    let v = Self::reg_val(st, r);
+                    return match v {
+                        Some(v) => {
+                            Self::write_reg(st, r, Some(v), false);
+                            self.stats.folded += 1;
+                            st.normalize();
+                            Ok(())
+                        }
+                        None => {
+                            let n = Instruction::with2(Code::Mov_r32_rm32, r, r)
+                                .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+                            self.residual_exact(ip, &n, st)
+                        }
+                    };
+                }
                 self.stats.folded += 1;
                 return Ok(());
             }
@@ -1443,7 +1609,14 @@ impl<'a> Engine<'a> {
         } else {
             vec![(ins.op_register(0), res.map(|r| r.0))]
         };
-        self.conclude(ip, ins, st, &dests, dest_is_mem, Some((res.map(|r| r.1), written)))
+        self.conclude(
+            ip,
+            ins,
+            st,
+            &dests,
+            dest_is_mem,
+            Some((res.map(|r| r.1), written)),
+        )
     }
 
     fn shift_imm(ins: &Instruction, c: u8) -> Option<Instruction> {
@@ -1482,7 +1655,12 @@ impl<'a> Engine<'a> {
         Some(n)
     }
 
-    fn do_imul(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_imul(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         match ins.op_count() {
             1 => {
                 let bits = Self::op_bits(ins, 0);
@@ -1494,9 +1672,18 @@ impl<'a> Engine<'a> {
                 };
                 let dests: Vec<(Register, Option<u64>)> = match bits {
                     8 => vec![(Register::AX, r.map(|r| (r.0 | (r.1 << 8)) & 0xffff))],
-                    16 => vec![(Register::AX, r.map(|r| r.0)), (Register::DX, r.map(|r| r.1))],
-                    32 => vec![(Register::EAX, r.map(|r| r.0)), (Register::EDX, r.map(|r| r.1))],
-                    _ => vec![(Register::RAX, r.map(|r| r.0)), (Register::RDX, r.map(|r| r.1))],
+                    16 => vec![
+                        (Register::AX, r.map(|r| r.0)),
+                        (Register::DX, r.map(|r| r.1)),
+                    ],
+                    32 => vec![
+                        (Register::EAX, r.map(|r| r.0)),
+                        (Register::EDX, r.map(|r| r.1)),
+                    ],
+                    _ => vec![
+                        (Register::RAX, r.map(|r| r.0)),
+                        (Register::RDX, r.map(|r| r.1)),
+                    ],
                 };
                 self.conclude(ip, ins, st, &dests, false, Some((r.map(|r| r.2), STATUS)))
             }
@@ -1512,7 +1699,11 @@ impl<'a> Engine<'a> {
                     (Some(a), Some(b)) => Some(sem::imul(a, b, bits, &st.flags)),
                     _ => None,
                 };
-                if r.is_none() && ins.op_count() == 2 && ins.op_kind(1) == OpKind::Register && bits >= 16 {
+                if r.is_none()
+                    && ins.op_count() == 2
+                    && ins.op_kind(1) == OpKind::Register
+                    && bits >= 16
+                {
                     // imul r, r_known -> imul r, r, imm
                     if let Some(bv) = b {
                         let code = match bits {
@@ -1533,13 +1724,25 @@ impl<'a> Engine<'a> {
                         }
                     }
                 }
-                self.conclude(ip, ins, st, &[(dst, r.map(|r| r.0))], false, Some((r.map(|r| r.2), STATUS)))
+                self.conclude(
+                    ip,
+                    ins,
+                    st,
+                    &[(dst, r.map(|r| r.0))],
+                    false,
+                    Some((r.map(|r| r.2), STATUS)),
+                )
             }
             _ => self.residual(ip, ins, st),
         }
     }
 
-    fn do_setcc(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_setcc(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         let Some(c) = sem::condition(ins.condition_code(), &st.flags) else {
             return self.residual(ip, ins, st);
         };
@@ -1563,7 +1766,12 @@ impl<'a> Engine<'a> {
         self.residual(ip, &n, st)
     }
 
-    fn do_cmov(&mut self, ip: Addr, ins: &Instruction, st: &mut AbsState) -> Result<(), SpecializeError> {
+    fn do_cmov(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
         let Some(c) = sem::condition(ins.condition_code(), &st.flags) else {
             return self.residual(ip, ins, st);
         };
@@ -1619,16 +1827,35 @@ impl<'a> Engine<'a> {
                 is_data: true,
             });
         }
-        // Several labels may name one position: pick one ip per position.
+        // Only labels something refers to get an ip; several labels may
+        // name one position, so pick one ip per position.
+        let mut referenced: BTreeSet<u64> = BTreeSet::new();
+        for e in &self.items {
+            if e.is_data {
+                continue;
+            }
+            if e.ins.op_count() > 0 && e.ins.op0_kind() == OpKind::NearBranch64 {
+                referenced.insert(e.ins.near_branch_target());
+            }
+            if e.ins.is_ip_rel_memory_operand() {
+                referenced.insert(e.ins.memory_displacement64());
+            }
+        }
         let mut canon: HashMap<usize, u64> = HashMap::new();
         let mut remap: HashMap<u64, u64> = HashMap::new();
         for (l, pos) in self.labels.iter().enumerate() {
             let Some(p) = pos else { continue };
-            if *p >= self.items.len() {
-                return Err(SpecializeError::Encode(format!("label {l} has no instruction")));
+            let lip = LABEL_BASE + l as u64;
+            if !referenced.contains(&lip) {
+                continue;
             }
-            let ip = *canon.entry(*p).or_insert(LABEL_BASE + l as u64);
-            remap.insert(LABEL_BASE + l as u64, ip);
+            if *p >= self.items.len() {
+                return Err(SpecializeError::Encode(format!(
+                    "label {l} has no instruction"
+                )));
+            }
+            let ip = *canon.entry(*p).or_insert(lip);
+            remap.insert(lip, ip);
         }
         for (p, ip) in &canon {
             self.items[*p].ins.set_ip(*ip);

@@ -18,6 +18,8 @@
 
 mod engine;
 pub mod insn_info;
+#[cfg(test)]
+mod native_tests;
 mod score;
 mod sem;
 pub mod snippet;

@@ -34,7 +34,7 @@ pub fn sext(v: u64, bits: u32) -> u64 {
 
 /// PF: set when the low byte has an even number of one bits.
 pub fn parity(v: u64) -> bool {
-    (v as u8).count_ones() % 2 == 0
+    (v as u8).count_ones().is_multiple_of(2)
 }
 
 fn set(f: &mut Flags, flag: Flag, v: Option<bool>) {
@@ -162,17 +162,22 @@ pub fn shift(op: ShiftOp, a: u64, count: u64, bits: u32, old: &Flags) -> (u64, F
                 _ => {
                     let s = sext(a, bits) as i64;
                     let r = (s >> cnt.min(63)) as u64 & m;
-                    let cf = if cnt > bits {
-                        None
-                    } else {
-                        Some((s >> (cnt - 1).min(63)) & 1 == 1)
-                    };
+                    let cf = Some((s >> (cnt - 1).min(63)) & 1 == 1);
                     (r, cf)
                 }
             };
             res = r;
-            // For counts >= width on 8/16-bit operands Intel leaves CF undefined.
-            let cf = if cnt >= bits { None } else { cf };
+            // For counts >= width on 8/16-bit operands Intel leaves CF
+            // undefined for SHL/SHR; SAR keeps shifting in the sign bit.
+            let cf = if cnt >= bits {
+                if op == ShiftOp::Sar {
+                    Some(sign(a, bits))
+                } else {
+                    None
+                }
+            } else {
+                cf
+            };
             set(&mut f, Flag::Cf, cf);
             let of = if cnt == 1 {
                 match op {
@@ -464,9 +469,10 @@ mod tests {
             want[Flag::Af as usize] = Some(bits & 4 != 0);
             want[Flag::Sf as usize] = Some(bits & 8 != 0);
             want[Flag::Of as usize] = Some(bits & 16 != 0);
+            want[Flag::Cf as usize] = None; // CF is fixed with stc/clc
             let (a, b) = find_cmp8(&want).expect("combo");
             let f = cmp8_flags(a, b);
-            for fl in [Flag::Cf, Flag::Pf, Flag::Af, Flag::Zf, Flag::Sf, Flag::Of] {
+            for fl in [Flag::Pf, Flag::Af, Flag::Zf, Flag::Sf, Flag::Of] {
                 assert_eq!(f[fl as usize], want[fl as usize]);
             }
         }

@@ -159,7 +159,15 @@ pub enum Flag {
 }
 
 impl Flag {
-    pub const ALL: [Flag; 7] = [Flag::Cf, Flag::Pf, Flag::Af, Flag::Zf, Flag::Sf, Flag::Df, Flag::Of];
+    pub const ALL: [Flag; 7] = [
+        Flag::Cf,
+        Flag::Pf,
+        Flag::Af,
+        Flag::Zf,
+        Flag::Sf,
+        Flag::Df,
+        Flag::Of,
+    ];
 
     pub fn name(self) -> &'static str {
         ["cf", "pf", "af", "zf", "sf", "df", "of"][self as usize]

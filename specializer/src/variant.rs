@@ -13,7 +13,7 @@ pub(crate) const LABEL_BASE: u64 = 0xdead_0000_0000_0000;
 
 /// Whether `ip` is one of our label addresses.
 pub(crate) fn is_label(ip: u64) -> bool {
-    ip >= LABEL_BASE && ip < LABEL_BASE + (1 << 40)
+    (LABEL_BASE..LABEL_BASE + (1 << 40)).contains(&ip)
 }
 
 /// One emitted instruction and the deopt information at its start.
@@ -86,7 +86,8 @@ impl Variant {
                     self.items[i - 1].ins.declare_data_len()
                 } else {
                     let bytes = code.get(prev..).unwrap_or(&[]);
-                    let mut d = Decoder::with_ip(64, bytes, base.0 + prev as u64, DecoderOptions::NONE);
+                    let mut d =
+                        Decoder::with_ip(64, bytes, base.0 + prev as u64, DecoderOptions::NONE);
                     d.decode().len()
                 };
                 prev + len

@@ -1,0 +1,388 @@
+//! In-process tests: specialize real compiled code and run original and variant side by side.
+
+use crate::*;
+use iced_x86::code_asm::*;
+use std::path::{Path, PathBuf};
+
+/// Readable ranges of this process (from /proc/self/maps) with their constness.
+pub(crate) struct SelfMemory {
+    ranges: Vec<(u64, u64, bool)>,
+}
+
+impl SelfMemory {
+    /// `extra_const`: page-aligned ranges (e.g. a bytecode buffer) to treat as constant.
+    pub(crate) fn new(extra_const: &[(u64, u64)]) -> SelfMemory {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap_or_default();
+        let mut ranges = Vec::new();
+        for line in maps.lines() {
+            let mut it = line.split_whitespace();
+            let (Some(r), Some(perm)) = (it.next(), it.next()) else {
+                continue;
+            };
+            let Some((a, b)) = r.split_once('-') else {
+                continue;
+            };
+            let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+                continue;
+            };
+            if !perm.starts_with('r') {
+                continue;
+            }
+            let cst = !perm.contains('w');
+            ranges.push((a, b, cst));
+        }
+        for &(a, b) in extra_const {
+            ranges.push((a, b, true));
+        }
+        SelfMemory { ranges }
+    }
+}
+
+impl Memory for SelfMemory {
+    fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let end = addr.0 + buf.len() as u64;
+        let ok = self.ranges.iter().any(|&(a, b, _)| addr.0 >= a && end <= b);
+        if !ok {
+            return Err(MemoryError::Unreadable(addr));
+        }
+        // SAFETY: the range lies inside a readable mapping of this process.
+        unsafe { std::ptr::copy_nonoverlapping(addr.0 as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+    fn is_constant(&self, page: Addr) -> bool {
+        // Later entries (explicit constant ranges) win over the maps.
+        self.ranges
+            .iter()
+            .rev()
+            .find(|&&(a, b, _)| page.0 >= a && page.0 < b)
+            .map(|r| r.2)
+            .unwrap_or(false)
+    }
+}
+
+/// Executable copy of encoded code.
+pub(crate) struct ExecCode {
+    map: memmap2::Mmap,
+}
+
+impl ExecCode {
+    /// Map `size` bytes, let `f` produce code for the mapping's address, make it executable.
+    pub(crate) fn build(size: usize, f: impl FnOnce(u64) -> Vec<u8>) -> ExecCode {
+        let mut m = memmap2::MmapMut::map_anon(size.max(4096)).expect("mmap");
+        let base = m.as_ptr() as u64;
+        let code = f(base);
+        assert!(code.len() <= m.len());
+        m[..code.len()].copy_from_slice(&code);
+        ExecCode {
+            map: m.make_exec().expect("mprotect"),
+        }
+    }
+    pub(crate) fn addr(&self) -> u64 {
+        self.map.as_ptr() as u64
+    }
+}
+
+/// Assemble a function with code_asm into executable memory.
+fn asm_fn(f: impl Fn(&mut CodeAssembler)) -> ExecCode {
+    ExecCode::build(4096, |base| {
+        let mut a = CodeAssembler::new(64).unwrap();
+        f(&mut a);
+        a.assemble(base).unwrap()
+    })
+}
+
+fn specialize_fn(
+    code: &ExecCode,
+    len: u64,
+    known: &[(Gpr, u64)],
+    consts: &[(u64, u64)],
+) -> (Variant, ExecCode) {
+    let mut k = KnownState::default();
+    for &(g, v) in known {
+        k.set_reg(g, Some(v));
+    }
+    let req = Request {
+        entry: Addr(code.addr()),
+        region_start: Addr(code.addr()),
+        region_end: Addr(code.addr() + len),
+        known: k,
+        options: Options::default(),
+    };
+    let mem = SelfMemory::new(consts);
+    let v = specialize(&req, &mem).expect("specialize");
+    let exec = ExecCode::build(1 << 20, |base| v.encode(Addr(base)).expect("encode").code);
+    (v, exec)
+}
+
+type Fn2 = extern "C" fn(u64, u64) -> u64;
+
+fn call2(addr: u64, a: u64, b: u64) -> u64 {
+    // SAFETY: addr points at executable code following the SysV ABI for two integer args.
+    let f: Fn2 = unsafe { std::mem::transmute(addr as *const u8) };
+    f(a, b)
+}
+
+#[test]
+fn folds_arith_and_flags() {
+    // rax = rdi * 3 + rsi; if rdi > 5 then rax += 100
+    let code = asm_fn(|a| {
+        let mut big = a.create_label();
+        let mut out = a.create_label();
+        a.lea(rax, ptr(rdi + rdi * 2)).unwrap();
+        a.add(rax, rsi).unwrap();
+        a.cmp(rdi, 5).unwrap();
+        a.ja(big).unwrap();
+        a.jmp(out).unwrap();
+        a.set_label(&mut big).unwrap();
+        a.add(rax, 100).unwrap();
+        a.set_label(&mut out).unwrap();
+        a.ret().unwrap();
+    });
+    for x in [1u64, 7] {
+        let (v, var) = specialize_fn(&code, 64, &[(Gpr::Rdi, x)], &[]);
+        for y in [0u64, 5, u64::MAX] {
+            assert_eq!(call2(var.addr(), x, y), call2(code.addr(), x, y));
+        }
+        let asm = v.residual_asm();
+        assert!(!asm.iter().any(|l| l.starts_with("cmp rdi")), "{asm:?}");
+    }
+}
+
+#[test]
+fn carry_chain_and_setcc() {
+    // rax = (rdi + 0xffffffff) as u32 carry -> setc; plus sub-register merges
+    let code = asm_fn(|a| {
+        a.mov(eax, edi).unwrap();
+        a.add(eax, -1i32).unwrap();
+        a.setc(cl).unwrap();
+        a.movzx(ecx, cl).unwrap();
+        a.mov(ah, 0x12).unwrap();
+        a.adc(rax, rsi).unwrap();
+        a.shl(rax, 3).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.ret().unwrap();
+    });
+    for x in [0u64, 1, 0x1_0000_0000] {
+        let (_, var) = specialize_fn(&code, 64, &[(Gpr::Rdi, x)], &[]);
+        for y in [0u64, 3, u64::MAX] {
+            assert_eq!(
+                call2(var.addr(), x, y),
+                call2(code.addr(), x, y),
+                "x={x} y={y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn loop_with_unknown_bound_terminates() {
+    // for (i = 0; i < rsi; i++) rax += i * rdi
+    let code = asm_fn(|a| {
+        let mut top = a.create_label();
+        let mut done = a.create_label();
+        a.xor(eax, eax).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.set_label(&mut top).unwrap();
+        a.cmp(rcx, rsi).unwrap();
+        a.jae(done).unwrap();
+        a.mov(rdx, rcx).unwrap();
+        a.imul_2(rdx, rdi).unwrap();
+        a.add(rax, rdx).unwrap();
+        a.inc(rcx).unwrap();
+        a.jmp(top).unwrap();
+        a.set_label(&mut done).unwrap();
+        a.ret().unwrap();
+    });
+    let (v, var) = specialize_fn(&code, 64, &[(Gpr::Rdi, 3)], &[]);
+    for y in [0u64, 1, 5, 100] {
+        assert_eq!(call2(var.addr(), 3, y), call2(code.addr(), 3, y));
+    }
+    assert!(v.instruction_count() < 400, "{}", v.instruction_count());
+}
+
+/// Compile a sample as a shared object into a temp dir; `None` without gcc.
+fn build_sample(name: &str) -> Option<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../samples")
+        .join(format!("{name}.c"));
+    let dir = std::env::temp_dir().join(format!("specializer-native-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let out = dir.join(format!("{name}.so"));
+    let st = std::process::Command::new("gcc")
+        .args(["-O2", "-DDYNSPEC_NO_MAIN", "-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .ok()?;
+    st.success().then_some(out)
+}
+
+/// Symbol size from `nm -S`.
+fn symbol_size(so: &Path, sym: &str) -> u64 {
+    let out = std::process::Command::new("nm")
+        .arg("-S")
+        .arg(so)
+        .output()
+        .expect("nm");
+    let text = String::from_utf8_lossy(&out.stdout);
+    for l in text.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 4 && f[3] == sym {
+            return u64::from_str_radix(f[1], 16).expect("size");
+        }
+    }
+    panic!("no symbol {sym}");
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Insn {
+    op: i32,
+    res: i32,
+    op1: i32,
+    op2: i32,
+}
+
+type InterpRun = extern "C" fn(*const Insn, *mut i64) -> i64;
+type DemoProgram = extern "C" fn(i64, *mut usize) -> *mut Insn;
+
+fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
+    let t = std::time::Instant::now();
+    let r = f();
+    (r, t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn interp_switch_differential() {
+    let Some(so) = build_sample("interp_switch") else {
+        eprintln!("gcc not available; skipping");
+        return;
+    };
+    let size = symbol_size(&so, "interp_run");
+    // SAFETY: loading a sample library we just compiled; it has no constructors.
+    let lib = unsafe { libloading::Library::new(&so) }.expect("dlopen");
+    // SAFETY: symbol types match the C declarations in samples/interp_switch.c.
+    let run: libloading::Symbol<InterpRun> = unsafe { lib.get(b"interp_run") }.expect("sym");
+    // SAFETY: as above.
+    let demo: libloading::Symbol<DemoProgram> =
+        unsafe { lib.get(b"interp_demo_program") }.expect("sym");
+    let mut n = 0usize;
+    let iterations: i64 = std::env::var("INTERP_SIZE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    let prog = demo(iterations, &mut n);
+    assert!(!prog.is_null());
+    let entry = *run as usize as u64;
+    let page = prog as u64;
+    let mut known = KnownState::default();
+    known.set_reg(Gpr::Rdi, Some(page));
+    let req = Request {
+        entry: Addr(entry),
+        region_start: Addr(entry),
+        region_end: Addr(entry + size),
+        known,
+        options: Options::default(),
+    };
+    let mem = SelfMemory::new(&[(page, page + 4096)]);
+    let v = specialize(&req, &mem).expect("specialize");
+    if std::env::var("SHOW_ASM").is_ok() {
+        for l in v.residual_asm() {
+            eprintln!("{l}");
+        }
+    }
+    eprintln!("stats {:?} exits {}", v.stats, v.exits.len());
+    let exec = ExecCode::build(1 << 20, |base| v.encode(Addr(base)).expect("encode").code);
+    // SAFETY: the variant follows the same ABI as interp_run.
+    let var: InterpRun = unsafe { std::mem::transmute(exec.addr() as *const u8) };
+    let mut env1 = [0i64; 8];
+    let mut env2 = [0i64; 8];
+    let (r1, t1) = time(|| run(prog, env1.as_mut_ptr()));
+    let (r2, t2) = time(|| var(prog, env2.as_mut_ptr()));
+    eprintln!("native {t1:.4}s variant {t2:.4}s ratio {:.2}", t1 / t2);
+    assert_eq!(r1, r2);
+    assert_eq!(env1, env2);
+    assert!(v.guard_pages.contains(&Addr(page)));
+}
+
+type BpfRun = extern "C" fn(*const u8, *const u8, u32) -> u32;
+type BpfFilter = extern "C" fn(*mut u32) -> *mut u8;
+type BpfPacket = extern "C" fn(*mut u64, *mut u8) -> u32;
+
+#[test]
+fn bpf_filter_differential() {
+    let Some(so) = build_sample("bpf_filter") else {
+        eprintln!("gcc not available; skipping");
+        return;
+    };
+    let size = symbol_size(&so, "bpf_run");
+    // SAFETY: loading a sample library we just compiled.
+    let lib = unsafe { libloading::Library::new(&so) }.expect("dlopen");
+    // SAFETY: symbol types match samples/bpf_filter.c.
+    let run: libloading::Symbol<BpfRun> = unsafe { lib.get(b"bpf_run") }.expect("sym");
+    // SAFETY: as above.
+    let filt: libloading::Symbol<BpfFilter> = unsafe { lib.get(b"bpf_demo_filter") }.expect("sym");
+    // SAFETY: as above.
+    let pkt: libloading::Symbol<BpfPacket> = unsafe { lib.get(b"bpf_demo_packet") }.expect("sym");
+    let mut n = 0u32;
+    let prog = filt(&mut n);
+    let entry = *run as usize as u64;
+    let page = prog as u64;
+    let mut known = KnownState::default();
+    known.set_reg(Gpr::Rdi, Some(page));
+    let req = Request {
+        entry: Addr(entry),
+        region_start: Addr(entry),
+        region_end: Addr(entry + size),
+        known,
+        options: Options::default(),
+    };
+    let mem = SelfMemory::new(&[(page, page + 4096)]);
+    let v = specialize(&req, &mem).expect("specialize");
+    if std::env::var("SHOW_ASM").is_ok() {
+        for l in v.residual_asm() {
+            eprintln!("{l}");
+        }
+    }
+    eprintln!("stats {:?} exits {}", v.stats, v.exits.len());
+    let exec = ExecCode::build(1 << 20, |base| v.encode(Addr(base)).expect("encode").code);
+    // SAFETY: the variant follows the same ABI as bpf_run.
+    let var: BpfRun = unsafe { std::mem::transmute(exec.addr() as *const u8) };
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut pool = vec![[0u8; 128]; 512];
+    let mut lens = vec![0u32; 512];
+    for i in 0..512 {
+        lens[i] = pkt(&mut rng, pool[i].as_mut_ptr());
+    }
+    let rounds: usize = std::env::var("BPF_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let (s1, t1) = time(|| {
+        let mut s = 0u64;
+        for _ in 0..rounds {
+            for i in 0..512 {
+                s += run(prog, pool[i].as_ptr(), lens[i]) as u64;
+            }
+        }
+        s
+    });
+    let (s2, t2) = time(|| {
+        let mut s = 0u64;
+        for _ in 0..rounds {
+            for i in 0..512 {
+                s += var(prog, pool[i].as_ptr(), lens[i]) as u64;
+            }
+        }
+        s
+    });
+    eprintln!("native {t1:.4}s variant {t2:.4}s ratio {:.2}", t1 / t2);
+    for i in 0..512 {
+        assert_eq!(
+            run(prog, pool[i].as_ptr(), lens[i]),
+            var(prog, pool[i].as_ptr(), lens[i]),
+            "packet {i}"
+        );
+    }
+    assert_eq!(s1, s2);
+}
