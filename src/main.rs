@@ -94,6 +94,10 @@ fn parse_secs(s: &str) -> Result<Duration, String> {
 }
 
 fn main() {
+    // The Rust runtime ignores SIGPIPE; restore the default so the traced program inherits the disposition it
+    // would have natively (and `dynspec report | head` ends quietly like any Unix tool).
+    // SAFETY: setting a default disposition has no memory-safety preconditions; no other thread exists yet.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let code = match dispatch(cli) {
         Ok(code) => code,

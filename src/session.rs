@@ -273,6 +273,12 @@ struct Session {
 /// Run a whole session and write its report.
 pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     signals::install().context("cannot install dynspec's signal handlers")?;
+    // Before touching the target, so a bad rate never leaves a half-started program behind.
+    let sampler = Sampler::new(SamplerConfig {
+        rate_hz: cfg.rate_hz,
+        ..Default::default()
+    })
+    .context("cannot set up perf_event sampling")?;
     let (tracer, command, attach_pid) = match &target {
         Target::Run { argv, shown } => {
             let t = Tracer::spawn(argv)
@@ -291,11 +297,6 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     let root = tracer.root();
     let mut code = CodeMap::default();
     code.preload(root);
-    let sampler = Sampler::new(SamplerConfig {
-        rate_hz: cfg.rate_hz,
-        ..Default::default()
-    })
-    .context("cannot set up perf_event sampling")?;
     let start = Instant::now();
     let mut s = Session {
         cfg: cfg.clone(),

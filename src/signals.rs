@@ -24,12 +24,20 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
 }
 
 /// Catch SIGINT and SIGTERM from now on. Children inherit the handler only until execve, which resets caught
-/// signals to their default, so traced programs see their normal dispositions.
+/// signals to their default, so traced programs see their normal dispositions. A signal that was already ignored
+/// when dynspec started (`nohup`, background jobs of a script) stays ignored, so the program inherits that too.
 pub fn install() -> std::io::Result<()> {
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: a zeroed sigaction is a valid starting point; we set a handler with the SA_SIGINFO signature and
-        // an empty mask, and pass valid pointers to sigaction.
+        // SAFETY: a zeroed sigaction is a valid starting point; we query the current disposition, then set a handler
+        // with the SA_SIGINFO signature and an empty mask, passing valid pointers to sigaction.
         unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if old.sa_sigaction == libc::SIG_IGN {
+                continue;
+            }
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_signal as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;

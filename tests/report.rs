@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
-use common::{dynspec, output_of, run_native, sample, text, TempDir};
+use common::{dynspec, output_of, run_native, sample, text, tracer_pid, ChildGuard, TempDir};
 use serde_json::Value;
 
 /// Sizes that keep the sample busy for ~1-2 s: longer than the two 0.3 s profiling windows.
@@ -244,4 +244,198 @@ fn default_report_path_keeps_the_previous_one() {
     let out = output_of(cmd, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).contains("interp_run"));
+}
+
+/// Wait (bounded number of polls, not a timing assertion) until `cond` holds.
+fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    for _ in 0..3000 {
+        if cond() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("gave up waiting until {what}");
+}
+
+/// First child process of `pid` (dynspec's traced program), if it has one yet.
+fn first_child(pid: u32) -> Option<u32> {
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    kids.split_whitespace().next()?.parse().ok()
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill has no memory-safety preconditions; the pid is a child we own.
+    let rc = unsafe { libc::kill(pid as i32, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig})");
+}
+
+/// Whether `sig` is pending for process `pid` (shared or per-thread mask in /proc/PID/status).
+fn signal_pending(pid: u32, sig: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    let bit = 1u64 << (sig - 1);
+    status
+        .lines()
+        .filter(|l| l.starts_with("SigPnd:") || l.starts_with("ShdPnd:"))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .any(|mask| mask & bit != 0)
+}
+
+fn spawn_dynspec(args: &[&str], report: &Path, cmd: &[&str]) -> ChildGuard {
+    let mut c = Command::new(dynspec());
+    c.args(args)
+        .arg("--report")
+        .arg(report)
+        .arg("--")
+        .args(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    ChildGuard::new(c.spawn().expect("spawn dynspec"))
+}
+
+#[test]
+fn run_mode_survives_an_interrupt_sent_to_dynspec() {
+    let dir = TempDir::new();
+    let report = dir.join("r.json");
+    // The program ignores SIGINT; dynspec passes the SIGINT on and keeps tracing until the program exits.
+    let script =
+        "trap '' INT; i=0; while [ $i -lt 20 ]; do i=$((i+1)); sleep 0.05; done; echo done";
+    let mut d = spawn_dynspec(
+        &["run", "--profile-only", "-q"],
+        &report,
+        &["sh", "-c", script],
+    );
+    let pid = d.id();
+    wait_until("dynspec started the program", || first_child(pid).is_some());
+    signal(pid, libc::SIGINT);
+    let out = d.wait_output();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "status {:?} stderr: {}",
+        out.status,
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "done\n");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    assert_eq!(r["exit_status"]["code"], 0);
+}
+
+#[test]
+fn run_mode_second_interrupt_kills_the_program_and_writes_the_report() {
+    let dir = TempDir::new();
+    let report = dir.join("r.json");
+    let script = "trap '' INT; sleep 60; echo not reached";
+    let mut d = spawn_dynspec(
+        &["run", "--profile-only", "-q"],
+        &report,
+        &["sh", "-c", script],
+    );
+    let pid = d.id();
+    wait_until("dynspec started the program", || first_child(pid).is_some());
+    let child = first_child(pid).expect("child");
+    signal(pid, libc::SIGINT);
+    // Standard signals do not queue: send the second only once the first reached dynspec's handler.
+    wait_until("the first SIGINT was delivered", || {
+        !signal_pending(pid, libc::SIGINT)
+    });
+    signal(pid, libc::SIGINT);
+    let out = d.wait_output();
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGINT),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(text(&out.stdout), "");
+    assert!(report.is_file(), "no report after the second interrupt");
+    wait_until("the program is gone", || {
+        tracer_pid(child).is_none_or(|_| {
+            // A zombie still has a /proc entry until its parent (gone too) is reaped by init.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .map(|s| s.contains(") Z ") || s.contains(") X "))
+                .unwrap_or(true)
+        })
+    });
+}
+
+#[test]
+fn attach_mode_sigterm_detaches_and_writes_the_report() {
+    let bin = sample("interp_switch");
+    let native = run_native(&bin, &["30000000"]);
+    let mut target = Command::new(&bin);
+    target
+        .arg("30000000")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let target = ChildGuard::new(target.spawn().expect("spawn target"));
+    let tpid = target.id();
+    let dir = TempDir::new();
+    let report = dir.join("attach.json");
+    let mut c = Command::new(dynspec());
+    c.args(["attach", &tpid.to_string(), "-q", "--report"])
+        .arg(&report)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let d = ChildGuard::new(c.spawn().expect("spawn dynspec attach"));
+    let dpid = d.id();
+    wait_until("dynspec traces the target", || {
+        tracer_pid(tpid) == Some(dpid)
+    });
+    signal(dpid, libc::SIGTERM);
+    let out = d.wait_output();
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert_eq!(text(&out.stderr), "", "-q must be silent");
+    // Detached: the program is untraced and finishes exactly as it would have.
+    assert_eq!(tracer_pid(tpid), Some(0), "still traced after detach");
+    let tout = target.wait_output();
+    assert!(tout.status.success());
+    assert_eq!(tout.stdout, native.stdout);
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    assert_eq!(r["pid"], tpid);
+    assert!(r["exit_status"].is_null());
+    assert!(r.get("command").is_none());
+}
+
+#[test]
+fn program_inherits_native_signal_dispositions() {
+    // What the program sees of ignored/blocked signals must not depend on dynspec (SIGPIPE, SIGINT...).
+    let script = "grep -E '^(SigIgn|SigBlk)' /proc/self/status";
+    let native = output_of(
+        {
+            let mut c = Command::new("sh");
+            c.args(["-c", script]);
+            c
+        },
+        None,
+    );
+    let dir = TempDir::new();
+    let mut c = Command::new(dynspec());
+    c.args(["run", "--profile-only", "-q", "--report"])
+        .arg(dir.join("r.json"))
+        .args(["--", "sh", "-c", script]);
+    let traced = output_of(c, None);
+    assert!(traced.status.success(), "{}", text(&traced.stderr));
+    // Only the classic signals 1..=31: glibc reserves 32 and 33 for itself and its posix_spawn marks them ignored
+    // in children depending on how the parent was started.
+    let classic = |o: &Output| -> Vec<(String, u64)> {
+        text(&o.stdout)
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                Some((
+                    k.to_string(),
+                    u64::from_str_radix(v.trim(), 16).ok()? & 0x7fff_ffff,
+                ))
+            })
+            .collect()
+    };
+    assert_eq!(classic(&traced), classic(&native));
+    assert_eq!(classic(&native).len(), 2);
 }
