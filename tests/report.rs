@@ -302,7 +302,7 @@ fn run_mode_survives_an_interrupt_sent_to_dynspec() {
     // The program ignores SIGINT; dynspec passes the SIGINT on and keeps tracing until the program exits.
     let script =
         "trap '' INT; i=0; while [ $i -lt 20 ]; do i=$((i+1)); sleep 0.05; done; echo done";
-    let mut d = spawn_dynspec(
+    let d = spawn_dynspec(
         &["run", "--profile-only", "-q"],
         &report,
         &["sh", "-c", script],
@@ -329,7 +329,7 @@ fn run_mode_second_interrupt_kills_the_program_and_writes_the_report() {
     let dir = TempDir::new();
     let report = dir.join("r.json");
     let script = "trap '' INT; sleep 60; echo not reached";
-    let mut d = spawn_dynspec(
+    let d = spawn_dynspec(
         &["run", "--profile-only", "-q"],
         &report,
         &["sh", "-c", script],
