@@ -593,3 +593,5 @@ pub fn reachable_boundaries(code: &[u8], base: u64) -> Vec<u64> {
     }
     seen.into_iter().collect()
 }
+
+pub mod native_lib;

@@ -1,0 +1,189 @@
+//! Build a sample C file as a shared library, load it in-process and find its functions (address and size), for differential tests and benchmarks.
+
+use super::{ExecBuf, SelfMemory};
+use specializer::{Addr, Encoded, Gpr, KnownState, Options, Request, Variant};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A sample compiled with `gcc -O2 -DDYNSPEC_NO_MAIN -shared -fPIC` and dlopen'ed.
+pub struct SampleLib {
+    pub path: PathBuf,
+    lib: libloading::Library,
+    /// Symbol table from `nm -S`: name -> (offset in the file, size).
+    syms: Vec<(String, u64, u64)>,
+    _dir: TempDir,
+}
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("dynspec-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The repository's samples/ directory.
+pub fn samples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples")
+}
+
+impl SampleLib {
+    /// Compile `samples/<name>.c` and load it.
+    pub fn build(name: &str) -> SampleLib {
+        let dir = TempDir::new(name);
+        let src = samples_dir().join(format!("{name}.c"));
+        let path = dir.0.join(format!("lib{name}.so"));
+        let out = Command::new("gcc")
+            .args(["-O2", "-DDYNSPEC_NO_MAIN", "-shared", "-fPIC", "-o"])
+            .arg(&path)
+            .arg(&src)
+            .output()
+            .expect("run gcc");
+        assert!(
+            out.status.success(),
+            "gcc failed on {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let nm = Command::new("nm")
+            .args(["-S", "--defined-only"])
+            .arg(&path)
+            .output()
+            .expect("run nm");
+        assert!(nm.status.success(), "nm failed");
+        let syms = String::from_utf8_lossy(&nm.stdout)
+            .lines()
+            .filter_map(|l| {
+                let p: Vec<&str> = l.split_whitespace().collect();
+                if p.len() != 4 {
+                    return None;
+                }
+                Some((
+                    p[3].to_string(),
+                    u64::from_str_radix(p[0], 16).ok()?,
+                    u64::from_str_radix(p[1], 16).ok()?,
+                ))
+            })
+            .collect();
+        // SAFETY: loading a library we just compiled from the repository's sample sources;
+        // its initializers are the C runtime's.
+        let lib = unsafe { libloading::Library::new(&path) }.expect("dlopen sample");
+        SampleLib {
+            path,
+            lib,
+            syms,
+            _dir: dir,
+        }
+    }
+
+    /// Runtime address and size of a function.
+    pub fn function(&self, name: &str) -> (Addr, u64) {
+        let (_, off, size) = self
+            .syms
+            .iter()
+            .find(|s| s.0 == name)
+            .unwrap_or_else(|| panic!("{name} not in the symbol table"));
+        let addr = self.raw_symbol(name);
+        let _ = off;
+        (Addr(addr), *size)
+    }
+
+    /// Runtime address of any symbol.
+    pub fn raw_symbol(&self, name: &str) -> u64 {
+        let cname = format!("{name}\0");
+        // SAFETY: we only take the symbol's address, typed as a pointer.
+        let s: libloading::Symbol<*const u8> =
+            unsafe { self.lib.get(cname.as_bytes()) }.expect("dlsym");
+        *s as u64
+    }
+
+    /// A function pointer of type `F` for a symbol.
+    ///
+    /// # Safety
+    /// `F` must be the symbol's real C type.
+    pub unsafe fn func<F: Copy>(&self, name: &str) -> F {
+        let cname = format!("{name}\0");
+        // SAFETY: the caller guarantees the type.
+        let s: libloading::Symbol<F> = unsafe { self.lib.get(cname.as_bytes()) }.expect("dlsym");
+        *s
+    }
+
+    /// A memory view of this process where the library's read-only mappings
+    /// and the given ranges are constant.
+    pub fn memory(&self, constant: &[(u64, u64)]) -> SelfMemory {
+        let mut m = SelfMemory::new();
+        let name = self.path.file_name().unwrap().to_string_lossy().to_string();
+        let n = m.add_constant_file_mappings(&name);
+        assert!(n > 0, "no read-only mappings of {name} found");
+        for (s, e) in constant {
+            m.add_constant(*s, *e);
+        }
+        m
+    }
+}
+
+/// A specialized function ready to call.
+pub struct Specialized {
+    pub variant: Variant,
+    pub encoded: Encoded,
+    pub buf: ExecBuf,
+}
+
+impl Specialized {
+    pub fn addr(&self) -> u64 {
+        self.buf.addr()
+    }
+
+    /// A function pointer to the variant.
+    ///
+    /// # Safety
+    /// `F` must be the original function's type.
+    pub unsafe fn func<F: Copy>(&self) -> F {
+        assert_eq!(std::mem::size_of::<F>(), 8);
+        // SAFETY: the variant is entered like the original function (same ABI); caller
+        // guarantees the type.
+        unsafe { std::mem::transmute_copy::<u64, F>(&self.addr()) }
+    }
+}
+
+/// Specialize `func` (address, size) with `rdi` known, encode it into a fresh
+/// executable buffer.
+pub fn specialize_function(
+    func: (Addr, u64),
+    rdi: u64,
+    mem: &SelfMemory,
+    options: Options,
+) -> Specialized {
+    let mut known = KnownState::default();
+    known.set_reg(Gpr::Rdi, Some(rdi));
+    let req = Request {
+        entry: func.0,
+        region_start: func.0,
+        region_end: func.0.offset(func.1),
+        known,
+        options,
+    };
+    let variant = specializer::specialize(&req, mem).expect("specialize");
+    // Encode twice: once to learn the size, then at the buffer's real address.
+    let probe = variant.encode(Addr(0x1000_0000)).expect("encode");
+    let buf = ExecBuf::anywhere(probe.code.len() + 4096);
+    let encoded = variant.encode(Addr(buf.addr())).expect("encode at buffer");
+    assert!(encoded.code.len() <= buf.map.len);
+    buf.write(0, &encoded.code);
+    Specialized {
+        variant,
+        encoded,
+        buf,
+    }
+}

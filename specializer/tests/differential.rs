@@ -1,0 +1,425 @@
+//! Differential tests: the sample interpreters (samples/interp_switch.c, samples/bpf_filter.c) compiled with gcc -O2, specialized in-process for a known program, must compute exactly what the original computes on many inputs.
+//!
+//! Each test compiles the sample as a shared library, dlopens it, declares the
+//! program buffer and the library's read-only mappings constant, specializes
+//! the hot function from its entry with `rdi` = the program, encodes the
+//! variant into an executable buffer and calls original and variant through
+//! function pointers with identical inputs, comparing return values and the
+//! memory they write. It also checks the deopt map covers every instruction
+//! boundary and the guard pages are constant pages.
+
+mod common;
+
+use common::native_lib::{specialize_function, SampleLib, Specialized};
+use common::{Mapping, SelfMemory};
+use specializer::{Memory, Options};
+
+type InterpRun = unsafe extern "C" fn(*const Insn, *mut i64) -> i64;
+type InterpDemo = unsafe extern "C" fn(i64, *mut usize) -> *mut Insn;
+type BpfRun = unsafe extern "C" fn(*const BpfInsn, *const u8, u32) -> u32;
+type BpfDemoFilter = unsafe extern "C" fn(*mut u32) -> *mut BpfInsn;
+type BpfDemoPacket = unsafe extern "C" fn(*mut u64, *mut u8) -> u32;
+
+/// `struct insn { int32_t op, res, op1, op2; }` from interp_switch.c.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Insn {
+    op: i32,
+    res: i32,
+    op1: i32,
+    op2: i32,
+}
+
+/// `struct bpf_insn { uint16_t code; uint8_t jt, jf; uint32_t k; }` from bpf_filter.c.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BpfInsn {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+
+const fn i(op: i32, res: i32, op1: i32, op2: i32) -> Insn {
+    Insn { op, res, op1, op2 }
+}
+
+const fn b(code: u16, jt: u8, jf: u8, k: u32) -> BpfInsn {
+    BpfInsn { code, jt, jf, k }
+}
+
+const HALT: i32 = 0;
+const MOVI: i32 = 1;
+const MOV: i32 = 2;
+const ADD: i32 = 3;
+const SUB: i32 = 4;
+const MUL: i32 = 5;
+const ADDI: i32 = 6;
+const XOR: i32 = 7;
+const ANDI: i32 = 8;
+const SHRI: i32 = 9;
+const BNEQ: i32 = 10;
+const JMP: i32 = 11;
+
+/// A program in a page of its own (so the constant page holds nothing else).
+struct Program {
+    map: Mapping,
+}
+
+impl Program {
+    fn new<T: Copy>(items: &[T]) -> Program {
+        let bytes = std::mem::size_of_val(items);
+        let map = Mapping::anywhere(bytes.max(1));
+        // SAFETY: `items` is a slice of plain-old-data repr(C) structs.
+        let raw = unsafe { std::slice::from_raw_parts(items.as_ptr() as *const u8, bytes) };
+        map.write(0, raw);
+        map.protect(0, map.len, libc::PROT_READ);
+        Program { map }
+    }
+    fn addr(&self) -> u64 {
+        self.map.addr
+    }
+    fn range(&self) -> (u64, u64) {
+        (self.map.addr, self.map.end())
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+/// Every instruction boundary of the variant has a deopt entry; guard pages are constant.
+fn check_variant(name: &str, s: &Specialized, mem: &SelfMemory) {
+    let offs = common::reachable_boundaries(&s.encoded.code, s.addr());
+    assert!(!offs.is_empty(), "{name}: empty variant");
+    let missing: Vec<u64> = offs
+        .iter()
+        .copied()
+        .filter(|o| !s.encoded.deopt.iter().any(|d| d.offset as u64 == *o))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{name}: {} of {} instruction boundaries have no deopt entry (first offsets {:x?})",
+        missing.len(),
+        offs.len(),
+        &missing[..missing.len().min(8)]
+    );
+    assert!(
+        s.encoded
+            .deopt
+            .windows(2)
+            .all(|w| w[0].offset <= w[1].offset),
+        "{name}: deopt map not sorted by offset"
+    );
+    for g in &s.variant.guard_pages {
+        assert!(
+            mem.is_constant(*g),
+            "{name}: guard page {g} is not constant"
+        );
+    }
+    assert_eq!(
+        s.encoded.exit_offsets.len(),
+        s.variant.exits.len(),
+        "{name}: exit_offsets must match exits"
+    );
+}
+
+fn interp_programs(lib: &SampleLib) -> Vec<(&'static str, Program)> {
+    let mut v = Vec::new();
+    // The demo program from the sample, with a small outer count.
+    // SAFETY: the documented signature of interp_demo_program.
+    let demo: InterpDemo = unsafe { lib.func("interp_demo_program") };
+    let mut n = 0usize;
+    // SAFETY: returns a malloc'ed page with n insns (we copy them and leak the original).
+    let p = unsafe { demo(37, &mut n) };
+    assert!(!p.is_null() && n > 0);
+    // SAFETY: p points to n initialized insns.
+    let prog = unsafe { std::slice::from_raw_parts(p, n) }.to_vec();
+    v.push(("demo", Program::new(&prog)));
+    v.push((
+        "all_ops",
+        Program::new(&[
+            i(MOVI, 2, 7, 0),
+            i(MOV, 3, 1, 0),
+            i(ADD, 4, 3, 2),
+            i(SUB, 5, 4, 0),
+            i(MUL, 6, 5, 3),
+            i(ADDI, 7, 6, -100),
+            i(XOR, 0, 7, 1),
+            i(ANDI, 0, 0, 0x7fff_0f0f),
+            i(SHRI, 2, 6, 3),
+            i(ADD, 0, 0, 2),
+            i(SHRI, 3, 6, 70), // count masked to 6
+            i(XOR, 0, 0, 3),
+            i(HALT, 0, 0, 0),
+        ]),
+    ));
+    v.push((
+        "env_loop",
+        Program::new(&[
+            i(ANDI, 1, 1, 15),
+            i(BNEQ, 0, 1, 3),
+            i(JMP, 0, 0, 8),
+            i(ADD, 0, 0, 2),
+            i(XOR, 2, 2, 0),
+            i(ADDI, 1, 1, -1),
+            i(SHRI, 3, 0, 1),
+            i(BNEQ, 0, 1, 3),
+            i(HALT, 0, 0, 0),
+        ]),
+    ));
+    v.push((
+        "bad_opcode",
+        Program::new(&[
+            i(MOVI, 0, 5, 0),
+            i(ADD, 0, 0, 1),
+            i(BNEQ, 0, 2, 4),
+            i(HALT, 0, 0, 0),
+            i(99, 0, 0, 0),
+        ]),
+    ));
+    v
+}
+
+#[test]
+fn interp_switch_variant_matches_original() {
+    let lib = SampleLib::build("interp_switch");
+    let func = lib.function("interp_run");
+    // SAFETY: the documented signature of interp_run.
+    let orig: InterpRun = unsafe { lib.func("interp_run") };
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    for (name, prog) in interp_programs(&lib) {
+        let mem = lib.memory(&[prog.range()]);
+        let s = specialize_function(func, prog.addr(), &mem, Options::default());
+        check_variant(name, &s, &mem);
+        // SAFETY: the variant has interp_run's ABI.
+        let var: InterpRun = unsafe { s.func() };
+        for round in 0..300 {
+            let mut env = [0i64; 8];
+            for e in env.iter_mut() {
+                let r = rng.next();
+                *e = if r & 3 == 0 {
+                    (r >> 8) as i64 % 20
+                } else {
+                    r as i64
+                };
+            }
+            let (mut e1, mut e2) = (env, env);
+            // SAFETY: the program is valid for interp_run and env has the slots it uses.
+            let r1 = unsafe { orig(prog.addr() as *const Insn, e1.as_mut_ptr()) };
+            // SAFETY: same inputs, same ABI.
+            let r2 = unsafe { var(prog.addr() as *const Insn, e2.as_mut_ptr()) };
+            assert_eq!(
+                (r1, e1),
+                (r2, e2),
+                "interp program {name}, round {round}, env {env:?}: original vs variant"
+            );
+        }
+        eprintln!(
+            "interp {name}: variant {} bytes, {} exits, stats {:?}",
+            s.encoded.code.len(),
+            s.variant.exits.len(),
+            s.variant.stats
+        );
+    }
+}
+
+const LD_W_ABS: u16 = 0x20;
+const LD_H_ABS: u16 = 0x28;
+const LD_B_ABS: u16 = 0x30;
+const LD_W_IND: u16 = 0x40;
+const LD_H_IND: u16 = 0x48;
+const LD_B_IND: u16 = 0x50;
+const LD_W_LEN: u16 = 0x80;
+const LD_IMM: u16 = 0x00;
+const LD_MEM: u16 = 0x60;
+const LDX_IMM: u16 = 0x01;
+const LDX_MEM: u16 = 0x61;
+const LDX_LEN: u16 = 0x81;
+const LDX_B_MSH: u16 = 0xb1;
+const ST: u16 = 0x02;
+const STX: u16 = 0x03;
+const ALU_ADD_K: u16 = 0x04;
+const ALU_ADD_X: u16 = 0x0c;
+const ALU_SUB_K: u16 = 0x14;
+const ALU_SUB_X: u16 = 0x1c;
+const ALU_MUL_K: u16 = 0x24;
+const ALU_MUL_X: u16 = 0x2c;
+const ALU_DIV_K: u16 = 0x34;
+const ALU_DIV_X: u16 = 0x3c;
+const ALU_AND_K: u16 = 0x54;
+const ALU_AND_X: u16 = 0x5c;
+const ALU_OR_K: u16 = 0x44;
+const ALU_OR_X: u16 = 0x4c;
+const ALU_XOR_K: u16 = 0xa4;
+const ALU_XOR_X: u16 = 0xac;
+const ALU_LSH_K: u16 = 0x64;
+const ALU_LSH_X: u16 = 0x6c;
+const ALU_RSH_K: u16 = 0x74;
+const ALU_RSH_X: u16 = 0x7c;
+const ALU_NEG: u16 = 0x84;
+const JMP_JA: u16 = 0x05;
+const JMP_JEQ_K: u16 = 0x15;
+const JMP_JEQ_X: u16 = 0x1d;
+const JMP_JGT_K: u16 = 0x25;
+const JMP_JGT_X: u16 = 0x2d;
+const JMP_JGE_K: u16 = 0x35;
+const JMP_JGE_X: u16 = 0x3d;
+const JMP_JSET_K: u16 = 0x45;
+const JMP_JSET_X: u16 = 0x4d;
+const RET_K: u16 = 0x06;
+const RET_A: u16 = 0x16;
+const MISC_TAX: u16 = 0x07;
+const MISC_TXA: u16 = 0x87;
+
+fn bpf_filters(lib: &SampleLib) -> Vec<(&'static str, Program)> {
+    let mut v = Vec::new();
+    // SAFETY: the documented signature of bpf_demo_filter.
+    let demo: BpfDemoFilter = unsafe { lib.func("bpf_demo_filter") };
+    let mut n = 0u32;
+    // SAFETY: returns a malloc'ed page with n insns (copied; the original is leaked).
+    let p = unsafe { demo(&mut n) };
+    assert!(!p.is_null() && n > 0);
+    // SAFETY: p points to n initialized insns.
+    let prog = unsafe { std::slice::from_raw_parts(p, n as usize) }.to_vec();
+    v.push(("demo", Program::new(&prog)));
+    v.push((
+        "alu",
+        Program::new(&[
+            b(LD_W_LEN, 0, 0, 0),
+            b(ST, 0, 0, 2),
+            b(LDX_IMM, 0, 0, 3),
+            b(LD_B_ABS, 0, 0, 14),
+            b(ALU_AND_K, 0, 0, 0xf),
+            b(ALU_LSH_K, 0, 0, 2),
+            b(MISC_TAX, 0, 0, 0),
+            b(LD_B_IND, 0, 0, 0),
+            b(ALU_ADD_X, 0, 0, 0),
+            b(ALU_MUL_K, 0, 0, 31),
+            b(ALU_XOR_K, 0, 0, 0x5a5a),
+            b(ALU_OR_K, 0, 0, 1),
+            b(ALU_DIV_K, 0, 0, 3),
+            b(ALU_NEG, 0, 0, 0),
+            b(ALU_RSH_K, 0, 0, 20),
+            b(ST, 0, 0, 3),
+            b(LD_MEM, 0, 0, 2),
+            b(ALU_SUB_K, 0, 0, 1),
+            b(JMP_JSET_K, 1, 0, 1),
+            b(RET_K, 0, 0, 7),
+            b(LDX_MEM, 0, 0, 3),
+            b(MISC_TXA, 0, 0, 0),
+            b(ALU_AND_K, 0, 0, 0xff),
+            b(JMP_JGE_K, 0, 1, 0x80),
+            b(RET_A, 0, 0, 0),
+            b(LD_H_IND, 0, 0, 2),
+            b(ALU_DIV_X, 0, 0, 0),
+            b(RET_A, 0, 0, 0),
+        ]),
+    ));
+    v.push((
+        "x_ops",
+        Program::new(&[
+            b(LDX_LEN, 0, 0, 0),
+            b(LD_IMM, 0, 0, 40),
+            b(JMP_JGT_X, 0, 1, 0),
+            b(RET_K, 0, 0, 1),
+            b(LDX_B_MSH, 0, 0, 14),
+            b(LD_W_IND, 0, 0, 0),
+            b(JMP_JEQ_X, 3, 0, 0),
+            b(ALU_ADD_X, 0, 0, 0),
+            b(JMP_JGE_X, 0, 1, 0),
+            b(JMP_JA, 0, 0, 1),
+            b(RET_K, 0, 0, 2),
+            b(ALU_SUB_X, 0, 0, 0),
+            b(JMP_JSET_X, 0, 1, 0),
+            b(RET_A, 0, 0, 0),
+            b(ALU_LSH_X, 0, 0, 0),
+            b(ALU_RSH_X, 0, 0, 0),
+            b(ALU_MUL_X, 0, 0, 0),
+            b(ALU_OR_X, 0, 0, 0),
+            b(ALU_XOR_X, 0, 0, 0),
+            b(ALU_AND_X, 0, 0, 0),
+            b(LD_W_ABS, 0, 0, 30),
+            b(ALU_SUB_X, 0, 0, 0),
+            b(JMP_JGT_K, 1, 0, 1000),
+            b(LD_H_ABS, 0, 0, 6),
+            b(JMP_JEQ_K, 0, 1, 0),
+            b(RET_K, 0, 0, 9),
+            b(ALU_ADD_K, 0, 0, 5),
+            b(STX, 0, 0, 4),
+            b(LDX_MEM, 0, 0, 4),
+            b(RET_A, 0, 0, 0),
+        ]),
+    ));
+    v.push((
+        "unknown_code",
+        Program::new(&[b(LD_IMM, 0, 0, 1), b(0x99, 0, 0, 0)]),
+    ));
+    v
+}
+
+#[test]
+fn bpf_filter_variant_matches_original() {
+    let lib = SampleLib::build("bpf_filter");
+    let func = lib.function("bpf_run");
+    // SAFETY: documented signatures.
+    let orig: BpfRun = unsafe { lib.func("bpf_run") };
+    // SAFETY: documented signature.
+    let packet: BpfDemoPacket = unsafe { lib.func("bpf_demo_packet") };
+    // Packets: synthetic frames from the sample's generator, then random bytes and lengths.
+    let mut pkts: Vec<(Vec<u8>, u32)> = Vec::new();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..3000 {
+        let mut buf = vec![0u8; 128];
+        // SAFETY: buf has BPF_DEMO_MAX_PKT (128) bytes; state is non-zero.
+        let len = unsafe { packet(&mut state, buf.as_mut_ptr()) };
+        pkts.push((buf, len));
+    }
+    let mut rng = Rng(0xdead_beef_cafe_f00d);
+    for _ in 0..1000 {
+        let buf: Vec<u8> = (0..128).map(|_| rng.next() as u8).collect();
+        let len = (rng.next() % 129) as u32;
+        pkts.push((buf, len));
+    }
+    let mut accepted = 0;
+    for (name, prog) in bpf_filters(&lib) {
+        let mem = lib.memory(&[prog.range()]);
+        let s = specialize_function(func, prog.addr(), &mem, Options::default());
+        check_variant(name, &s, &mem);
+        // SAFETY: the variant has bpf_run's ABI.
+        let var: BpfRun = unsafe { s.func() };
+        for (k, (buf, len)) in pkts.iter().enumerate() {
+            // SAFETY: pkt has at least len bytes (len <= 128 = buf.len()).
+            let r1 = unsafe { orig(prog.addr() as *const BpfInsn, buf.as_ptr(), *len) };
+            // SAFETY: same inputs, same ABI.
+            let r2 = unsafe { var(prog.addr() as *const BpfInsn, buf.as_ptr(), *len) };
+            assert_eq!(
+                r1, r2,
+                "bpf filter {name}, packet {k} (len {len}): original {r1}, variant {r2}"
+            );
+            if name == "demo" && r1 != 0 {
+                accepted += 1;
+            }
+        }
+        eprintln!(
+            "bpf {name}: variant {} bytes, {} exits, stats {:?}",
+            s.encoded.code.len(),
+            s.variant.exits.len(),
+            s.variant.stats
+        );
+    }
+    // The demo filter must accept some packets and drop others, or the comparison is weak.
+    assert!(
+        accepted > 0 && accepted < 3000,
+        "demo filter accepted {accepted}"
+    );
+}
