@@ -21,12 +21,33 @@ const STATUS_FLAGS: [Flag; 6] = [Flag::Cf, Flag::Pf, Flag::Af, Flag::Zf, Flag::S
 /// real register holds the value), the flags likewise. `fmat == false` means
 /// the known status flags are folded (the real flags are stale) and unknown
 /// status flags are don't-care (undefined or dead).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct AbsState {
     regs: [Option<u64>; 16],
     rmat: u16,
     flags: Flags,
     fmat: bool,
+    /// Widening hint, not part of the state's identity: registers whose
+    /// value came from constant memory or the entry state (directly or by
+    /// folded arithmetic on such values). These take finitely many values.
+    stat: u16,
+}
+
+impl PartialEq for AbsState {
+    fn eq(&self, o: &AbsState) -> bool {
+        self.regs == o.regs && self.rmat == o.rmat && self.flags == o.flags && self.fmat == o.fmat
+    }
+}
+
+impl Eq for AbsState {}
+
+impl std::hash::Hash for AbsState {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.regs.hash(h);
+        self.rmat.hash(h);
+        self.flags.hash(h);
+        self.fmat.hash(h);
+    }
 }
 
 impl AbsState {
@@ -36,7 +57,13 @@ impl AbsState {
             rmat: 0xffff,
             flags: k.flags,
             fmat: true,
+            stat: 0,
         };
+        for g in Gpr::ALL {
+            if s.get(g).is_some() {
+                s.stat |= 1 << g.index();
+            }
+        }
         s.normalize();
         s
     }
@@ -63,6 +90,7 @@ impl AbsState {
 
     fn set(&mut self, g: Gpr, v: Option<u64>, mat: bool) {
         self.regs[g.index()] = v;
+        self.stat &= !(1 << g.index());
         if v.is_some() && mat {
             self.rmat |= 1 << g.index();
         } else {
@@ -775,7 +803,12 @@ impl<'a> Engine<'a> {
             // Below the hard bound keep registers that address constant
             // loads and registers that only took a few distinct values
             // (they cannot drive an unbounded unrolling on their own).
-            let is_static = self.static_regs & (1 << i) != 0;
+            // A pointer into constant memory (a bytecode pc, its successor,
+            // a table) is what specialization feeds on; keep it too.
+            let points_to_constant =
+                st.regs[i].is_some_and(|v| self.mem.is_constant(Addr(v).page()));
+            let is_static =
+                self.static_regs & (1 << i) != 0 || points_to_constant || st.stat & (1 << i) != 0;
             if below_hard && (is_static || values.len() <= max) {
                 continue;
             }
@@ -1197,6 +1230,41 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// Whether a folded instruction's result derives only from constant
+    /// memory and static registers (see [`AbsState::stat`]).
+    fn inputs_static(st: &AbsState, ins: &Instruction) -> bool {
+        use Mnemonic as M;
+        let mnem = ins.mnemonic();
+        let reads_mem =
+            mnem != M::Lea && (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory);
+        if reads_mem {
+            return true;
+        }
+        let write_only0 = matches!(mnem, M::Mov | M::Movzx | M::Movsx | M::Movsxd | M::Lea)
+            || (mnem == M::Imul && ins.op_count() == 3);
+        let mut regs: Vec<Register> = Vec::new();
+        for i in 0..ins.op_count() {
+            match ins.op_kind(i) {
+                OpKind::Register if !(i == 0 && write_only0) => regs.push(ins.op_register(i)),
+                OpKind::Memory => {
+                    regs.push(ins.memory_base());
+                    regs.push(ins.memory_index());
+                }
+                _ => {}
+            }
+        }
+        if ins.op_count() == 2
+            && ins.op_kind(0) == OpKind::Register
+            && ins.op_kind(1) == OpKind::Register
+            && ins.op_register(0) == ins.op_register(1)
+            && matches!(mnem, M::Xor | M::Sub)
+        {
+            return false;
+        }
+        let gprs: Vec<Gpr> = regs.into_iter().filter_map(Gpr::containing).collect();
+        !gprs.is_empty() && gprs.iter().all(|g| st.stat & (1 << g.index()) != 0)
+    }
+
     /// Fold the instruction when everything is known and the result can be
     /// rebuilt later, else emit it residually and keep what is computable.
     #[allow(clippy::too_many_arguments)]
@@ -1251,8 +1319,14 @@ impl<'a> Engine<'a> {
             }
         }
         if fold {
+            let stat = Self::inputs_static(st, ins);
             for (r, v) in dests {
                 Self::write_reg(st, *r, *v, false);
+                if stat {
+                    if let Some(g) = Gpr::containing(*r) {
+                        st.stat |= 1 << g.index();
+                    }
+                }
             }
             if let Some((Some(nf), _)) = flags_out {
                 let was_mat = st.fmat;

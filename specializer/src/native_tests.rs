@@ -297,8 +297,15 @@ fn interp_switch_differential() {
     let var: InterpRun = unsafe { std::mem::transmute(exec.addr() as *const u8) };
     let mut env1 = [0i64; 8];
     let mut env2 = [0i64; 8];
-    let (r1, t1) = time(|| run(prog, env1.as_mut_ptr()));
-    let (r2, t2) = time(|| var(prog, env2.as_mut_ptr()));
+    let reps = if iterations > 10_000 { 5 } else { 1 };
+    let (mut r1, mut t1, mut r2, mut t2) = (0, f64::MAX, 0, f64::MAX);
+    for _ in 0..reps {
+        env1 = [0; 8];
+        env2 = [0; 8];
+        let (a, ta) = time(|| run(prog, env1.as_mut_ptr()));
+        let (b, tb) = time(|| var(prog, env2.as_mut_ptr()));
+        (r1, r2, t1, t2) = (a, b, t1.min(ta), t2.min(tb));
+    }
     eprintln!("native {t1:.4}s variant {t2:.4}s ratio {:.2}", t1 / t2);
     assert_eq!(r1, r2);
     assert_eq!(env1, env2);
@@ -358,24 +365,32 @@ fn bpf_filter_differential() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    let (s1, t1) = time(|| {
-        let mut s = 0u64;
-        for _ in 0..rounds {
-            for i in 0..512 {
-                s += run(prog, pool[i].as_ptr(), lens[i]) as u64;
+    let mut best = (f64::MAX, f64::MAX);
+    let (mut s1, mut s2) = (0, 0);
+    for _ in 0..if rounds > 10 { 5 } else { 1 } {
+        let (a, t1) = time(|| {
+            let mut s = 0u64;
+            for _ in 0..rounds {
+                for i in 0..512 {
+                    s += run(prog, pool[i].as_ptr(), lens[i]) as u64;
+                }
             }
-        }
-        s
-    });
-    let (s2, t2) = time(|| {
-        let mut s = 0u64;
-        for _ in 0..rounds {
-            for i in 0..512 {
-                s += var(prog, pool[i].as_ptr(), lens[i]) as u64;
+            s
+        });
+        let (b, t2) = time(|| {
+            let mut s = 0u64;
+            for _ in 0..rounds {
+                for i in 0..512 {
+                    s += var(prog, pool[i].as_ptr(), lens[i]) as u64;
+                }
             }
-        }
-        s
-    });
+            s
+        });
+        s1 = a;
+        s2 = b;
+        best = (best.0.min(t1), best.1.min(t2));
+    }
+    let (t1, t2) = best;
     eprintln!("native {t1:.4}s variant {t2:.4}s ratio {:.2}", t1 / t2);
     for i in 0..512 {
         assert_eq!(
