@@ -66,7 +66,7 @@ pub struct SamplerConfig {
 impl Default for SamplerConfig {
     fn default() -> Self {
         SamplerConfig {
-            rate_hz: 4999,
+            rate_hz: 1999,
             ring_data_pages: 64,
             drain_interval: Duration::from_millis(10),
             max_buffered: 1 << 20,
