@@ -69,7 +69,7 @@ fn bench_interp() {
     let bytes = unsafe { std::slice::from_raw_parts(p, n * 16) }.to_vec();
     let prog = program_page(&bytes);
     let mem = lib.memory(&[(prog.addr, prog.end())]);
-    let s = specialize_function(func, prog.addr, &mem, Options::default());
+    let s = specialize_function(func, prog.addr, &mem, Options::default()).expect("specialize");
     // SAFETY: the variant has interp_run's ABI.
     let var: InterpRun = unsafe { s.func() };
     let code = prog.addr as *const u8;
@@ -110,7 +110,7 @@ fn bench_bpf() {
         *l = unsafe { packet(&mut st, pool.as_mut_ptr().add(k * 128)) };
     }
     let mem = lib.memory(&[(prog.addr, prog.end())]);
-    let s = specialize_function(func, prog.addr, &mem, Options::default());
+    let s = specialize_function(func, prog.addr, &mem, Options::default()).expect("specialize");
     // SAFETY: the variant has bpf_run's ABI.
     let var: BpfRun = unsafe { s.func() };
     let code = prog.addr as *const u8;

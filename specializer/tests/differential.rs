@@ -199,7 +199,8 @@ fn interp_switch_variant_matches_original() {
     let mut rng = Rng(0x1234_5678_9abc_def1);
     for (name, prog) in interp_programs(&lib) {
         let mem = lib.memory(&[prog.range()]);
-        let s = specialize_function(func, prog.addr(), &mem, Options::default());
+        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+            .unwrap_or_else(|e| panic!("program {name}: {e}"));
         check_variant(name, &s, &mem);
         // SAFETY: the variant has interp_run's ABI.
         let var: InterpRun = unsafe { s.func() };
@@ -393,7 +394,8 @@ fn bpf_filter_variant_matches_original() {
     let mut accepted = 0;
     for (name, prog) in bpf_filters(&lib) {
         let mem = lib.memory(&[prog.range()]);
-        let s = specialize_function(func, prog.addr(), &mem, Options::default());
+        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+            .unwrap_or_else(|e| panic!("program {name}: {e}"));
         check_variant(name, &s, &mem);
         // SAFETY: the variant has bpf_run's ABI.
         let var: BpfRun = unsafe { s.func() };
@@ -422,4 +424,186 @@ fn bpf_filter_variant_matches_original() {
         accepted > 0 && accepted < 3000,
         "demo filter accepted {accepted}"
     );
+}
+
+/// A random interp program: straight-line ops over env[0..7], forward BNEQ/JMP,
+/// sometimes a counted backward loop on r7 (the body never writes r7), ending in HALT.
+fn random_interp_program(rng: &mut Rng) -> Vec<Insn> {
+    let n = 3 + (rng.next() % 20) as usize;
+    let mut p: Vec<Insn> = Vec::new();
+    let looped = rng.next() % 2 == 0;
+    if looped {
+        p.push(i(MOVI, 7, 1 + (rng.next() % 5) as i32, 0));
+    }
+    let body_start = p.len() as i32;
+    let reg = |rng: &mut Rng| (rng.next() % 7) as i32; // r0..r6: never r7
+    for k in 0..n {
+        let here = p.len() as i32;
+        let end_guess = body_start + n as i32; // forward targets stay inside the body
+        let op = rng.next() % 12;
+        let ins = match op {
+            0 => i(MOVI, reg(rng), rng.next() as i32 >> (rng.next() % 32), 0),
+            1 => i(MOV, reg(rng), reg(rng), 0),
+            2 => i(ADD, reg(rng), reg(rng), reg(rng)),
+            3 => i(SUB, reg(rng), reg(rng), reg(rng)),
+            4 => i(MUL, reg(rng), reg(rng), reg(rng)),
+            5 => i(
+                ADDI,
+                reg(rng),
+                reg(rng),
+                rng.next() as i32 >> (rng.next() % 32),
+            ),
+            6 => i(XOR, reg(rng), reg(rng), reg(rng)),
+            7 => i(ANDI, reg(rng), reg(rng), rng.next() as i32),
+            8 => i(SHRI, reg(rng), reg(rng), (rng.next() % 80) as i32),
+            9 if k + 1 < n => {
+                let t = here + 1 + (rng.next() % (end_guess - here) as u64) as i32;
+                i(BNEQ, 0, reg(rng), t)
+            }
+            10 if k + 1 < n => {
+                let t = here + 1 + (rng.next() % (end_guess - here) as u64) as i32;
+                i(JMP, 0, 0, t)
+            }
+            _ => i(ADDI, reg(rng), reg(rng), 1),
+        };
+        p.push(ins);
+    }
+    if looped {
+        p.push(i(ADDI, 7, 7, -1));
+        p.push(i(BNEQ, 0, 7, body_start));
+    }
+    p.push(i(HALT, 0, 0, 0));
+    p
+}
+
+#[test]
+fn interp_switch_random_programs() {
+    let lib = SampleLib::build("interp_switch");
+    let func = lib.function("interp_run");
+    // SAFETY: the documented signature of interp_run.
+    let orig: InterpRun = unsafe { lib.func("interp_run") };
+    let mut rng = Rng(0x0bad_5eed_0000_0001);
+    let programs = std::env::var("DYNSPEC_DIFF_PROGRAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for pno in 0..programs {
+        let code = random_interp_program(&mut rng);
+        let prog = Program::new(&code);
+        let mem = lib.memory(&[prog.range()]);
+        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+            .unwrap_or_else(|e| panic!("random interp program {pno}: {e}\n{code:?}"));
+        check_variant("random interp", &s, &mem);
+        // SAFETY: the variant has interp_run's ABI.
+        let var: InterpRun = unsafe { s.func() };
+        for round in 0..40 {
+            let mut env = [0i64; 8];
+            for e in env.iter_mut() {
+                let r = rng.next();
+                *e = if r & 1 == 0 {
+                    (r >> 8) as i64 % 4
+                } else {
+                    r as i64
+                };
+            }
+            let (mut e1, mut e2) = (env, env);
+            // SAFETY: the program only uses env[0..8] and terminates (forward branches and
+            // one counted loop).
+            let r1 = unsafe { orig(prog.addr() as *const Insn, e1.as_mut_ptr()) };
+            // SAFETY: same inputs, same ABI.
+            let r2 = unsafe { var(prog.addr() as *const Insn, e2.as_mut_ptr()) };
+            assert_eq!(
+                (r1, e1),
+                (r2, e2),
+                "random interp program {pno} round {round}: {code:?}\nenv {env:?}"
+            );
+        }
+    }
+}
+
+const BPF_CODES: [u16; 47] = [
+    LD_W_ABS, LD_H_ABS, LD_B_ABS, LD_W_IND, LD_H_IND, LD_B_IND, LD_W_LEN, LD_IMM, LD_MEM, LDX_IMM,
+    LDX_MEM, LDX_LEN, LDX_B_MSH, ST, STX, ALU_ADD_K, ALU_ADD_X, ALU_SUB_K, ALU_SUB_X, ALU_MUL_K,
+    ALU_MUL_X, ALU_DIV_K, ALU_DIV_X, ALU_AND_K, ALU_AND_X, ALU_OR_K, ALU_OR_X, ALU_XOR_K,
+    ALU_XOR_X, ALU_LSH_K, ALU_LSH_X, ALU_RSH_K, ALU_RSH_X, ALU_NEG, JMP_JA, JMP_JEQ_K, JMP_JEQ_X,
+    JMP_JGT_K, JMP_JGT_X, JMP_JGE_K, JMP_JGE_X, JMP_JSET_K, JMP_JSET_X, RET_K, RET_A, MISC_TAX,
+    MISC_TXA,
+];
+
+/// A random classic-BPF program: every jump forward and inside, ends with RET A.
+fn random_bpf_program(rng: &mut Rng) -> Vec<BpfInsn> {
+    let n = 2 + (rng.next() % 30) as usize;
+    let mut p = Vec::new();
+    for k in 0..n {
+        let code = BPF_CODES[(rng.next() % BPF_CODES.len() as u64) as usize];
+        let left = (n - k) as u64; // instructions after this one, including the final RET
+        let kk = match code {
+            LD_W_ABS | LD_H_ABS | LD_B_ABS | LD_W_IND | LD_H_IND | LD_B_IND | LDX_B_MSH => {
+                (rng.next() % 140) as u32
+            }
+            JMP_JA => (rng.next() % left) as u32,
+            _ => {
+                if rng.next() % 2 == 0 {
+                    (rng.next() % 40) as u32
+                } else {
+                    rng.next() as u32
+                }
+            }
+        };
+        let (jt, jf) = (
+            (rng.next() % left.min(256)) as u8,
+            (rng.next() % left.min(256)) as u8,
+        );
+        p.push(b(code, jt, jf, kk));
+    }
+    p.push(b(RET_A, 0, 0, 0));
+    p
+}
+
+#[test]
+fn bpf_filter_random_programs() {
+    let lib = SampleLib::build("bpf_filter");
+    let func = lib.function("bpf_run");
+    // SAFETY: documented signature.
+    let orig: BpfRun = unsafe { lib.func("bpf_run") };
+    // SAFETY: documented signature.
+    let packet: BpfDemoPacket = unsafe { lib.func("bpf_demo_packet") };
+    let mut state = 0x1234_5678_9abc_def1u64;
+    let mut pkts: Vec<(Vec<u8>, u32)> = Vec::new();
+    for _ in 0..100 {
+        let mut buf = vec![0u8; 128];
+        // SAFETY: buf has 128 bytes; state is non-zero.
+        let len = unsafe { packet(&mut state, buf.as_mut_ptr()) };
+        pkts.push((buf, len));
+    }
+    let mut rng = Rng(0x0bad_5eed_0000_0002);
+    for _ in 0..50 {
+        let buf: Vec<u8> = (0..128).map(|_| rng.next() as u8).collect();
+        let len = (rng.next() % 129) as u32;
+        pkts.push((buf, len));
+    }
+    let programs = std::env::var("DYNSPEC_DIFF_PROGRAMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(150);
+    for pno in 0..programs {
+        let code = random_bpf_program(&mut rng);
+        let prog = Program::new(&code);
+        let mem = lib.memory(&[prog.range()]);
+        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+            .unwrap_or_else(|e| panic!("random bpf program {pno}: {e}\n{code:?}"));
+        check_variant("random bpf", &s, &mem);
+        // SAFETY: the variant has bpf_run's ABI.
+        let var: BpfRun = unsafe { s.func() };
+        for (k, (buf, len)) in pkts.iter().enumerate() {
+            // SAFETY: the packet has at least len bytes; the program is valid (forward jumps).
+            let r1 = unsafe { orig(prog.addr() as *const BpfInsn, buf.as_ptr(), *len) };
+            // SAFETY: same inputs, same ABI.
+            let r2 = unsafe { var(prog.addr() as *const BpfInsn, buf.as_ptr(), *len) };
+            assert_eq!(
+                r1, r2,
+                "random bpf program {pno}, packet {k} (len {len}): original {r1}, variant {r2}\n{code:?}"
+            );
+        }
+    }
 }

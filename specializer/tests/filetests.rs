@@ -346,6 +346,32 @@ fn check_expectations(case: &Case, f: &Folded, fails: &mut Vec<String>) {
     }
 }
 
+/// The variant encodes (at an address far from the code, so branches and
+/// RIP-relative operands are relocated) and its deopt map covers every
+/// reachable instruction boundary.
+fn check_encoding(case: &Case, f: &Folded, fails: &mut Vec<String>) {
+    let p = case.path.display();
+    let base = case.snippet.at.0.wrapping_add(0x4000_0000);
+    match f.variant.encode(Addr(base)) {
+        Ok(enc) => {
+            for off in common::reachable_boundaries(&enc.code, base) {
+                if !enc.deopt.iter().any(|d| d.offset as u64 == off) {
+                    fails.push(format!("{p}: no deopt entry at variant offset {off:#x}"));
+                    break;
+                }
+            }
+            if enc.exit_offsets.len() != f.variant.exits.len() {
+                fails.push(format!(
+                    "{p}: {} exit offsets for {} exits",
+                    enc.exit_offsets.len(),
+                    f.variant.exits.len()
+                ));
+            }
+        }
+        Err(e) => fails.push(format!("{p}: encode failed: {e}")),
+    }
+}
+
 /// Whether the snippet can run natively to its end: only direct branches,
 /// forward, staying inside the code.
 fn auto_native(s: &Snippet) -> bool {
@@ -515,6 +541,7 @@ fn filetests() {
         };
         let before = fails.len();
         check_expectations(&case, &f, &mut fails);
+        check_encoding(&case, &f, &mut fails);
         if check_native(&case, &f, &m, &mut fails) {
             native_runs += 1;
         }

@@ -158,13 +158,13 @@ impl Specialized {
 }
 
 /// Specialize `func` (address, size) with `rdi` known, encode it into a fresh
-/// executable buffer.
+/// executable buffer. Errors are returned as text for the caller's report.
 pub fn specialize_function(
     func: (Addr, u64),
     rdi: u64,
     mem: &SelfMemory,
     options: Options,
-) -> Specialized {
+) -> Result<Specialized, String> {
     let mut known = KnownState::default();
     known.set_reg(Gpr::Rdi, Some(rdi));
     let req = Request {
@@ -174,16 +174,26 @@ pub fn specialize_function(
         known,
         options,
     };
-    let variant = specializer::specialize(&req, mem).expect("specialize");
+    let variant = specializer::specialize(&req, mem).map_err(|e| format!("specialize: {e}"))?;
     // Encode twice: once to learn the size, then at the buffer's real address.
-    let probe = variant.encode(Addr(0x1000_0000)).expect("encode");
+    let probe = variant
+        .encode(Addr(0x1000_0000))
+        .map_err(|e| format!("encode: {e}"))?;
     let buf = ExecBuf::anywhere(probe.code.len() + 4096);
-    let encoded = variant.encode(Addr(buf.addr())).expect("encode at buffer");
-    assert!(encoded.code.len() <= buf.map.len);
+    let encoded = variant
+        .encode(Addr(buf.addr()))
+        .map_err(|e| format!("encode at the buffer: {e}"))?;
+    if encoded.code.len() > buf.map.len {
+        return Err(format!(
+            "encoding grew from {} to {} bytes",
+            probe.code.len(),
+            encoded.code.len()
+        ));
+    }
     buf.write(0, &encoded.code);
-    Specialized {
+    Ok(Specialized {
         variant,
         encoded,
         buf,
-    }
+    })
 }

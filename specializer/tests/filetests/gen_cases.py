@@ -278,3 +278,7 @@ case('shl_count0_32','32-bit shl by a masked-zero count still writes (zero-exten
  ['shl eax, cl'], set_='rax=0xffffffff00000005 rcx=0x20', flag='cf=1 zf=1', expects=ex(rax='0x5',cf=1,zf=1))
 case('rol_count0_32','32-bit rol by a masked-zero count zero-extends, flags kept',
  ['rol edx, cl'], set_='rdx=0xffffffff80000001 rcx=0x40', flag='cf=0 of=1', expects=ex(rdx='0x80000001',cf=0,of=1))
+case('mem_known_index_to_disp','a known index register folds into the displacement (disp8 and disp32 forms encode)',
+ ['movzx eax, byte ptr [rsi+rdx*1]','mov ecx, dword ptr [rdi+rbx*4+0x10]'], set_='rdx=0x80 rbx=0x1000', expects=ex(rax='unknown',rdx='0x80')+['expect residual has: movzx eax, byte ptr [rsi+0x80]','expect residual has: mov ecx, dword ptr [rdi+0x4010]'], extra=['native: no'])
+case('mem_known_index_small_disp','a known index folds into a small displacement',
+ ['mov rax, qword ptr [rsi+rcx*8]'], set_='rcx=5', expects=['expect residual has: mov rax, qword ptr [rsi+0x28]'], extra=['native: no'])
