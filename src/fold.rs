@@ -104,3 +104,90 @@ pub fn run(args: FoldArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use specializer::{Flag, Gpr};
+
+    fn args(code: &str) -> FoldArgs {
+        FoldArgs {
+            code: Some(code.to_string()),
+            file: None,
+            at: "0x1000000".to_string(),
+            set: Vec::new(),
+            flag: Vec::new(),
+            mem: Vec::new(),
+            json: false,
+        }
+    }
+
+    #[test]
+    fn builds_snippet_from_arguments() {
+        let mut a = args("48 01 c8");
+        a.set = vec!["rcx=5".into(), "rax=-1".into()];
+        a.flag = vec!["cf=1".into()];
+        a.mem = vec!["0x2000=0102".into()];
+        let s = build_snippet(&a).unwrap();
+        assert_eq!(s.code, vec![0x48, 0x01, 0xc8]);
+        assert_eq!(s.known.reg(Gpr::Rcx), Some(5));
+        assert_eq!(s.known.reg(Gpr::Rax), Some(u64::MAX));
+        assert_eq!(s.known.flag(Flag::Cf), Some(true));
+        assert_eq!(s.memory, vec![(Addr(0x2000), vec![1, 2])]);
+    }
+
+    #[test]
+    fn bad_input_is_an_error_not_a_panic() {
+        for (code, set, flag, mem, at) in [
+            ("480", "", "", "", "0x1000"),
+            ("90", "eax=1", "", "", "0x1000"),
+            ("90", "rax=0x1_0000_0000_0000_0000", "", "", "0x1000"),
+            ("90", "", "cf=2", "", "0x1000"),
+            ("90", "", "", "0x1000=01", "0x1000"),
+            ("90", "", "", "0x2000=", "0x1000"),
+            ("90", "", "", "", "zz"),
+            ("", "", "", "", "0x1000"),
+            ("90", "", "", "", "0xffffffffffffffff"),
+        ] {
+            let mut a = args(code);
+            a.at = at.into();
+            for (v, s) in [(&mut a.set, set), (&mut a.flag, flag), (&mut a.mem, mem)] {
+                if !s.is_empty() {
+                    v.push(s.into());
+                }
+            }
+            let r = build_snippet(&a).and_then(|s| s.fold().map_err(anyhow::Error::from));
+            assert!(r.is_err(), "{code} {set} {flag} {mem} {at} should fail");
+        }
+    }
+
+    #[test]
+    fn reads_hex_text_and_raw_files() {
+        let dir = std::env::temp_dir().join(format!("dynspec-fold-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hex = dir.join("code.hex");
+        std::fs::write(&hex, "48 01\nc8\n").unwrap();
+        assert_eq!(read_code_file(&hex).unwrap(), vec![0x48, 0x01, 0xc8]);
+        let raw = dir.join("code.bin");
+        std::fs::write(&raw, [0x48, 0x01, 0xc8]).unwrap();
+        assert_eq!(read_code_file(&raw).unwrap(), vec![0x48, 0x01, 0xc8]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn folds_and_renders_json() {
+        let mut a = args("b8 ff ff ff ff 83 c0 01");
+        a.json = true;
+        let f = build_snippet(&a).unwrap().fold().unwrap();
+        let v: serde_json::Value = serde_json::from_str(&f.to_json()).unwrap();
+        assert_eq!(v["registers"]["rax"], "0x0");
+        assert_eq!(v["registers"]["rbx"], serde_json::Value::Null);
+        assert_eq!(v["flags"]["cf"], 1);
+        assert_eq!(v["flags"]["zf"], 1);
+        assert_eq!(v["registers"].as_object().unwrap().len(), 16);
+        assert_eq!(v["flags"].as_object().unwrap().len(), 7);
+        assert!(v["residual"].is_array());
+        assert_eq!(v["exits"][0]["target"], "0x1000008");
+        assert_eq!(v["exits"][0]["reason"], "left_region");
+    }
+}
