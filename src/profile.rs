@@ -375,10 +375,20 @@ impl Profiler {
             if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
                 continue;
             }
-            if m.base.is_some_and(|g| !live(g)) || m.index.is_some_and(|g| !live(g)) {
+            if m.base.is_some_and(|g| !live(g)) {
                 continue;
             }
-            let ea = m.effective_address(|g| s.regs[g.index()]);
+            let ea = if m.index.is_some_and(|g| !live(g)) {
+                // The index was overwritten since (typically by this very load: `movzx ecx, [rdi+rcx]`), the base
+                // still holds the array's start: its page is the best guess of what the loop reads. A wrong guess
+                // only costs watching one more page.
+                match m.base {
+                    Some(b) => specializer::Addr(m.displacement.wrapping_add(s.regs[b.index()])),
+                    None => continue,
+                }
+            } else {
+                m.effective_address(|g| s.regs[g.index()])
+            };
             let pages = self.pages.entry(addr).or_default();
             let page = ea.page().0;
             if let Some(c) = pages.get_mut(&page) {
@@ -761,6 +771,23 @@ mod tests {
         assert_eq!(find(0x1005, "r8").map(|x| x.distinct), Some(1), "{t:#?}");
         // The bytecode page is a candidate through the back-attributed loads.
         assert!(p.candidate_pages(16).contains(&RemoteAddr(0x40000)));
+    }
+
+    #[test]
+    fn table_lookup_with_overwritten_index_guesses_the_table_page() {
+        let mut e = env();
+        // 0x1000: movzx ecx, byte [rdi+rcx]; 0x1004: imul rcx, r9
+        let code: Vec<u8> = vec![0x0f, 0xb6, 0x0c, 0x0f, 0x49, 0x0f, 0xaf, 0xc9];
+        let mut f = code.clone();
+        f.resize(0x100, 0xcc);
+        e.code.insert(0x1000, f);
+        e.code.insert(0x1004, code[4..].to_vec());
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let v: Vec<Sample> = (0..5u64)
+            .map(|i| sample(0x1004, &[(Gpr::Rdi, 0x9000), (Gpr::Rcx, 0x7777_0000 + i)]))
+            .collect();
+        p.ingest(&v, &mut e);
+        assert_eq!(p.candidate_pages(16), vec![RemoteAddr(0x9000)]);
     }
 
     #[test]
