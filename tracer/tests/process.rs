@@ -193,6 +193,8 @@ fn stop_all_and_resume_all_with_threads() {
                 assert!(tr.is_stopped(t), "{t} not stopped");
                 tr.regs(t).unwrap();
             }
+            // Events collected while stopping stay queued (their threads stay stopped); everything else runs.
+            tr.resume_all().unwrap();
             stops += 1;
         }
         None

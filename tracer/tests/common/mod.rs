@@ -91,6 +91,14 @@ impl Seen {
     }
 }
 
+/// Resume, tolerating a thread that exited meanwhile (its exit event follows), as the session does.
+pub fn resume_ok(tr: &mut Tracer, tid: Pid, sig: Option<i32>) {
+    match tr.resume(tid, sig) {
+        Ok(()) | Err(tracer::TracerError::UnknownThread(_)) => {}
+        Err(e) => panic!("resume {tid}: {e}"),
+    }
+}
+
 /// Drive the tracer like the session does until the root exits: deliver every program signal, resume
 /// everything else. `on_event` may inspect/act first; returning Some(x) overrides the signal to deliver
 /// (Some(None) suppresses).
@@ -110,17 +118,17 @@ pub fn run_loop(
         match ev {
             Event::Signal { tid, signal, .. } => {
                 let sig = choice.unwrap_or(Some(signal));
-                tr.resume(tid, sig).expect("resume");
+                resume_ok(tr, tid, sig);
             }
             Event::NewThread { tid, parent } => {
-                tr.resume(tid, None).expect("resume new thread");
-                tr.resume(parent, None).expect("resume parent");
+                resume_ok(tr, tid, None);
+                resume_ok(tr, parent, None);
             }
             Event::Forked { parent, child } => {
-                tr.resume(child, None).expect("resume child");
-                tr.resume(parent, None).expect("resume parent");
+                resume_ok(tr, child, None);
+                resume_ok(tr, parent, None);
             }
-            Event::Exec { pid } => tr.resume(pid, None).expect("resume exec"),
+            Event::Exec { pid } => resume_ok(tr, pid, None),
             Event::ThreadExited { .. } => {}
             Event::Exited { pid, status } => {
                 if pid == tr.root() {
