@@ -1,0 +1,1025 @@
+//! `Cache`: installs variants behind dispatch stubs, guards their pages, invalidates and deoptimizes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl};
+use specializer::{Addr, DeoptEntry, Flag, Gpr, KnownState, Variant};
+use tracer::{mapping_at, read_maps, Pid, RemoteAddr, Tracer};
+
+use crate::arena::{publish, Arena};
+use crate::guard::{GuardKind, GuardSet};
+use crate::stub::{
+    build_stub, jmp_rel32, plan_patch, PatchSite, Rollback, Stub, StubTarget, PATCH_LEN,
+};
+use crate::CacheError;
+
+/// A page invalidated this many times is never guarded again (the session should stop specializing on it).
+pub const MAX_INVALIDATIONS_PER_PAGE: u32 = 3;
+/// Bytes of stack scanned above rsp for return addresses into dead variants (see [`Cache::invalidate`]).
+const STACK_SCAN_LIMIT: u64 = 8 << 20;
+
+/// Identifies one installed dispatch stub (one trigger address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct InstallId(pub u64);
+
+/// Identifies one installed variant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VariantId(pub u64);
+
+/// What to install at one trigger address.
+#[derive(Clone, Debug)]
+pub struct InstallRequest {
+    /// Patch site = entry of every variant (the trigger instruction, or the region entry).
+    pub trigger: Addr,
+    /// The register the stub compares; None: one variant, entered unconditionally.
+    pub register: Option<Gpr>,
+    /// Bounds of the original function around the trigger (for the branch-target check of invariant 6).
+    pub region: (Addr, Addr),
+    /// One variant per hot value (`Some(value)` with a register, `None` without).
+    pub variants: Vec<(Option<u64>, Variant)>,
+    /// Page contents the variants were specialized from ([`crate::TargetMemory::snapshots`]); after the
+    /// pages are guarded they are compared with the target, and a page that changed meanwhile refuses the
+    /// install. Empty: the caller guarantees the threads stayed stopped since specialization.
+    pub snapshots: BTreeMap<Addr, Vec<u8>>,
+}
+
+/// One variant as the report sees it.
+#[derive(Clone, Debug)]
+pub struct VariantInfo {
+    pub id: VariantId,
+    pub install: InstallId,
+    pub trigger: Addr,
+    pub register: Option<Gpr>,
+    pub value: Option<u64>,
+    /// Where its code lives in the target.
+    pub base: Addr,
+    pub code_bytes: usize,
+    pub folded: usize,
+    pub residual: usize,
+    pub guard_pages: Vec<Addr>,
+    /// Pages guarded with userfaultfd / mprotect / not at all (read-only mappings).
+    pub guard_kinds: Vec<(Addr, GuardKind)>,
+    pub alive: bool,
+}
+
+/// Entry counts read from the target.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Entries per variant (dead variants keep their last count).
+    pub entries: BTreeMap<VariantId, u64>,
+    /// Stub fall-backs (trigger value not among the hot values) per install.
+    pub fallbacks: BTreeMap<InstallId, u64>,
+}
+
+/// What one invalidation did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Invalidation {
+    pub page: Addr,
+    pub variants: Vec<VariantId>,
+    /// The page reached [`MAX_INVALIDATIONS_PER_PAGE`] and will not be guarded again.
+    pub never_again: bool,
+}
+
+#[derive(Debug)]
+struct LiveVariant {
+    install: InstallId,
+    value: Option<u64>,
+    base: RemoteAddr,
+    len: usize,
+    deopt: Vec<DeoptEntry>,
+    /// (return site in the variant, original return address) of residual calls.
+    ret_sites: Vec<(RemoteAddr, Addr)>,
+    exit_targets: Vec<Addr>,
+    guard_pages: Vec<Addr>,
+    guard_kinds: Vec<(Addr, GuardKind)>,
+    counter: RemoteAddr,
+    folded: usize,
+    residual: usize,
+    alive: bool,
+}
+
+impl LiveVariant {
+    fn contains(&self, a: u64) -> bool {
+        a >= self.base.0 && a < self.base.0 + self.len as u64
+    }
+}
+
+#[derive(Debug)]
+struct Installed {
+    trigger: Addr,
+    register: Option<Gpr>,
+    patch: PatchSite,
+    arena: usize,
+    /// Every stub built for this install; the last one is current. Old stubs stay in the arena untouched, so
+    /// a thread in their fall-back path keeps running correct code.
+    stubs: Vec<Stub>,
+    patched: bool,
+    variants: Vec<VariantId>,
+    fallback_counter: RemoteAddr,
+}
+
+/// The code cache of one process.
+#[derive(Debug)]
+pub struct Cache {
+    pid: Pid,
+    arenas: Vec<Arena>,
+    installs: BTreeMap<InstallId, Installed>,
+    variants: BTreeMap<VariantId, LiveVariant>,
+    guards: GuardSet,
+    invalidations: BTreeMap<Addr, u32>,
+    never_guard: BTreeSet<Addr>,
+    next_id: u64,
+}
+
+fn stopped_thread(tr: &Tracer, pid: Pid) -> Result<Pid, CacheError> {
+    tr.threads(pid)
+        .into_iter()
+        .find(|t| tr.is_stopped(*t))
+        .ok_or(CacheError::Tracer(tracer::TracerError::NotStopped(pid)))
+}
+
+fn assert_all_stopped(tr: &Tracer, pid: Pid) {
+    assert!(
+        tr.threads(pid).iter().all(|t| tr.is_stopped(*t)),
+        "every thread of {pid} must be stopped"
+    );
+}
+
+fn reg_mut(r: &mut libc::user_regs_struct, g: Gpr) -> &mut u64 {
+    match g {
+        Gpr::Rax => &mut r.rax,
+        Gpr::Rcx => &mut r.rcx,
+        Gpr::Rdx => &mut r.rdx,
+        Gpr::Rbx => &mut r.rbx,
+        Gpr::Rsp => &mut r.rsp,
+        Gpr::Rbp => &mut r.rbp,
+        Gpr::Rsi => &mut r.rsi,
+        Gpr::Rdi => &mut r.rdi,
+        Gpr::R8 => &mut r.r8,
+        Gpr::R9 => &mut r.r9,
+        Gpr::R10 => &mut r.r10,
+        Gpr::R11 => &mut r.r11,
+        Gpr::R12 => &mut r.r12,
+        Gpr::R13 => &mut r.r13,
+        Gpr::R14 => &mut r.r14,
+        Gpr::R15 => &mut r.r15,
+    }
+}
+
+/// Write the folded registers and flags of `st` into `r`.
+fn apply_state(r: &mut libc::user_regs_struct, st: &KnownState) {
+    for g in Gpr::ALL {
+        if let Some(v) = st.reg(g) {
+            *reg_mut(r, g) = v;
+        }
+    }
+    for f in Flag::ALL {
+        if let Some(v) = st.flag(f) {
+            let bit = 1u64 << f.rflags_bit();
+            if v {
+                r.eflags |= bit;
+            } else {
+                r.eflags &= !bit;
+            }
+        }
+    }
+}
+
+impl Cache {
+    /// The code cache of process `pid` (threads stopped): creates its guard set (a userfaultfd made in the
+    /// target). Arenas are mapped on the first install near each module.
+    pub fn new(tr: &mut Tracer, pid: Pid) -> Result<Cache, CacheError> {
+        let pid = tr
+            .tgid(pid)
+            .ok_or(tracer::TracerError::UnknownThread(pid))?;
+        let tid = stopped_thread(tr, pid)?;
+        let guards = GuardSet::new(tr, pid, tid)?;
+        Ok(Cache {
+            pid,
+            arenas: Vec::new(),
+            installs: BTreeMap::new(),
+            variants: BTreeMap::new(),
+            guards,
+            invalidations: BTreeMap::new(),
+            never_guard: BTreeSet::new(),
+            next_id: 1,
+        })
+    }
+
+    /// The process (tgid).
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// The guard set (fault polling, uffd availability).
+    pub fn guards(&self) -> &GuardSet {
+        &self.guards
+    }
+
+    /// Whether `page` reached [`MAX_INVALIDATIONS_PER_PAGE`]: do not specialize on it again.
+    pub fn never_guard(&self, page: Addr) -> bool {
+        self.never_guard.contains(&page.page())
+    }
+
+    /// (address, original bytes) of every active patch (what [`crate::TargetMemory`] shows instead).
+    pub fn patched_bytes(&self) -> Vec<(Addr, Vec<u8>)> {
+        self.installs
+            .values()
+            .filter(|i| i.patched)
+            .map(|i| (i.patch.site, i.patch.original.clone()))
+            .collect()
+    }
+
+    /// `[start, end)` of every arena's code and counters.
+    pub fn arena_ranges(&self) -> Vec<(u64, u64)> {
+        self.arenas
+            .iter()
+            .flat_map(|a| {
+                [
+                    (a.code.0 .0, a.code.1 .0),
+                    (a.counters.0 .0, a.counters.1 .0),
+                ]
+            })
+            .collect()
+    }
+
+    fn new_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn arena_for(&mut self, tr: &mut Tracer, tid: Pid, a: Addr) -> Result<usize, CacheError> {
+        if let Some(i) = self.arenas.iter().position(|x| x.serves(a)) {
+            return Ok(i);
+        }
+        let arena = Arena::create(tr, self.pid, tid, a)?;
+        self.arenas.push(arena);
+        Ok(self.arenas.len() - 1)
+    }
+
+    /// Read original code (patches overlaid with the bytes they replaced).
+    fn read_original(&self, tr: &Tracer, a: Addr, buf: &mut [u8]) -> Result<(), CacheError> {
+        tr.read_memory(self.pid, RemoteAddr(a.0), buf)?;
+        let end = a.0 + buf.len() as u64;
+        for i in self.installs.values().filter(|i| i.patched) {
+            for (k, b) in i.patch.original.iter().enumerate() {
+                let x = i.patch.site.0 + k as u64;
+                if x >= a.0 && x < end {
+                    buf[(x - a.0) as usize] = *b;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a thread that must continue at original address `a` goes: `a`, or the relocated copy of `a` in
+    /// the current stub when `a` lies strictly inside an active patch.
+    fn map_original(&self, a: Addr) -> u64 {
+        for i in self.installs.values().filter(|i| i.patched) {
+            if i.patch.strictly_inside(a.0) {
+                if let Some(r) = i.stubs.last().and_then(|s| s.relocated_of(a)) {
+                    return r.0;
+                }
+            }
+        }
+        a.0
+    }
+
+    /// Install `req`: encode each variant into the arena near the trigger, guard every page they rely on,
+    /// build the dispatch stub and write the 5-byte patch. Every thread of the process must be stopped.
+    ///
+    /// Refuses (typed error, nothing changed in the program's code) when: the request is inconsistent; a
+    /// stub already exists at the trigger; the patch site fails the checks of invariant 6; a variant exits into
+    /// the displaced bytes; a page cannot be guarded or was invalidated too often; a snapshot page changed.
+    pub fn install(
+        &mut self,
+        tr: &mut Tracer,
+        req: InstallRequest,
+    ) -> Result<InstallId, CacheError> {
+        assert_all_stopped(tr, self.pid);
+        let tid = stopped_thread(tr, self.pid)?;
+        let t = req.trigger;
+        if req.variants.is_empty() {
+            return Err(CacheError::BadRequest("no variants".into()));
+        }
+        let mut seen = BTreeSet::new();
+        for (v, var) in &req.variants {
+            if var.entry != t {
+                return Err(CacheError::BadRequest(format!(
+                    "variant entry {} is not the trigger {t}",
+                    var.entry
+                )));
+            }
+            if v.is_some() != req.register.is_some() {
+                return Err(CacheError::BadRequest(
+                    "values must be given exactly when a trigger register is".into(),
+                ));
+            }
+            if !seen.insert(*v) {
+                return Err(CacheError::BadRequest("duplicate trigger value".into()));
+            }
+        }
+        if req.region.0 > t || req.region.1 <= t || req.region.1 .0 - req.region.0 .0 > 16 << 20 {
+            return Err(CacheError::BadRequest(
+                "the region must contain the trigger".into(),
+            ));
+        }
+        for i in self.installs.values() {
+            let overlaps = t.0 < i.patch.site.0 + i.patch.len() as u64
+                && i.patch.site.0 < t.0 + PATCH_LEN as u64;
+            if i.patched && overlaps {
+                return Err(CacheError::AlreadyInstalled(i.patch.site));
+            }
+        }
+        // Patch-site analysis on the original code of the region.
+        let mut region = vec![0u8; (req.region.1 .0 - req.region.0 .0) as usize];
+        self.read_original(tr, req.region.0, &mut region)?;
+        let reader = |a: Addr, b: &mut [u8]| tr.read_memory(self.pid, RemoteAddr(a.0), b).is_ok();
+        let patch = plan_patch(&region, req.region.0, t, &reader)?;
+        // No live variant may exit into the new displaced bytes, and no new variant into any active patch.
+        for v in self.variants.values().filter(|v| v.alive) {
+            if v.exit_targets.iter().any(|e| patch.strictly_inside(e.0)) {
+                return Err(CacheError::unpatchable(
+                    t,
+                    "an installed variant exits into the displaced bytes",
+                ));
+            }
+        }
+        for (_, var) in &req.variants {
+            for e in &var.exits {
+                if patch.strictly_inside(e.target.0)
+                    || self
+                        .installs
+                        .values()
+                        .any(|i| i.patched && i.patch.strictly_inside(e.target.0))
+                {
+                    return Err(CacheError::unpatchable(
+                        t,
+                        format!("a variant exits to {} inside patched bytes", e.target),
+                    ));
+                }
+            }
+            for p in &var.guard_pages {
+                if self.never_guard(*p) {
+                    return Err(CacheError::Unguardable(*p, "invalidated too often".into()));
+                }
+            }
+        }
+        let ai = self.arena_for(tr, tid, t)?;
+        // Guards first: from here on a write to a page the variants rely on is seen.
+        let mut newly = Vec::new();
+        let mut kinds: BTreeMap<Addr, GuardKind> = BTreeMap::new();
+        let pages: BTreeSet<Addr> = req
+            .variants
+            .iter()
+            .flat_map(|(_, v)| v.guard_pages.iter().map(|p| p.page()))
+            .collect();
+        for p in &pages {
+            let was = self.guards.is_guarded(*p);
+            match self.guards.guard(tr, tid, *p) {
+                Ok(k) => {
+                    if !was && k != GuardKind::ReadOnly {
+                        newly.push(*p);
+                    }
+                    kinds.insert(*p, k);
+                }
+                Err(e) => {
+                    self.release_unused(tr, tid, &newly)?;
+                    return Err(e);
+                }
+            }
+        }
+        for (p, snap) in &req.snapshots {
+            if !pages.contains(p) {
+                continue;
+            }
+            let mut now = vec![0u8; snap.len()];
+            if tr.read_memory(self.pid, RemoteAddr(p.0), &mut now).is_err() || &now != snap {
+                self.release_unused(tr, tid, &newly)?;
+                return Err(CacheError::Unguardable(
+                    *p,
+                    "changed since it was specialized on".into(),
+                ));
+            }
+        }
+        match self.install_code(tr, &req, patch, ai, &kinds) {
+            Ok(id) => Ok(id),
+            Err(e) => {
+                self.release_unused(tr, tid, &newly)?;
+                Err(e)
+            }
+        }
+    }
+
+    fn install_code(
+        &mut self,
+        tr: &mut Tracer,
+        req: &InstallRequest,
+        patch: PatchSite,
+        ai: usize,
+        kinds: &BTreeMap<Addr, GuardKind>,
+    ) -> Result<InstallId, CacheError> {
+        let t = req.trigger;
+        let install = InstallId(self.new_id());
+        let mut placed = Vec::new();
+        for (value, var) in &req.variants {
+            let base = self.arenas[ai].cursor();
+            let enc = var.encode(Addr(base.0))?;
+            let at = self.arenas[ai].alloc(enc.code.len())?;
+            debug_assert_eq!(at, base);
+            let ret_sites = self.return_sites(tr, base, &enc.code, &enc.deopt)?;
+            let counter = self.arenas[ai].alloc_counter()?;
+            placed.push((*value, var, enc, ret_sites, counter));
+        }
+        let fallback_counter = self.arenas[ai].alloc_counter()?;
+        let targets: Vec<StubTarget> = placed
+            .iter()
+            .map(|(v, _, enc, _, c)| StubTarget {
+                value: *v,
+                entry: RemoteAddr(enc.base.0),
+                counter: *c,
+            })
+            .collect();
+        let stub = self.place_stub(tr, ai, &patch, req.register, &targets, fallback_counter)?;
+        for (_, _, enc, _, _) in &placed {
+            publish(
+                tr,
+                self.pid,
+                &self.arenas,
+                RemoteAddr(enc.base.0),
+                &enc.code,
+            )?;
+        }
+        // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
+        self.check_threads_outside(tr, &patch)?;
+        self.write_patch(tr, self.pid, &patch, stub.base)?;
+        let mut ids = Vec::new();
+        for (value, var, enc, ret_sites, counter) in placed {
+            let id = VariantId(self.new_id());
+            let guard_pages: Vec<Addr> = var.guard_pages.iter().map(|p| p.page()).collect();
+            self.variants.insert(
+                id,
+                LiveVariant {
+                    install,
+                    value,
+                    base: RemoteAddr(enc.base.0),
+                    len: enc.code.len(),
+                    deopt: enc.deopt,
+                    ret_sites,
+                    exit_targets: var.exits.iter().map(|e| e.target).collect(),
+                    guard_kinds: guard_pages
+                        .iter()
+                        .filter_map(|p| kinds.get(p).map(|k| (*p, *k)))
+                        .collect(),
+                    guard_pages,
+                    counter,
+                    folded: enc.stats.folded,
+                    residual: enc.stats.residual,
+                    alive: true,
+                },
+            );
+            ids.push(id);
+        }
+        self.installs.insert(
+            install,
+            Installed {
+                trigger: t,
+                register: req.register,
+                patch,
+                arena: ai,
+                stubs: vec![stub],
+                patched: true,
+                variants: ids,
+                fallback_counter,
+            },
+        );
+        Ok(install)
+    }
+
+    fn place_stub(
+        &mut self,
+        tr: &Tracer,
+        ai: usize,
+        patch: &PatchSite,
+        reg: Option<Gpr>,
+        targets: &[StubTarget],
+        fallback_counter: RemoteAddr,
+    ) -> Result<Stub, CacheError> {
+        let base = self.arenas[ai].cursor();
+        let stub = build_stub(base, patch, reg, targets, fallback_counter)?;
+        let at = self.arenas[ai].alloc(stub.code.len())?;
+        debug_assert_eq!(at, base);
+        publish(tr, self.pid, &self.arenas, stub.base, &stub.code)?;
+        Ok(stub)
+    }
+
+    fn check_threads_outside(&self, tr: &Tracer, patch: &PatchSite) -> Result<(), CacheError> {
+        for tid in tr.threads(self.pid) {
+            let rip = tr.regs(tid)?.rip;
+            if patch.strictly_inside(rip) {
+                return Err(CacheError::ThreadInsidePatch {
+                    tid: tid.as_raw(),
+                    rip: Addr(rip),
+                    addr: patch.site,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `jmp stub` at the site (padding the rest of the displaced bytes with int3) in process `pid`.
+    fn write_patch(
+        &self,
+        tr: &Tracer,
+        pid: Pid,
+        patch: &PatchSite,
+        stub: RemoteAddr,
+    ) -> Result<(), CacheError> {
+        assert_all_stopped(tr, pid);
+        let j = jmp_rel32(patch.site.0, stub.0)
+            .ok_or_else(|| CacheError::unpatchable(patch.site, "stub out of rel32 reach"))?;
+        let mut bytes = vec![0xcc; patch.len()];
+        bytes[..PATCH_LEN].copy_from_slice(&j);
+        tr.write_memory(pid, RemoteAddr(patch.site.0), &bytes)?;
+        Ok(())
+    }
+
+    /// Restore the exact original bytes of a patch in process `pid`.
+    fn write_unpatch(&self, tr: &Tracer, pid: Pid, patch: &PatchSite) -> Result<(), CacheError> {
+        assert_all_stopped(tr, pid);
+        tr.write_memory(pid, RemoteAddr(patch.site.0), &patch.original)?;
+        Ok(())
+    }
+
+    /// Return sites of residual calls in encoded code: (site, original return address).
+    fn return_sites(
+        &self,
+        tr: &Tracer,
+        base: RemoteAddr,
+        code: &[u8],
+        deopt: &[DeoptEntry],
+    ) -> Result<Vec<(RemoteAddr, Addr)>, CacheError> {
+        let mut out = Vec::new();
+        for d in deopt {
+            let off = d.offset as usize;
+            let Some(bytes) = code.get(off..) else {
+                continue;
+            };
+            let mut dec = Decoder::with_ip(64, bytes, base.0 + off as u64, DecoderOptions::NONE);
+            let ins = dec.decode();
+            if !matches!(
+                ins.flow_control(),
+                FlowControl::Call | FlowControl::IndirectCall
+            ) {
+                continue;
+            }
+            let mut ob = [0u8; 16];
+            self.read_original(tr, d.original, &mut ob)?;
+            let oi = Decoder::with_ip(64, &ob, d.original.0, DecoderOptions::NONE).decode();
+            if !matches!(
+                oi.flow_control(),
+                FlowControl::Call | FlowControl::IndirectCall
+            ) {
+                return Err(CacheError::BadRequest(format!(
+                    "the call at variant offset {off:#x} does not map to an original call ({})",
+                    d.original
+                )));
+            }
+            out.push((RemoteAddr(ins.next_ip()), Addr(oi.next_ip())));
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// Release guards of `pages` that no live variant uses.
+    fn release_unused(
+        &mut self,
+        tr: &mut Tracer,
+        tid: Pid,
+        pages: &[Addr],
+    ) -> Result<(), CacheError> {
+        for p in pages {
+            let used = self
+                .variants
+                .values()
+                .any(|v| v.alive && v.guard_pages.contains(p));
+            if !used {
+                self.guards.release(tr, tid, *p)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Entry and fall-back counts, read from the target.
+    pub fn counters(&self, tr: &Tracer) -> Result<Counters, CacheError> {
+        let mut c = Counters::default();
+        let mut b = [0u8; 8];
+        for (id, v) in &self.variants {
+            tr.read_memory(self.pid, v.counter, &mut b)?;
+            c.entries.insert(*id, u64::from_le_bytes(b));
+        }
+        for (id, i) in &self.installs {
+            tr.read_memory(self.pid, i.fallback_counter, &mut b)?;
+            c.fallbacks.insert(*id, u64::from_le_bytes(b));
+        }
+        Ok(c)
+    }
+
+    /// Every variant ever installed (dead ones with `alive: false`).
+    pub fn variants(&self) -> Vec<VariantInfo> {
+        self.variants
+            .iter()
+            .map(|(id, v)| {
+                let i = &self.installs[&v.install];
+                VariantInfo {
+                    id: *id,
+                    install: v.install,
+                    trigger: i.trigger,
+                    register: i.register,
+                    value: v.value,
+                    base: Addr(v.base.0),
+                    code_bytes: v.len,
+                    folded: v.folded,
+                    residual: v.residual,
+                    guard_pages: v.guard_pages.clone(),
+                    guard_kinds: v.guard_kinds.clone(),
+                    alive: v.alive,
+                }
+            })
+            .collect()
+    }
+
+    /// Stop every thread (use instead of `Tracer::stop_all` while a cache exists: see [`GuardSet::stop_all`]).
+    pub fn stop_all(&self, tr: &mut Tracer) -> Result<(), CacheError> {
+        self.guards.stop_all(tr)
+    }
+
+    /// Whether a uffd guard fault is waiting (cheap; poll it in the session loop, e.g. every 20 ms).
+    pub fn has_guard_faults(&self) -> bool {
+        self.guards.has_faults()
+    }
+
+    /// Handle pending uffd guard faults: stop every thread, invalidate each written page (its writer is woken
+    /// by the release). The caller resumes the threads afterwards (`resume_all`).
+    pub fn handle_guard_faults(
+        &mut self,
+        tr: &mut Tracer,
+    ) -> Result<Vec<Invalidation>, CacheError> {
+        self.stop_all(tr)?;
+        let mut out = Vec::new();
+        for page in self.guards.take_faults() {
+            out.push(self.invalidate(tr, page)?);
+        }
+        Ok(out)
+    }
+
+    /// Call on every SIGSEGV signal-delivery-stop of this process. `Some`: the fault was a write to a page
+    /// guarded by mprotect; every thread is now stopped, the page invalidated and un-protected, the signal
+    /// suppressed: `resume_all` re-executes the write. `None`: the signal is the program's; deliver it.
+    pub fn handle_segv(
+        &mut self,
+        tr: &mut Tracer,
+        tid: Pid,
+        si: &libc::siginfo_t,
+    ) -> Result<Option<Invalidation>, CacheError> {
+        let Some(page) = self.guards.is_guard_segv(tr, tid, si) else {
+            return Ok(None);
+        };
+        self.stop_all(tr)?;
+        let inv = self.invalidate(tr, page)?;
+        tr.suppress_signal(tid);
+        Ok(Some(inv))
+    }
+
+    /// A guarded page was (or is being) written: unlink every variant that depends on it (unpatch the stub, or
+    /// rebuild it without them), deoptimize threads inside them, redirect return addresses into them, then
+    /// release the guard (which lets a blocked write complete). Every thread must be stopped
+    /// ([`Cache::stop_all`]). A page invalidated [`MAX_INVALIDATIONS_PER_PAGE`] times is never guarded again.
+    pub fn invalidate(&mut self, tr: &mut Tracer, page: Addr) -> Result<Invalidation, CacheError> {
+        assert_all_stopped(tr, self.pid);
+        let page = page.page();
+        let tid = stopped_thread(tr, self.pid)?;
+        let dead: BTreeSet<VariantId> = self
+            .variants
+            .iter()
+            .filter(|(_, v)| v.alive && v.guard_pages.contains(&page))
+            .map(|(id, _)| *id)
+            .collect();
+        let n = self.invalidations.entry(page).or_insert(0);
+        *n += 1;
+        let never_again = *n >= MAX_INVALIDATIONS_PER_PAGE;
+        if never_again {
+            self.never_guard.insert(page);
+        }
+        self.unlink(tr, &dead)?;
+        // The written page and every page only the dead variants needed.
+        let mut pages: Vec<Addr> = vec![page];
+        for id in &dead {
+            pages.extend(self.variants[id].guard_pages.iter().copied());
+        }
+        pages.sort();
+        pages.dedup();
+        self.release_unused(tr, tid, &pages)?;
+        Ok(Invalidation {
+            page,
+            variants: dead.into_iter().collect(),
+            never_again,
+        })
+    }
+
+    /// Unlink `dead` variants: stubs rebuilt or unpatched, threads moved out, return sites redirected.
+    fn unlink(&mut self, tr: &mut Tracer, dead: &BTreeSet<VariantId>) -> Result<(), CacheError> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let affected: BTreeSet<InstallId> = dead.iter().map(|d| self.variants[d].install).collect();
+        for id in &affected {
+            let remaining: Vec<VariantId> = self.installs[id]
+                .variants
+                .iter()
+                .copied()
+                .filter(|v| self.variants[v].alive && !dead.contains(v))
+                .collect();
+            if remaining.is_empty() {
+                let inst = &self.installs[id];
+                if inst.patched {
+                    self.write_unpatch(tr, self.pid, &inst.patch)?;
+                }
+                if let Some(i) = self.installs.get_mut(id) {
+                    i.patched = false;
+                }
+            } else {
+                let inst = &self.installs[id];
+                let targets: Vec<StubTarget> = remaining
+                    .iter()
+                    .map(|v| {
+                        let lv = &self.variants[v];
+                        StubTarget {
+                            value: lv.value,
+                            entry: lv.base,
+                            counter: lv.counter,
+                        }
+                    })
+                    .collect();
+                let (ai, patch, reg, fc) = (
+                    inst.arena,
+                    inst.patch.clone(),
+                    inst.register,
+                    inst.fallback_counter,
+                );
+                let stub = self.place_stub(tr, ai, &patch, reg, &targets, fc)?;
+                self.write_patch(tr, self.pid, &patch, stub.base)?;
+                if let Some(i) = self.installs.get_mut(id) {
+                    i.stubs.push(stub);
+                }
+            }
+        }
+        for d in dead {
+            if let Some(v) = self.variants.get_mut(d) {
+                v.alive = false;
+            }
+        }
+        self.move_threads(tr, self.pid, dead, &affected, false)?;
+        self.redirect_returns(tr, self.pid, dead)?;
+        Ok(())
+    }
+
+    /// Move every thread of `pid` out of `dead` variants (deoptimize) and out of the stubs of `installs`.
+    /// `child`: `pid` is a stripped fork child, where no patch is active.
+    fn move_threads(
+        &self,
+        tr: &mut Tracer,
+        pid: Pid,
+        dead: &BTreeSet<VariantId>,
+        installs: &BTreeSet<InstallId>,
+        child: bool,
+    ) -> Result<(), CacheError> {
+        for tid in tr.threads(pid) {
+            let mut r = tr.regs(tid)?;
+            let rip = r.rip;
+            let mut changed = false;
+            if let Some(v) = dead
+                .iter()
+                .map(|d| &self.variants[d])
+                .find(|v| v.contains(rip))
+            {
+                let off = (rip - v.base.0) as u32;
+                let e =
+                    v.deopt
+                        .iter()
+                        .find(|d| d.offset == off)
+                        .ok_or(CacheError::NoDeoptPoint {
+                            tid: tid.as_raw(),
+                            rip: Addr(rip),
+                        })?;
+                apply_state(&mut r, &e.state);
+                r.rip = if child {
+                    e.original.0
+                } else {
+                    self.map_original(e.original)
+                };
+                changed = true;
+            } else if let Some(inst) = installs
+                .iter()
+                .filter_map(|i| self.installs.get(i))
+                .find(|i| i.stubs.iter().any(|s| s.contains(rip)))
+            {
+                let stub = inst
+                    .stubs
+                    .iter()
+                    .find(|s| s.contains(rip))
+                    .expect("found above");
+                match stub.rollback_at(rip) {
+                    Some(Rollback::ToTrigger {
+                        rsp_adj,
+                        scratch_at,
+                        flags_at,
+                    }) => {
+                        let mut q = [0u8; 8];
+                        if let Some(o) = scratch_at {
+                            tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                            *reg_mut(&mut r, crate::stub::scratch_for(inst.register)) =
+                                u64::from_le_bytes(q);
+                        }
+                        if let Some(o) = flags_at {
+                            tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                            r.eflags = u64::from_le_bytes(q);
+                        }
+                        r.rsp += rsp_adj;
+                        r.rip = inst.trigger.0;
+                        changed = true;
+                    }
+                    Some(Rollback::At(a)) => {
+                        // Old stub code is never overwritten: a thread in a fall-back path stays there while the
+                        // patch exists; without the patch the original bytes are back and it goes home.
+                        if child || !inst.patched {
+                            r.rip = a.0;
+                            changed = true;
+                        }
+                    }
+                    None => {
+                        return Err(CacheError::NoDeoptPoint {
+                            tid: tid.as_raw(),
+                            rip: Addr(rip),
+                        });
+                    }
+                }
+            }
+            if changed {
+                tr.set_regs(tid, &r)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make every residual call of `dead` variants return to the original code: a `jmp` written at the return
+    /// site when 5 bytes fit before the next site, else the return addresses on every thread's stack (from rsp
+    /// to the end of its stack mapping, at most 8 MiB) are rewritten. Limit: a return address saved elsewhere
+    /// (copied off the stack, or in a signal frame's context) is only covered by the jmp.
+    fn redirect_returns(
+        &self,
+        tr: &mut Tracer,
+        pid: Pid,
+        dead: &BTreeSet<VariantId>,
+    ) -> Result<(), CacheError> {
+        let mut scan: BTreeMap<u64, u64> = BTreeMap::new();
+        for d in dead {
+            let v = &self.variants[d];
+            for (k, (site, orig)) in v.ret_sites.iter().enumerate() {
+                let room = v
+                    .ret_sites
+                    .get(k + 1)
+                    .map(|(n, _)| n.0)
+                    .unwrap_or(v.base.0 + v.len as u64)
+                    - site.0;
+                match jmp_rel32(site.0, orig.0) {
+                    Some(j) if room >= PATCH_LEN as u64 => {
+                        publish(tr, pid, &self.arenas, *site, &j)?;
+                    }
+                    _ => {
+                        scan.insert(site.0, orig.0);
+                    }
+                }
+            }
+        }
+        if scan.is_empty() {
+            return Ok(());
+        }
+        let maps = read_maps(pid)?;
+        for tid in tr.threads(pid) {
+            let rsp = tr.regs(tid)?.rsp & !7;
+            let Some(m) = mapping_at(&maps, RemoteAddr(rsp)) else {
+                continue;
+            };
+            let end = m.end.0.min(rsp.saturating_add(STACK_SCAN_LIMIT));
+            let mut at = rsp;
+            while at < end {
+                let n = (end - at).min(64 << 10) as usize;
+                let mut buf = vec![0u8; n];
+                tr.read_memory(pid, RemoteAddr(at), &mut buf)?;
+                for (i, q) in buf.chunks_exact(8).enumerate() {
+                    let val = u64::from_le_bytes(q.try_into().expect("8 bytes"));
+                    if let Some(orig) = scan.get(&val) {
+                        tr.write_memory(pid, RemoteAddr(at + 8 * i as u64), &orig.to_le_bytes())?;
+                    }
+                }
+                at += n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    /// Remove one install completely (patch restored, threads moved out, guards released when unused).
+    pub fn uninstall(
+        &mut self,
+        tr: &mut Tracer,
+        id: InstallId,
+    ) -> Result<Vec<VariantId>, CacheError> {
+        assert_all_stopped(tr, self.pid);
+        let tid = stopped_thread(tr, self.pid)?;
+        let Some(inst) = self.installs.get(&id) else {
+            return Ok(Vec::new());
+        };
+        let dead: BTreeSet<VariantId> = inst
+            .variants
+            .iter()
+            .copied()
+            .filter(|v| self.variants[v].alive)
+            .collect();
+        if inst.patched {
+            self.write_unpatch(tr, self.pid, &inst.patch)?;
+        }
+        if let Some(i) = self.installs.get_mut(&id) {
+            i.patched = false;
+        }
+        for d in &dead {
+            if let Some(v) = self.variants.get_mut(d) {
+                v.alive = false;
+            }
+        }
+        self.move_threads(tr, self.pid, &dead, &BTreeSet::from([id]), false)?;
+        self.redirect_returns(tr, self.pid, &dead)?;
+        let pages: Vec<Addr> = dead
+            .iter()
+            .flat_map(|d| self.variants[d].guard_pages.clone())
+            .collect();
+        self.release_unused(tr, tid, &pages)?;
+        Ok(dead.into_iter().collect())
+    }
+
+    /// Restore every patch site, move threads out of variants and stubs, release every guard (threads
+    /// stopped). Used on detach and before giving up on a process. The arenas stay mapped (r-x code nobody
+    /// enters, and the syscall gadget the tracer may still use); a return address or signal frame that still
+    /// points into a dead variant finds valid code there.
+    pub fn uninstall_all(&mut self, tr: &mut Tracer) -> Result<(), CacheError> {
+        assert_all_stopped(tr, self.pid);
+        let ids: Vec<InstallId> = self.installs.keys().copied().collect();
+        for id in ids {
+            self.uninstall(tr, id)?;
+        }
+        let tid = stopped_thread(tr, self.pid)?;
+        self.guards.release_all(tr, tid)?;
+        Ok(())
+    }
+
+    /// A fork child (stopped at `Event::Forked`) inherited the patches, arenas and mprotect'ed pages but not
+    /// the uffd guards: restore the original bytes at every patch site, move its thread out of variants and
+    /// stubs, make residual calls in variants return to the original code, and give the mprotect'ed pages back
+    /// their protection. The child then runs only original code and may be detached or left running.
+    pub fn strip_child(&self, tr: &mut Tracer, child: Pid) -> Result<(), CacheError> {
+        let child = tr
+            .tgid(child)
+            .ok_or(tracer::TracerError::UnknownThread(child))?;
+        assert_all_stopped(tr, child);
+        let all_installs: BTreeSet<InstallId> = self.installs.keys().copied().collect();
+        for i in self.installs.values().filter(|i| i.patched) {
+            self.write_unpatch(tr, child, &i.patch)?;
+        }
+        let live: BTreeSet<VariantId> = self
+            .variants
+            .iter()
+            .filter(|(_, v)| v.alive)
+            .map(|(id, _)| *id)
+            .collect();
+        // Deoptimize as if every install were gone (in the child, it is).
+        self.move_threads(tr, child, &live, &all_installs, true)?;
+        self.redirect_returns(tr, child, &live)?;
+        let tid = stopped_thread(tr, child)?;
+        for (p, prot) in self.guards.mprotected() {
+            match tracer::remote_mprotect(tr, tid, RemoteAddr(p.0), 4096, prot) {
+                Ok(()) | Err(tracer::TracerError::RemoteSyscall { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// The process exec'd or exited: its memory is gone. Drops every record (nothing to restore).
+    pub fn forget(&mut self) {
+        self.guards.forget();
+        self.installs.clear();
+        self.variants.clear();
+        self.arenas.clear();
+    }
+}

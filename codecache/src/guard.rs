@@ -1,0 +1,676 @@
+//! Guards: write protection of the pages variants rely on, with a fault reported BEFORE the write completes.
+//!
+//! userfaultfd write-protect is the main mechanism (kernel writes such as `read(2)` into a guarded page are
+//! resolved too, invariant 7). Unlike `tracer::WriteWatch`, whose reader thread un-protects a page as soon as it
+//! is written, the reader thread here only records the fault: the writer stays blocked until the tracer thread
+//! has unlinked the dependent variants and calls [`GuardSet::release`] (which wakes it). The uffd plumbing
+//! (remote `userfaultfd` + `pidfd_getfd`) follows `tracer::watch`.
+//!
+//! A *kernel* write (copy_to_user inside a system call) cannot be interrupted by ptrace: the writer loops in the
+//! kernel until the page is released, so `Tracer::stop_all` would wait for it forever. [`GuardSet::stop_all`]
+//! therefore lets the reader thread release such a page early, once every other thread of the process is in a
+//! ptrace stop: the write completes, the writer stops at the system call's return before running any user code,
+//! and the invalidation that follows happens before any thread can observe the new contents.
+//!
+//! Where uffd cannot register a mapping (file-backed `.data`, shared memory), the page loses its write permission
+//! (remote `mprotect`); the write then raises SIGSEGV, which the session passes to [`GuardSet::is_guard_segv`].
+//! Limit of that fallback: a kernel write into such a page fails with `EFAULT`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use specializer::Addr;
+use tracer::{
+    mapping_at, read_maps, remote_close, remote_mprotect, remote_userfaultfd, Pid, RemoteAddr,
+    Tracer, TracerError,
+};
+
+use crate::CacheError;
+
+const PAGE: u64 = 4096;
+const SEGV_ACCERR: i32 = 2;
+const UFFD_API: u64 = 0xAA;
+const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
+/// How long every other thread must have been stopped before a blocked kernel write is let through.
+const KERNEL_WRITE_GRACE: Duration = Duration::from_millis(5);
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    flags: u64,
+    address: u64,
+    ptid: u64,
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn uffd_ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> Result<(), i32> {
+    loop {
+        // SAFETY: `arg` is a live, correctly sized #[repr(C)] struct matching the ioctl's ABI.
+        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
+        if r == 0 {
+            return Ok(());
+        }
+        match errno() {
+            // EAGAIN: the target's memory map is changing; retry.
+            libc::EINTR | libc::EAGAIN => continue,
+            e => return Err(e),
+        }
+    }
+}
+
+fn writeprotect(fd: RawFd, start: u64, len: u64, protect: bool) -> Result<(), i32> {
+    let mut wp = UffdioWriteprotect {
+        range: UffdioRange { start, len },
+        mode: if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        },
+    };
+    uffd_ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp)
+}
+
+/// State shared with the reader thread.
+#[derive(Default)]
+struct Shared {
+    /// Pages currently protected with uffd.
+    guarded: BTreeSet<u64>,
+    /// Pages written (fault seen) and not yet handled by the tracer thread.
+    faulted: BTreeSet<u64>,
+    /// Set while [`GuardSet::stop_all`] runs, with its start time.
+    stopping: Option<Instant>,
+}
+
+struct Reader {
+    stop: OwnedFd,
+    handle: Option<JoinHandle<()>>,
+}
+
+/// How a page is guarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardKind {
+    /// userfaultfd write-protect (kernel writes included).
+    Uffd,
+    /// Write permission removed; writes arrive as SIGSEGV.
+    Mprotect,
+    /// In a read-only mapping: constant without a guard.
+    ReadOnly,
+}
+
+/// The write-protected pages of one process.
+pub struct GuardSet {
+    pid: Pid,
+    fd: Option<Arc<OwnedFd>>,
+    reader: Option<Reader>,
+    shared: Arc<Mutex<Shared>>,
+    pending_flag: Arc<AtomicBool>,
+    registered: Vec<(u64, u64)>,
+    unregistrable: Vec<(u64, u64)>,
+    /// Pages protected by mprotect, with their original protection.
+    mprotected: BTreeMap<u64, i32>,
+    /// Why uffd is unavailable, if it is.
+    uffd_unavailable: Option<String>,
+}
+
+impl std::fmt::Debug for GuardSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuardSet")
+            .field("pid", &self.pid)
+            .field("uffd", &self.fd.is_some())
+            .field("mprotected", &self.mprotected.len())
+            .finish()
+    }
+}
+
+/// Thread states of a process from /proc (tid, state char).
+fn thread_states(pid: Pid) -> Vec<(i32, char)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+            continue;
+        };
+        // The state follows the last ')' (the command name may contain anything).
+        let st = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+            .unwrap_or('?');
+        out.push((tid, st));
+    }
+    out
+}
+
+fn reader_loop(
+    fd: Arc<OwnedFd>,
+    stop: RawFd,
+    pid: Pid,
+    shared: Arc<Mutex<Shared>>,
+    flag: Arc<AtomicBool>,
+) {
+    let raw = fd.as_raw_fd();
+    // When every other thread has been seen stopped (for the kernel-write case).
+    let mut others_stopped_since: Option<Instant> = None;
+    loop {
+        let has_pending = shared
+            .lock()
+            .map(|s| !s.faulted.is_empty() && s.stopping.is_some())
+            .unwrap_or(false);
+        let mut fds = [
+            libc::pollfd {
+                fd: raw,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = if has_pending { 1 } else { -1 };
+        // SAFETY: `fds` is a live array of two pollfd structs.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if r < 0 && errno() != libc::EINTR {
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
+            && fds[0].revents & libc::POLLIN == 0
+        {
+            return;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            loop {
+                let mut msg = UffdMsg::default();
+                // SAFETY: reads at most 32 bytes into a live, correctly sized buffer.
+                let n = unsafe {
+                    libc::read(
+                        raw,
+                        &mut msg as *mut UffdMsg as *mut libc::c_void,
+                        std::mem::size_of::<UffdMsg>(),
+                    )
+                };
+                if n < 0 {
+                    match errno() {
+                        libc::EAGAIN => break,
+                        libc::EINTR => continue,
+                        _ => return,
+                    }
+                }
+                if n == 0 {
+                    return;
+                }
+                if n as usize != std::mem::size_of::<UffdMsg>() || msg.event != UFFD_EVENT_PAGEFAULT
+                {
+                    continue;
+                }
+                let page = msg.address & !(PAGE - 1);
+                let ours = msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0
+                    && shared
+                        .lock()
+                        .map(|mut s| {
+                            if s.guarded.contains(&page) {
+                                s.faulted.insert(page);
+                                true
+                            } else {
+                                false
+                            }
+                        })
+                        .unwrap_or(false);
+                if ours {
+                    // The writer stays blocked until the tracer thread releases the page.
+                    flag.store(true, Ordering::SeqCst);
+                } else {
+                    // Released meanwhile (or not a write-protect fault): clear and wake.
+                    if msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                        let _ = writeprotect(raw, page, PAGE, false);
+                    }
+                    let mut range = UffdioRange {
+                        start: page,
+                        len: PAGE,
+                    };
+                    let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
+                }
+            }
+        }
+        // Kernel writes: see the module documentation.
+        let Ok(mut s) = shared.lock() else { return };
+        if s.faulted.is_empty() || s.stopping.is_none() {
+            others_stopped_since = None;
+            continue;
+        }
+        let states = thread_states(pid);
+        let running = states
+            .iter()
+            .filter(|(_, c)| !matches!(c, 't' | 'T' | 'Z' | 'X'))
+            .count();
+        if running > s.faulted.len() || states.is_empty() {
+            others_stopped_since = None;
+            continue;
+        }
+        let since = *others_stopped_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < KERNEL_WRITE_GRACE {
+            continue;
+        }
+        if running == 0 {
+            // Everyone stopped: the faulting writes were user writes, retried after the release.
+            continue;
+        }
+        let pages: Vec<u64> = s.faulted.iter().copied().collect();
+        for p in pages {
+            if writeprotect(raw, p, PAGE, false).is_ok() {
+                s.guarded.remove(&p);
+            }
+        }
+        others_stopped_since = None;
+    }
+}
+
+impl GuardSet {
+    /// Create the guard set of process `pid`: a userfaultfd made inside the target on stopped thread `tid`.
+    /// Without uffd the mprotect fallback is used for every page ([`GuardSet::uffd_unavailable`] says why).
+    /// A `tracer::WriteWatch` of the same process must be finished first (a mapping registers with one uffd).
+    pub fn new(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<GuardSet, CacheError> {
+        let pid = tr.tgid(pid).ok_or(TracerError::UnknownThread(pid))?;
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let pending_flag = Arc::new(AtomicBool::new(false));
+        let mut gs = GuardSet {
+            pid,
+            fd: None,
+            reader: None,
+            shared: shared.clone(),
+            pending_flag: pending_flag.clone(),
+            registered: Vec::new(),
+            unregistrable: Vec::new(),
+            mprotected: BTreeMap::new(),
+            uffd_unavailable: None,
+        };
+        match open_uffd(tr, pid, tid)? {
+            Ok(fd) => {
+                // SAFETY: eventfd with integer arguments.
+                let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+                if efd < 0 {
+                    return Err(CacheError::Os {
+                        op: "eventfd".into(),
+                        errno: errno(),
+                    });
+                }
+                // SAFETY: efd is a fresh descriptor we own.
+                let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+                let fd = Arc::new(fd);
+                let (f2, s2, sh2, fl2) = (fd.clone(), stop.as_raw_fd(), shared, pending_flag);
+                let handle = std::thread::Builder::new()
+                    .name("dynspec-guards".into())
+                    .spawn(move || reader_loop(f2, s2, pid, sh2, fl2))
+                    .map_err(|e| CacheError::Os {
+                        op: format!("spawning the guard reader: {e}"),
+                        errno: 0,
+                    })?;
+                gs.fd = Some(fd);
+                gs.reader = Some(Reader {
+                    stop,
+                    handle: Some(handle),
+                });
+            }
+            Err(why) => gs.uffd_unavailable = Some(why),
+        }
+        Ok(gs)
+    }
+
+    /// Why uffd is not used (None when it is).
+    pub fn uffd_unavailable(&self) -> Option<&str> {
+        self.uffd_unavailable.as_deref()
+    }
+
+    /// Whether a uffd fault is waiting for [`GuardSet::take_faults`] (cheap; callable from any thread).
+    pub fn has_faults(&self) -> bool {
+        self.pending_flag.load(Ordering::SeqCst)
+    }
+
+    /// Pages written since the last call (uffd faults). Their writers are blocked until [`GuardSet::release`].
+    pub fn take_faults(&self) -> Vec<Addr> {
+        self.pending_flag.store(false, Ordering::SeqCst);
+        let Ok(mut s) = self.shared.lock() else {
+            return Vec::new();
+        };
+        let v: Vec<Addr> = s.faulted.iter().map(|p| Addr(*p)).collect();
+        s.faulted.clear();
+        v
+    }
+
+    /// `tr.stop_all()`, letting blocked kernel writes into guarded pages complete once everything else is
+    /// stopped (see the module documentation). Use this instead of `Tracer::stop_all` while guards exist.
+    pub fn stop_all(&self, tr: &mut Tracer) -> Result<(), CacheError> {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stopping = Some(Instant::now());
+        }
+        let r = tr.stop_all();
+        if let Ok(mut s) = self.shared.lock() {
+            s.stopping = None;
+        }
+        r?;
+        Ok(())
+    }
+
+    fn uffd_can_try(m: &tracer::Mapping) -> bool {
+        if m.shared {
+            return false;
+        }
+        match &m.path {
+            None => true,
+            Some(p) => {
+                let s = p.as_os_str().as_encoded_bytes();
+                s == b"[heap]" || s.starts_with(b"[stack") || s.starts_with(b"[anon")
+            }
+        }
+    }
+
+    fn ensure_registered(&mut self, fd: RawFd, m: &tracer::Mapping) -> bool {
+        let range = (m.start.0, m.end.0);
+        if self.registered.contains(&range) {
+            return true;
+        }
+        if self.unregistrable.contains(&range) {
+            return false;
+        }
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: range.0,
+                len: range.1 - range.0,
+            },
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        if uffd_ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok() && reg.ioctls & (1 << 0x06) != 0 {
+            self.registered.push(range);
+            true
+        } else {
+            self.unregistrable.push(range);
+            false
+        }
+    }
+
+    /// Whether `page` is currently guarded (either way).
+    pub fn is_guarded(&self, page: Addr) -> bool {
+        self.mprotected.contains_key(&page.0)
+            || self
+                .shared
+                .lock()
+                .map(|s| s.guarded.contains(&page.0))
+                .unwrap_or(false)
+    }
+
+    /// Guard one page (threads stopped; `tid` a stopped thread of the process for the mprotect fallback).
+    pub fn guard(
+        &mut self,
+        tr: &mut Tracer,
+        tid: Pid,
+        page: Addr,
+    ) -> Result<GuardKind, CacheError> {
+        let page = page.page();
+        if self.is_guarded(page) {
+            return Ok(if self.mprotected.contains_key(&page.0) {
+                GuardKind::Mprotect
+            } else {
+                GuardKind::Uffd
+            });
+        }
+        let maps = read_maps(self.pid)?;
+        let m = mapping_at(&maps, RemoteAddr(page.0))
+            .ok_or_else(|| CacheError::Unguardable(page, "not mapped".into()))?;
+        if !m.write {
+            if m.is_pseudo()
+                && m.path.as_deref() != Some(std::path::Path::new("[vdso]"))
+                && !Self::uffd_can_try(m)
+            {
+                return Err(CacheError::Unguardable(
+                    page,
+                    "kernel-managed mapping".into(),
+                ));
+            }
+            return Ok(GuardKind::ReadOnly);
+        }
+        if let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) {
+            if Self::uffd_can_try(m) && self.ensure_registered(fd, m) {
+                if let Ok(mut s) = self.shared.lock() {
+                    s.guarded.insert(page.0);
+                }
+                if writeprotect(fd, page.0, PAGE, true).is_ok() {
+                    return Ok(GuardKind::Uffd);
+                }
+                if let Ok(mut s) = self.shared.lock() {
+                    s.guarded.remove(&page.0);
+                }
+            }
+        }
+        if m.shared {
+            return Err(CacheError::Unguardable(
+                page,
+                "shared mapping (other processes may write it)".into(),
+            ));
+        }
+        let orig = m.prot();
+        match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig & !libc::PROT_WRITE) {
+            Ok(()) => {
+                self.mprotected.insert(page.0, orig);
+                Ok(GuardKind::Mprotect)
+            }
+            Err(TracerError::RemoteSyscall { errno, .. }) => Err(CacheError::Unguardable(
+                page,
+                format!("mprotect failed (errno {errno})"),
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Remove the guard of `page` (waking a writer blocked on it). `tid`: a stopped thread of the process.
+    pub fn release(&mut self, tr: &mut Tracer, tid: Pid, page: Addr) -> Result<(), CacheError> {
+        let page = page.page();
+        if let Some(orig) = self.mprotected.remove(&page.0) {
+            match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig) {
+                Ok(()) | Err(TracerError::RemoteSyscall { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let was = self
+            .shared
+            .lock()
+            .map(|mut s| s.guarded.remove(&page.0))
+            .unwrap_or(false);
+        if was {
+            if let Some(fd) = &self.fd {
+                // Clearing the protection also wakes a thread blocked on the page.
+                let _ = writeprotect(fd.as_raw_fd(), page.0, PAGE, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// For the mprotect fallback: whether this SIGSEGV (signal-delivery-stop of `tid`) is a write to a page
+    /// guarded here. If so, returns the page; the caller invalidates it, which releases the guard, then resumes
+    /// the thread WITHOUT the signal (the write is re-executed). None: the signal is the program's.
+    pub fn is_guard_segv(&self, tr: &Tracer, tid: Pid, si: &libc::siginfo_t) -> Option<Addr> {
+        if si.si_signo != libc::SIGSEGV
+            || si.si_code != SEGV_ACCERR
+            || tr.tgid(tid) != Some(self.pid)
+        {
+            return None;
+        }
+        // SAFETY: for SIGSEGV the kernel fills si_addr.
+        let addr = unsafe { si.si_addr() } as u64;
+        let page = addr & !(PAGE - 1);
+        self.mprotected.contains_key(&page).then_some(Addr(page))
+    }
+
+    /// Every guarded page.
+    pub fn pages(&self) -> Vec<Addr> {
+        let mut v: BTreeSet<u64> = self.mprotected.keys().copied().collect();
+        if let Ok(s) = self.shared.lock() {
+            v.extend(s.guarded.iter().copied());
+        }
+        v.into_iter().map(Addr).collect()
+    }
+
+    /// The mprotect'ed pages with their original protection (a forked child inherits them).
+    pub(crate) fn mprotected(&self) -> Vec<(Addr, i32)> {
+        self.mprotected
+            .iter()
+            .map(|(p, o)| (Addr(*p), *o))
+            .collect()
+    }
+
+    /// Release every guard (threads stopped).
+    pub fn release_all(&mut self, tr: &mut Tracer, tid: Pid) -> Result<(), CacheError> {
+        for p in self.pages() {
+            self.release(tr, tid, p)?;
+        }
+        Ok(())
+    }
+
+    /// The process exec'd or exited: its memory and protections are gone; forget them.
+    pub fn forget(&mut self) {
+        self.mprotected.clear();
+        if let Ok(mut s) = self.shared.lock() {
+            s.guarded.clear();
+            s.faulted.clear();
+        }
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        if let Some(mut r) = self.reader.take() {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+            unsafe {
+                libc::write(
+                    r.stop.as_raw_fd(),
+                    &one as *const u64 as *const libc::c_void,
+                    8,
+                )
+            };
+            if let Some(h) = r.handle.take() {
+                let _ = h.join();
+            }
+        }
+        // Closing the uffd clears its write protection and wakes any blocked writer.
+        self.fd = None;
+    }
+}
+
+impl Drop for GuardSet {
+    /// Stops the reader and closes the uffd (which un-protects its pages); mprotect'ed pages need the tracer:
+    /// call [`GuardSet::release_all`] first.
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Create the userfaultfd inside the target and take it over; Ok(Err(reason)) when unavailable.
+fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<OwnedFd, String>, CacheError> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // Not UFFD_USER_MODE_ONLY: kernel writes must fault into us too (needs CAP_SYS_PTRACE or the sysctl).
+    let remote_fd = match remote_userfaultfd(tr, tid, flags) {
+        Ok(fd) => fd,
+        Err(TracerError::RemoteSyscall { errno, .. }) => {
+            return Ok(Err(format!(
+                "userfaultfd failed in the target (errno {errno})"
+            )))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // SAFETY: pidfd_open with integer arguments.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    let taken = if pidfd < 0 {
+        Err(format!("pidfd_open: errno {}", errno()))
+    } else {
+        // SAFETY: pidfd is a fresh descriptor we own.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
+        // SAFETY: pidfd_getfd with integer arguments.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), remote_fd, 0) };
+        if fd < 0 {
+            Err(format!("pidfd_getfd: errno {}", errno()))
+        } else {
+            // SAFETY: fd is a fresh descriptor we own.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        }
+    };
+    // The program must never see the descriptor.
+    remote_close(tr, tid, remote_fd)?;
+    let fd = match taken {
+        Ok(fd) => fd,
+        Err(why) => return Ok(Err(why)),
+    };
+    for features in [
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    ] {
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features,
+            ioctls: 0,
+        };
+        if uffd_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api).is_ok() {
+            return Ok(Ok(fd));
+        }
+    }
+    Ok(Err(
+        "UFFDIO_API: write-protect faults not supported by this kernel".into(),
+    ))
+}

@@ -1,0 +1,634 @@
+//! Dispatch stubs and patch sites: which original instructions a 5-byte `jmp` displaces, whether that is safe
+//! (invariant 6), and the stub code that compares the trigger register without disturbing anything (invariant 5).
+
+use iced_x86::{
+    BlockEncoder, BlockEncoderOptions, Code, Decoder, DecoderOptions, FlowControl, Instruction,
+    InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
+};
+use specializer::{Addr, Gpr};
+use tracer::RemoteAddr;
+
+use crate::CacheError;
+
+/// Length of the patch: `jmp rel32`.
+pub const PATCH_LEN: usize = 5;
+/// Bytes of the red zone the stub steps over before pushing anything.
+const RED_ZONE: i64 = 128;
+/// Non-canonical addresses used as labels inside a stub (never a real branch target).
+const LABEL_BASE: u64 = 0xdead_5000_0000_0000;
+
+/// Encode `jmp rel32` at `from` to `to`, or None when out of reach.
+pub fn jmp_rel32(from: u64, to: u64) -> Option<[u8; 5]> {
+    let rel = (to as i64).wrapping_sub(from.wrapping_add(5) as i64);
+    let rel = i32::try_from(rel).ok()?;
+    let mut b = [0xe9, 0, 0, 0, 0];
+    b[1..].copy_from_slice(&rel.to_le_bytes());
+    Some(b)
+}
+
+/// The original instructions a patch at `site` displaces.
+#[derive(Debug, Clone)]
+pub struct PatchSite {
+    pub site: Addr,
+    /// Decoded original instructions (with their original IPs), covering at least [`PATCH_LEN`] bytes.
+    pub displaced: Vec<Instruction>,
+    /// Exact original bytes of the displaced instructions (what unpatching restores).
+    pub original: Vec<u8>,
+}
+
+impl PatchSite {
+    pub fn len(&self) -> usize {
+        self.original.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.original.is_empty()
+    }
+    /// Whether `a` lies strictly inside the displaced bytes (not at their first byte).
+    pub fn strictly_inside(&self, a: u64) -> bool {
+        a > self.site.0 && a < self.site.0 + self.len() as u64
+    }
+}
+
+/// Decide which instructions at `site` a patch displaces and check the static half of invariant 6.
+///
+/// `region` is the original code of the function around the site (`region_start` is its address); `read`
+/// reads other target memory (jump tables). Refuses (typed error) when in doubt:
+/// - an instruction in the displaced bytes is a call, a system call/interrupt, undecodable, or ends the flow
+///   before the patch length is reached;
+/// - a direct branch anywhere in the region targets the displaced bytes strictly after the site;
+/// - a jump table found by the heuristic below has an entry there.
+///
+/// Jump tables: gcc/clang emit `lea reg, [rip+table]` followed by `movsxd reg, [reg+idx*4]` (entries relative
+/// to the table) or `jmp [table+idx*8]` (absolute entries). Every RIP-relative `lea` to data outside the region
+/// is scanned as 32-bit relative entries and every `[disp+idx*8]` operand as 64-bit absolute entries, until the
+/// first entry that points outside the region. Code that computes branch targets some other way is not
+/// recognised; that is the documented limit of the check.
+pub fn plan_patch(
+    region: &[u8],
+    region_start: Addr,
+    site: Addr,
+    read: &dyn Fn(Addr, &mut [u8]) -> bool,
+) -> Result<PatchSite, CacheError> {
+    let region_end = region_start.0 + region.len() as u64;
+    if site.0 < region_start.0 || site.0 >= region_end {
+        return Err(CacheError::unpatchable(
+            site,
+            "site outside the given region",
+        ));
+    }
+    let off = (site.0 - region_start.0) as usize;
+    let mut dec = Decoder::with_ip(64, &region[off..], site.0, DecoderOptions::NONE);
+    let mut displaced = Vec::new();
+    let mut len = 0usize;
+    while len < PATCH_LEN {
+        if !dec.can_decode() {
+            return Err(CacheError::unpatchable(
+                site,
+                "region ends inside the patch",
+            ));
+        }
+        let ins = dec.decode();
+        if ins.is_invalid() {
+            return Err(CacheError::unpatchable(site, "undecodable instruction"));
+        }
+        match ins.mnemonic() {
+            Mnemonic::Syscall
+            | Mnemonic::Sysenter
+            | Mnemonic::Int
+            | Mnemonic::Int1
+            | Mnemonic::Int3
+            | Mnemonic::Into
+            | Mnemonic::Ud2 => {
+                return Err(CacheError::unpatchable(
+                    site,
+                    format!("{:?} in the displaced bytes", ins.mnemonic()),
+                ))
+            }
+            _ => {}
+        }
+        match ins.flow_control() {
+            FlowControl::Next | FlowControl::ConditionalBranch => {}
+            FlowControl::UnconditionalBranch
+            | FlowControl::IndirectBranch
+            | FlowControl::Return
+                if len + ins.len() >= PATCH_LEN => {}
+            other => {
+                return Err(CacheError::unpatchable(
+                    site,
+                    format!("{other:?} instruction in the displaced bytes"),
+                ))
+            }
+        }
+        if ins.is_ip_rel_memory_operand() || ins.op_kinds().any(|k| k == OpKind::NearBranch64) {
+            // Relocated by the block encoder; fine as long as it stays within reach (checked at encoding).
+        }
+        len += ins.len();
+        displaced.push(ins);
+    }
+    let ps = PatchSite {
+        site,
+        original: region[off..off + len].to_vec(),
+        displaced,
+    };
+    // Direct branches of the whole region.
+    let mut dec = Decoder::with_ip(64, region, region_start.0, DecoderOptions::NONE);
+    let mut ins = Instruction::default();
+    while dec.can_decode() {
+        dec.decode_out(&mut ins);
+        if ins.is_invalid() {
+            continue;
+        }
+        for i in 0..ins.op_count() {
+            if matches!(
+                ins.op_kind(i),
+                OpKind::NearBranch64 | OpKind::NearBranch32 | OpKind::NearBranch16
+            ) && ps.strictly_inside(ins.near_branch_target())
+            {
+                return Err(CacheError::unpatchable(
+                    site,
+                    format!("the branch at {:#x} targets the displaced bytes", ins.ip()),
+                ));
+            }
+        }
+        if ins.op_count() == 0
+            || ins.memory_base() == Register::None && ins.memory_index() == Register::None
+        {
+            if !(ins.is_ip_rel_memory_operand()) {
+                continue;
+            }
+        }
+        let in_region = |a: u64| a >= region_start.0 && a < region_end;
+        if ins.mnemonic() == Mnemonic::Lea && ins.is_ip_rel_memory_operand() {
+            let table = ins.ip_rel_memory_address();
+            if !in_region(table) {
+                let mut b = [0u8; 4];
+                for k in 0..4096u64 {
+                    if !read(Addr(table + 4 * k), &mut b) {
+                        break;
+                    }
+                    let t = table.wrapping_add(i32::from_le_bytes(b) as i64 as u64);
+                    if !in_region(t) {
+                        break;
+                    }
+                    if ps.strictly_inside(t) {
+                        return Err(CacheError::unpatchable(
+                            site,
+                            format!("a jump table at {table:#x} targets the displaced bytes"),
+                        ));
+                    }
+                }
+            }
+        }
+        let has_mem = (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory);
+        if has_mem
+            && ins.memory_index() != Register::None
+            && ins.memory_index_scale() == 8
+            && ins.memory_displacement64() != 0
+        {
+            let table = ins.memory_displacement64();
+            let mut b = [0u8; 8];
+            for k in 0..4096u64 {
+                if !read(Addr(table + 8 * k), &mut b) {
+                    break;
+                }
+                let t = u64::from_le_bytes(b);
+                if !in_region(t) {
+                    break;
+                }
+                if ps.strictly_inside(t) {
+                    return Err(CacheError::unpatchable(
+                        site,
+                        format!("a jump table at {table:#x} targets the displaced bytes"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(ps)
+}
+
+/// How to move a thread stopped *before* a given stub instruction back to equivalent original state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rollback {
+    /// Back to the trigger: restore the saved scratch register and flags from the stack (offsets from the
+    /// current rsp), add `rsp_adj` to rsp, RIP := trigger. Re-dispatching is equivalent to what was under way.
+    ToTrigger {
+        rsp_adj: u64,
+        scratch_at: Option<u64>,
+        flags_at: Option<u64>,
+    },
+    /// In the fall-back path (original code relocated): continue at this original address.
+    At(Addr),
+}
+
+/// One dispatch target of a stub.
+#[derive(Debug, Clone, Copy)]
+pub struct StubTarget {
+    /// Trigger value (None: unconditional entry).
+    pub value: Option<u64>,
+    pub entry: RemoteAddr,
+    pub counter: RemoteAddr,
+}
+
+/// An encoded dispatch stub.
+#[derive(Debug, Clone)]
+pub struct Stub {
+    pub base: RemoteAddr,
+    pub code: Vec<u8>,
+    /// (offset, rollback) per instruction, sorted by offset.
+    pub rollback: Vec<(u32, Rollback)>,
+    /// Original address -> address of its relocated copy in the fall-back path.
+    pub relocated: Vec<(Addr, RemoteAddr)>,
+}
+
+impl Stub {
+    /// Whether `a` lies in this stub.
+    pub fn contains(&self, a: u64) -> bool {
+        a >= self.base.0 && a < self.base.0 + self.code.len() as u64
+    }
+
+    /// The rollback for a thread stopped at `rip` (an instruction boundary of this stub).
+    pub fn rollback_at(&self, rip: u64) -> Option<Rollback> {
+        let off = rip.checked_sub(self.base.0)? as u32;
+        self.rollback
+            .iter()
+            .find(|(o, _)| *o == off)
+            .map(|(_, r)| *r)
+    }
+
+    /// The relocated copy of original instruction `a` (a displaced instruction), if any.
+    pub fn relocated_of(&self, a: Addr) -> Option<RemoteAddr> {
+        self.relocated
+            .iter()
+            .find(|(o, _)| *o == a)
+            .map(|(_, r)| *r)
+    }
+}
+
+struct Builder {
+    items: Vec<(Instruction, Rollback)>,
+    next_label: u64,
+}
+
+impl Builder {
+    fn label(&mut self) -> u64 {
+        self.next_label += 1;
+        LABEL_BASE + self.next_label
+    }
+    fn push(
+        &mut self,
+        r: Result<Instruction, iced_x86::IcedError>,
+        rb: Rollback,
+    ) -> Result<(), CacheError> {
+        let ins = r.map_err(|e| CacheError::Encode(e.to_string()))?;
+        self.items.push((ins, rb));
+        Ok(())
+    }
+    /// Attach `label` to the next instruction pushed.
+    fn bind(&mut self, label: u64, pending: &mut Option<u64>) {
+        *pending = Some(label);
+    }
+}
+
+fn to_trigger(rsp_adj: u64, scratch_at: Option<u64>, flags_at: Option<u64>) -> Rollback {
+    Rollback::ToTrigger {
+        rsp_adj,
+        scratch_at,
+        flags_at,
+    }
+}
+
+/// The scratch register for a trigger register: rax unless the trigger is rax.
+pub fn scratch_for(reg: Option<Gpr>) -> Gpr {
+    if reg == Some(Gpr::Rax) {
+        Gpr::Rcx
+    } else {
+        Gpr::Rax
+    }
+}
+
+/// Build the dispatch stub at `base`.
+///
+/// Layout (S = scratch, R = trigger register):
+/// ```text
+///   lea rsp,[rsp-128]; pushfq; push S
+///   binary search: mov S, v; cmp R, S; je hit_v; ja/jb ...          (a chain for few values)
+/// fallback:  pop S; lock inc [fallback_counter]; popfq; lea rsp,[rsp+128]; <displaced>; jmp site+len
+/// hit_v:     pop S; lock inc [counter_v];       popfq; lea rsp,[rsp+128]; jmp entry_v
+/// ```
+/// Nothing below `rsp-128` is touched before the red zone is skipped; flags and S are restored before leaving.
+/// With no register, the single target is entered unconditionally (the fall-back path is still emitted so that
+/// displaced instructions have a relocated copy for deoptimization).
+pub fn build_stub(
+    base: RemoteAddr,
+    patch: &PatchSite,
+    reg: Option<Gpr>,
+    targets: &[StubTarget],
+    fallback_counter: RemoteAddr,
+) -> Result<Stub, CacheError> {
+    if reg == Some(Gpr::Rsp) {
+        return Err(CacheError::BadRequest(
+            "rsp cannot be a trigger register".into(),
+        ));
+    }
+    let s = scratch_for(reg).to_iced();
+    let mut b = Builder {
+        items: Vec::new(),
+        next_label: 0,
+    };
+    let mut pending: Option<u64> = None;
+    // Push helper that applies a pending label.
+    macro_rules! emit {
+        ($ins:expr, $rb:expr) => {{
+            b.push($ins, $rb)?;
+            if let Some(l) = pending.take() {
+                b.items.last_mut().expect("just pushed").0.set_ip(l);
+            }
+        }};
+    }
+    let sp_minus = MemoryOperand::with_base_displ(Register::RSP, -RED_ZONE);
+    let sp_plus = MemoryOperand::with_base_displ(Register::RSP, RED_ZONE);
+    let inc = |c: RemoteAddr| -> Result<Instruction, iced_x86::IcedError> {
+        let mut i = Instruction::with1(
+            Code::Inc_rm64,
+            MemoryOperand::with_base_displ(Register::RIP, c.0 as i64),
+        )?;
+        i.set_has_lock_prefix(true);
+        Ok(i)
+    };
+    let fallback = b.label();
+    let values: Vec<(u64, usize)> = {
+        let mut v: Vec<(u64, usize)> = targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.value.map(|v| (v, i)))
+            .collect();
+        v.sort();
+        v
+    };
+    let hits: Vec<u64> = (0..targets.len()).map(|_| b.label()).collect();
+    match reg {
+        Some(r) => {
+            let r = r.to_iced();
+            emit!(
+                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
+                to_trigger(0, None, None)
+            );
+            emit!(
+                Ok(Instruction::with(Code::Pushfq)),
+                to_trigger(RED_ZONE as u64, None, None)
+            );
+            emit!(
+                Instruction::with1(Code::Push_r64, s),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            let in_cmp = to_trigger(RED_ZONE as u64 + 16, Some(0), Some(8));
+            // Binary search over the sorted values; a subtree is a range [lo, hi).
+            let mut work: Vec<(usize, usize, Option<u64>)> = vec![(0, values.len(), None)];
+            while let Some((lo, hi, label)) = work.pop() {
+                if let Some(l) = label {
+                    b.bind(l, &mut pending);
+                }
+                if lo >= hi {
+                    emit!(
+                        Instruction::with_branch(Code::Jmp_rel32_64, fallback),
+                        in_cmp
+                    );
+                    continue;
+                }
+                let mid = (lo + hi) / 2;
+                let (v, ti) = values[mid];
+                emit!(Instruction::with2(Code::Mov_r64_imm64, s, v), in_cmp);
+                emit!(Instruction::with2(Code::Cmp_rm64_r64, r, s), in_cmp);
+                emit!(
+                    Instruction::with_branch(Code::Je_rel32_64, hits[ti]),
+                    in_cmp
+                );
+                let left = lo < mid;
+                let right = mid + 1 < hi;
+                match (left, right) {
+                    (true, true) => {
+                        let l_right = b.label();
+                        emit!(Instruction::with_branch(Code::Ja_rel32_64, l_right), in_cmp);
+                        // Left subtree inline next, right subtree after it.
+                        work.push((mid + 1, hi, Some(l_right)));
+                        work.push((lo, mid, None));
+                    }
+                    (true, false) => {
+                        emit!(
+                            Instruction::with_branch(Code::Ja_rel32_64, fallback),
+                            in_cmp
+                        );
+                        work.push((lo, mid, None));
+                    }
+                    (false, true) => {
+                        emit!(
+                            Instruction::with_branch(Code::Jb_rel32_64, fallback),
+                            in_cmp
+                        );
+                        work.push((mid + 1, hi, None));
+                    }
+                    (false, false) => {
+                        emit!(
+                            Instruction::with_branch(Code::Jmp_rel32_64, fallback),
+                            in_cmp
+                        );
+                    }
+                }
+            }
+            // Fall-back path.
+            b.bind(fallback, &mut pending);
+            emit!(Instruction::with1(Code::Pop_r64, s), in_cmp);
+            emit!(
+                inc(fallback_counter),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            emit!(
+                Ok(Instruction::with(Code::Popfq)),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            emit!(
+                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
+                to_trigger(RED_ZONE as u64, None, None)
+            );
+        }
+        None => {
+            if targets.len() != 1 || targets[0].value.is_some() {
+                return Err(CacheError::BadRequest(
+                    "without a trigger register there must be exactly one variant, with no value"
+                        .into(),
+                ));
+            }
+            emit!(
+                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
+                to_trigger(0, None, None)
+            );
+            emit!(
+                Ok(Instruction::with(Code::Pushfq)),
+                to_trigger(RED_ZONE as u64, None, None)
+            );
+            emit!(
+                inc(targets[0].counter),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            emit!(
+                Ok(Instruction::with(Code::Popfq)),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            emit!(
+                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
+                to_trigger(RED_ZONE as u64, None, None)
+            );
+            emit!(
+                Instruction::with_branch(Code::Jmp_rel32_64, targets[0].entry.0),
+                to_trigger(0, None, None)
+            );
+            // Unreachable fall-back copy (deoptimization target of displaced instructions).
+        }
+    }
+    let first_displaced = b.items.len();
+    for ins in &patch.displaced {
+        let rb = Rollback::At(Addr(ins.ip()));
+        b.items.push((*ins, rb));
+        if let Some(l) = pending.take() {
+            // Only possible in the unconditional layout, which binds nothing; keep the original IP otherwise.
+            let _ = l;
+        }
+    }
+    let resume = patch.site.0 + patch.len() as u64;
+    emit!(
+        Instruction::with_branch(Code::Jmp_rel32_64, resume),
+        Rollback::At(Addr(resume))
+    );
+    if reg.is_some() {
+        for (i, t) in targets.iter().enumerate() {
+            b.bind(hits[i], &mut pending);
+            emit!(
+                Instruction::with1(Code::Pop_r64, s),
+                to_trigger(RED_ZONE as u64 + 16, Some(0), Some(8))
+            );
+            emit!(
+                inc(t.counter),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            emit!(
+                Ok(Instruction::with(Code::Popfq)),
+                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
+            );
+            emit!(
+                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
+                to_trigger(RED_ZONE as u64, None, None)
+            );
+            emit!(
+                Instruction::with_branch(Code::Jmp_rel32_64, t.entry.0),
+                to_trigger(0, None, None)
+            );
+        }
+    }
+    let instrs: Vec<Instruction> = b.items.iter().map(|(i, _)| *i).collect();
+    let res = BlockEncoder::encode(
+        64,
+        InstructionBlock::new(&instrs, base.0),
+        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+    )
+    .map_err(|e| CacheError::Encode(e.to_string()))?;
+    let mut rollback = Vec::new();
+    let mut relocated = Vec::new();
+    for (i, (_, rb)) in b.items.iter().enumerate() {
+        let off = res
+            .new_instruction_offsets
+            .get(i)
+            .copied()
+            .unwrap_or(u32::MAX);
+        if off == u32::MAX {
+            // Rewritten into several instructions (target out of rel32 reach): no boundary to map.
+            continue;
+        }
+        rollback.push((off, *rb));
+        if i >= first_displaced && i < first_displaced + patch.displaced.len() {
+            if let Rollback::At(a) = rb {
+                relocated.push((*a, base.offset(off as u64)));
+            }
+        }
+    }
+    rollback.sort_by_key(|(o, _)| *o);
+    Ok(Stub {
+        base,
+        code: res.code_buffer,
+        rollback,
+        relocated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_read(_: Addr, _: &mut [u8]) -> bool {
+        false
+    }
+
+    #[test]
+    fn displaces_whole_instructions() {
+        // mov eax, [rdi] (2) ; add rdi, 4 (4) ; cmp eax, 3 (3) ; jne -> start (2)
+        let code = [
+            0x8b, 0x07, 0x48, 0x83, 0xc7, 0x04, 0x83, 0xf8, 0x03, 0x75, 0xf5,
+        ];
+        let p = plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).expect("patchable");
+        assert_eq!(p.len(), 6);
+        assert_eq!(p.displaced.len(), 2);
+        assert!(
+            p.strictly_inside(0x1002) && !p.strictly_inside(0x1000) && !p.strictly_inside(0x1006)
+        );
+    }
+
+    #[test]
+    fn refuses_branch_into_displaced_bytes() {
+        // 0x1000: mov eax,[rdi] ; 0x1002: add rdi,4 ; jne 0x1002
+        let code = [0x8b, 0x07, 0x48, 0x83, 0xc7, 0x04, 0x75, 0xfa];
+        let e = plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).unwrap_err();
+        assert!(matches!(e, CacheError::Unpatchable { .. }), "{e}");
+    }
+
+    #[test]
+    fn refuses_syscall_and_calls() {
+        let code = [0x0f, 0x05, 0x90, 0x90, 0x90, 0x90];
+        assert!(plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).is_err());
+        let code = [0xe8, 0, 0, 0, 0, 0x90];
+        assert!(plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).is_err());
+    }
+
+    #[test]
+    fn stub_has_rollback_for_every_instruction() {
+        let code = [0x8b, 0x07, 0x48, 0x83, 0xc7, 0x04, 0x90];
+        let p = plan_patch(&code, Addr(0x40_1000), Addr(0x40_1000), &no_read).unwrap();
+        let targets: Vec<StubTarget> = (0..7)
+            .map(|i| StubTarget {
+                value: Some(i * 3),
+                entry: RemoteAddr(0x50_0000 + i * 0x100),
+                counter: RemoteAddr(0x60_0000 + i * 8),
+            })
+            .collect();
+        let s = build_stub(
+            RemoteAddr(0x50_8000),
+            &p,
+            Some(Gpr::Rdi),
+            &targets,
+            RemoteAddr(0x60_1000),
+        )
+        .unwrap();
+        assert!(s.rollback_at(0x50_8000).is_some());
+        assert_eq!(s.relocated.len(), 2);
+        // Every boundary decodes and is in the table.
+        let mut d = Decoder::with_ip(64, &s.code, 0x50_8000, DecoderOptions::NONE);
+        while d.can_decode() {
+            let i = d.decode();
+            assert!(!i.is_invalid());
+            assert!(
+                s.rollback_at(i.ip()).is_some(),
+                "no rollback at {:#x}",
+                i.ip()
+            );
+        }
+    }
+}
