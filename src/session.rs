@@ -268,17 +268,16 @@ struct Session {
     warned_sampler: bool,
     progress: Option<Instant>,
     handled_interrupts: u32,
+    /// Sampled threads per process, to release their rings when the process exits.
+    threads_of: HashMap<Pid, std::collections::BTreeSet<Pid>>,
 }
 
 /// Run a whole session and write its report.
 pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     signals::install().context("cannot install dynspec's signal handlers")?;
     // Before touching the target, so a bad rate never leaves a half-started program behind.
-    let sampler = Sampler::new(SamplerConfig {
-        rate_hz: cfg.rate_hz,
-        ..Default::default()
-    })
-    .context("cannot set up perf_event sampling")?;
+    let sampler = Sampler::new(SamplerConfig::for_rate(cfg.rate_hz))
+        .context("cannot set up perf_event sampling")?;
     let (tracer, command, attach_pid) = match &target {
         Target::Run { argv, shown } => {
             let t = Tracer::spawn(argv)
@@ -314,16 +313,26 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         profile_done: None,
         attach_mode: attach_pid.is_some(),
         warned_sampler: false,
-        progress: if !cfg.quiet && std::io::stderr().is_terminal() {
+        // A live progress line needs a terminal; in run mode the program shares it, so only draw when its stdout
+        // goes elsewhere (its output would otherwise land in the middle of our line).
+        progress: if !cfg.quiet
+            && std::io::stderr().is_terminal()
+            && (attach_pid.is_some() || !std::io::stdout().is_terminal())
+        {
             Some(start)
         } else {
             None
         },
         handled_interrupts: 0,
+        threads_of: HashMap::new(),
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
-            Ok(()) | Err(SamplerError::ThreadGone { .. }) => {}
+            Ok(()) => {
+                s.threads_of.entry(root).or_default().insert(tid);
+            }
+            Err(SamplerError::ThreadGone { .. }) => {}
+            // At the start a refusal is fatal and explained (perf_event_paranoid, CAP_PERFMON, mlock limits).
             Err(e) => return Err(e).with_context(|| format!("cannot sample PID {root}")),
         }
     }
@@ -393,7 +402,11 @@ impl Session {
     fn add_threads(&mut self, tids: &[Pid]) {
         for &tid in tids {
             match self.sampler.add_thread(tid) {
-                Ok(()) | Err(SamplerError::ThreadGone { .. }) => {}
+                Ok(()) => {
+                    let tgid = self.tracer.tgid(tid).unwrap_or(tid);
+                    self.threads_of.entry(tgid).or_default().insert(tid);
+                }
+                Err(SamplerError::ThreadGone { .. }) => {}
                 Err(e) => {
                     // Losing one thread's samples is not worth stopping the program for; say it once.
                     if !self.warned_sampler && !self.cfg.quiet {
@@ -490,12 +503,19 @@ impl Session {
             }
             Event::ThreadExited { tid } => {
                 self.sampler.remove_thread(tid);
+                for set in self.threads_of.values_mut() {
+                    set.remove(&tid);
+                }
             }
             Event::Exited { pid, status } => {
                 if pid == self.root {
                     return Ok(Some(End::Exited(status)));
                 }
                 self.code.forget(pid);
+                // Release the rings (fds, memory) of a finished child: fork-heavy programs would pile them up.
+                for tid in self.threads_of.remove(&pid).unwrap_or_default() {
+                    self.sampler.remove_thread(tid);
+                }
             }
         }
         Ok(None)

@@ -38,6 +38,13 @@ pub enum SamplerError {
         "sampling rate {rate_hz} Hz is not allowed: it must be between 1 and kernel.perf_event_max_sample_rate ({max_hz} Hz)"
     )]
     InvalidRate { rate_hz: u64, max_hz: u64 },
+    /// The ring buffers of all sampled threads exceed the locked-memory allowance of this user.
+    #[error(
+        "perf ring buffer of {kb} KiB for thread {tid} exceeds the locked-memory limit: raise \
+         kernel.perf_event_mlock_kb (sysctl kernel.perf_event_mlock_kb=4096) or RLIMIT_MEMLOCK (ulimit -l), \
+         lower --rate, or run as root"
+    )]
+    RingLimit { tid: i32, kb: u64 },
     /// Any other failure of a system call.
     #[error("{op} for thread {tid}: {source}")]
     Io {
@@ -63,11 +70,27 @@ pub struct SamplerConfig {
     pub max_buffered: usize,
 }
 
+impl SamplerConfig {
+    /// A configuration for `rate_hz` whose rings hold ~100 ms of samples (8 to 128 data pages per thread).
+    pub fn for_rate(rate_hz: u64) -> SamplerConfig {
+        // One sample record with 18 registers is 8 + 8 + 8 + 8 + 18 * 8 = 176 bytes.
+        let bytes = rate_hz.saturating_mul(176) / 10;
+        let pages = (bytes / page_size() as u64 + 1)
+            .next_power_of_two()
+            .clamp(8, 128) as usize;
+        SamplerConfig {
+            rate_hz,
+            ring_data_pages: pages,
+            ..Default::default()
+        }
+    }
+}
+
 impl Default for SamplerConfig {
     fn default() -> Self {
         SamplerConfig {
             rate_hz: 1999,
-            ring_data_pages: 64,
+            ring_data_pages: 16,
             drain_interval: Duration::from_millis(10),
             max_buffered: 1 << 20,
         }
@@ -237,10 +260,16 @@ impl Ring {
         let map = MmapOptions::new()
             .len(len)
             .map_raw(fd.as_raw_fd())
-            .map_err(|source| SamplerError::Io {
-                op: "mmap of the perf ring buffer",
-                tid: tid_raw,
-                source,
+            .map_err(|source| match source.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::ENOMEM) => SamplerError::RingLimit {
+                    tid: tid_raw,
+                    kb: (len / 1024) as u64,
+                },
+                _ => SamplerError::Io {
+                    op: "mmap of the perf ring buffer",
+                    tid: tid_raw,
+                    source,
+                },
             })?;
         // Older kernels leave data_offset/data_size zero: the data area then starts right after the first page.
         let data_offset = match read_u64(&map, MMAP_DATA_OFFSET) as usize {
