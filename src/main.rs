@@ -154,6 +154,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => {
             validate_pid(pid)?;
             let cfg = session_config(&opts, for_secs);
+            if !opts.profile_only && !opts.quiet {
+                eprintln!("dynspec: specialization is not available in this build yet; profiling only");
+            }
             let outcome = session::run(Target::Attach(nix::unistd::Pid::from_raw(pid)), &cfg)?;
             Ok(finish(outcome, &cfg))
         }

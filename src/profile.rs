@@ -20,6 +20,8 @@ pub const DISTINCT_CAP: usize = 4096;
 pub const TOP_K: usize = 64;
 /// A candidate with more distinct values than this is penalised (a dispatch stub handles at most this many).
 pub const PREDICTABLE_DISTINCT: u64 = 64;
+/// Distinct values remembered over all (address, register) pairs: bounds memory on long runs (~50 MB).
+pub const VALUE_BUDGET: usize = 1 << 20;
 /// Stripped code is grouped into spans of this granularity.
 pub const SPAN_GRANULE: u64 = 256;
 /// Regions below this share get no value profile.
@@ -151,11 +153,13 @@ struct ValueStats {
 }
 
 impl ValueStats {
-    fn add(&mut self, v: u64) {
+    /// Count one sampled value; a new distinct value uses one unit of the profiler-wide `budget`.
+    fn add(&mut self, v: u64, budget: &mut usize) {
         self.samples += 1;
         if let Some(c) = self.counts.get_mut(&v) {
             *c += 1;
-        } else if self.counts.len() < DISTINCT_CAP {
+        } else if self.counts.len() < DISTINCT_CAP && *budget > 0 {
+            *budget -= 1;
             self.counts.insert(v, 1);
         } else {
             self.overflow += 1;
@@ -221,6 +225,8 @@ pub struct Profiler {
     pages: HashMap<u64, HashMap<u64, u64>>,
     /// Decoded functions per (epoch, symbol start); None when unreadable or too large.
     functions: HashMap<(u64, u64), Option<Arc<LinearFunction>>>,
+    /// Distinct values that may still be added (see [`VALUE_BUDGET`]).
+    value_budget: usize,
 }
 
 impl Profiler {
@@ -237,6 +243,7 @@ impl Profiler {
             values: HashMap::new(),
             pages: HashMap::new(),
             functions: HashMap::new(),
+            value_budget: VALUE_BUDGET,
         }
     }
 
@@ -365,7 +372,7 @@ impl Profiler {
             self.values
                 .entry((addr, g))
                 .or_default()
-                .add(s.regs[g.index()]);
+                .add(s.regs[g.index()], &mut self.value_budget);
         }
         if s.pid != self.root {
             return;
@@ -714,13 +721,21 @@ mod tests {
     #[test]
     fn distinct_saturates_and_is_penalised() {
         let mut vs = ValueStats::default();
+        let mut budget = usize::MAX;
         for v in 0..(DISTINCT_CAP as u64 + 10) {
-            vs.add(v);
+            vs.add(v, &mut budget);
         }
         assert_eq!(vs.distinct(), DISTINCT_CAP as u64 + 1);
         let (top, cov) = vs.top(TOP_K);
         assert_eq!(top.len(), TOP_K);
         assert!(cov < 0.02);
+        // An exhausted budget keeps counting samples without remembering new values.
+        let mut vs = ValueStats::default();
+        let mut budget = 2;
+        for v in [1, 2, 3, 1, 4] {
+            vs.add(v, &mut budget);
+        }
+        assert_eq!((vs.samples, vs.counts.len(), vs.distinct()), (5, 2, 3));
     }
 
     #[test]
