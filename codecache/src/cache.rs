@@ -78,6 +78,10 @@ pub struct Invalidation {
     pub variants: Vec<VariantId>,
     /// The page reached [`MAX_INVALIDATIONS_PER_PAGE`] and will not be guarded again.
     pub never_again: bool,
+    /// Threads moved out of dead variants or stubs (deoptimized).
+    pub threads_moved: usize,
+    /// Return addresses into dead variants redirected (return sites patched + stack slots rewritten).
+    pub returns_redirected: usize,
 }
 
 #[derive(Debug)]
@@ -712,7 +716,7 @@ impl Cache {
         if never_again {
             self.never_guard.insert(page);
         }
-        self.unlink(tr, &dead)?;
+        let (threads_moved, returns_redirected) = self.unlink(tr, &dead)?;
         // The written page and every page only the dead variants needed.
         let mut pages: Vec<Addr> = vec![page];
         for id in &dead {
@@ -725,13 +729,20 @@ impl Cache {
             page,
             variants: dead.into_iter().collect(),
             never_again,
+            threads_moved,
+            returns_redirected,
         })
     }
 
     /// Unlink `dead` variants: stubs rebuilt or unpatched, threads moved out, return sites redirected.
-    fn unlink(&mut self, tr: &mut Tracer, dead: &BTreeSet<VariantId>) -> Result<(), CacheError> {
+    /// Returns (threads moved, return addresses redirected).
+    fn unlink(
+        &mut self,
+        tr: &mut Tracer,
+        dead: &BTreeSet<VariantId>,
+    ) -> Result<(usize, usize), CacheError> {
         if dead.is_empty() {
-            return Ok(());
+            return Ok((0, 0));
         }
         let affected: BTreeSet<InstallId> = dead.iter().map(|d| self.variants[d].install).collect();
         for id in &affected {
@@ -780,9 +791,9 @@ impl Cache {
                 v.alive = false;
             }
         }
-        self.move_threads(tr, self.pid, dead, &affected, false)?;
-        self.redirect_returns(tr, self.pid, dead)?;
-        Ok(())
+        let moved = self.move_threads(tr, self.pid, dead, &affected, false)?;
+        let redirected = self.redirect_returns(tr, self.pid, dead)?;
+        Ok((moved, redirected))
     }
 
     /// Move every thread of `pid` out of `dead` variants (deoptimize) and out of the stubs of `installs`.
@@ -794,7 +805,8 @@ impl Cache {
         dead: &BTreeSet<VariantId>,
         installs: &BTreeSet<InstallId>,
         child: bool,
-    ) -> Result<(), CacheError> {
+    ) -> Result<usize, CacheError> {
+        let mut moved = 0;
         for tid in tr.threads(pid) {
             let mut r = tr.regs(tid)?;
             let rip = r.rip;
@@ -868,9 +880,10 @@ impl Cache {
             }
             if changed {
                 tr.set_regs(tid, &r)?;
+                moved += 1;
             }
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// Make every residual call of `dead` variants return to the original code: a `jmp` written at the return
@@ -882,7 +895,8 @@ impl Cache {
         tr: &mut Tracer,
         pid: Pid,
         dead: &BTreeSet<VariantId>,
-    ) -> Result<(), CacheError> {
+    ) -> Result<usize, CacheError> {
+        let mut count = 0;
         let mut scan: BTreeMap<u64, u64> = BTreeMap::new();
         for d in dead {
             let v = &self.variants[d];
@@ -896,6 +910,7 @@ impl Cache {
                 match jmp_rel32(site.0, orig.0) {
                     Some(j) if room >= PATCH_LEN as u64 => {
                         publish(tr, pid, &self.arenas, *site, &j)?;
+                        count += 1;
                     }
                     _ => {
                         scan.insert(site.0, orig.0);
@@ -904,7 +919,7 @@ impl Cache {
             }
         }
         if scan.is_empty() {
-            return Ok(());
+            return Ok(count);
         }
         let maps = read_maps(pid)?;
         for tid in tr.threads(pid) {
@@ -922,12 +937,13 @@ impl Cache {
                     let val = u64::from_le_bytes(q.try_into().expect("8 bytes"));
                     if let Some(orig) = scan.get(&val) {
                         tr.write_memory(pid, RemoteAddr(at + 8 * i as u64), &orig.to_le_bytes())?;
+                        count += 1;
                     }
                 }
                 at += n as u64;
             }
         }
-        Ok(())
+        Ok(count)
     }
 
     /// Remove one install completely (patch restored, threads moved out, guards released when unused).

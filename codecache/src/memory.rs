@@ -99,7 +99,7 @@ impl Memory for TargetMemory<'_> {
             return false;
         }
         let mut snap = self.snapshots.borrow_mut();
-        if !snap.contains_key(&page) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = snap.entry(page) {
             let mut buf = vec![0u8; PAGE_SIZE as usize];
             if self
                 .tr
@@ -108,7 +108,7 @@ impl Memory for TargetMemory<'_> {
             {
                 return false;
             }
-            snap.insert(page, buf);
+            slot.insert(buf);
         }
         true
     }

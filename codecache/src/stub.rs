@@ -150,13 +150,6 @@ pub fn plan_patch(
                 ));
             }
         }
-        if ins.op_count() == 0
-            || ins.memory_base() == Register::None && ins.memory_index() == Register::None
-        {
-            if !(ins.is_ip_rel_memory_operand()) {
-                continue;
-            }
-        }
         let in_region = |a: u64| a >= region_start.0 && a < region_end;
         if ins.mnemonic() == Mnemonic::Lea && ins.is_ip_rel_memory_operand() {
             let table = ins.ip_rel_memory_address();

@@ -1,0 +1,151 @@
+/* Test target for codecache: a small bytecode interpreter whose bytecode lives in its own heap page.
+ * Usage: interp MODE ITERS OUT PTRFILE
+ *   MODE 0: plain; 1: the program rewrites one bytecode operand half-way (user write into the guarded page);
+ *   2: half-way, read() from a pipe fills the bytecode page (kernel write); 3: two worker threads run the
+ *   interpreter while the main thread rewrites the bytecode; each result is checked against a reference;
+ *   4: half-way, the rewrite happens inside hook(), called by bytecode op 7 from inside run() (a residual
+ *   call of the variant is under way when its page is written); 5: bytecode op 8 stores into the bytecode page
+ *   from inside run() itself (the writing thread is inside the variant).
+ * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+struct insn { int op, a, b, pad; };
+
+static struct insn *code;
+static long hook_calls, hook_at = -1;
+
+__attribute__((noinline)) long hook(long x)
+{
+    if (hook_calls++ == hook_at)
+        code[1].a = 9;
+    return x * 3 + 1;
+}
+
+__attribute__((noinline)) long run(const struct insn *pc, long x)
+{
+    for (;;) {
+        switch (pc->op) {
+        case 0: return x;
+        case 1: x += pc->a; break;
+        case 2: x *= pc->a; break;
+        case 3: x ^= x >> pc->a; break;
+        case 4: x -= pc->a; break;
+        case 5: if (x & pc->a) pc += pc->b; break;
+        case 6: x = (x << pc->a) | ((unsigned long)x >> (64 - pc->a)); break;
+        case 7: x = hook(x); break;
+        case 8: ((struct insn *)pc)->pad = (int)x; break;
+        default: return -1;
+        }
+        pc++;
+    }
+}
+
+/* The same semantics, never specialized (different function). */
+__attribute__((noinline)) long ref(const struct insn *pc, long x)
+{
+    for (;;) {
+        int op = pc->op;
+        if (op == 0) return x;
+        else if (op == 1) x += pc->a;
+        else if (op == 2) x *= pc->a;
+        else if (op == 3) x ^= x >> pc->a;
+        else if (op == 4) x -= pc->a;
+        else if (op == 5) { if (x & pc->a) pc += pc->b; }
+        else if (op == 6) x = (x << pc->a) | ((unsigned long)x >> (64 - pc->a));
+        else if (op == 7) x = x * 3 + 1;
+        else if (op == 8) ((struct insn *)pc)->pad = (int)x;
+        else return -1;
+        pc++;
+    }
+}
+
+static struct insn old_prog[16], new_prog[16];
+static long iters;
+static atomic_long progress;
+static atomic_long bad;
+
+static void on_usr1(int s) { (void)s; }
+
+static void fill(struct insn *p)
+{
+    struct insn prog[] = {
+        {1, 7, 0, 0}, {2, 3, 0, 0}, {7, 0, 0, 0}, {3, 5, 0, 0}, {5, 1, 2, 0}, {4, 11, 0, 0}, {6, 13, 0, 0},
+        {1, 1000, 0, 0}, {3, 7, 0, 0}, {2, 5, 0, 0}, {0, 0, 0, 0},
+    };
+    memcpy(p, prog, sizeof prog);
+}
+
+static void *worker(void *arg)
+{
+    long id = (long)arg, sum = 0;
+    for (long i = 0; i < iters; i++) {
+        long r = run(code, i * 2 + id);
+        long a = ref(old_prog, i * 2 + id), b = ref(new_prog, i * 2 + id);
+        if (r != a && r != b)
+            atomic_fetch_add(&bad, 1);
+        sum += r;
+        atomic_fetch_add(&progress, 1);
+    }
+    (void)sum;
+    return NULL;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 5) return 2;
+    int mode = atoi(argv[1]);
+    iters = atol(argv[2]);
+    signal(SIGUSR1, on_usr1);
+    code = aligned_alloc(4096, 4096);
+    memset(code, 0, 4096);
+    fill(code);
+    if (mode == 5)
+        code[1] = (struct insn){8, 0, 0, 0};
+    fill(old_prog);
+    fill(new_prog);
+    new_prog[1].a = 9;
+    FILE *pf = fopen(argv[4], "w");
+    fprintf(pf, "%lx\n", (unsigned long)code);
+    fclose(pf);
+    raise(SIGUSR1);
+    FILE *out = fopen(argv[3], "w");
+    if (mode == 4)
+        hook_at = iters / 2;
+    if (mode == 3) {
+        pthread_t t[2];
+        for (long k = 0; k < 2; k++)
+            pthread_create(&t[k], NULL, worker, (void *)k);
+        while (atomic_load(&progress) < iters / 2)
+            ;
+        code[1].a = 9;
+        for (int k = 0; k < 2; k++)
+            pthread_join(t[k], NULL);
+        fprintf(out, "bad=%ld\n", atomic_load(&bad));
+    } else {
+        int fds[2];
+        if (pipe(fds)) return 3;
+        long sum = 0;
+        for (long i = 0; i < iters; i++) {
+            if (i == iters / 2 && mode == 1)
+                code[1].a = 9;
+            if (i == iters / 2 && mode == 2) {
+                struct insn tmp[16];
+                memcpy(tmp, code, sizeof tmp);
+                tmp[1].a = 9;
+                if (write(fds[1], tmp, sizeof tmp) != sizeof tmp) return 4;
+                if (read(fds[0], code, sizeof tmp) != sizeof tmp) { fprintf(out, "read failed\n"); return 5; }
+            }
+            sum += run(code, i);
+        }
+        fprintf(out, "sum=%ld\n", sum);
+    }
+    fclose(out);
+    raise(SIGUSR1);
+    return 0;
+}

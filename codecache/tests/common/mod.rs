@@ -1,0 +1,278 @@
+//! Shared helpers for the codecache integration tests: compile the test interpreter, drive a traced run.
+#![allow(dead_code)]
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use codecache::{Cache, InstallId, InstallRequest, Invalidation, TargetMemory};
+use specializer::{Addr, Gpr, KnownState, Options, Request};
+use tracer::{Event, ExitStatus, Pid, Tracer};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!(
+            "codecache-test-{}-{}-{}",
+            std::process::id(),
+            tag,
+            n
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Compile tests/common/interp.c into `dir` with extra flags.
+pub fn build_interp(dir: &TempDir, flags: &[&str]) -> PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/interp.c");
+    let out = dir.path("interp");
+    let st = Command::new("gcc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .args(flags)
+        .status()
+        .expect("run gcc");
+    assert!(st.success(), "gcc failed");
+    out
+}
+
+/// Run the interpreter natively; returns its output file contents.
+pub fn run_native(exe: &Path, dir: &TempDir, mode: u32, iters: u64) -> String {
+    let out = dir.path(&format!("native-{mode}.out"));
+    let st = Command::new(exe)
+        .arg(mode.to_string())
+        .arg(iters.to_string())
+        .arg(&out)
+        .arg(dir.path("native.ptr"))
+        .status()
+        .expect("run natively");
+    assert!(st.success());
+    std::fs::read_to_string(out).expect("native output")
+}
+
+/// What a traced run produced.
+pub struct Traced {
+    pub output: String,
+    pub status: ExitStatus,
+    pub installed: Vec<InstallId>,
+    /// Why the install was refused, if it was (the program then runs its original code).
+    pub install_error: Option<codecache::CacheError>,
+    pub entries: u64,
+    pub fallbacks: u64,
+    pub invalidations: Vec<Invalidation>,
+    pub variants_alive_at_end: usize,
+}
+
+/// Where to install: at `run`'s entry (trigger rdi = bytecode pointer), or at its dispatch loop head (the
+/// `cmp dword [pc], imm` instruction; trigger = pc register, one variant per bytecode position).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    Entry,
+    Dispatch { values: u64 },
+}
+
+/// The dispatch loop head of `run` and its pc register.
+fn dispatch_head(tr: &Tracer, pid: Pid, start: Addr, end: Addr) -> (Addr, Gpr) {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
+    let mut buf = vec![0u8; (end.0 - start.0) as usize];
+    tr.read_memory(pid, tracer::RemoteAddr(start.0), &mut buf)
+        .expect("read run");
+    let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
+    while d.can_decode() {
+        let i = d.decode();
+        if i.mnemonic() == Mnemonic::Cmp
+            && i.op0_kind() == OpKind::Memory
+            && i.op1_kind() == OpKind::Immediate8to32
+        {
+            let g = Gpr::containing(i.memory_base()).expect("pc register");
+            return (Addr(i.ip()), g);
+        }
+    }
+    panic!("no dispatch head in run");
+}
+
+/// Specialize `run` of the traced interpreter for its bytecode pointer and install it at `site`.
+pub fn install_run(
+    tr: &mut Tracer,
+    cache: &mut Cache,
+    pid: Pid,
+    code: u64,
+    site: Site,
+) -> Result<InstallId, codecache::CacheError> {
+    let mods = tracer::modules(pid).expect("modules");
+    let sym = mods
+        .iter()
+        .find_map(|m| m.symbol("run").cloned())
+        .expect("symbol run");
+    let (start, end) = (Addr(sym.start.0), Addr(sym.end.0));
+    let (trigger, reg, values) = match site {
+        Site::Entry => (start, Gpr::Rdi, vec![code]),
+        Site::Dispatch { values } => {
+            let (a, g) = dispatch_head(tr, pid, start, end);
+            (a, g, (0..values).map(|k| code + 16 * k).collect())
+        }
+    };
+    let mut mem = TargetMemory::new(tr, pid, Some(cache)).expect("target memory");
+    mem.allow([Addr(code).page()]);
+    let mut variants = Vec::new();
+    for v in values {
+        let mut known = KnownState::default();
+        known.set_reg(reg, Some(v));
+        let req = Request {
+            entry: trigger,
+            region_start: start,
+            region_end: end,
+            known,
+            options: Options::default(),
+        };
+        let var = specializer::specialize(&req, &mem).expect("specialize run");
+        assert!(
+            var.guard_pages.contains(&Addr(code).page()),
+            "the variant must rely on the bytecode page: {:?}",
+            var.guard_pages
+        );
+        if std::env::var_os("CODECACHE_TEST_DUMP").is_some() {
+            eprintln!("variant for {v:#x}:\n{}", var.residual_asm().join("\n"));
+        }
+        variants.push((Some(v), var));
+    }
+    let snapshots = mem.snapshots();
+    drop(mem);
+    cache.install(
+        tr,
+        InstallRequest {
+            trigger,
+            register: Some(reg),
+            region: (start, end),
+            variants,
+            snapshots,
+        },
+    )
+}
+
+/// Spawn the interpreter under the tracer, install a variant of `run` at the first SIGUSR1, handle guard
+/// faults like the session does, read counters at the second SIGUSR1.
+pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) -> Traced {
+    let out = dir.path(&format!("traced-{mode}.out"));
+    let ptr = dir.path("traced.ptr");
+    let argv: Vec<OsString> = vec![
+        exe.into(),
+        mode.to_string().into(),
+        iters.to_string().into(),
+        out.clone().into(),
+        ptr.clone().into(),
+    ];
+    let mut tr = Tracer::spawn(&argv).expect("spawn");
+    let pid = tr.root();
+    let mut cache: Option<Cache> = None;
+    let mut usr1 = 0;
+    let mut installed = Vec::new();
+    let mut install_error = None;
+    let mut invalidations = Vec::new();
+    let (mut entries, mut fallbacks, mut alive) = (0, 0, 0);
+    tr.resume_all().expect("resume");
+    let status = loop {
+        if let Some(c) = cache.as_mut() {
+            if c.has_guard_faults() {
+                invalidations.extend(c.handle_guard_faults(&mut tr).expect("guard faults"));
+                tr.resume_all().expect("resume");
+            }
+        }
+        let Some(ev) = tr
+            .next_event(Some(Duration::from_millis(5)))
+            .expect("next_event")
+        else {
+            continue;
+        };
+        match ev {
+            Event::Signal {
+                tid,
+                signal,
+                siginfo,
+            } if signal == libc::SIGSEGV => {
+                let ours = match cache.as_mut() {
+                    Some(c) => c.handle_segv(&mut tr, tid, &siginfo).expect("segv"),
+                    None => None,
+                };
+                match ours {
+                    Some(inv) => {
+                        invalidations.push(inv);
+                        tr.resume_all().expect("resume");
+                    }
+                    None => tr.resume(tid, Some(signal)).expect("resume"),
+                }
+            }
+            Event::Signal { .. } if matches!(ev, Event::Signal { signal, .. } if signal == libc::SIGUSR1) =>
+            {
+                usr1 += 1;
+                match cache.as_ref() {
+                    Some(c) => c.stop_all(&mut tr).expect("stop"),
+                    None => tr.stop_all().expect("stop"),
+                }
+                if usr1 == 1 {
+                    let text = std::fs::read_to_string(&ptr).expect("ptr file");
+                    let code = u64::from_str_radix(text.trim(), 16).expect("pointer");
+                    let mut c = Cache::new(&mut tr, pid).expect("cache");
+                    match install_run(&mut tr, &mut c, pid, code, site) {
+                        Ok(id) => installed.push(id),
+                        Err(e) => install_error = Some(e),
+                    }
+                    cache = Some(c);
+                } else if let Some(c) = cache.as_ref() {
+                    let k = c.counters(&tr).expect("counters");
+                    entries = k.entries.values().sum();
+                    fallbacks = k.fallbacks.values().sum();
+                    alive = c.variants().iter().filter(|v| v.alive).count();
+                }
+                // The program's SIGUSR1 is delivered (its handler ignores it).
+                tr.resume_all().expect("resume");
+            }
+            Event::Signal { tid, signal, .. } => tr.resume(tid, Some(signal)).expect("resume"),
+            Event::NewThread { tid, parent } => {
+                let _ = tr.resume(tid, None);
+                let _ = tr.resume(parent, None);
+            }
+            Event::Forked { parent, child } => {
+                let _ = tr.resume(child, None);
+                let _ = tr.resume(parent, None);
+            }
+            Event::Exec { pid } => {
+                let _ = tr.resume(pid, None);
+            }
+            Event::ThreadExited { .. } => {}
+            Event::Exited { pid: p, status } if p == pid => break status,
+            Event::Exited { .. } => {}
+        }
+    };
+    if let Some(mut c) = cache {
+        c.forget();
+    }
+    Traced {
+        output: std::fs::read_to_string(&out).unwrap_or_default(),
+        status,
+        installed,
+        install_error,
+        entries,
+        fallbacks,
+        invalidations,
+        variants_alive_at_end: alive,
+    }
+}

@@ -1,0 +1,130 @@
+//! Integration tests on real processes: install a specialized `run`, count entries, invalidate on user and
+//! kernel writes, deoptimize threads.
+
+mod common;
+
+use common::*;
+use tracer::ExitStatus;
+
+const ITERS: u64 = 200_000;
+
+#[test]
+fn installed_variant_gives_native_output_and_counts_entries() {
+    let d = TempDir::new("plain");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 0, ITERS);
+    let t = run_traced(&exe, &d, 0, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert_eq!(t.installed.len(), 1);
+    assert!(t.entries > 0, "the variant was never entered");
+    assert!(t.invalidations.is_empty());
+    assert_eq!(t.variants_alive_at_end, 1);
+}
+
+#[test]
+fn dispatch_trigger_with_many_values_pie_and_non_pie() {
+    for (tag, flags) in [("pie", &[][..]), ("nopie", &["-no-pie", "-fno-pie"][..])] {
+        let d = TempDir::new(tag);
+        let exe = build_interp(&d, flags);
+        for mode in [0, 1] {
+            let native = run_native(&exe, &d, mode, ITERS);
+            let t = run_traced(&exe, &d, mode, ITERS, Site::Dispatch { values: 10 });
+            assert_eq!(t.status, ExitStatus::Code(0), "{tag} mode {mode}");
+            assert_eq!(t.output, native, "{tag} mode {mode}");
+            assert!(t.entries > 0, "{tag} mode {mode}: never entered");
+            assert_eq!(!t.invalidations.is_empty(), mode == 1, "{tag} mode {mode}");
+        }
+    }
+}
+
+#[test]
+fn entry_patch_refused_when_a_branch_targets_the_displaced_bytes() {
+    // Non-PIE -O2 `run` (gcc 12) loops back to its second instruction: the entry patch must be refused with a
+    // typed error and the program must run unchanged. Other code generation may make the entry patchable.
+    let d = TempDir::new("refuse");
+    let exe = build_interp(&d, &["-no-pie", "-fno-pie"]);
+    let native = run_native(&exe, &d, 0, 1000);
+    let t = run_traced(&exe, &d, 0, 1000, Site::Entry);
+    assert_eq!(t.output, native);
+    match &t.install_error {
+        None => assert_eq!(t.installed.len(), 1),
+        Some(codecache::CacheError::Unpatchable { reason, .. }) => {
+            assert!(reason.contains("targets the displaced bytes"), "{reason}");
+            assert_eq!(t.entries, 0);
+        }
+        Some(e) => panic!("unexpected error: {e}"),
+    }
+}
+
+#[test]
+fn user_write_to_guarded_page_invalidates() {
+    let d = TempDir::new("selfmod");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 1, ITERS);
+    let t = run_traced(&exe, &d, 1, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(!t.invalidations.is_empty(), "no invalidation");
+    assert_eq!(t.invalidations[0].variants.len(), 1);
+    assert_eq!(t.variants_alive_at_end, 0);
+    assert!(t.entries > 0);
+}
+
+#[test]
+fn read_into_guarded_page_succeeds_and_invalidates() {
+    let d = TempDir::new("kread");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 2, ITERS);
+    let t = run_traced(&exe, &d, 2, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(
+        t.output, native,
+        "read() into the guarded page must succeed"
+    );
+    assert!(!t.invalidations.is_empty(), "no invalidation");
+    assert_eq!(t.variants_alive_at_end, 0);
+}
+
+#[test]
+fn threads_inside_the_variant_are_deoptimized() {
+    let d = TempDir::new("mt");
+    let exe = build_interp(&d, &[]);
+    let t = run_traced(&exe, &d, 3, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, "bad=0\n");
+    assert!(!t.invalidations.is_empty(), "no invalidation");
+    assert!(t.entries > 0);
+}
+
+#[test]
+fn write_from_a_callee_of_the_variant_redirects_its_return() {
+    let d = TempDir::new("callee");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 4, ITERS);
+    let t = run_traced(&exe, &d, 4, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert_eq!(t.invalidations.len(), 1);
+    assert!(
+        t.invalidations[0].returns_redirected >= 1,
+        "the writer's return address points into the variant: {:?}",
+        t.invalidations
+    );
+}
+
+#[test]
+fn writer_inside_the_variant_is_deoptimized() {
+    let d = TempDir::new("store");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 5, ITERS);
+    let t = run_traced(&exe, &d, 5, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(!t.invalidations.is_empty());
+    assert!(
+        t.invalidations[0].threads_moved >= 1,
+        "the writing thread is inside the variant: {:?}",
+        t.invalidations
+    );
+}
