@@ -128,3 +128,52 @@ fn writer_inside_the_variant_is_deoptimized() {
         t.invalidations
     );
 }
+
+#[test]
+fn data_section_page_is_guarded_with_mprotect() {
+    let d = TempDir::new("data");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 6, ITERS);
+    let t = run_traced(&exe, &d, 6, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(
+        t.guard_kinds.contains(&codecache::GuardKind::Mprotect),
+        "{:?}",
+        t.guard_kinds
+    );
+    assert_eq!(t.invalidations.len(), 1, "the SIGSEGV of the write is ours");
+    assert!(t.entries > 0);
+}
+
+#[test]
+fn forked_child_is_stripped_and_runs_original_code() {
+    let d = TempDir::new("fork");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 7, ITERS);
+    let t = run_traced(&exe, &d, 7, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(
+        t.output, native,
+        "the child rewrote its bytecode: it must not run the variant"
+    );
+    assert_eq!(t.children_stripped, vec![true]);
+    assert!(
+        t.invalidations.is_empty(),
+        "the child's write is not the parent's"
+    );
+    assert!(t.entries > 0);
+}
+
+#[test]
+fn uninstall_all_restores_the_original_code() {
+    let d = TempDir::new("uninstall");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 8, ITERS);
+    let t = run_traced_with(&exe, &d, 8, ITERS, Site::Entry, true);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(t.entries_mid > 0);
+    assert_eq!(t.entries, t.entries_mid, "no entry after uninstall_all");
+    assert_eq!(t.variants_alive_at_end, 0);
+}

@@ -5,7 +5,10 @@
  *   interpreter while the main thread rewrites the bytecode; each result is checked against a reference;
  *   4: half-way, the rewrite happens inside hook(), called by bytecode op 7 from inside run() (a residual
  *   call of the variant is under way when its page is written); 5: bytecode op 8 stores into the bytecode page
- *   from inside run() itself (the writing thread is inside the variant).
+ *   from inside run() itself (the writing thread is inside the variant); 6: like 1 with the bytecode in .data
+ *   (file-backed: guarded with mprotect, the write arrives as SIGSEGV); 7: half-way the program forks, the
+ *   child rewrites the bytecode and runs the rest, the parent prints the child's sum too; 8: like 0 with an
+ *   extra SIGUSR1 half-way.
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <signal.h>
@@ -13,9 +16,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 struct insn { int op, a, b, pad; };
+
+static struct insn data_code[256] __attribute__((aligned(4096))) = {{1, 1, 1, 1}};
 
 static struct insn *code;
 static long hook_calls, hook_at = -1;
@@ -102,7 +108,7 @@ int main(int argc, char **argv)
     int mode = atoi(argv[1]);
     iters = atol(argv[2]);
     signal(SIGUSR1, on_usr1);
-    code = aligned_alloc(4096, 4096);
+    code = mode == 6 ? data_code : aligned_alloc(4096, 4096);
     memset(code, 0, 4096);
     fill(code);
     if (mode == 5)
@@ -132,8 +138,28 @@ int main(int argc, char **argv)
         if (pipe(fds)) return 3;
         long sum = 0;
         for (long i = 0; i < iters; i++) {
-            if (i == iters / 2 && mode == 1)
+            if (i == iters / 2 && (mode == 1 || mode == 6))
                 code[1].a = 9;
+            if (i == iters / 2 && mode == 8)
+                raise(SIGUSR1);
+            if (i == iters / 2 && mode == 7) {
+                int cp[2];
+                if (pipe(cp)) return 6;
+                pid_t c = fork();
+                if (c == 0) {
+                    code[1].a = 9;
+                    long csum = 0;
+                    for (long k = i; k < iters; k++)
+                        csum += run(code, k);
+                    if (write(cp[1], &csum, sizeof csum) != sizeof csum) _exit(7);
+                    _exit(0);
+                }
+                long csum = 0;
+                int st = 0;
+                if (read(cp[0], &csum, sizeof csum) != sizeof csum) return 8;
+                waitpid(c, &st, 0);
+                fprintf(out, "child=%ld status=%d\n", csum, st);
+            }
             if (i == iters / 2 && mode == 2) {
                 struct insn tmp[16];
                 memcpy(tmp, code, sizeof tmp);

@@ -79,6 +79,11 @@ pub struct Traced {
     pub fallbacks: u64,
     pub invalidations: Vec<Invalidation>,
     pub variants_alive_at_end: usize,
+    pub entries_mid: u64,
+    /// How each guard page of the installed variants was protected.
+    pub guard_kinds: Vec<codecache::GuardKind>,
+    /// For each fork: whether the child's patch sites read as the original bytes after strip_child.
+    pub children_stripped: Vec<bool>,
 }
 
 /// Where to install: at `run`'s entry (trigger rdi = bytecode pointer), or at its dispatch loop head (the
@@ -171,6 +176,19 @@ pub fn install_run(
 /// Spawn the interpreter under the tracer, install a variant of `run` at the first SIGUSR1, handle guard
 /// faults like the session does, read counters at the second SIGUSR1.
 pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) -> Traced {
+    run_traced_with(exe, dir, mode, iters, site, false)
+}
+
+/// [`run_traced`]; with `uninstall_mid`, every variant is uninstalled at the second of three SIGUSR1s
+/// (mode 8) and the entry count at that point is kept in `entries_mid`.
+pub fn run_traced_with(
+    exe: &Path,
+    dir: &TempDir,
+    mode: u32,
+    iters: u64,
+    site: Site,
+    uninstall_mid: bool,
+) -> Traced {
     let out = dir.path(&format!("traced-{mode}.out"));
     let ptr = dir.path("traced.ptr");
     let argv: Vec<OsString> = vec![
@@ -187,7 +205,9 @@ pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) 
     let mut installed = Vec::new();
     let mut install_error = None;
     let mut invalidations = Vec::new();
-    let (mut entries, mut fallbacks, mut alive) = (0, 0, 0);
+    let (mut entries, mut fallbacks, mut alive, mut entries_mid) = (0, 0, 0, 0);
+    let mut children_stripped = Vec::new();
+    let mut guard_kinds = Vec::new();
     tr.resume_all().expect("resume");
     let status = loop {
         if let Some(c) = cache.as_mut() {
@@ -232,10 +252,20 @@ pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) 
                     let code = u64::from_str_radix(text.trim(), 16).expect("pointer");
                     let mut c = Cache::new(&mut tr, pid).expect("cache");
                     match install_run(&mut tr, &mut c, pid, code, site) {
-                        Ok(id) => installed.push(id),
+                        Ok(id) => {
+                            installed.push(id);
+                            guard_kinds = c
+                                .variants()
+                                .iter()
+                                .flat_map(|v| v.guard_kinds.iter().map(|(_, k)| *k))
+                                .collect();
+                        }
                         Err(e) => install_error = Some(e),
                     }
                     cache = Some(c);
+                } else if let (true, 2, Some(c)) = (uninstall_mid, usr1, cache.as_mut()) {
+                    entries_mid = c.counters(&tr).expect("counters").entries.values().sum();
+                    c.uninstall_all(&mut tr).expect("uninstall_all");
                 } else if let Some(c) = cache.as_ref() {
                     let k = c.counters(&tr).expect("counters");
                     entries = k.entries.values().sum();
@@ -251,6 +281,16 @@ pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) 
                 let _ = tr.resume(parent, None);
             }
             Event::Forked { parent, child } => {
+                if let Some(c) = cache.as_ref() {
+                    c.strip_child(&mut tr, child).expect("strip_child");
+                    let ok = c.patched_bytes().iter().all(|(a, orig)| {
+                        let mut b = vec![0u8; orig.len()];
+                        tr.read_memory(child, tracer::RemoteAddr(a.0), &mut b)
+                            .is_ok()
+                            && &b == orig
+                    });
+                    children_stripped.push(ok && !c.patched_bytes().is_empty());
+                }
                 let _ = tr.resume(child, None);
                 let _ = tr.resume(parent, None);
             }
@@ -274,5 +314,8 @@ pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) 
         fallbacks,
         invalidations,
         variants_alive_at_end: alive,
+        entries_mid,
+        children_stripped,
+        guard_kinds,
     }
 }
