@@ -710,11 +710,15 @@ impl Cache {
             .filter(|(_, v)| v.alive && v.guard_pages.contains(&page))
             .map(|(id, _)| *id)
             .collect();
-        let n = self.invalidations.entry(page).or_insert(0);
-        *n += 1;
-        let never_again = *n >= MAX_INVALIDATIONS_PER_PAGE;
-        if never_again {
-            self.never_guard.insert(page);
+        // A fault on a page no live variant depends on any more (two writers raced) does not count.
+        let mut never_again = self.never_guard.contains(&page);
+        if !dead.is_empty() {
+            let n = self.invalidations.entry(page).or_insert(0);
+            *n += 1;
+            if *n >= MAX_INVALIDATIONS_PER_PAGE {
+                never_again = true;
+                self.never_guard.insert(page);
+            }
         }
         let (threads_moved, returns_redirected) = self.unlink(tr, &dead)?;
         // The written page and every page only the dead variants needed.

@@ -177,3 +177,17 @@ fn uninstall_all_restores_the_original_code() {
     assert_eq!(t.entries, t.entries_mid, "no entry after uninstall_all");
     assert_eq!(t.variants_alive_at_end, 0);
 }
+
+#[test]
+fn unconditional_entry_without_trigger() {
+    let d = TempDir::new("uncond");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 1, ITERS);
+    let t = run_traced(&exe, &d, 1, ITERS, Site::Unconditional);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(t.install_error.is_none(), "{:?}", t.install_error);
+    assert_eq!(t.installed.len(), 1);
+    assert!(t.entries > 0);
+    assert_eq!(t.fallbacks, 0, "no trigger, no fall-back");
+}

@@ -91,7 +91,11 @@ pub struct Traced {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Site {
     Entry,
-    Dispatch { values: u64 },
+    /// At `run`'s entry with no trigger register: one variant, entered unconditionally.
+    Unconditional,
+    Dispatch {
+        values: u64,
+    },
 }
 
 /// The dispatch loop head of `run` and its pc register.
@@ -129,7 +133,7 @@ pub fn install_run(
         .expect("symbol run");
     let (start, end) = (Addr(sym.start.0), Addr(sym.end.0));
     let (trigger, reg, values) = match site {
-        Site::Entry => (start, Gpr::Rdi, vec![code]),
+        Site::Entry | Site::Unconditional => (start, Gpr::Rdi, vec![code]),
         Site::Dispatch { values } => {
             let (a, g) = dispatch_head(tr, pid, start, end);
             (a, g, (0..values).map(|k| code + 16 * k).collect())
@@ -140,7 +144,9 @@ pub fn install_run(
     let mut variants = Vec::new();
     for v in values {
         let mut known = KnownState::default();
-        known.set_reg(reg, Some(v));
+        if site != Site::Unconditional {
+            known.set_reg(reg, Some(v));
+        }
         let req = Request {
             entry: trigger,
             region_start: start,
@@ -150,14 +156,15 @@ pub fn install_run(
         };
         let var = specializer::specialize(&req, &mem).expect("specialize run");
         assert!(
-            var.guard_pages.contains(&Addr(code).page()),
+            site == Site::Unconditional || var.guard_pages.contains(&Addr(code).page()),
             "the variant must rely on the bytecode page: {:?}",
             var.guard_pages
         );
         if std::env::var_os("CODECACHE_TEST_DUMP").is_some() {
             eprintln!("variant for {v:#x}:\n{}", var.residual_asm().join("\n"));
         }
-        variants.push((Some(v), var));
+        let value = (site != Site::Unconditional).then_some(v);
+        variants.push((value, var));
     }
     let snapshots = mem.snapshots();
     drop(mem);
@@ -165,7 +172,7 @@ pub fn install_run(
         tr,
         InstallRequest {
             trigger,
-            register: Some(reg),
+            register: (site != Site::Unconditional).then_some(reg),
             region: (start, end),
             variants,
             snapshots,
