@@ -13,7 +13,6 @@ const PAGE: usize = 4096;
 const FLAGS: i64 = 128;
 const RED: i64 = 136;
 const SLOT: usize = 264;
-const STATE_BYTES: usize = 272;
 
 /// An RW anonymous mapping made RX once filled (W^X in the test process too).
 struct Buf {
