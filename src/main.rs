@@ -130,18 +130,12 @@ fn one_line(e: &anyhow::Error) -> String {
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
         Command::Run { opts, command } => {
-            let program = validate_program(&command[0])?;
-            let mut argv = command.clone();
-            argv[0] = program.into_os_string();
-            // Keep what the user typed as argv[0] for the report; the tracer gets the resolved path.
+            // Checked here for clear messages; the tracer resolves PATH the same way and the program gets argv
+            // exactly as typed (argv[0] included, as a shell would pass it).
+            validate_program(&command[0])?;
             let cfg = session_config(&opts, None);
-            if !opts.profile_only && !opts.quiet {
-                eprintln!(
-                    "dynspec: specialization is not available in this build yet; profiling only"
-                );
-            }
             let target = Target::Run {
-                argv,
+                argv: command.clone(),
                 shown: command,
             };
             let outcome = session::run(target, &cfg)?;
@@ -154,9 +148,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => {
             validate_pid(pid)?;
             let cfg = session_config(&opts, for_secs);
-            if !opts.profile_only && !opts.quiet {
-                eprintln!("dynspec: specialization is not available in this build yet; profiling only");
-            }
             let outcome = session::run(Target::Attach(nix::unistd::Pid::from_raw(pid)), &cfg)?;
             Ok(finish(outcome, &cfg))
         }
@@ -187,6 +178,7 @@ fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionCo
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT)),
         attach_for,
+        specialize: !opts.profile_only,
     }
 }
 

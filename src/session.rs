@@ -51,6 +51,8 @@ pub struct SessionConfig {
     pub report_path: PathBuf,
     /// Attach mode: detach after this long.
     pub attach_for: Option<Duration>,
+    /// Specialization was asked for (not `--profile-only`); this build can only profile.
+    pub specialize: bool,
 }
 
 /// How the session ended.
@@ -294,6 +296,9 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         }
     };
     let root = tracer.root();
+    if cfg.specialize && !cfg.quiet {
+        eprintln!("dynspec: specialization is not available in this build yet; profiling only");
+    }
     let mut code = CodeMap::default();
     code.preload(root);
     let start = Instant::now();

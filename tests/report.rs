@@ -462,3 +462,21 @@ fn program_inherits_native_signal_dispositions() {
     assert_eq!(classic(&traced), classic(&native));
     assert_eq!(classic(&native).len(), 2);
 }
+
+#[test]
+fn program_gets_argv_exactly_as_typed() {
+    // `sh -c 'echo $0'` prints its argv[0]: "sh" natively, so "sh" under dynspec too (not the resolved path).
+    let dir = TempDir::new();
+    let mut c = Command::new(dynspec());
+    c.args(["run", "--profile-only", "-q", "--report"])
+        .arg(dir.join("r.json"))
+        .args(["--", "sh", "-c", "echo \"$0\" \"$1\"", "sh", "two words"]);
+    let out = output_of(c, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "sh two words\n");
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).expect("report"))
+            .expect("json");
+    assert_eq!(r["command"][0], "sh");
+    assert_eq!(r["command"][4], "two words");
+}
