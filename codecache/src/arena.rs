@@ -9,6 +9,8 @@ use crate::CacheError;
 pub const CODE_SIZE: u64 = 4 << 20;
 /// Bytes of counters per arena (one u64 per variant entry and per stub fall-back).
 pub const COUNTER_SIZE: u64 = 64 << 10;
+/// Distance between counters (a cache line).
+const COUNTER_STRIDE: u64 = 64;
 /// Keep arenas this close to the text so RIP-relative data references of relocated code stay reachable too.
 const MAX_DISTANCE: u64 = 1 << 30;
 /// `syscall; int3`: the gadget for later remote system calls, at the start of every arena.
@@ -165,14 +167,25 @@ impl Arena {
         Ok(RemoteAddr(start))
     }
 
-    /// Allocate one zeroed u64 counter.
+    /// Allocate one zeroed u64 counter, alone on its cache line (threads entering different variants do not
+    /// share a line).
     pub fn alloc_counter(&mut self) -> Result<RemoteAddr, CacheError> {
-        if self.next_counter + 8 > self.counters.1 .0 {
+        if self.next_counter + COUNTER_STRIDE > self.counters.1 .0 {
             return Err(CacheError::ArenaFull(Addr(self.counters.0 .0), 8));
         }
         let c = RemoteAddr(self.next_counter);
-        self.next_counter += 8;
+        self.next_counter += COUNTER_STRIDE;
         Ok(c)
+    }
+
+    /// Bytes of code still free.
+    pub fn remaining(&self) -> u64 {
+        self.code.1 .0.saturating_sub(self.cursor().0)
+    }
+
+    /// Counters still free.
+    pub fn counters_remaining(&self) -> u64 {
+        self.counters.1 .0.saturating_sub(self.next_counter) / COUNTER_STRIDE
     }
 }
 

@@ -15,6 +15,8 @@ use crate::CacheError;
 
 /// A page invalidated this many times is never guarded again (the session should stop specializing on it).
 pub const MAX_INVALIDATIONS_PER_PAGE: u32 = 3;
+/// Free code bytes an arena must have to take another install (several variants of the default 64 KiB cap).
+const ARENA_HEADROOM: u64 = 512 << 10;
 /// Bytes of stack scanned above rsp for return addresses into dead variants (see [`Cache::invalidate`]).
 const STACK_SCAN_LIMIT: u64 = 8 << 20;
 
@@ -253,7 +255,11 @@ impl Cache {
     }
 
     fn arena_for(&mut self, tr: &mut Tracer, tid: Pid, a: Addr) -> Result<usize, CacheError> {
-        if let Some(i) = self.arenas.iter().position(|x| x.serves(a)) {
+        // An arena with room for one more install at the specializer's default size cap (otherwise map another
+        // one next to the module: the old one stays, its code may still be running).
+        if let Some(i) = self.arenas.iter().rposition(|x| {
+            x.serves(a) && x.remaining() >= ARENA_HEADROOM && x.counters_remaining() >= 64
+        }) {
             return Ok(i);
         }
         let arena = Arena::create(tr, self.pid, tid, a)?;
@@ -849,14 +855,18 @@ impl Cache {
                 match stub.rollback_at(rip) {
                     Some(Rollback::ToTrigger {
                         rsp_adj,
-                        scratch_at,
+                        rax_at,
+                        rcx_at,
                         flags_at,
                     }) => {
                         let mut q = [0u8; 8];
-                        if let Some(o) = scratch_at {
+                        if let Some(o) = rax_at {
                             tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
-                            *reg_mut(&mut r, crate::stub::scratch_for(inst.register)) =
-                                u64::from_le_bytes(q);
+                            r.rax = u64::from_le_bytes(q);
+                        }
+                        if let Some(o) = rcx_at {
+                            tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                            r.rcx = u64::from_le_bytes(q);
                         }
                         if let Some(o) = flags_at {
                             tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;

@@ -203,11 +203,13 @@ pub fn plan_patch(
 /// How to move a thread stopped *before* a given stub instruction back to equivalent original state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rollback {
-    /// Back to the trigger: restore the saved scratch register and flags from the stack (offsets from the
-    /// current rsp), add `rsp_adj` to rsp, RIP := trigger. Re-dispatching is equivalent to what was under way.
+    /// Back to the trigger: restore the saved registers and flags from the stack (offsets from the current
+    /// rsp), add `rsp_adj` to rsp, RIP := trigger. Re-dispatching is equivalent to what was under way (at most
+    /// a counter is incremented twice).
     ToTrigger {
         rsp_adj: u64,
-        scratch_at: Option<u64>,
+        rax_at: Option<u64>,
+        rcx_at: Option<u64>,
         flags_at: Option<u64>,
     },
     /// In the fall-back path (original code relocated): continue at this original address.
@@ -258,9 +260,14 @@ impl Stub {
     }
 }
 
+/// Up to this many values the stub is a flag-free compare chain; beyond, a binary search that saves flags.
+pub const CHAIN_MAX: usize = 8;
+
+/// Emits instructions with their rollback state; labels are non-canonical IPs resolved by the block encoder.
 struct Builder {
     items: Vec<(Instruction, Rollback)>,
     next_label: u64,
+    pending: Option<u64>,
 }
 
 impl Builder {
@@ -268,50 +275,56 @@ impl Builder {
         self.next_label += 1;
         LABEL_BASE + self.next_label
     }
-    fn push(
+    /// Attach `label` to the next instruction emitted.
+    fn bind(&mut self, label: u64) {
+        debug_assert!(self.pending.is_none(), "two labels on one instruction");
+        self.pending = Some(label);
+    }
+    fn emit(
         &mut self,
         r: Result<Instruction, iced_x86::IcedError>,
         rb: Rollback,
     ) -> Result<(), CacheError> {
-        let ins = r.map_err(|e| CacheError::Encode(e.to_string()))?;
+        let mut ins = r.map_err(|e| CacheError::Encode(e.to_string()))?;
+        if let Some(l) = self.pending.take() {
+            ins.set_ip(l);
+        }
         self.items.push((ins, rb));
         Ok(())
     }
-    /// Attach `label` to the next instruction pushed.
-    fn bind(&mut self, label: u64, pending: &mut Option<u64>) {
-        *pending = Some(label);
-    }
 }
 
-fn to_trigger(rsp_adj: u64, scratch_at: Option<u64>, flags_at: Option<u64>) -> Rollback {
+fn tt(rsp_adj: i64, rax_at: Option<u64>, rcx_at: Option<u64>, flags_at: Option<u64>) -> Rollback {
     Rollback::ToTrigger {
-        rsp_adj,
-        scratch_at,
+        rsp_adj: rsp_adj as u64,
+        rax_at,
+        rcx_at,
         flags_at,
     }
 }
 
-/// The scratch register for a trigger register: rax unless the trigger is rax.
-pub fn scratch_for(reg: Option<Gpr>) -> Gpr {
-    if reg == Some(Gpr::Rax) {
-        Gpr::Rcx
-    } else {
-        Gpr::Rax
-    }
+fn rip_mem(a: RemoteAddr) -> MemoryOperand {
+    MemoryOperand::with_base_displ(Register::RIP, a.0 as i64)
 }
 
 /// Build the dispatch stub at `base`.
 ///
-/// Layout (S = scratch, R = trigger register):
+/// Nothing below `rsp-128` is touched before the red zone is skipped, and every register and flag is restored
+/// before leaving (invariant 5). Counters are incremented without `lock` (a lost increment under contention
+/// only makes a report count approximate, a locked one would serialize every entry).
+///
+/// Up to [`CHAIN_MAX`] values, a flag-free chain (R = trigger register):
 /// ```text
-///   lea rsp,[rsp-128]; pushfq; push S
-///   binary search: mov S, v; cmp R, S; je hit_v; ja/jb ...          (a chain for few values)
-/// fallback:  pop S; lock inc [fallback_counter]; popfq; lea rsp,[rsp+128]; <displaced>; jmp site+len
-/// hit_v:     pop S; lock inc [counter_v];       popfq; lea rsp,[rsp+128]; jmp entry_v
+///   lea rsp,[rsp-128]; push rcx; push rax
+///   per value v: mov rax,-v; mov rcx,R; lea rcx,[rcx+rax]; jrcxz hit_v
+/// fallback:  mov rax,[fc]; lea rax,[rax+1]; mov [fc],rax; pop rax; pop rcx; lea rsp,[rsp+128];
+///            <displaced>; jmp site+len
+/// hit_v:     mov rax,[c_v]; lea rax,[rax+1]; mov [c_v],rax; pop rax; pop rcx; lea rsp,[rsp+128]; jmp entry_v
 /// ```
-/// Nothing below `rsp-128` is touched before the red zone is skipped; flags and S are restored before leaving.
-/// With no register, the single target is entered unconditionally (the fall-back path is still emitted so that
-/// displaced instructions have a relocated copy for deoptimization).
+/// (R = rax or rcx is read back from its stack slot.) More values: `pushfq; push S` and a binary search with
+/// `cmp`/`je`/`ja`/`jb`, S the scratch register, then the same paths with `popfq`. With no register the single
+/// target is entered unconditionally; the fall-back path is still emitted so that displaced instructions have a
+/// relocated copy for deoptimization.
 pub fn build_stub(
     base: RemoteAddr,
     patch: &PatchSite,
@@ -324,198 +337,252 @@ pub fn build_stub(
             "rsp cannot be a trigger register".into(),
         ));
     }
-    let s = scratch_for(reg).to_iced();
+    if reg.is_none() && (targets.len() != 1 || targets[0].value.is_some()) {
+        return Err(CacheError::BadRequest(
+            "without a trigger register there must be exactly one variant, with no value".into(),
+        ));
+    }
+    if reg.is_some() && targets.iter().any(|t| t.value.is_none()) {
+        return Err(CacheError::BadRequest(
+            "with a trigger register every variant needs a value".into(),
+        ));
+    }
     let mut b = Builder {
         items: Vec::new(),
         next_label: 0,
+        pending: None,
     };
-    let mut pending: Option<u64> = None;
-    // Push helper that applies a pending label.
-    macro_rules! emit {
-        ($ins:expr, $rb:expr) => {{
-            b.push($ins, $rb)?;
-            if let Some(l) = pending.take() {
-                b.items.last_mut().expect("just pushed").0.set_ip(l);
-            }
-        }};
-    }
-    let sp_minus = MemoryOperand::with_base_displ(Register::RSP, -RED_ZONE);
-    let sp_plus = MemoryOperand::with_base_displ(Register::RSP, RED_ZONE);
-    let inc = |c: RemoteAddr| -> Result<Instruction, iced_x86::IcedError> {
-        let mut i = Instruction::with1(
-            Code::Inc_rm64,
-            MemoryOperand::with_base_displ(Register::RIP, c.0 as i64),
-        )?;
-        i.set_has_lock_prefix(true);
-        Ok(i)
-    };
+    let rz = RED_ZONE;
+    let sp_minus = MemoryOperand::with_base_displ(Register::RSP, -rz);
+    let sp_plus = MemoryOperand::with_base_displ(Register::RSP, rz);
     let fallback = b.label();
-    let values: Vec<(u64, usize)> = {
-        let mut v: Vec<(u64, usize)> = targets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, t)| t.value.map(|v| (v, i)))
-            .collect();
-        v.sort();
-        v
-    };
     let hits: Vec<u64> = (0..targets.len()).map(|_| b.label()).collect();
+    let tree = targets.len() > CHAIN_MAX;
+    // What the stack holds after the prologue, and how to leave: (rollback inside, exit sequence).
+    // Chain/unconditional: [rsp] = rax, [rsp+8] = rcx (chain) ; tree: [rsp] = S, [rsp+8] = flags.
+    let s_reg = if reg == Some(Gpr::Rax) {
+        Gpr::Rcx
+    } else {
+        Gpr::Rax
+    };
+    let inside = if tree {
+        let (ra, rc) = if s_reg == Gpr::Rax {
+            (Some(0), None)
+        } else {
+            (None, Some(0))
+        };
+        tt(rz + 16, ra, rc, Some(8))
+    } else if reg.is_some() {
+        tt(rz + 16, Some(0), Some(8), None)
+    } else {
+        tt(rz + 8, Some(0), None, None)
+    };
+    // Prologue.
+    b.emit(
+        Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
+        tt(0, None, None, None),
+    )?;
+    if tree {
+        b.emit(
+            Ok(Instruction::with(Code::Pushfq)),
+            tt(rz, None, None, None),
+        )?;
+        b.emit(
+            Instruction::with1(Code::Push_r64, s_reg.to_iced()),
+            tt(rz + 8, None, None, Some(0)),
+        )?;
+    } else if reg.is_some() {
+        b.emit(
+            Instruction::with1(Code::Push_r64, Register::RCX),
+            tt(rz, None, None, None),
+        )?;
+        b.emit(
+            Instruction::with1(Code::Push_r64, Register::RAX),
+            tt(rz + 8, None, Some(0), None),
+        )?;
+    } else {
+        b.emit(
+            Instruction::with1(Code::Push_r64, Register::RAX),
+            tt(rz, None, None, None),
+        )?;
+    }
+    // Leaving: count, restore, jump. `inside` holds before the first instruction.
+    let leave = |b: &mut Builder, counter: RemoteAddr| -> Result<(), CacheError> {
+        if tree {
+            b.emit(Instruction::with1(Code::Inc_rm64, rip_mem(counter)), inside)?;
+            let s_saved = tt(rz + 8, None, None, Some(0));
+            b.emit(Instruction::with1(Code::Pop_r64, s_reg.to_iced()), inside)?;
+            b.emit(Ok(Instruction::with(Code::Popfq)), s_saved)?;
+        } else {
+            b.emit(
+                Instruction::with2(Code::Mov_r64_rm64, Register::RAX, rip_mem(counter)),
+                inside,
+            )?;
+            b.emit(
+                Instruction::with2(
+                    Code::Lea_r64_m,
+                    Register::RAX,
+                    MemoryOperand::with_base_displ(Register::RAX, 1),
+                ),
+                inside,
+            )?;
+            b.emit(
+                Instruction::with2(Code::Mov_rm64_r64, rip_mem(counter), Register::RAX),
+                inside,
+            )?;
+            b.emit(Instruction::with1(Code::Pop_r64, Register::RAX), inside)?;
+            if reg.is_some() {
+                b.emit(
+                    Instruction::with1(Code::Pop_r64, Register::RCX),
+                    tt(rz + 8, None, Some(0), None),
+                )?;
+            }
+        }
+        b.emit(
+            Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
+            tt(rz, None, None, None),
+        )?;
+        Ok(())
+    };
     match reg {
+        None => {
+            leave(&mut b, targets[0].counter)?;
+            b.emit(
+                Instruction::with_branch(Code::Jmp_rel32_64, targets[0].entry.0),
+                tt(0, None, None, None),
+            )?;
+        }
+        Some(r) if !tree => {
+            // Each hit path follows its compare, so the rel8 `jrcxz` always reaches it.
+            let checks: Vec<u64> = (0..targets.len()).map(|_| b.label()).collect();
+            for (i, t) in targets.iter().enumerate() {
+                if i > 0 {
+                    b.bind(checks[i]);
+                }
+                let v = t.value.unwrap_or(0);
+                b.emit(
+                    Instruction::with2(Code::Mov_r64_imm64, Register::RAX, v.wrapping_neg()),
+                    inside,
+                )?;
+                let load = match r {
+                    // rax was overwritten, rcx is the scratch: read the program's value from the stack.
+                    Gpr::Rax => Instruction::with2(
+                        Code::Mov_r64_rm64,
+                        Register::RCX,
+                        MemoryOperand::with_base_displ(Register::RSP, 0),
+                    ),
+                    Gpr::Rcx => Instruction::with2(
+                        Code::Mov_r64_rm64,
+                        Register::RCX,
+                        MemoryOperand::with_base_displ(Register::RSP, 8),
+                    ),
+                    g => Instruction::with2(Code::Mov_r64_rm64, Register::RCX, g.to_iced()),
+                };
+                b.emit(load, inside)?;
+                b.emit(
+                    Instruction::with2(
+                        Code::Lea_r64_m,
+                        Register::RCX,
+                        MemoryOperand::with_base_index(Register::RCX, Register::RAX),
+                    ),
+                    inside,
+                )?;
+                b.emit(
+                    Instruction::with_branch(Code::Jrcxz_rel8_64, hits[i]),
+                    inside,
+                )?;
+                let next = checks.get(i + 1).copied().unwrap_or(fallback);
+                b.emit(Instruction::with_branch(Code::Jmp_rel32_64, next), inside)?;
+                b.bind(hits[i]);
+                leave(&mut b, t.counter)?;
+                b.emit(
+                    Instruction::with_branch(Code::Jmp_rel32_64, t.entry.0),
+                    tt(0, None, None, None),
+                )?;
+            }
+        }
         Some(r) => {
-            let r = r.to_iced();
-            emit!(
-                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
-                to_trigger(0, None, None)
-            );
-            emit!(
-                Ok(Instruction::with(Code::Pushfq)),
-                to_trigger(RED_ZONE as u64, None, None)
-            );
-            emit!(
-                Instruction::with1(Code::Push_r64, s),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            let in_cmp = to_trigger(RED_ZONE as u64 + 16, Some(0), Some(8));
-            // Binary search over the sorted values; a subtree is a range [lo, hi).
+            let (rr, s) = (r.to_iced(), s_reg.to_iced());
+            let mut values: Vec<(u64, usize)> = targets
+                .iter()
+                .enumerate()
+                .filter_map(|(i, t)| t.value.map(|v| (v, i)))
+                .collect();
+            values.sort();
+            // Binary search over [lo, hi); each subtree ends in an unconditional transfer.
             let mut work: Vec<(usize, usize, Option<u64>)> = vec![(0, values.len(), None)];
             while let Some((lo, hi, label)) = work.pop() {
                 if let Some(l) = label {
-                    b.bind(l, &mut pending);
+                    b.bind(l);
                 }
                 if lo >= hi {
-                    emit!(
+                    b.emit(
                         Instruction::with_branch(Code::Jmp_rel32_64, fallback),
-                        in_cmp
-                    );
+                        inside,
+                    )?;
                     continue;
                 }
                 let mid = (lo + hi) / 2;
                 let (v, ti) = values[mid];
-                emit!(Instruction::with2(Code::Mov_r64_imm64, s, v), in_cmp);
-                emit!(Instruction::with2(Code::Cmp_rm64_r64, r, s), in_cmp);
-                emit!(
+                b.emit(Instruction::with2(Code::Mov_r64_imm64, s, v), inside)?;
+                b.emit(Instruction::with2(Code::Cmp_rm64_r64, rr, s), inside)?;
+                b.emit(
                     Instruction::with_branch(Code::Je_rel32_64, hits[ti]),
-                    in_cmp
-                );
-                let left = lo < mid;
-                let right = mid + 1 < hi;
-                match (left, right) {
+                    inside,
+                )?;
+                match (lo < mid, mid + 1 < hi) {
                     (true, true) => {
                         let l_right = b.label();
-                        emit!(Instruction::with_branch(Code::Ja_rel32_64, l_right), in_cmp);
-                        // Left subtree inline next, right subtree after it.
+                        b.emit(Instruction::with_branch(Code::Ja_rel32_64, l_right), inside)?;
                         work.push((mid + 1, hi, Some(l_right)));
                         work.push((lo, mid, None));
                     }
                     (true, false) => {
-                        emit!(
+                        b.emit(
                             Instruction::with_branch(Code::Ja_rel32_64, fallback),
-                            in_cmp
-                        );
+                            inside,
+                        )?;
                         work.push((lo, mid, None));
                     }
                     (false, true) => {
-                        emit!(
+                        b.emit(
                             Instruction::with_branch(Code::Jb_rel32_64, fallback),
-                            in_cmp
-                        );
+                            inside,
+                        )?;
                         work.push((mid + 1, hi, None));
                     }
                     (false, false) => {
-                        emit!(
+                        b.emit(
                             Instruction::with_branch(Code::Jmp_rel32_64, fallback),
-                            in_cmp
-                        );
+                            inside,
+                        )?;
                     }
                 }
             }
-            // Fall-back path.
-            b.bind(fallback, &mut pending);
-            emit!(Instruction::with1(Code::Pop_r64, s), in_cmp);
-            emit!(
-                inc(fallback_counter),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            emit!(
-                Ok(Instruction::with(Code::Popfq)),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            emit!(
-                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
-                to_trigger(RED_ZONE as u64, None, None)
-            );
         }
-        None => {
-            if targets.len() != 1 || targets[0].value.is_some() {
-                return Err(CacheError::BadRequest(
-                    "without a trigger register there must be exactly one variant, with no value"
-                        .into(),
-                ));
-            }
-            emit!(
-                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
-                to_trigger(0, None, None)
-            );
-            emit!(
-                Ok(Instruction::with(Code::Pushfq)),
-                to_trigger(RED_ZONE as u64, None, None)
-            );
-            emit!(
-                inc(targets[0].counter),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            emit!(
-                Ok(Instruction::with(Code::Popfq)),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            emit!(
-                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
-                to_trigger(RED_ZONE as u64, None, None)
-            );
-            emit!(
-                Instruction::with_branch(Code::Jmp_rel32_64, targets[0].entry.0),
-                to_trigger(0, None, None)
-            );
-            // Unreachable fall-back copy (deoptimization target of displaced instructions).
-        }
+    }
+    // Fall-back path (unreachable without a register, kept for the relocated copy).
+    if reg.is_some() {
+        b.bind(fallback);
+        leave(&mut b, fallback_counter)?;
     }
     let first_displaced = b.items.len();
     for ins in &patch.displaced {
-        let rb = Rollback::At(Addr(ins.ip()));
-        b.items.push((*ins, rb));
-        if let Some(l) = pending.take() {
-            // Only possible in the unconditional layout, which binds nothing; keep the original IP otherwise.
-            let _ = l;
-        }
+        b.items.push((*ins, Rollback::At(Addr(ins.ip()))));
     }
     let resume = patch.site.0 + patch.len() as u64;
-    emit!(
+    b.emit(
         Instruction::with_branch(Code::Jmp_rel32_64, resume),
-        Rollback::At(Addr(resume))
-    );
-    if reg.is_some() {
+        Rollback::At(Addr(resume)),
+    )?;
+    if tree {
         for (i, t) in targets.iter().enumerate() {
-            b.bind(hits[i], &mut pending);
-            emit!(
-                Instruction::with1(Code::Pop_r64, s),
-                to_trigger(RED_ZONE as u64 + 16, Some(0), Some(8))
-            );
-            emit!(
-                inc(t.counter),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            emit!(
-                Ok(Instruction::with(Code::Popfq)),
-                to_trigger(RED_ZONE as u64 + 8, None, Some(0))
-            );
-            emit!(
-                Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
-                to_trigger(RED_ZONE as u64, None, None)
-            );
-            emit!(
+            b.bind(hits[i]);
+            leave(&mut b, t.counter)?;
+            b.emit(
                 Instruction::with_branch(Code::Jmp_rel32_64, t.entry.0),
-                to_trigger(0, None, None)
-            );
+                tt(0, None, None, None),
+            )?;
         }
     }
     let instrs: Vec<Instruction> = b.items.iter().map(|(i, _)| *i).collect();
@@ -538,7 +605,7 @@ pub fn build_stub(
             continue;
         }
         rollback.push((off, *rb));
-        if i >= first_displaced && i < first_displaced + patch.displaced.len() {
+        if (first_displaced..first_displaced + patch.displaced.len()).contains(&i) {
             if let Rollback::At(a) = rb {
                 relocated.push((*a, base.offset(off as u64)));
             }
@@ -595,33 +662,35 @@ mod tests {
     fn stub_has_rollback_for_every_instruction() {
         let code = [0x8b, 0x07, 0x48, 0x83, 0xc7, 0x04, 0x90];
         let p = plan_patch(&code, Addr(0x40_1000), Addr(0x40_1000), &no_read).unwrap();
-        let targets: Vec<StubTarget> = (0..7)
-            .map(|i| StubTarget {
-                value: Some(i * 3),
-                entry: RemoteAddr(0x50_0000 + i * 0x100),
-                counter: RemoteAddr(0x60_0000 + i * 8),
-            })
-            .collect();
-        let s = build_stub(
-            RemoteAddr(0x50_8000),
-            &p,
-            Some(Gpr::Rdi),
-            &targets,
-            RemoteAddr(0x60_1000),
-        )
-        .unwrap();
-        assert!(s.rollback_at(0x50_8000).is_some());
-        assert_eq!(s.relocated.len(), 2);
-        // Every boundary decodes and is in the table.
-        let mut d = Decoder::with_ip(64, &s.code, 0x50_8000, DecoderOptions::NONE);
-        while d.can_decode() {
-            let i = d.decode();
-            assert!(!i.is_invalid());
-            assert!(
-                s.rollback_at(i.ip()).is_some(),
-                "no rollback at {:#x}",
-                i.ip()
-            );
+        for n in [1u64, 7, 12] {
+            let targets: Vec<StubTarget> = (0..n)
+                .map(|i| StubTarget {
+                    value: Some(i * 3),
+                    entry: RemoteAddr(0x50_0000 + i * 0x100),
+                    counter: RemoteAddr(0x60_0000 + i * 8),
+                })
+                .collect();
+            let s = build_stub(
+                RemoteAddr(0x50_8000),
+                &p,
+                Some(Gpr::Rdi),
+                &targets,
+                RemoteAddr(0x60_1000),
+            )
+            .unwrap();
+            assert!(s.rollback_at(0x50_8000).is_some());
+            assert_eq!(s.relocated.len(), 2);
+            // Every boundary decodes and is in the table.
+            let mut d = Decoder::with_ip(64, &s.code, 0x50_8000, DecoderOptions::NONE);
+            while d.can_decode() {
+                let i = d.decode();
+                assert!(!i.is_invalid());
+                assert!(
+                    s.rollback_at(i.ip()).is_some(),
+                    "no rollback at {:#x}",
+                    i.ip()
+                );
+            }
         }
     }
 }

@@ -272,7 +272,10 @@ fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64])>) -> (Vec<u64>, u64, u64
 fn stub_paths_are_invisible() {
     // CF PF AF ZF SF OF set / all clear (DF stays clear: Rust code runs right after).
     for flags in [0x8d5u64 | 0x2, 0x2] {
-        for reg in [Gpr::Rax, Gpr::Rcx, Gpr::Rdi, Gpr::R10, Gpr::R15] {
+        for (reg, n) in [Gpr::Rax, Gpr::Rcx, Gpr::Rdi, Gpr::R10, Gpr::R15]
+            .into_iter()
+            .flat_map(|r| [(r, 1u64), (r, 3), (r, 9), (r, 20)])
+        {
             let mut input = [0u64; 17];
             for (i, v) in input.iter_mut().enumerate().take(16) {
                 *v = 0x1000_0000_0000_0001u64.wrapping_mul(i as u64 + 3) ^ 0xabcdef;
@@ -294,7 +297,7 @@ fn stub_paths_are_invisible() {
                     }
                     assert_eq!(
                         native[i], stubbed[i],
-                        "slot {i} differs (reg {reg}, hit {hit}, flags {flags:#x})"
+                        "slot {i} differs (reg {reg}, {n} values, hit {hit}, flags {flags:#x})"
                     );
                 }
                 assert_eq!(
