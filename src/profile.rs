@@ -223,8 +223,8 @@ pub struct Profiler {
     values: HashMap<(u64, Gpr), ValueStats>,
     /// Per instruction address: page -> samples, for loads of the root process.
     pages: HashMap<u64, HashMap<u64, u64>>,
-    /// Decoded functions per (epoch, symbol start); None when unreadable or too large.
-    functions: HashMap<(u64, u64), Option<Arc<LinearFunction>>>,
+    /// Decoded code per (epoch, symbol start or 4 KiB block, is-symbol); None when unreadable or too large.
+    functions: HashMap<(u64, u64, bool), Option<Arc<LinearFunction>>>,
     /// Distinct values that may still be added (see [`VALUE_BUDGET`]).
     value_budget: usize,
 }
@@ -320,22 +320,33 @@ impl Profiler {
         location: usize,
         env: &mut dyn ProfileEnv,
     ) {
-        let Location::Symbol { start, end, .. } = self.locations[location].clone() else {
-            return;
+        let key = match &self.locations[location] {
+            Location::Symbol { start, .. } => (epoch, start.0, true),
+            // Without symbols: a window around the 4 KiB block of the sample.
+            Location::Unsymbolized { .. } => (epoch, s.ip.0 & !0xfff, false),
+            Location::Unknown => return,
         };
-        let func = match self.functions.get(&(epoch, start.0)) {
+        let func = match self.functions.get(&key) {
             Some(f) => f.clone(),
             None => {
-                let len = end.0.saturating_sub(start.0);
-                let f = if len == 0 || len > MAX_FUNCTION_BYTES {
-                    None
-                } else {
-                    let mut buf = vec![0u8; len as usize];
-                    let n = env.read_code(s.pid, start, &mut buf);
-                    buf.truncate(n);
-                    Some(Arc::new(LinearFunction::decode(&buf, start.0)))
+                let f = match self.locations[location].clone() {
+                    Location::Symbol { start, end, .. } => {
+                        let len = end.0.saturating_sub(start.0);
+                        if len == 0 || len > MAX_FUNCTION_BYTES {
+                            None
+                        } else {
+                            let mut buf = vec![0u8; len as usize];
+                            let n = env.read_code(s.pid, start, &mut buf);
+                            buf.truncate(n);
+                            Some(Arc::new(LinearFunction::decode(&buf, start.0)))
+                        }
+                    }
+                    Location::Unsymbolized { start, end, .. } => {
+                        decode_window(env, s.pid, s.ip, start, end).map(Arc::new)
+                    }
+                    Location::Unknown => None,
                 };
-                self.functions.insert((epoch, start.0), f.clone());
+                self.functions.insert(key, f.clone());
                 f
             }
         };
@@ -549,6 +560,32 @@ impl Profiler {
             })
             .collect()
     }
+}
+
+/// Code without symbols: decode the 4 KiB block around `ip` (plus a lead-in), starting at the first of 16
+/// candidate offsets whose linear decode passes through `ip` — a sampled IP is a true instruction boundary, and x86
+/// decoding resynchronises within a few instructions, so the decode before `ip` is almost surely right.
+fn decode_window(
+    env: &mut dyn ProfileEnv,
+    pid: Pid,
+    ip: RemoteAddr,
+    map_start: RemoteAddr,
+    map_end: RemoteAddr,
+) -> Option<LinearFunction> {
+    const LEAD_IN: u64 = 256;
+    let block = ip.0 & !0xfff;
+    let lo = block.saturating_sub(LEAD_IN).max(map_start.0);
+    let hi = (block + 0x1000 + 16).min(map_end.0);
+    if lo >= hi || ip.0 < lo || ip.0 >= hi {
+        return None;
+    }
+    let mut buf = vec![0u8; (hi - lo) as usize];
+    let n = env.read_code(pid, RemoteAddr(lo), &mut buf);
+    buf.truncate(n);
+    (0..16u64)
+        .filter(|k| lo + k <= ip.0 && (*k as usize) < buf.len())
+        .map(|k| LinearFunction::decode(&buf[k as usize..], lo + k))
+        .find(|f| f.insns.binary_search_by_key(&ip.0, |x| x.addr).is_ok())
 }
 
 /// Split sorted (ip, samples) of code without symbols into spans: 256-byte granules, merging granules separated by
@@ -803,6 +840,38 @@ mod tests {
             .collect();
         p.ingest(&v, &mut e);
         assert_eq!(p.candidate_pages(16), vec![RemoteAddr(0x9000)]);
+    }
+
+    #[test]
+    fn back_attribution_without_symbols() {
+        let mut e = env();
+        // Stripped code at 0x5000..0x9000; the dispatch sequence sits at 0x5200 behind some padding.
+        let seq: Vec<u8> = vec![
+            0x83, 0x38, 0x0b, 0x8b, 0x10, 0x49, 0x63, 0x14, 0x90, 0x4c, 0x01, 0xc2, 0xff, 0xe2,
+        ];
+        let mut text = vec![0x90u8; 0x4000]; // nops
+        text[0x200..0x200 + seq.len()].copy_from_slice(&seq);
+        // FakeEnv reads only at exact keys: offer the window start (0x5000, block 0x5000 - lead-in clamped).
+        e.code.insert(0x5000, text.clone());
+        e.code.insert(0x5209, seq[9..].to_vec());
+        let mut p = Profiler::new(Pid::from_raw(10));
+        let v: Vec<Sample> = (0..8u64)
+            .map(|i| {
+                sample(
+                    0x5209,
+                    &[(Gpr::Rax, 0x60000 + (i % 2) * 16), (Gpr::R8, 0x2000)],
+                )
+            })
+            .collect();
+        p.ingest(&v, &mut e);
+        let regions = p.report_regions();
+        assert_eq!(regions[0].symbol, None);
+        let t = &regions[0].triggers;
+        assert!(
+            t.iter()
+                .any(|x| x.address == Hex(0x5203) && x.register == "rax" && x.distinct == 2),
+            "{t:#?}"
+        );
     }
 
     #[test]
