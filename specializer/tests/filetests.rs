@@ -19,6 +19,9 @@
 //! expect exit 0x1000040: rax=0x5 zf=1 ; an exit to this target with these known values
 //! expect no-fallthrough               ; no exit falls off the end
 //! native: no                          ; skip native cross-check (default: auto)
+//! scratch: 0x400000 0x100             ; writable memory for native runs (not constant)
+//! input: rbx=0x400000                 ; value for native runs, unknown to the specializer
+//! ignore: stack                       ; don't compare the stack after running the variant
 //! ```
 //! `code:` lines are produced from `asm:` lines by `assemble.py` (GNU as);
 //! expected values are written by hand and cross-checked natively: the snippet
@@ -93,6 +96,14 @@ struct Case {
     /// (line number, expectation)
     expects: Vec<(usize, Expect)>,
     native: Option<bool>,
+    /// Writable memory for native runs (address, length): not constant, not
+    /// readable by the specializer.
+    scratch: Vec<(u64, usize)>,
+    /// Register values used by native runs but unknown to the specializer.
+    input: Vec<(Gpr, u64)>,
+    /// Skip comparing the stack after running the variant (a residual `call`
+    /// pushes the variant's return address, by design).
+    ignore_stack: bool,
 }
 
 /// Normalize an asm line for comparison: lower case, single spaces, no space
@@ -144,6 +155,9 @@ fn parse_case(path: &Path) -> Result<Case, String> {
     let mut memory = Vec::new();
     let mut expects = Vec::new();
     let mut native = None;
+    let mut scratch = Vec::new();
+    let mut input = Vec::new();
+    let mut ignore_stack = false;
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
     while i < lines.len() {
@@ -177,6 +191,28 @@ fn parse_case(path: &Path) -> Result<Case, String> {
             }
             "mem" => {
                 memory.push(snippet::parse_mem_assignment(rest).map_err(|e| err(e.to_string()))?)
+            }
+            "input" => {
+                for a in rest.split_whitespace() {
+                    let (g, v) =
+                        snippet::parse_reg_assignment(a).map_err(|e| err(e.to_string()))?;
+                    input.push((g, v));
+                }
+            }
+            "ignore" => {
+                if rest != "stack" {
+                    return Err(err(format!("ignore: expects `stack`, got {rest:?}")));
+                }
+                ignore_stack = true;
+            }
+            "scratch" => {
+                let mut it = rest.split_whitespace();
+                let (Some(a), Some(l), None) = (it.next(), it.next(), it.next()) else {
+                    return Err(err(format!("scratch: expects ADDR LEN, got {rest:?}")));
+                };
+                let a = snippet::parse_u64(a).map_err(|e| err(e.to_string()))?;
+                let l = snippet::parse_u64(l).map_err(|e| err(e.to_string()))? as usize;
+                scratch.push((a, l));
             }
             "native" => {
                 native = Some(match rest {
@@ -248,6 +284,9 @@ fn parse_case(path: &Path) -> Result<Case, String> {
         snippet: s,
         expects,
         native,
+        scratch,
+        input,
+        ignore_stack,
     })
 }
 
@@ -405,9 +444,20 @@ fn xorshift(s: &mut u64) -> u64 {
     *s
 }
 
-/// Map the snippet's code and constant memory at their addresses and run it
-/// three times with random unknowns. Returns the outputs, or why it could not run.
-fn run_native(s: &Snippet, m: &Machine) -> Result<Vec<Cpu>, String> {
+/// One native run: the original's and the variant's outputs from the same inputs.
+struct NativePair {
+    input: Cpu,
+    orig: Cpu,
+    var: Cpu,
+    /// (what, original bytes, variant bytes) for memory the code may write.
+    memory: Vec<(String, Vec<u8>, Vec<u8>)>,
+}
+
+/// Map the snippet's code, constant memory and scratch at their addresses,
+/// encode the variant next to it, and run both three times with random
+/// unknowns. Returns the outputs, or why it could not run.
+fn run_native(case: &Case, f: &Folded, m: &Machine) -> Result<Vec<NativePair>, String> {
+    let s = &case.snippet;
     // Pages: code + memory ranges (+ the exit stub after the code).
     let stub = m.exit_stub();
     let mut bytes: BTreeMap<u64, u8> = BTreeMap::new();
@@ -436,23 +486,64 @@ fn run_native(s: &Snippet, m: &Machine) -> Result<Vec<Cpu>, String> {
     for map in &maps {
         map.protect(0, map.len, libc::PROT_READ | libc::PROT_EXEC);
     }
+    let mut scratch = Vec::new();
+    for (a, l) in &case.scratch {
+        let lo = a & !(PAGE_SIZE - 1);
+        let map = Mapping::fixed(lo, (a + *l as u64 - lo) as usize)
+            .ok_or_else(|| format!("cannot map scratch at {a:#x}"))?;
+        scratch.push((map, (*a - lo) as usize, *l));
+    }
     // A known rsp needs a stack there.
-    let mut _stack = None;
+    let mut stack = None;
     if let Some(rsp) = s.known.reg(Gpr::Rsp) {
         let lo = (rsp & !(PAGE_SIZE - 1)).wrapping_sub(2 * PAGE_SIZE);
         if !pages.iter().any(|p| *p >= lo && *p < lo + 4 * PAGE_SIZE) {
-            _stack = Some(
+            stack = Some(
                 Mapping::fixed(lo, 4 * PAGE_SIZE as usize)
                     .ok_or_else(|| format!("cannot map a stack at {rsp:#x}"))?,
             );
         }
     }
+    // The variant, near the code so its exits (rel32 jumps) reach the original.
+    let vbase = (s.end().0 + 0x10_0000) & !(PAGE_SIZE - 1);
+    let enc = f
+        .variant
+        .encode(Addr(vbase))
+        .map_err(|e| format!("encode: {e}"))?;
+    let vbuf = common::ExecBuf::fixed(vbase, enc.code.len().max(1))
+        .ok_or_else(|| format!("cannot map the variant at {vbase:#x}"))?;
+    vbuf.write(0, &enc.code);
+    let reset = |m: &Machine| {
+        m.fill_stack(0xa5);
+        if let Some(st) = &stack {
+            st.write(0, &vec![0xa5; st.len]);
+        }
+        for (map, off, l) in &scratch {
+            map.write(*off, &vec![0x5a; *l]);
+        }
+    };
+    let snapshot = |m: &Machine| {
+        let mut v = vec![("stack".to_string(), m.stack_bytes())];
+        if let Some(st) = &stack {
+            v.push(("stack at rsp".to_string(), st.read(0, st.len)));
+        }
+        for (map, off, l) in &scratch {
+            v.push((
+                format!("scratch {:#x}", map.addr + *off as u64),
+                map.read(*off, *l),
+            ));
+        }
+        v
+    };
     let mut outs = Vec::new();
     let mut seed = 0x9e3779b97f4a7c15u64 ^ s.code.len() as u64;
     for _ in 0..3 {
         let mut input = Cpu::default();
         for g in Gpr::ALL {
             input.regs[g.index()] = s.known.reg(g).unwrap_or_else(|| xorshift(&mut seed));
+        }
+        for (g, v) in &case.input {
+            input.regs[g.index()] = *v;
         }
         if s.known.reg(Gpr::Rsp).is_none() {
             input.regs[Gpr::Rsp.index()] = m.stack_top();
@@ -461,13 +552,59 @@ fn run_native(s: &Snippet, m: &Machine) -> Result<Vec<Cpu>, String> {
             let v = s.known.flag(f).unwrap_or(xorshift(&mut seed) & 1 == 1);
             input.set_flag(f, v);
         }
-        let desc = format!("{:?}", s);
+        let desc = format!("{}: {:?}", case.path.display(), s);
         common::on_crash(move || desc.clone());
-        // SAFETY: the snippet's branches are direct, forward and inside the code, so it falls
-        // through to the exit stub; its memory accesses are the test author's responsibility.
-        outs.push(unsafe { m.run(s.at.0, &input) });
+        reset(m);
+        // SAFETY: the snippet's branches are direct, forward and inside the code (or the
+        // author said `native: yes`), so it falls through to the exit stub; its memory
+        // accesses are to the mapped constant memory, scratch and stack.
+        let orig = unsafe { m.run(s.at.0, &input) };
+        let mo = snapshot(m);
+        reset(m);
+        // SAFETY: the variant exits into the original code, which ends at the exit stub.
+        let var = unsafe { m.run(vbase, &input) };
+        let mv = snapshot(m);
+        let memory = mo
+            .into_iter()
+            .zip(mv)
+            .map(|((what, a), (_, b))| (what, a, b))
+            .collect();
+        outs.push(NativePair {
+            input,
+            orig,
+            var,
+            memory,
+        });
     }
     Ok(outs)
+}
+
+/// Flags that may be architecturally undefined after the snippet
+/// (conservative: any instruction that may leave a flag undefined, any
+/// shift/rotate for OF/CF).
+fn maybe_undefined_flags(s: &Snippet) -> Vec<Flag> {
+    use iced_x86::{Mnemonic as M, RflagsBits as R};
+    let mut und = 0u32;
+    let mut d = Decoder::with_ip(64, &s.code, s.at.0, DecoderOptions::NONE);
+    for i in d.iter() {
+        und |= i.rflags_undefined();
+        if matches!(i.mnemonic(), M::Shl | M::Shr | M::Sar | M::Rol | M::Ror) {
+            und |= R::OF | R::CF | R::AF;
+        }
+    }
+    [
+        (R::CF, Flag::Cf),
+        (R::PF, Flag::Pf),
+        (R::AF, Flag::Af),
+        (R::ZF, Flag::Zf),
+        (R::SF, Flag::Sf),
+        (R::DF, Flag::Df),
+        (R::OF, Flag::Of),
+    ]
+    .into_iter()
+    .filter(|(b, _)| und & b != 0)
+    .map(|(_, f)| f)
+    .collect()
 }
 
 fn check_native(case: &Case, f: &Folded, m: &Machine, fails: &mut Vec<String>) -> bool {
@@ -476,7 +613,7 @@ fn check_native(case: &Case, f: &Folded, m: &Machine, fails: &mut Vec<String>) -
     if !run {
         return false;
     }
-    let outs = match run_native(&case.snippet, m) {
+    let outs = match run_native(case, f, m) {
         Ok(o) => o,
         Err(e) => {
             fails.push(format!("{p}: native run impossible: {e}"));
@@ -484,13 +621,21 @@ fn check_native(case: &Case, f: &Folded, m: &Machine, fails: &mut Vec<String>) -
         }
     };
     let ft = f.fallthrough_state();
-    for out in &outs {
+    // Claimed values are checked only when every exit falls through (another exit would
+    // re-enter the original code and could reach the end on a different path).
+    let all_fall_through = f.variant.exits.iter().all(|e| e.target == f.end);
+    let undefined = maybe_undefined_flags(&case.snippet);
+    for pair in &outs {
+        let out = &pair.orig;
         // Every value the specializer claims known must be what the CPU computed.
         for loc in Gpr::ALL
             .iter()
             .map(|g| Loc::Reg(*g))
             .chain(Flag::ALL.iter().map(|f| Loc::Flag(*f)))
         {
+            if !all_fall_through {
+                break;
+            }
             if let Some(v) = loc.get(&ft) {
                 let cpu = loc.get_cpu(out);
                 if cpu != v {
@@ -511,6 +656,40 @@ fn check_native(case: &Case, f: &Folded, m: &Machine, fails: &mut Vec<String>) -
                         loc.name()
                     ));
                 }
+            }
+        }
+        // The variant must compute what the original computes.
+        for g in Gpr::ALL {
+            let (a, b) = (pair.orig.regs[g.index()], pair.var.regs[g.index()]);
+            if a != b {
+                fails.push(format!(
+                    "{p}: running the variant: {g} = {b:#x}, the original computes {a:#x} (inputs {:x?})",
+                    pair.input.regs
+                ));
+            }
+        }
+        for fl in Flag::ALL {
+            if undefined.contains(&fl) {
+                continue;
+            }
+            if pair.orig.flag(fl) != pair.var.flag(fl) {
+                fails.push(format!(
+                    "{p}: running the variant: {} = {}, the original computes {}",
+                    fl.name(),
+                    pair.var.flag(fl) as u8,
+                    pair.orig.flag(fl) as u8
+                ));
+            }
+        }
+        for (what, a, b) in &pair.memory {
+            if case.ignore_stack && what.starts_with("stack") {
+                continue;
+            }
+            if let Some(off) = a.iter().zip(b).position(|(x, y)| x != y) {
+                fails.push(format!(
+                    "{p}: running the variant: {what} differs at offset {off:#x}: {:02x}, the original writes {:02x}",
+                    b[off], a[off]
+                ));
             }
         }
     }

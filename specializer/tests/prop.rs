@@ -32,6 +32,9 @@ const BUF_LEN: usize = 256;
 #[derive(Clone, Debug)]
 enum Op {
     Ins(Instruction),
+    /// Part of a counted loop's structure: the shrinker keeps it (removing it
+    /// could make the loop infinite).
+    Fixed(Instruction),
     /// Branch (jcc/jmp near code) to label k.
     Br(Code, usize),
     Label(usize),
@@ -42,7 +45,28 @@ struct Case {
     ops: Vec<Op>,
     known: KnownState,
     input: Cpu,
+    rs: Res,
+    options: Options,
+    /// Whether the fall-through exit is chained to the second exit stub.
+    chained: bool,
+}
+
+/// Reserved registers of a case: never written by generated instructions
+/// (except the loop counter by its loop), never rax/rdx/rsp (implicit writers).
+#[derive(Clone, Copy, Debug)]
+struct Res {
+    /// Points at the constant buffer.
     base: Gpr,
+    /// Points at the scratch (writable, not constant) buffer.
+    sbase: Gpr,
+    /// Loop counter.
+    lc: Gpr,
+}
+
+impl Res {
+    fn has(&self, g: Gpr) -> bool {
+        g == self.base || g == self.sbase || g == self.lc
+    }
 }
 
 struct Rng(u64);
@@ -188,19 +212,19 @@ impl Gen {
     }
 
     /// A register of `width` other than rsp and the base; 8-bit may be ah..bh.
-    fn reg(&mut self, width: u32, base: Gpr) -> Register {
+    fn reg(&mut self, width: u32, rs: Res) -> Register {
         if width == 8 && self.rng.chance(20) {
             let h = self
                 .rng
                 .pick(&[Register::AH, Register::CH, Register::DH, Register::BH]);
-            // ah..bh alias rax..rbx: never the base register.
-            if Gpr::containing(h) != Some(base) {
+            // ah..bh alias rax..rbx: never a reserved register.
+            if !Gpr::containing(h).is_some_and(|g| rs.has(g)) {
                 return h;
             }
         }
         loop {
             let g = self.rng.pick(&Gpr::ALL);
-            if g != Gpr::Rsp && g != base {
+            if g != Gpr::Rsp && !rs.has(g) {
                 return reg_of(g, width);
             }
         }
@@ -225,10 +249,14 @@ impl Gen {
     }
 
     /// One random non-branch instruction (may fail to encode: caller retries).
-    fn insn(&mut self, base: Gpr) -> Result<Instruction, iced_x86::IcedError> {
+    fn insn(&mut self, rs: Res) -> Result<Instruction, iced_x86::IcedError> {
+        if self.rng.chance(15) {
+            return self.extra_insn(rs);
+        }
+        let base = rs.base;
         let w = self.width();
         let sz = (w / 8) as usize;
-        let r = |g: &mut Gen| g.reg(w, base);
+        let r = |g: &mut Gen| g.reg(w, rs);
         let kind = self.rng.below(100);
         match kind {
             0..=24 => {
@@ -296,9 +324,9 @@ impl Gen {
                 // movzx / movsx / movsxd
                 let which = self.rng.pick(&["Movzx", "Movsx", "Movsxd"]);
                 if which == "Movsxd" {
-                    let a = self.reg(64, base);
+                    let a = self.reg(64, rs);
                     if self.rng.chance(50) {
-                        let b = self.reg(32, base);
+                        let b = self.reg(32, rs);
                         Instruction::with2(Code::Movsxd_r64_rm32, a, b)
                     } else {
                         let m = self.mem(base, 4);
@@ -311,10 +339,10 @@ impl Gen {
                     } else {
                         self.rng.pick(&[32u32, 64])
                     };
-                    let a = self.reg(dst_w, base);
+                    let a = self.reg(dst_w, rs);
                     let c = self.code(&format!("{which}_r{dst_w}_rm{src_w}"));
                     if self.rng.chance(60) {
-                        let b = self.reg(src_w, base);
+                        let b = self.reg(src_w, rs);
                         Instruction::with2(c, a, b)
                     } else {
                         let m = self.mem(base, (src_w / 8) as usize);
@@ -324,9 +352,9 @@ impl Gen {
             }
             48..=51 => {
                 let dw = self.rng.pick(&[16u32, 32, 64]);
-                let a = self.reg(dw, base);
-                let b = self.reg(64, base);
-                let i = self.reg(64, base);
+                let a = self.reg(dw, rs);
+                let b = self.reg(64, rs);
+                let i = self.reg(64, rs);
                 let scale = self.rng.pick(&[1u32, 2, 4, 8]);
                 let disp = self.imm(32);
                 let m = if self.rng.chance(50) {
@@ -362,9 +390,9 @@ impl Gen {
                 }
                 1 => {
                     let w = self.rng.pick(&[16u32, 32, 64]);
-                    let a = self.reg(w, base);
+                    let a = self.reg(w, rs);
                     if self.rng.chance(70) {
-                        let b = self.reg(w, base);
+                        let b = self.reg(w, rs);
                         Instruction::with2(self.code(&format!("Imul_r{w}_rm{w}")), a, b)
                     } else {
                         let m = self.mem(base, (w / 8) as usize);
@@ -373,8 +401,8 @@ impl Gen {
                 }
                 _ => {
                     let w = self.rng.pick(&[16u32, 32, 64]);
-                    let a = self.reg(w, base);
-                    let b = self.reg(w, base);
+                    let a = self.reg(w, rs);
+                    let b = self.reg(w, rs);
                     if self.rng.chance(50) {
                         let v = self.imm(8) as i32;
                         Instruction::with3(self.code(&format!("Imul_r{w}_rm{w}_imm8")), a, b, v)
@@ -392,16 +420,16 @@ impl Gen {
             },
             80..=87 => {
                 let c = self.rng.pick(&CONDS);
-                let a = self.reg(8, base);
+                let a = self.reg(8, rs);
                 Instruction::with1(self.code(&format!("Set{c}_rm8")), a)
             }
             88..=95 => {
                 let c = self.rng.pick(&CONDS);
                 let w = self.rng.pick(&[16u32, 32, 64]);
-                let a = self.reg(w, base);
+                let a = self.reg(w, rs);
                 let name = format!("Cmov{c}_r{w}_rm{w}");
                 if self.rng.chance(75) {
-                    let b = self.reg(w, base);
+                    let b = self.reg(w, rs);
                     Instruction::with2(self.code(&name), a, b)
                 } else {
                     let m = self.mem(base, (w / 8) as usize);
@@ -419,10 +447,90 @@ impl Gen {
         }
     }
 
-    fn ok_insn(&mut self, base: Gpr) -> Instruction {
+    /// Scratch-memory stores/RMW/loads and instructions the specializer does
+    /// not model (they must stay residual with their outputs unknown).
+    fn extra_insn(&mut self, rs: Res) -> Result<Instruction, iced_x86::IcedError> {
+        let w = self.width();
+        let sz = (w / 8) as usize;
+        let smem = |g: &mut Gen| {
+            let d = g.rng.below(SCRATCH_LEN - sz + 1) as i64;
+            MemoryOperand::with_base_displ(rs.sbase.to_iced(), d)
+        };
+        match self.rng.below(14) {
+            0 | 1 => {
+                let (m, r) = (smem(self), self.reg(w, rs));
+                Instruction::with2(self.code(&format!("Mov_rm{w}_r{w}")), m, r)
+            }
+            2 => {
+                let m = smem(self);
+                let bits = w.min(32);
+                let v = self.imm(bits) as i32;
+                Instruction::with2(self.code(&format!("Mov_rm{w}_imm{bits}")), m, v)
+            }
+            3 | 4 => {
+                let op = self.rng.pick(&ALU);
+                let (m, r) = (smem(self), self.reg(w, rs));
+                Instruction::with2(self.code(&format!("{op}_rm{w}_r{w}")), m, r)
+            }
+            5 => {
+                let op = self.rng.pick(&UNARY);
+                let m = smem(self);
+                Instruction::with1(self.code(&format!("{op}_rm{w}")), m)
+            }
+            6 => {
+                let (r, m) = (self.reg(w, rs), smem(self));
+                Instruction::with2(self.code(&format!("Mov_r{w}_rm{w}")), r, m)
+            }
+            7 => {
+                let c = self.rng.pick(&CONDS);
+                let m = smem(self);
+                Instruction::with1(self.code(&format!("Set{c}_rm8")), m)
+            }
+            8 => {
+                let w = self.rng.pick(&[32u32, 64]);
+                let r = self.reg(w, rs);
+                Instruction::with1(self.code(&format!("Bswap_r{w}")), r)
+            }
+            9 => {
+                let (a, b) = (self.reg(w, rs), self.reg(w, rs));
+                Instruction::with2(self.code(&format!("Xchg_rm{w}_r{w}")), a, b)
+            }
+            10 => Ok(Instruction::with(self.rng.pick(&[
+                Code::Cdq,
+                Code::Cqo,
+                Code::Cwd,
+                Code::Stc,
+                Code::Clc,
+                Code::Cmc,
+            ]))),
+            11 => {
+                let w = self.rng.pick(&[16u32, 32, 64]);
+                let a = self.reg(w, rs);
+                if self.rng.chance(50) {
+                    let b = self.reg(w, rs);
+                    Instruction::with2(self.code(&format!("Bt_rm{w}_r{w}")), a, b)
+                } else {
+                    let c = self.rng.below(64) as u32;
+                    Instruction::with2(self.code(&format!("Bt_rm{w}_imm8")), a, c)
+                }
+            }
+            12 => {
+                let w = self.rng.pick(&[16u32, 32, 64]);
+                let (a, b) = (self.reg(w, rs), self.reg(w, rs));
+                Instruction::with2(self.code(&format!("Popcnt_r{w}_rm{w}")), a, b)
+            }
+            _ => {
+                let op = self.rng.pick(&SHIFTS);
+                let m = smem(self);
+                Instruction::with2(self.code(&format!("{op}_rm{w}_1")), m, 1i32)
+            }
+        }
+    }
+
+    fn ok_insn(&mut self, rs: Res) -> Instruction {
         let mut enc = iced_x86::Encoder::new(64);
         loop {
-            if let Ok(i) = self.insn(base) {
+            if let Ok(i) = self.insn(rs) {
                 if enc.encode(&i, 0x1000).is_ok() {
                     return i;
                 }
@@ -430,22 +538,27 @@ impl Gen {
         }
     }
 
-    fn case(&mut self, stack_top: u64, buf_addr: u64) -> Case {
+    fn case(&mut self, stack_top: u64, buf_addr: u64, scratch: u64) -> Case {
         loop {
-            if let Some(c) = self.try_case(stack_top, buf_addr) {
+            if let Some(c) = self.try_case(stack_top, buf_addr, scratch) {
                 return c;
             }
         }
     }
 
-    fn try_case(&mut self, stack_top: u64, buf_addr: u64) -> Option<Case> {
+    fn try_case(&mut self, stack_top: u64, buf_addr: u64, scratch: u64) -> Option<Case> {
         let n = 1 + self.rng.below(12);
-        let base = loop {
-            let g = self.rng.pick(&Gpr::ALL);
-            // Not rax/rdx: one-operand imul writes them implicitly.
-            if !matches!(g, Gpr::Rsp | Gpr::Rax | Gpr::Rdx) {
-                break g;
-            }
+        // Reserved registers: not rax/rdx (one-operand imul, cdq/cqo write them implicitly).
+        let mut pool: Vec<Gpr> = Gpr::ALL
+            .iter()
+            .copied()
+            .filter(|g| !matches!(g, Gpr::Rsp | Gpr::Rax | Gpr::Rdx))
+            .collect();
+        let mut take = |g: &mut Gen| pool.remove(g.rng.below(pool.len()));
+        let rs = Res {
+            base: take(self),
+            sbase: take(self),
+            lc: take(self),
         };
         let mut items: Vec<Vec<Op>> = Vec::new();
         let mut labels_at: Vec<Vec<usize>> = vec![Vec::new(); n + 1];
@@ -463,18 +576,34 @@ impl Gen {
                 labels_at[pos].push(next_label);
                 items.push(vec![Op::Br(code, next_label)]);
                 next_label += 1;
-            } else if k < 18 {
+            } else if k < 16 {
+                // Counted loop: lc = (lc & 3) + 1, body, dec lc, jnz back.
+                let l = next_label;
+                next_label += 1;
+                let lc32 = reg_of(rs.lc, 32);
+                let mut v = vec![
+                    Op::Fixed(Instruction::with2(Code::And_rm32_imm8, lc32, 3i32).unwrap()),
+                    Op::Fixed(Instruction::with1(Code::Inc_rm32, lc32).unwrap()),
+                    Op::Label(l),
+                ];
+                for _ in 0..1 + self.rng.below(3) {
+                    v.push(Op::Ins(self.ok_insn(rs)));
+                }
+                v.push(Op::Fixed(Instruction::with1(Code::Dec_rm32, lc32).unwrap()));
+                v.push(Op::Br(Code::Jne_rel32_64, l));
+                items.push(v);
+            } else if k < 20 {
                 // push/pop pair with maybe one instruction between.
-                let a = self.reg(64, base);
-                let b = self.reg(64, base);
+                let a = self.reg(64, rs);
+                let b = self.reg(64, rs);
                 let mut v = vec![Op::Ins(Instruction::with1(Code::Push_r64, a).unwrap())];
                 if self.rng.chance(50) {
-                    v.push(Op::Ins(self.ok_insn(base)));
+                    v.push(Op::Ins(self.ok_insn(rs)));
                 }
                 v.push(Op::Ins(Instruction::with1(Code::Pop_r64, b).unwrap()));
                 items.push(v);
             } else {
-                items.push(vec![Op::Ins(self.ok_insn(base))]);
+                items.push(vec![Op::Ins(self.ok_insn(rs))]);
             }
         }
         let mut ops = Vec::new();
@@ -494,7 +623,8 @@ impl Gen {
         for g in Gpr::ALL {
             let v = match g {
                 Gpr::Rsp => stack_top,
-                g if g == base => buf_addr,
+                g if g == rs.base => buf_addr,
+                g if g == rs.sbase => scratch,
                 _ => self.rng.value(),
             };
             input.regs[g.index()] = v;
@@ -513,11 +643,21 @@ impl Gen {
                 known.set_flag(f, Some(v));
             }
         }
+        let mut options = Options::default();
+        if self.rng.chance(20) {
+            options.max_states_per_address = self.rng.pick(&[1u32, 2, 3]);
+        }
+        if self.rng.chance(10) {
+            options.max_code_bytes = self.rng.pick(&[16usize, 64, 200]);
+        }
+        let chained = self.rng.chance(20);
         Some(Case {
             ops,
             known,
             input,
-            base,
+            rs,
+            options,
+            chained,
         })
     }
 }
@@ -533,7 +673,7 @@ fn assemble(ops: &[Op], ip: u64) -> Vec<u8> {
     for op in ops {
         match op {
             Op::Label(l) => pending_labels.push(*l),
-            Op::Ins(_) | Op::Br(..) => {
+            Op::Ins(_) | Op::Fixed(_) | Op::Br(..) => {
                 for l in pending_labels.drain(..) {
                     label_ip.insert(l, pseudo(count));
                 }
@@ -548,7 +688,7 @@ fn assemble(ops: &[Op], ip: u64) -> Vec<u8> {
     for op in ops {
         let mut ins = match op {
             Op::Label(_) => continue,
-            Op::Ins(i) => *i,
+            Op::Ins(i) | Op::Fixed(i) => *i,
             Op::Br(c, l) => Instruction::with_branch(*c, label_ip[l]).unwrap(),
         };
         ins.set_ip(pseudo(k));
@@ -594,71 +734,80 @@ fn flag_dataflow(ops: &[Op]) -> (u32, bool) {
         }
         m
     }
+    // Flags possibly undefined on entry to each label; iterated to a fixpoint
+    // because loops branch backward.
     let mut pending: HashMap<usize, u32> = HashMap::new();
-    let mut cur: Option<u32> = Some(0);
-    for op in ops {
-        match op {
-            Op::Label(l) => {
-                if let Some(p) = pending.remove(l) {
-                    cur = Some(cur.unwrap_or(0) | p);
-                }
-            }
-            Op::Br(c, l) => {
-                if let Some(u) = cur {
-                    let reads =
-                        to_mask(Instruction::with_branch(*c, 0).map_or(0, |i| i.rflags_read()));
-                    reads_undefined |= reads & u != 0;
-                    *pending.entry(*l).or_insert(0) |= u;
-                }
-                if *c == Code::Jmp_rel32_64 {
-                    cur = None;
-                }
-            }
-            Op::Ins(i) => {
-                let Some(u) = cur else { continue };
-                reads_undefined |= to_mask(i.rflags_read()) & u != 0;
-                let und = to_mask(i.rflags_undefined());
-                let modified = to_mask(i.rflags_modified());
-                let m = i.mnemonic();
-                use iced_x86::Mnemonic as M;
-                let is_shift = matches!(m, M::Shl | M::Shr | M::Sar | M::Rol | M::Ror);
-                let width = i.op0_register().size() as u32 * 8;
-                let count = if !is_shift {
-                    None
-                } else if i.op_count() > 1 && i.op1_kind() != iced_x86::OpKind::Register {
-                    Some(i.immediate(1) as u32 & if width == 64 { 63 } else { 31 })
-                } else if i.op_count() > 1 {
-                    None // cl: unknown statically
-                } else {
-                    Some(1)
-                };
-                let next = if is_shift {
-                    match count {
-                        Some(0) => u,
-                        Some(c) => {
-                            let mut n = (u & !modified) | und;
-                            // SHL/SHR by >= width (8/16-bit): CF undefined; OF undefined for counts > 1.
-                            if matches!(m, M::Shl | M::Shr) && c >= width {
-                                n |= 1 << Flag::Cf as u32;
-                            }
-                            if c != 1 {
-                                n |= 1 << Flag::Of as u32;
-                            }
-                            n
-                        }
-                        None => {
-                            let mut n = u | und | 1 << Flag::Of as u32;
-                            if matches!(m, M::Shl | M::Shr) && width < 32 {
-                                n |= 1 << Flag::Cf as u32;
-                            }
-                            n
-                        }
+    let mut cur: Option<u32>;
+    loop {
+        let before = pending.clone();
+        cur = Some(0);
+        for op in ops {
+            match op {
+                Op::Label(l) => {
+                    if let Some(p) = pending.get(l).copied() {
+                        cur = Some(cur.unwrap_or(0) | p);
                     }
-                } else {
-                    (u & !modified) | und
-                };
-                cur = Some(next);
+                }
+                Op::Br(c, l) => {
+                    if let Some(u) = cur {
+                        let reads =
+                            to_mask(Instruction::with_branch(*c, 0).map_or(0, |i| i.rflags_read()));
+                        reads_undefined |= reads & u != 0;
+                        *pending.entry(*l).or_insert(0) |= u;
+                    }
+                    if *c == Code::Jmp_rel32_64 {
+                        cur = None;
+                    }
+                }
+                Op::Ins(i) | Op::Fixed(i) => {
+                    let Some(u) = cur else { continue };
+                    reads_undefined |= to_mask(i.rflags_read()) & u != 0;
+                    let und = to_mask(i.rflags_undefined());
+                    let modified = to_mask(i.rflags_modified());
+                    let m = i.mnemonic();
+                    use iced_x86::Mnemonic as M;
+                    let is_shift = matches!(m, M::Shl | M::Shr | M::Sar | M::Rol | M::Ror);
+                    let width = i.op0_register().size() as u32 * 8;
+                    let count = if !is_shift {
+                        None
+                    } else if i.op_count() > 1 && i.op1_kind() != iced_x86::OpKind::Register {
+                        Some(i.immediate(1) as u32 & if width == 64 { 63 } else { 31 })
+                    } else if i.op_count() > 1 {
+                        None // cl: unknown statically
+                    } else {
+                        Some(1)
+                    };
+                    let next = if is_shift {
+                        match count {
+                            Some(0) => u,
+                            Some(c) => {
+                                let mut n = (u & !modified) | und;
+                                // SHL/SHR by >= width (8/16-bit): CF undefined; OF undefined for counts > 1.
+                                if matches!(m, M::Shl | M::Shr) && c >= width {
+                                    n |= 1 << Flag::Cf as u32;
+                                }
+                                if c != 1 {
+                                    n |= 1 << Flag::Of as u32;
+                                }
+                                n
+                            }
+                            None => {
+                                let mut n = u | und | 1 << Flag::Of as u32;
+                                if matches!(m, M::Shl | M::Shr) && width < 32 {
+                                    n |= 1 << Flag::Cf as u32;
+                                }
+                                n
+                            }
+                        }
+                    } else {
+                        (u & !modified) | und
+                    };
+                    cur = Some(next);
+                }
             }
+        }
+        if pending == before {
+            break;
         }
     }
     (cur.unwrap_or(0), reads_undefined)
@@ -670,9 +819,15 @@ struct World {
     variant: ExecBuf,
     /// Constant buffer (read-only for the code; declared constant).
     buf: Mapping,
+    /// Scratch buffer the code may write (not constant).
+    scratch: Mapping,
 }
 
 const CODE_LEN: usize = 4096;
+/// Offset in the code buffer of a second exit stub, the chain target of chained cases.
+const CHAIN_OFF: usize = 3072;
+/// Size of the scratch buffer.
+const SCRATCH_LEN: usize = 256;
 
 #[derive(Debug)]
 enum Outcome {
@@ -697,6 +852,7 @@ impl World {
         buf.write(0, &data);
         buf.protect(0, BUF_LEN, libc::PROT_READ);
         World {
+            scratch: Mapping::anywhere(SCRATCH_LEN),
             m: Machine::new(),
             code: ExecBuf::anywhere(CODE_LEN),
             variant: ExecBuf::anywhere(64 * 1024),
@@ -708,16 +864,24 @@ impl World {
         let s = self.code.addr();
         let bytes = assemble(&case.ops, s);
         let end = s + bytes.len() as u64;
-        let mut full = bytes.clone();
-        full.extend(self.m.exit_stub());
+        if bytes.len() + 14 > CHAIN_OFF {
+            return Outcome::Skipped;
+        }
+        let mut full = vec![0xccu8; CODE_LEN];
+        full[..bytes.len()].copy_from_slice(&bytes);
+        let stub = self.m.exit_stub();
+        full[bytes.len()..bytes.len() + stub.len()].copy_from_slice(&stub);
+        full[CHAIN_OFF..CHAIN_OFF + stub.len()].copy_from_slice(&stub);
         self.code.write(0, &full);
         // Original.
         self.m.fill_stack(0xa5);
+        self.scratch.write(0, &[0x5a; SCRATCH_LEN]);
         // SAFETY: generated code only branches forward inside itself, reads the constant
         // buffer via the base register, pushes/pops on the private stack, and falls through
         // to the exit stub.
         let want = unsafe { self.m.run(s, &case.input) };
         let want_stack = self.m.stack_bytes();
+        let want_scratch = self.scratch.read(0, SCRATCH_LEN);
         // Specialize.
         let buf_bytes = self.buf.read(0, BUF_LEN);
         let mem = SnippetMemory::new(Addr(s), &bytes, &[(Addr(self.buf.addr), buf_bytes)])
@@ -727,7 +891,17 @@ impl World {
             region_start: Addr(s),
             region_end: Addr(end),
             known: case.known.clone(),
-            options: Options::default(),
+            options: {
+                let mut o = case.options.clone();
+                if case.chained {
+                    o.chain = Some(
+                        [(Addr(end), Addr(s + CHAIN_OFF as u64))]
+                            .into_iter()
+                            .collect(),
+                    );
+                }
+                o
+            },
         };
         let v = match specializer::specialize(&req, &mem) {
             Ok(v) => v,
@@ -751,10 +925,23 @@ impl World {
         }
         self.variant.write(0, &enc.code);
         self.m.fill_stack(0xa5);
+        self.scratch.write(0, &[0x5a; SCRATCH_LEN]);
         // SAFETY: the variant's exits jump into the original code or its end, which falls
         // through to the exit stub; it touches the same memory as the original.
         let got = unsafe { self.m.run(self.variant.addr(), &case.input) };
         let got_stack = self.m.stack_bytes();
+        let got_scratch = self.scratch.read(0, SCRATCH_LEN);
+        if want_scratch != got_scratch {
+            let off = want_scratch
+                .iter()
+                .zip(&got_scratch)
+                .position(|(a, b)| a != b)
+                .unwrap_or(0);
+            why.push(format!(
+                "scratch memory differs at offset {off:#x}: original {:02x}, variant {:02x}",
+                want_scratch[off], got_scratch[off]
+            ));
+        }
         let undef = undefined_flags(&case.ops);
         for g in Gpr::ALL {
             let (a, b) = (want.regs[g.index()], got.regs[g.index()]);
@@ -784,9 +971,23 @@ impl World {
             why.push(format!("stack memory differs at stack offset {off:#x}"));
         }
         // Claimed-known values at the fall-through exit.
-        let ft: Vec<_> = v.exits.iter().filter(|e| e.target == Addr(end)).collect();
-        if ft.len() == 1 {
-            let st = &ft[0].state;
+        // Claimed-known values: only when every exit falls through to the end (other exits
+        // re-enter the original, which may then reach the end on another path), using what
+        // all of them agree on.
+        if !v.exits.is_empty() && v.exits.iter().all(|e| e.target == Addr(end)) {
+            let mut st = v.exits[0].state.clone();
+            for e in &v.exits[1..] {
+                for (a, b) in st.regs.iter_mut().zip(&e.state.regs) {
+                    if a != b {
+                        *a = None;
+                    }
+                }
+                for (a, b) in st.flags.iter_mut().zip(&e.state.flags) {
+                    if a != b {
+                        *a = None;
+                    }
+                }
+            }
             for g in Gpr::ALL {
                 if let Some(val) = st.reg(g) {
                     if val != want.regs[g.index()] {
@@ -842,6 +1043,10 @@ impl World {
             let mut i = 0;
             while i < case.ops.len() {
                 let mut c = case.clone();
+                if matches!(c.ops[i], Op::Fixed(_)) {
+                    i += 1;
+                    continue;
+                }
                 let removed = c.ops.remove(i);
                 if let Op::Label(l) = removed {
                     if c.ops.iter().any(|o| matches!(o, Op::Br(_, k) if *k == l)) {
@@ -893,9 +1098,14 @@ fn describe(case: &Case, s: u64, buf_addr: u64) -> String {
         out.push_str(&format!("    {l}\n"));
     }
     out.push_str(&format!(
-        "base register {} = constant buffer {:#x}\nknown: {}\ninputs:",
-        case.base,
+        "constant buffer {:#x} in {}, scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, fall-through chained: {}\nknown: {}\ninputs:",
         buf_addr,
+        case.rs.base,
+        case.rs.sbase,
+        case.rs.lc,
+        case.options.max_states_per_address,
+        case.options.max_code_bytes,
+        case.chained,
         specializer::snippet::state_text(&case.known)
     ));
     for g in Gpr::ALL {
@@ -924,7 +1134,7 @@ fn random_sequences_match_natively() {
     let max_fails = env_u64("DYNSPEC_PROP_MAX_FAILS", 5) as usize;
     let mut fails: Vec<(String, String)> = Vec::new();
     for n in 0..cases {
-        let case = g.case(w.m.stack_top(), w.buf.addr);
+        let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
         let (c2, s, b) = (case.clone(), w.code.addr(), w.buf.addr);
         common::on_crash(move || format!("property case {n}:\n{}", describe(&c2, s, b)));
         match w.run_case(&case) {
@@ -980,7 +1190,7 @@ fn generator_cases_run_natively() {
     let w = World::new();
     let mut g = Gen::new(7);
     for _ in 0..2000 {
-        let case = g.case(w.m.stack_top(), w.buf.addr);
+        let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
         let bytes = assemble(&case.ops, w.code.addr());
         assert!(!bytes.is_empty());
         let mut full = bytes.clone();
