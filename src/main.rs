@@ -134,6 +134,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             // exactly as typed (argv[0] included, as a shell would pass it).
             validate_program(&command[0])?;
             let cfg = session_config(&opts, None);
+            check_report_path(&cfg.report_path)?;
             let target = Target::Run {
                 argv: command.clone(),
                 shown: command,
@@ -148,6 +149,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         } => {
             validate_pid(pid)?;
             let cfg = session_config(&opts, for_secs);
+            check_report_path(&cfg.report_path)?;
             let outcome = session::run(Target::Attach(nix::unistd::Pid::from_raw(pid)), &cfg)?;
             Ok(finish(outcome, &cfg))
         }
@@ -166,6 +168,39 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// Fail before running anything if the report could not be written at the end.
+fn check_report_path(path: &Path) -> anyhow::Result<()> {
+    if path.is_dir() {
+        bail!("cannot write report {}: it is a directory", path.display());
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "cannot write report {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    use std::os::unix::ffi::OsStrExt as _;
+    let writable = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        // SAFETY: a valid NUL-terminated path that lives across the call.
+        .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+        .unwrap_or(false);
+    // A device or FIFO is written in place, so only its own permission matters.
+    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file());
+    if !writable && !special {
+        bail!(
+            "cannot write report {}: directory {} is not writable (use --report PATH)",
+            path.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionConfig {

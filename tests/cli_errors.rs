@@ -302,3 +302,15 @@ fn script_is_refused_with_the_fix() {
     let out = run(&["run", "--", p.to_str().expect("utf8")]);
     assert_one_line_error(&out, &["is a script", "dynspec run -- sh"]);
 }
+
+#[test]
+fn report_path_in_missing_directory() {
+    let out = run(&[
+        "run",
+        "--report",
+        "/nonexistent-dir-4711/r.json",
+        "--",
+        "true",
+    ]);
+    assert_one_line_error(&out, &["cannot write report", "does not exist"]);
+}
