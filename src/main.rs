@@ -107,6 +107,8 @@ fn main() {
             1
         }
     };
+    // process::exit skips destructors: flush what `dynspec report` printed.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
     std::process::exit(code);
 }
 
