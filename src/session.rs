@@ -272,6 +272,10 @@ struct Session {
     handled_interrupts: u32,
     /// Sampled threads per process, to release their rings when the process exits.
     threads_of: HashMap<Pid, std::collections::BTreeSet<Pid>>,
+    /// Pages the running watch protects with mprotect.
+    mprotect_pages: std::collections::BTreeSet<RemoteAddr>,
+    /// Pages whose protection was just removed: one queued access fault on each is ours, not the program's.
+    grace_pages: std::collections::BTreeSet<RemoteAddr>,
 }
 
 /// Run a whole session and write its report.
@@ -330,6 +334,8 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         },
         handled_interrupts: 0,
         threads_of: HashMap::new(),
+        mprotect_pages: Default::default(),
+        grace_pages: Default::default(),
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
@@ -456,6 +462,9 @@ impl Session {
                 siginfo,
             } => {
                 let mut claimed = false;
+                if signal == libc::SIGSEGV && self.watch.is_none() {
+                    claimed = self.late_watch_fault(&siginfo);
+                }
                 if signal == libc::SIGSEGV {
                     if let Some(w) = self.watch.as_mut() {
                         claimed = match w.handle_segv(&mut self.tracer, tid, &siginfo) {
@@ -595,6 +604,20 @@ impl Session {
         }
     }
 
+    /// A SIGSEGV that arrives after the watch ended: if it is an access fault on a page we had write-protected
+    /// with mprotect (queued before the protection was removed), swallow it once: the faulting write re-executes
+    /// and succeeds. Each page gets that grace once, so a later fault of the program's own is delivered.
+    fn late_watch_fault(&mut self, siginfo: &libc::siginfo_t) -> bool {
+        const SEGV_ACCERR: i32 = 2;
+        if siginfo.si_code != SEGV_ACCERR || self.grace_pages.is_empty() {
+            return false;
+        }
+        // SAFETY: for SIGSEGV the kernel fills the si_addr member of the fault union; reading it is what the
+        // accessor is for.
+        let addr = unsafe { siginfo.si_addr() } as u64;
+        self.grace_pages.remove(&RemoteAddr(addr).page())
+    }
+
     fn resume_all_quiet(&mut self) {
         if let Err(e) = self.tracer.resume_all() {
             if !self.cfg.quiet {
@@ -626,6 +649,7 @@ impl Session {
                 uffd: summary.uffd.len() as u64,
                 mprotect: summary.mprotect.len() as u64,
             };
+            self.mprotect_pages = summary.mprotect.iter().copied().collect();
             self.store.pages_read_only = summary.read_only.len() as u64;
             Ok(w)
         })();
@@ -643,6 +667,9 @@ impl Session {
     /// Threads must be stopped.
     fn end_watch(&mut self) {
         let Some(w) = self.watch.take() else { return };
+        // A write fault on a page we protected may already be queued (seen while stopping the threads); once the
+        // protection is gone it must not reach the program. See `late_watch_fault`.
+        self.grace_pages = std::mem::take(&mut self.mprotect_pages);
         let watched = w.watched();
         let written = w.written();
         match w.finish(&mut self.tracer) {
