@@ -25,6 +25,8 @@ use iced_x86::{
 use specializer::snippet::SnippetMemory;
 use specializer::{Addr, Flag, Gpr, KnownState, Options, Request};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Size of the constant buffer loads read from.
 const BUF_LEN: usize = 256;
@@ -130,7 +132,12 @@ const UNARY: [&str; 4] = ["Not", "Neg", "Inc", "Dec"];
 
 struct Gen {
     rng: Rng,
-    codes: HashMap<String, Code>,
+    codes: Arc<HashMap<String, Code>>,
+}
+
+/// iced `Code`s by their Debug name, e.g. "Add_rm8_r8".
+fn code_map() -> Arc<HashMap<String, Code>> {
+    Arc::new(Code::values().map(|c| (format!("{c:?}"), c)).collect())
 }
 
 fn reg_of(g: Gpr, width: u32) -> Register {
@@ -196,12 +203,18 @@ fn reg_of(g: Gpr, width: u32) -> Register {
 }
 
 impl Gen {
-    fn new(seed: u64) -> Gen {
-        let codes = Code::values().map(|c| (format!("{c:?}"), c)).collect();
+    fn new(seed: u64, codes: Arc<HashMap<String, Code>>) -> Gen {
         Gen {
             rng: Rng(seed | 1),
             codes,
         }
+    }
+
+    /// The generator for case `n` of a run: independent of which thread runs it.
+    fn for_case(seed: u64, n: u64, codes: Arc<HashMap<String, Code>>) -> Gen {
+        let mut x = seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        Gen::new(x ^ (x >> 29), codes)
     }
 
     fn code(&self, name: &str) -> Code {
@@ -1126,47 +1139,75 @@ fn env_u64(name: &str, default: u64) -> u64 {
 fn random_sequences_match_natively() {
     let cases = env_u64("DYNSPEC_PROP_CASES", 200_000);
     let seed = env_u64("DYNSPEC_PROP_SEED", 0x5eed_d15e_a5e5_0001);
-    let w = World::new();
-    let mut g = Gen::new(seed);
-    let (mut pass, mut skipped) = (0u64, 0u64);
     // Collect a few distinct minimal failures (by first symptom) before failing, so one run
     // shows several bugs.
     let max_fails = env_u64("DYNSPEC_PROP_MAX_FAILS", 5) as usize;
-    let mut fails: Vec<(String, String)> = Vec::new();
-    for n in 0..cases {
-        let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
-        let (c2, s, b) = (case.clone(), w.code.addr(), w.buf.addr);
-        common::on_crash(move || format!("property case {n}:\n{}", describe(&c2, s, b)));
-        match w.run_case(&case) {
-            Outcome::Pass => pass += 1,
-            Outcome::Skipped => skipped += 1,
-            Outcome::Fail(_) => {
-                let (small, why) = w.shrink(case);
-                let key = why
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .split(':')
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-                    + &small.ops.len().to_string();
-                if !fails.iter().any(|(k, _)| *k == key) {
-                    fails.push((
-                        key,
-                        format!(
-                            "property case {n} (seed {seed:#x}); minimal case:\n{}  {why}",
-                            w.describe(&small)
-                        ),
-                    ));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4) as u64;
+    let codes = code_map();
+    let fails: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+    let pass = AtomicU64::new(0);
+    let skipped = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    // Cases are split across threads (each with its own machine and buffers); case n is
+    // generated from (seed, n) alone, so a failure reproduces with any thread count.
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            let (codes, fails, pass, skipped, stop) =
+                (codes.clone(), &fails, &pass, &skipped, &stop);
+            sc.spawn(move || {
+                let w = World::new();
+                let mut n = t;
+                while n < cases && !stop.load(Ordering::Relaxed) {
+                    let mut g = Gen::for_case(seed, n, codes.clone());
+                    let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
+                    let (c2, s, b) = (case.clone(), w.code.addr(), w.buf.addr);
+                    common::on_crash(move || format!("property case {n}:\n{}", describe(&c2, s, b)));
+                    match w.run_case(&case) {
+                        Outcome::Pass => {
+                            pass.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Outcome::Skipped => {
+                            skipped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Outcome::Fail(_) => {
+                            let (small, why) = w.shrink(case);
+                            let key = why
+                                .lines()
+                                .next()
+                                .unwrap_or("")
+                                .split(':')
+                                .next()
+                                .unwrap_or("")
+                                .to_string()
+                                + &small.ops.len().to_string();
+                            let mut f = fails.lock().unwrap();
+                            if !f.iter().any(|(k, _)| *k == key) {
+                                f.push((
+                                    key,
+                                    format!(
+                                        "property case {n} (seed {seed:#x}); minimal case:\n{}  {why}",
+                                        w.describe(&small)
+                                    ),
+                                ));
+                            }
+                            if f.len() >= max_fails {
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    n += threads;
                 }
-                if fails.len() >= max_fails {
-                    break;
-                }
-            }
+            });
         }
-    }
-    eprintln!("property test: {cases} cases, {pass} passed, {skipped} skipped (no gain), {} distinct failures", fails.len());
+    });
+    let fails = fails.into_inner().unwrap();
+    let (pass, skipped) = (pass.into_inner(), skipped.into_inner());
+    eprintln!(
+        "property test: {cases} cases on {threads} threads, {pass} passed, {skipped} skipped, {} distinct failures",
+        fails.len()
+    );
     if !fails.is_empty() {
         panic!(
             "{} distinct property failures:\n\n{}",
@@ -1188,7 +1229,7 @@ fn random_sequences_match_natively() {
 #[test]
 fn generator_cases_run_natively() {
     let w = World::new();
-    let mut g = Gen::new(7);
+    let mut g = Gen::new(7, code_map());
     for _ in 0..2000 {
         let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
         let bytes = assemble(&case.ops, w.code.addr());
