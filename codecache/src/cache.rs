@@ -172,6 +172,14 @@ fn reg_mut(r: &mut libc::user_regs_struct, g: Gpr) -> &mut u64 {
     }
 }
 
+/// Whether two processes share one address space (`kcmp(KCMP_VM)`; false when kcmp is unavailable).
+fn shares_memory(a: Pid, b: Pid) -> bool {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp with integer arguments only.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
+    r == 0
+}
+
 /// Write the folded registers and flags of `st` into `r`.
 fn apply_state(r: &mut libc::user_regs_struct, st: &KnownState) {
     for g in Gpr::ALL {
@@ -1014,7 +1022,7 @@ impl Cache {
     }
 
     /// A fork child (stopped at `Event::Forked`) inherited the patches, arenas and mprotect'ed pages but not
-    /// the uffd guards: restore the original bytes at every patch site, move its thread out of variants and
+    /// the uffd guards (a vfork child shares the parent's memory and guards: nothing to do): restore the original bytes at every patch site, move its thread out of variants and
     /// stubs, make residual calls in variants return to the original code, and give the mprotect'ed pages back
     /// their protection. The child then runs only original code and may be detached or left running.
     pub fn strip_child(&self, tr: &mut Tracer, child: Pid) -> Result<(), CacheError> {
@@ -1022,6 +1030,11 @@ impl Cache {
             .tgid(child)
             .ok_or(tracer::TracerError::UnknownThread(child))?;
         assert_all_stopped(tr, child);
+        if shares_memory(self.pid, child) {
+            // vfork (or clone with CLONE_VM): the child runs in our memory, under our guards, until it execs or
+            // exits; writing "its" code would unpatch the parent.
+            return Ok(());
+        }
         let all_installs: BTreeSet<InstallId> = self.installs.keys().copied().collect();
         for i in self.installs.values().filter(|i| i.patched) {
             self.write_unpatch(tr, child, &i.patch)?;

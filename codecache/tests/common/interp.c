@@ -8,7 +8,7 @@
  *   from inside run() itself (the writing thread is inside the variant); 6: like 1 with the bytecode in .data
  *   (file-backed: guarded with mprotect, the write arrives as SIGSEGV); 7: half-way the program forks, the
  *   child rewrites the bytecode and runs the rest, the parent prints the child's sum too; 8: like 0 with an
- *   extra SIGUSR1 half-way.
+ *   extra SIGUSR1 half-way; 9: half-way, vfork + exec of /bin/true (the child shares the parent's memory).
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <signal.h>
@@ -142,6 +142,16 @@ int main(int argc, char **argv)
                 code[1].a = 9;
             if (i == iters / 2 && mode == 8)
                 raise(SIGUSR1);
+            if (i == iters / 2 && mode == 9) {
+                pid_t c = vfork();
+                if (c == 0) {
+                    execl("/bin/true", "true", (char *)NULL);
+                    _exit(127);
+                }
+                int st = 0;
+                waitpid(c, &st, 0);
+                fprintf(out, "true=%d\n", st);
+            }
             if (i == iters / 2 && mode == 7) {
                 int cp[2];
                 if (pipe(cp)) return 6;
