@@ -164,6 +164,9 @@ struct Proc {
     threads: BTreeSet<Pid>,
     /// Address of a `syscall` instruction used to inject system calls.
     gadget: Option<RemoteAddr>,
+    /// The leader had already exited (zombie) when we attached, so it is not traced: the process' exit is
+    /// reported when its last traced thread exits, with that thread's status (the group exit status).
+    untraced_leader: bool,
 }
 
 const PTRACE_EVENT_STOP: i32 = 128;
@@ -628,6 +631,11 @@ impl Tracer {
                         if proc_status_field(tid, "TracerPid").as_deref() == Some(me.as_str()) {
                             tr.add_thread(tid, tgid, State::Running, true);
                             new += 1;
+                        } else if tid == tgid && matches!(task_state(tid), Some('Z') | Some('X')) {
+                            // The main thread called pthread_exit: a zombie cannot be traced, the others can.
+                            tr.add_thread(tid, tgid, State::Zombie, false);
+                            tr.procs.entry(tgid).or_default().untraced_leader = true;
+                            new += 1;
                         } else if tr.threads.is_empty() {
                             tr.finished = true;
                             return Err(TracerError::PermissionDenied { pid: tgid });
@@ -712,6 +720,11 @@ impl Tracer {
                 ..
             })
         )
+    }
+
+    /// Whether the thread called vfork and waits for its child to exec or exit (it shares the child's memory).
+    pub fn in_vfork(&self, tid: Pid) -> bool {
+        self.threads.get(&tid).is_some_and(|t| t.vfork_wait)
     }
 
     /// Forget the pending signal of a stopped thread, so that `resume_all` does not deliver it.
@@ -1001,6 +1014,19 @@ impl Tracer {
                 for th in self.threads.values_mut() {
                     th.vfork_wait = false;
                 }
+                return Ok(Some(Event::Exited {
+                    pid: tgid,
+                    status: ExitStatus::from_wait(status),
+                }));
+            }
+            let last_of_untraced = self
+                .procs
+                .get(&tgid)
+                .is_some_and(|p| p.untraced_leader && p.threads.iter().all(|t| *t == tgid));
+            if last_of_untraced {
+                self.procs.remove(&tgid);
+                self.threads.remove(&tgid);
+                self.mem.borrow_mut().remove(&tgid);
                 return Ok(Some(Event::Exited {
                     pid: tgid,
                     status: ExitStatus::from_wait(status),
@@ -1342,6 +1368,13 @@ impl Tracer {
         let State::Stopped(kind) = th.state else {
             return Err(TracerError::NotStopped(tid));
         };
+        if th.vfork_wait && kind == StopKind::SyscallEvent {
+            // Finishing the vfork system call would block this thread until its child execs or exits.
+            return Err(TracerError::Unsupported(format!(
+                "cannot run a system call in thread {tid}: it is in vfork until its child execs or exits; \
+                 use the child (they share memory)"
+            )));
+        }
         let gadget = self.gadget(th.tgid)?;
         let mut kind = kind;
         if kind == StopKind::SyscallEvent {

@@ -680,3 +680,252 @@ fn remote_syscall_at_a_signal_stop_keeps_the_signal() {
     assert!(did);
     assert_eq!(seen.status, Some(ExitStatus::Code(111)));
 }
+
+const THREAD_EXEC: &str = r#"
+#include <pthread.h>
+#include <unistd.h>
+static char *self;
+static void *run(void *a) { execl(self, self, "again", (char *)0); return a; }
+int main(int c, char **v) {
+    if (c > 1) return 23;
+    self = v[0];
+    pthread_t t;
+    pthread_create(&t, 0, run, 0);
+    for (;;) pause();
+}
+"#;
+
+#[test]
+fn exec_from_a_non_leader_thread() {
+    let d = TempDir::new("threadexec");
+    let exe = compile(&d, "threadexec", THREAD_EXEC, &[]);
+    let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
+    let root = tr.root();
+    let mut execs = 0;
+    let seen = run_loop(&mut tr, |tr, ev| {
+        if let Event::Exec { pid } = ev {
+            assert_eq!(*pid, root, "after exec the process keeps its tgid");
+            assert_eq!(tr.threads(root), vec![root], "the thread list collapsed");
+            assert_eq!(
+                tr.remote_syscall(*pid, libc::SYS_gettid, [0; 6]).unwrap(),
+                root.as_raw() as i64
+            );
+            execs += 1;
+        }
+        None
+    });
+    assert_eq!(execs, 1);
+    assert_eq!(seen.status, Some(ExitStatus::Code(23)));
+}
+
+const SPAWNER: &str = r#"
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+extern char **environ;
+int main(int c, char **v) {
+    if (c > 1) return 4;
+    int total = 0;
+    for (int i = 0; i < 3; i++) {
+        pid_t p;
+        char *args[] = {v[0], "child", 0};
+        if (posix_spawn(&p, v[0], 0, 0, args, environ)) return 100;
+        int st; waitpid(p, &st, 0);
+        total += WEXITSTATUS(st);
+        pid_t q = vfork();
+        if (q == 0) _exit(1);
+        waitpid(q, &st, 0);
+        total += WEXITSTATUS(st);
+    }
+    return total;
+}
+"#;
+
+#[test]
+fn vfork_and_posix_spawn_with_stop_all_and_remote_syscalls() {
+    let d = TempDir::new("spawner");
+    let exe = compile(&d, "spawner", SPAWNER, &[]);
+    let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
+    let mut forks = 0;
+    let mut vforks = 0;
+    let seen = run_loop(&mut tr, |tr, ev| {
+        if let Event::Forked { parent, child } = ev {
+            forks += 1;
+            // Both are stopped at the fork: system calls can be injected into each.
+            assert_eq!(
+                tr.remote_syscall(*child, libc::SYS_gettid, [0; 6]).unwrap(),
+                child.as_raw() as i64
+            );
+            if tr.in_vfork(*parent) {
+                assert!(matches!(
+                    tr.remote_syscall(*parent, libc::SYS_gettid, [0; 6]),
+                    Err(TracerError::Unsupported(_))
+                ));
+                vforks += 1;
+            } else {
+                assert_eq!(
+                    tr.remote_syscall(*parent, libc::SYS_gettid, [0; 6])
+                        .unwrap(),
+                    parent.as_raw() as i64
+                );
+            }
+        }
+        // Stopping everything at every event must never deadlock on a parent blocked in vfork.
+        tr.stop_all().unwrap();
+        tr.resume_all().unwrap();
+        None
+    });
+    assert_eq!(forks, 6);
+    assert_eq!(vforks, 6, "posix_spawn and vfork both use CLONE_VFORK");
+    assert_eq!(seen.status, Some(ExitStatus::Code(15)));
+}
+
+#[test]
+fn remote_syscalls_at_new_thread_events() {
+    let d = TempDir::new("threads-remote");
+    let exe = compile(&d, "threads", THREADS, &[]);
+    let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
+    let mut n = 0;
+    let seen = run_loop(&mut tr, |tr, ev| {
+        if let Event::NewThread { tid, parent } = ev {
+            assert_eq!(
+                tr.remote_syscall(*tid, libc::SYS_gettid, [0; 6]).unwrap(),
+                tid.as_raw() as i64
+            );
+            assert_eq!(
+                tr.remote_syscall(*parent, libc::SYS_gettid, [0; 6])
+                    .unwrap(),
+                parent.as_raw() as i64
+            );
+            n += 1;
+        }
+        None
+    });
+    assert_eq!(n, 3);
+    assert_eq!(seen.status, Some(ExitStatus::Code(5)));
+}
+
+#[test]
+fn attach_to_a_stopped_process_keeps_it_stopped() {
+    let d = TempDir::new("attachstopped");
+    let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
+    let out = d.path("out.txt");
+    let child = std::process::Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    wait_lines(&out, 2);
+    let pid = child.pid();
+    // SAFETY: plain kill of our child.
+    unsafe { libc::kill(pid.as_raw(), libc::SIGSTOP) };
+    let mut stopped = false;
+    for _ in 0..1000 {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if st.contains("State:\tT") {
+            stopped = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(stopped);
+    let lines_before = std::fs::read_to_string(&out).unwrap().lines().count();
+    let mut tr = Tracer::attach(pid).unwrap();
+    for t in tr.threads(pid) {
+        tr.regs(t).unwrap();
+    }
+    tr.resume_all().unwrap();
+    assert!(tr
+        .next_event(Some(Duration::from_millis(30)))
+        .unwrap()
+        .is_none());
+    tr.detach().unwrap();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap().lines().count(),
+        lines_before,
+        "still stopped"
+    );
+    // SAFETY: plain kill of our child.
+    unsafe { libc::kill(pid.as_raw(), libc::SIGCONT) };
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
+    assert!(std::fs::read_to_string(&out).unwrap().ends_with("done\n"));
+}
+
+const LEADER_EXIT: &str = r#"
+#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+static void *work(void *a) {
+    for (int i = 0; i < 40; i++) { printf("tick %d\n", i); fflush(stdout); usleep(5000); }
+    _exit(6);
+    return a;
+}
+int main(void) {
+    pthread_t t;
+    pthread_create(&t, 0, work, 0);
+    pthread_exit(0);
+}
+"#;
+
+#[test]
+fn attach_when_the_main_thread_already_exited() {
+    let d = TempDir::new("leaderexit");
+    let exe = compile(&d, "leaderexit", LEADER_EXIT, &[]);
+    let out = d.path("out.txt");
+    let child = std::process::Command::new(&exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    wait_lines(&out, 3);
+    let pid = child.pid();
+    let mut tr = Tracer::attach(pid).unwrap();
+    assert_eq!(tr.processes(), vec![pid]);
+    let threads = tr.threads(pid);
+    assert_eq!(threads.len(), 1, "only the live thread: {threads:?}");
+    assert_ne!(threads[0], pid);
+    tr.regs(threads[0]).unwrap();
+    let seen = run_loop(&mut tr, |_, _| None);
+    assert_eq!(seen.status, Some(ExitStatus::Code(6)));
+    drop(tr);
+    assert_eq!(child.0.wait().unwrap().code(), Some(6));
+}
+
+/// Run a shell command line under the tracer (the shell forks and execs the program), return its stdout file.
+fn run_shell(d: &TempDir, cmd: &str) -> (Option<ExitStatus>, String) {
+    let out = d.path("stdout.txt");
+    let line = format!("{cmd} > {}", out.display());
+    let mut tr = Tracer::spawn(&argv(&[&"/bin/sh", &"-c", &line])).unwrap();
+    let seen = run_loop(&mut tr, |_, _| None);
+    (
+        seen.status,
+        std::fs::read_to_string(&out).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn samples_give_identical_output_under_the_tracer() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples");
+    for (name, code) in [
+        ("signals", 3),
+        ("fork_exec", 0),
+        ("kernel_read", 0),
+        ("mt_interp", 0),
+    ] {
+        let src = root.join(format!("{name}.c"));
+        let Ok(text) = std::fs::read_to_string(&src) else {
+            panic!("sample {name} missing");
+        };
+        let d = TempDir::new(name);
+        let exe = compile(&d, name, &text, &["-O2"]);
+        let expected = std::fs::read_to_string(root.join(format!("{name}.expected"))).unwrap();
+        let (status, out) = run_shell(&d, &exe.display().to_string());
+        assert_eq!(out, expected, "stdout of {name}");
+        assert_eq!(
+            status,
+            Some(ExitStatus::Code(code)),
+            "exit status of {name}"
+        );
+    }
+}
