@@ -212,7 +212,6 @@ impl HotRegion {
 
 /// Accumulates samples; see the module docs.
 pub struct Profiler {
-    root: Pid,
     total: u64,
     /// Keyed by (code epoch, address): an exec gives a process a new epoch so old bytes/symbols are not reused.
     ips: HashMap<(u64, u64), IpStats>,
@@ -221,19 +220,24 @@ pub struct Profiler {
     locations: Vec<Location>,
     location_index: HashMap<Location, usize>,
     values: HashMap<(u64, Gpr), ValueStats>,
-    /// Per instruction address: page -> samples, for loads of the root process.
-    pages: HashMap<u64, HashMap<u64, u64>>,
+    /// Per (process, instruction address): page -> samples of its loads.
+    pages: HashMap<(Pid, u64), HashMap<u64, u64>>,
     /// Decoded code per (epoch, symbol start or 4 KiB block, is-symbol); None when unreadable or too large.
     functions: HashMap<(u64, u64, bool), Option<Arc<LinearFunction>>>,
     /// Distinct values that may still be added (see [`VALUE_BUDGET`]).
     value_budget: usize,
 }
 
+impl Default for Profiler {
+    fn default() -> Self {
+        Profiler::new()
+    }
+}
+
 impl Profiler {
-    /// A profiler for a session whose root process is `root` (candidate pages are of that process).
-    pub fn new(root: Pid) -> Profiler {
+    /// An empty profile.
+    pub fn new() -> Profiler {
         Profiler {
-            root,
             total: 0,
             ips: HashMap::new(),
             epochs: HashMap::new(),
@@ -252,13 +256,11 @@ impl Profiler {
         self.total
     }
 
-    /// `pid` called execve: its addresses now mean other code. Samples so far keep counting for their regions.
+    /// `pid` called execve or exited: its addresses now mean other code (or nothing). Samples so far keep
+    /// counting for their regions; its data pages are forgotten.
     pub fn forget_process(&mut self, pid: Pid) {
         self.epochs.remove(&pid);
-        if pid == self.root {
-            // Pages of the old image are meaningless now.
-            self.pages.clear();
-        }
+        self.pages.retain(|(p, _), _| *p != pid);
     }
 
     fn intern(&mut self, loc: Location) -> usize {
@@ -385,9 +387,6 @@ impl Profiler {
                 .or_default()
                 .add(s.regs[g.index()], &mut self.value_budget);
         }
-        if s.pid != self.root {
-            return;
-        }
         for m in info.mem.iter().filter(|m| m.is_read) {
             // Stack accesses say nothing about constant data and the stack is always written.
             if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
@@ -407,7 +406,7 @@ impl Profiler {
             } else {
                 m.effective_address(|g| s.regs[g.index()])
             };
-            let pages = self.pages.entry(addr).or_default();
+            let pages = self.pages.entry((s.pid, addr)).or_default();
             let page = ea.page().0;
             if let Some(c) = pages.get_mut(&page) {
                 *c += 1;
@@ -489,23 +488,29 @@ impl Profiler {
             .collect()
     }
 
-    /// Pages of the root process that loads in the hot regions read, most sampled first, at most `cap`.
-    pub fn candidate_pages(&self, cap: usize) -> Vec<RemoteAddr> {
+    /// The process whose hot loads were sampled most (the root's children count too: `sh -c prog` runs the work
+    /// in a child) and the pages those loads read, most sampled first, at most `cap`, sorted. None if no hot load
+    /// was sampled.
+    pub fn candidate_pages(&self, cap: usize) -> Option<(Pid, Vec<RemoteAddr>)> {
         let regions = self.analysed_regions();
-        let mut counts: HashMap<u64, u64> = HashMap::new();
-        for (&ip, pages) in &self.pages {
+        let mut per_pid: HashMap<Pid, HashMap<u64, u64>> = HashMap::new();
+        for (&(pid, ip), pages) in &self.pages {
             if regions.iter().any(|r| r.contains(ip)) {
+                let counts = per_pid.entry(pid).or_default();
                 for (&p, &c) in pages {
                     *counts.entry(p).or_default() += c;
                 }
             }
         }
+        let (pid, counts) = per_pid
+            .into_iter()
+            .max_by_key(|(pid, c)| (c.values().sum::<u64>(), std::cmp::Reverse(*pid)))?;
         let mut v: Vec<(u64, u64)> = counts.into_iter().collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(cap);
         let mut pages: Vec<RemoteAddr> = v.into_iter().map(|(p, _)| RemoteAddr(p)).collect();
         pages.sort();
-        pages
+        Some((pid, pages))
     }
 
     /// Trigger candidates of one region, best first.
@@ -683,7 +688,7 @@ mod tests {
 
     #[test]
     fn hot_regions_by_symbol_and_span() {
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let mut e = env();
         let mut v = Vec::new();
         for i in 0..80u64 {
@@ -716,7 +721,7 @@ mod tests {
 
     #[test]
     fn value_profile_of_dispatch_pointer() {
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let mut e = env();
         let v: Vec<Sample> = (0..64u64)
             .map(|i| sample(0x1010, &[(Gpr::Rdx, 0x20000 + (i % 4) * 16)]))
@@ -730,22 +735,25 @@ mod tests {
         assert!((t[0].coverage - 1.0).abs() < 1e-9);
         assert_eq!(t[0].top_values.len(), 4);
         assert!((t[0].top_values[0].share - 0.25).abs() < 1e-9);
-        assert_eq!(p.candidate_pages(256), vec![RemoteAddr(0x20000)]);
+        assert_eq!(
+            p.candidate_pages(256),
+            Some((Pid::from_raw(10), vec![RemoteAddr(0x20000)]))
+        );
     }
 
     #[test]
     fn stack_loads_and_rsp_are_ignored() {
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let mut e = env();
         let v: Vec<Sample> = (0..10).map(|_| sample(0x1020, &[])).collect();
         p.ingest(&v, &mut e);
-        assert!(p.candidate_pages(256).is_empty());
+        assert!(p.candidate_pages(256).is_none());
         assert!(p.report_regions()[0].triggers.is_empty());
     }
 
     #[test]
     fn unreadable_code_and_unknown_locations_never_fail() {
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let mut e = env();
         let v: Vec<Sample> = (0..10).map(|i| sample(0xdead_0000 + i, &[])).collect();
         p.ingest(&v, &mut e);
@@ -776,14 +784,29 @@ mod tests {
     }
 
     #[test]
-    fn other_process_pages_are_not_candidates() {
-        let mut p = Profiler::new(Pid::from_raw(99));
+    fn candidate_pages_are_of_the_busiest_process() {
+        let mut p = Profiler::new();
         let mut e = env();
-        let v: Vec<Sample> = (0..10)
+        let mut v: Vec<Sample> = (0..10)
             .map(|_| sample(0x1010, &[(Gpr::Rdx, 0x30000)]))
             .collect();
+        // A child (pid 11) runs the same hot code on other data, more often.
+        for _ in 0..20 {
+            let mut s = sample(0x1010, &[(Gpr::Rdx, 0x50000)]);
+            s.pid = Pid::from_raw(11);
+            s.tid = Pid::from_raw(11);
+            v.push(s);
+        }
         p.ingest(&v, &mut e);
-        assert!(p.candidate_pages(256).is_empty());
+        assert_eq!(
+            p.candidate_pages(256),
+            Some((Pid::from_raw(11), vec![RemoteAddr(0x50000)]))
+        );
+        p.forget_process(Pid::from_raw(11));
+        assert_eq!(
+            p.candidate_pages(256),
+            Some((Pid::from_raw(10), vec![RemoteAddr(0x30000)]))
+        );
     }
 
     #[test]
@@ -797,7 +820,7 @@ mod tests {
         f.resize(0x100, 0xcc);
         e.code.insert(0x1000, f);
         e.code.insert(0x1009, code[9..].to_vec());
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let v: Vec<Sample> = (0..30u64)
             .map(|i| {
                 sample(
@@ -822,7 +845,9 @@ mod tests {
         assert!(find(0x1005, "rdx").is_none());
         assert_eq!(find(0x1005, "r8").map(|x| x.distinct), Some(1), "{t:#?}");
         // The bytecode page is a candidate through the back-attributed loads.
-        assert!(p.candidate_pages(16).contains(&RemoteAddr(0x40000)));
+        assert!(p
+            .candidate_pages(16)
+            .is_some_and(|(_, v)| v.contains(&RemoteAddr(0x40000))));
     }
 
     #[test]
@@ -834,12 +859,15 @@ mod tests {
         f.resize(0x100, 0xcc);
         e.code.insert(0x1000, f);
         e.code.insert(0x1004, code[4..].to_vec());
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let v: Vec<Sample> = (0..5u64)
             .map(|i| sample(0x1004, &[(Gpr::Rdi, 0x9000), (Gpr::Rcx, 0x7777_0000 + i)]))
             .collect();
         p.ingest(&v, &mut e);
-        assert_eq!(p.candidate_pages(16), vec![RemoteAddr(0x9000)]);
+        assert_eq!(
+            p.candidate_pages(16).map(|x| x.1),
+            Some(vec![RemoteAddr(0x9000)])
+        );
     }
 
     #[test]
@@ -854,7 +882,7 @@ mod tests {
         // FakeEnv reads only at exact keys: offer the window start (0x5000, block 0x5000 - lead-in clamped).
         e.code.insert(0x5000, text.clone());
         e.code.insert(0x5209, seq[9..].to_vec());
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let v: Vec<Sample> = (0..8u64)
             .map(|i| {
                 sample(
@@ -883,7 +911,7 @@ mod tests {
         f.resize(0x100, 0xcc);
         e.code.insert(0x1000, f);
         e.code.insert(0x1006, code[6..].to_vec());
-        let mut p = Profiler::new(Pid::from_raw(10));
+        let mut p = Profiler::new();
         let v: Vec<Sample> = (0..5)
             .map(|_| sample(0x1006, &[(Gpr::Rsi, 0x7000), (Gpr::Rdi, 0x8000)]))
             .collect();
@@ -901,9 +929,9 @@ mod tests {
 
     #[test]
     fn empty_profile() {
-        let p = Profiler::new(Pid::from_raw(1));
+        let p = Profiler::new();
         assert!(p.hot_regions().is_empty());
         assert!(p.report_regions().is_empty());
-        assert!(p.candidate_pages(10).is_empty());
+        assert!(p.candidate_pages(10).is_none());
     }
 }

@@ -28,6 +28,8 @@ use crate::signals;
 const EVENT_POLL: Duration = Duration::from_millis(20);
 /// Most pages the store profile watches.
 const MAX_WATCHED_PAGES: usize = 256;
+/// Sampling windows added while no hot load has been seen (then the store profile is skipped).
+const MAX_SAMPLING_EXTENSIONS: u32 = 20;
 /// Module lists are re-read at most this often per process when an address is not found in them.
 const MODULE_REFRESH: Duration = Duration::from_millis(10);
 
@@ -276,6 +278,10 @@ struct Session {
     mprotect_pages: std::collections::BTreeSet<RemoteAddr>,
     /// Pages whose protection was just removed: one queued access fault on each is ours, not the program's.
     grace_pages: std::collections::BTreeSet<RemoteAddr>,
+    /// How often the sampling phase was extended for lack of candidate pages.
+    sampling_extensions: u32,
+    /// The process the write watch is on.
+    watch_pid: Option<Pid>,
 }
 
 /// Run a whole session and write its report.
@@ -310,7 +316,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         cfg: cfg.clone(),
         tracer,
         sampler,
-        profiler: Profiler::new(root),
+        profiler: Profiler::new(),
         code,
         root,
         phase: Phase::Sampling {
@@ -336,6 +342,8 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         threads_of: HashMap::new(),
         mprotect_pages: Default::default(),
         grace_pages: Default::default(),
+        sampling_extensions: 0,
+        watch_pid: None,
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
@@ -508,6 +516,8 @@ impl Session {
                 if let Some(w) = self.watch.as_mut() {
                     w.on_exec(pid);
                 }
+                // Samples of the old image first, while its symbols are cached.
+                self.ingest();
                 self.code.forget(pid);
                 self.code.preload(pid);
                 self.profiler.forget_process(pid);
@@ -525,11 +535,17 @@ impl Session {
                 if pid == self.root {
                     return Ok(Some(End::Exited(status)));
                 }
-                self.code.forget(pid);
                 // Release the rings (fds, memory) of a finished child: fork-heavy programs would pile them up.
                 for tid in self.threads_of.remove(&pid).unwrap_or_default() {
                     self.sampler.remove_thread(tid);
                 }
+                // Analyse its last samples while its symbols and mappings are still cached, then forget it.
+                self.ingest();
+                if self.watch_pid == Some(pid) {
+                    self.end_watch_after_exit();
+                }
+                self.code.forget(pid);
+                self.profiler.forget_process(pid);
             }
         }
         Ok(None)
@@ -578,7 +594,19 @@ impl Session {
         let now = Instant::now();
         match self.phase {
             Phase::Sampling { until } if now >= until => {
-                self.start_watch();
+                let candidates = self.profiler.candidate_pages(MAX_WATCHED_PAGES);
+                if candidates.is_none() && self.sampling_extensions < MAX_SAMPLING_EXTENSIONS {
+                    // Nothing hot reads memory yet (start-up, or the program was blocked): sample another window
+                    // rather than give up on the store profile.
+                    self.sampling_extensions += 1;
+                    self.phase = Phase::Sampling {
+                        until: now + self.cfg.window,
+                    };
+                    return;
+                }
+                if let Some((pid, pages)) = candidates {
+                    self.start_watch(pid, &pages);
+                }
                 self.phase = Phase::Watching {
                     until: now + self.cfg.window,
                 };
@@ -626,8 +654,8 @@ impl Session {
         }
     }
 
-    fn start_watch(&mut self) {
-        let pages = self.profiler.candidate_pages(MAX_WATCHED_PAGES);
+    /// Write-watch `pages` of process `pid` (the one whose hot loads read them).
+    fn start_watch(&mut self, pid: Pid, pages: &[RemoteAddr]) {
         if pages.is_empty() {
             return;
         }
@@ -640,11 +668,11 @@ impl Session {
         let result = (|| -> Result<WriteWatch> {
             let tid = *self
                 .tracer
-                .threads(self.root)
+                .threads(pid)
                 .first()
-                .ok_or_else(|| anyhow::anyhow!("the target has no threads left"))?;
-            let mut w = WriteWatch::new(&mut self.tracer, self.root, tid)?;
-            let summary = w.watch(&mut self.tracer, &pages)?;
+                .ok_or_else(|| anyhow::anyhow!("process {pid} has no threads left"))?;
+            let mut w = WriteWatch::new(&mut self.tracer, pid, tid)?;
+            let summary = w.watch(&mut self.tracer, pages)?;
             self.store.method = MethodCounts {
                 uffd: summary.uffd.len() as u64,
                 mprotect: summary.mprotect.len() as u64,
@@ -654,7 +682,10 @@ impl Session {
             Ok(w)
         })();
         match result {
-            Ok(w) => self.watch = Some(w),
+            Ok(w) => {
+                self.watch = Some(w);
+                self.watch_pid = Some(pid);
+            }
             Err(e) => {
                 if !self.cfg.quiet {
                     eprintln!("dynspec: warning: write watch unavailable, no store profile: {e:#}");

@@ -486,3 +486,28 @@ fn program_gets_argv_exactly_as_typed() {
     assert_eq!(r["command"][0], "sh");
     assert_eq!(r["command"][4], "two words");
 }
+
+#[test]
+fn work_in_a_child_process_is_profiled_and_watched() {
+    // `sh -c 'prog; echo after'` forks prog as a child: the hot code and the pages to watch are in the child.
+    let bin = sample("interp_switch");
+    let dir = TempDir::new();
+    let script = format!("'{}' {INTERP_SIZE}; echo after", bin.display());
+    let mut c = Command::new(dynspec());
+    c.args(["run", "--profile-only", "-q", "--report"])
+        .arg(dir.join("r.json"))
+        .args(["--", "sh", "-c", &script]);
+    let out = output_of(c, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).ends_with("after\n"));
+    let r: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).expect("report"))
+            .expect("json");
+    let region = top_region(&r, "interp_run");
+    let sp = &r["store_profile"];
+    let (trigger, pages) = dispatch_trigger_pages(region, &page_set(&sp["watched"]));
+    assert!(
+        pages.is_disjoint(&page_set(&sp["written"])),
+        "bytecode page reported written: {trigger}"
+    );
+}
