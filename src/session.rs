@@ -499,7 +499,11 @@ impl Session {
                 let tids = self.tracer.threads(child);
                 self.add_threads(&tids);
                 self.code.preload(child);
-                if let Some(w) = self.watch.as_mut() {
+                let parent_pid = self.tracer.tgid(parent).unwrap_or(parent);
+                // Only a fork of the watched process inherits its protections; another process' child has a
+                // different address space and must not be touched.
+                let watched_parent = self.watch_pid == Some(parent_pid);
+                if let Some(w) = self.watch.as_mut().filter(|_| watched_parent) {
                     // A child must not inherit pages we write-protected: restore them before it runs.
                     if let Err(e) = w.on_fork(&mut self.tracer, child) {
                         if !self.cfg.quiet {
