@@ -412,6 +412,9 @@ const TRACE_OPTIONS: libc::c_int = libc::PTRACE_O_EXITKILL
     | libc::PTRACE_O_TRACESYSGOOD;
 
 /// Owns every traced task of the root process and its descendants.
+///
+/// Not `Send`: the kernel accepts ptrace requests only from the thread that attached, so create the tracer on
+/// the thread that will drive it (the session's tracer thread) and keep it there.
 pub struct Tracer {
     root: Pid,
     spawned: bool,
@@ -426,6 +429,8 @@ pub struct Tracer {
     finished: bool,
     /// Interrupts blocking waits at a deadline; created lazily on the owner thread (None: poll instead).
     timer: Option<Option<WaitTimer>>,
+    /// ptrace requests are only accepted from the attaching thread: a Tracer never changes threads (!Send).
+    _not_send: std::marker::PhantomData<*const ()>,
 }
 
 impl std::fmt::Debug for Tracer {
@@ -451,6 +456,7 @@ impl Tracer {
             owner: std::thread::current().id(),
             finished: false,
             timer: None,
+            _not_send: std::marker::PhantomData,
         }
     }
 
@@ -1462,10 +1468,19 @@ impl Tracer {
                     break Err(TracerError::UnexpectedStop { tid, status: st });
                 }
                 stray += 1;
-            }
-            if event == 0 && sig != (libc::SIGTRAP | 0x80) {
+            } else if event == 0 && sig != (libc::SIGTRAP | 0x80) {
+                let at_gadget = self.regs(tid).map(|r| r.rip == gadget.0).unwrap_or(false);
+                if at_gadget && matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) {
+                    // The gadget itself faults (its memory changed): forget it and fail instead of looping.
+                    if let Some(p) = self.tgid(tid).and_then(|t| self.procs.get_mut(&t)) {
+                        p.gadget = None;
+                    }
+                    break Err(TracerError::UnexpectedStop { tid, status: st });
+                }
                 // Another signal arrived first: hold it back and re-raise it afterwards.
-                deferred.push(sig);
+                if !deferred.contains(&sig) {
+                    deferred.push(sig);
+                }
             }
             // Event stops (e.g. a pending interrupt) and deferred signals: keep stepping.
             if let Err(e) = pt(libc::PTRACE_SINGLESTEP, tid, 0, 0) {
@@ -1587,6 +1602,34 @@ impl Tracer {
                         e,
                     ));
                 }
+            }
+        }
+        // A parent blocked in vfork cannot be detached until its (now detached) child execs or exits and the
+        // parent reports PTRACE_EVENT_VFORK_DONE; wait for that, bounded.
+        let mut vfork: BTreeSet<Pid> = self
+            .threads
+            .iter()
+            .filter(|(_, t)| t.vfork_wait && !matches!(t.state, State::Stopped(_)))
+            .map(|(tid, _)| *tid)
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !vfork.is_empty() && Instant::now() < deadline {
+            match self.wait_any(Some(deadline)) {
+                Ok(Some((tid, st))) if vfork.contains(&tid) => {
+                    if libc::WIFSTOPPED(st) {
+                        if let Err(e) = pt(libc::PTRACE_DETACH, tid, 0, 0) {
+                            if e != Errno::ESRCH {
+                                first_err.get_or_insert(TracerError::errno(
+                                    format!("ptrace(PTRACE_DETACH, {tid})"),
+                                    e,
+                                ));
+                            }
+                        }
+                    }
+                    vfork.remove(&tid);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
             }
         }
         self.threads.clear();
