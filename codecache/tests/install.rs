@@ -180,7 +180,17 @@ fn uninstall_all_restores_the_original_code() {
     let d = TempDir::new("uninstall");
     let exe = build_interp(&d, &[]);
     let native = run_native(&exe, &d, 8, ITERS);
-    let t = run_traced_with(&exe, &d, 8, ITERS, Site::Entry, true);
+    let t = run_traced_with(
+        &exe,
+        &d,
+        8,
+        ITERS,
+        Site::Entry,
+        RunOpts {
+            uninstall_mid: true,
+            ..RunOpts::default()
+        },
+    );
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert!(t.entries_mid > 0);
@@ -213,5 +223,33 @@ fn vfork_child_shares_the_patched_memory() {
     assert_eq!(
         t.entries, ITERS,
         "the parent must stay patched after its vfork child"
+    );
+}
+
+#[test]
+fn signal_frame_inside_a_dead_variant_is_deoptimized() {
+    // The write of bytecode op 8 (inside the variant) faults; before it is handled, SIGUSR2 interrupts the
+    // thread there, and its handler rewrites a later bytecode (blocking on the same guarded page). After the
+    // invalidation, sigreturn must resume in the original code, so that run() sees the handler's change.
+    let d = TempDir::new("sigframe");
+    let exe = build_interp(&d, &[]);
+    let t = run_traced_with(
+        &exe,
+        &d,
+        11,
+        ITERS,
+        Site::Entry,
+        RunOpts {
+            signal_on_first_fault: Some(libc::SIGUSR2),
+            ..RunOpts::default()
+        },
+    );
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert!(t.output.starts_with("mid=new "), "{}", t.output);
+    assert!(!t.invalidations.is_empty());
+    assert!(
+        t.invalidations[0].threads_moved >= 1,
+        "{:?}",
+        t.invalidations
     );
 }

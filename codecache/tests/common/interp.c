@@ -8,7 +8,10 @@
  *   from inside run() itself (the writing thread is inside the variant); 6: like 1 with the bytecode in .data
  *   (file-backed: guarded with mprotect, the write arrives as SIGSEGV); 7: half-way the program forks, the
  *   child rewrites the bytecode and runs the rest, the parent prints the child's sum too; 8: like 0 with an
- *   extra SIGUSR1 half-way; 9: half-way, vfork + exec of /bin/true (the child shares the parent's memory).
+ *   extra SIGUSR1 half-way; 9: half-way, vfork + exec of /bin/true (the child shares the parent's memory);
+ *   11: like 5 (op 8 stores into the bytecode page); a SIGUSR2 handler (the test sends the signal) replaces
+ *   bytecode 2 (the call right after the store); the program reports whether the run() call interrupted by the handler saw the change
+ *   ("mid=new"), did not ("mid=old"), or neither.
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <signal.h>
@@ -78,6 +81,14 @@ static atomic_long bad;
 
 static void on_usr1(int s) { (void)s; }
 
+static volatile sig_atomic_t handled;
+static void on_usr2(int s)
+{
+    (void)s;
+    code[2] = (struct insn){1, 1000000, 0, 0};
+    handled = 1;
+}
+
 static void fill(struct insn *p)
 {
     struct insn prog[] = {
@@ -111,8 +122,9 @@ int main(int argc, char **argv)
     code = mode == 6 ? data_code : aligned_alloc(4096, 4096);
     memset(code, 0, 4096);
     fill(code);
-    if (mode == 5)
+    if (mode == 5 || mode == 11)
         code[1] = (struct insn){8, 0, 0, 0};
+    signal(SIGUSR2, on_usr2);
     fill(old_prog);
     fill(new_prog);
     new_prog[1].a = 9;
@@ -123,7 +135,22 @@ int main(int argc, char **argv)
     FILE *out = fopen(argv[3], "w");
     if (mode == 4)
         hook_at = iters / 2;
-    if (mode == 3) {
+    if (mode == 11) {
+        struct insn o[16], n[16];
+        memcpy(o, code, sizeof o);
+        memcpy(n, code, sizeof n);
+        n[2] = (struct insn){1, 1000000, 0, 0};
+        const char *mid = "none";
+        long sum = 0;
+        for (long i = 0; i < iters; i++) {
+            int before = handled;
+            long r = run(code, i);
+            if (!before && handled)
+                mid = r == ref(n, i) ? "new" : r == ref(o, i) ? "old" : "bad";
+            sum += r;
+        }
+        fprintf(out, "mid=%s sum=%ld\n", mid, sum);
+    } else if (mode == 3) {
         pthread_t t[2];
         for (long k = 0; k < 2; k++)
             pthread_create(&t[k], NULL, worker, (void *)k);

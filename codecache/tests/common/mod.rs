@@ -183,19 +183,36 @@ pub fn install_run(
 /// Spawn the interpreter under the tracer, install a variant of `run` at the first SIGUSR1, handle guard
 /// faults like the session does, read counters at the second SIGUSR1.
 pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) -> Traced {
-    run_traced_with(exe, dir, mode, iters, site, false)
+    run_traced_with(exe, dir, mode, iters, site, RunOpts::default())
 }
 
-/// [`run_traced`]; with `uninstall_mid`, every variant is uninstalled at the second of three SIGUSR1s
-/// (mode 8) and the entry count at that point is kept in `entries_mid`.
+/// Extra actions of [`run_traced_with`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOpts {
+    /// Uninstall every variant at the second of three SIGUSR1s (mode 8); the entry count at that point is kept
+    /// in `entries_mid`.
+    pub uninstall_mid: bool,
+    /// When the first guard fault is seen, first send this signal to the root thread and let its handler start
+    /// (the faulting thread is interrupted inside the variant), then handle the faults.
+    pub signal_on_first_fault: Option<i32>,
+}
+
+/// [`run_traced`] with extra actions.
 pub fn run_traced_with(
     exe: &Path,
     dir: &TempDir,
     mode: u32,
     iters: u64,
     site: Site,
-    uninstall_mid: bool,
+    opts: RunOpts,
 ) -> Traced {
+    let uninstall_mid = opts.uninstall_mid;
+    // 0: armed, 1: signal sent (faults wait until it was delivered), 2: done.
+    let mut inject = if opts.signal_on_first_fault.is_some() {
+        0
+    } else {
+        2
+    };
     let out = dir.path(&format!("traced-{mode}.out"));
     let ptr = dir.path("traced.ptr");
     let argv: Vec<OsString> = vec![
@@ -218,7 +235,12 @@ pub fn run_traced_with(
     tr.resume_all().expect("resume");
     let status = loop {
         if let Some(c) = cache.as_mut() {
-            if c.has_guard_faults() {
+            if c.has_guard_faults() && inject == 0 {
+                let sig = opts.signal_on_first_fault.unwrap_or(0);
+                // SAFETY: tgkill with integer arguments, to our own traced child.
+                unsafe { libc::syscall(libc::SYS_tgkill, pid.as_raw(), pid.as_raw(), sig) };
+                inject = 1;
+            } else if c.has_guard_faults() && inject == 2 {
                 invalidations.extend(c.handle_guard_faults(&mut tr).expect("guard faults"));
                 tr.resume_all().expect("resume");
             }
@@ -282,7 +304,12 @@ pub fn run_traced_with(
                 // The program's SIGUSR1 is delivered (its handler ignores it).
                 tr.resume_all().expect("resume");
             }
-            Event::Signal { tid, signal, .. } => tr.resume(tid, Some(signal)).expect("resume"),
+            Event::Signal { tid, signal, .. } => {
+                if inject == 1 && Some(signal) == opts.signal_on_first_fault {
+                    inject = 2;
+                }
+                tr.resume(tid, Some(signal)).expect("resume")
+            }
             Event::NewThread { tid, parent } => {
                 let _ = tr.resume(tid, None);
                 let _ = tr.resume(parent, None);
