@@ -834,6 +834,9 @@ struct World {
     buf: Mapping,
     /// Scratch buffer the code may write (not constant).
     scratch: Mapping,
+    /// Also stop the variant at every instruction boundary, deoptimize with
+    /// the deopt map and resume the original there.
+    deopt_steps: bool,
 }
 
 const CODE_LEN: usize = 4096;
@@ -865,6 +868,7 @@ impl World {
         buf.write(0, &data);
         buf.protect(0, BUF_LEN, libc::PROT_READ);
         World {
+            deopt_steps: false,
             scratch: Mapping::anywhere(SCRATCH_LEN),
             m: Machine::new(),
             code: ExecBuf::anywhere(CODE_LEN),
@@ -1024,6 +1028,15 @@ impl World {
                 }
             }
         }
+        if why.is_empty() && self.deopt_steps {
+            self.check_deopt(
+                case,
+                &enc,
+                undef,
+                (&want, &want_stack, &want_scratch),
+                &mut why,
+            );
+        }
         if why.is_empty() {
             Outcome::Pass
         } else {
@@ -1038,6 +1051,84 @@ impl World {
                 flags_str(&got)
             ));
             Outcome::Fail(why.join("\n  "))
+        }
+    }
+
+    /// Stop the variant before its k-th instruction (k = 1, 2, ...), write the
+    /// folded values of that boundary's deopt entry into the registers, resume
+    /// the original at the entry's address and require the original's final state.
+    fn check_deopt(
+        &self,
+        case: &Case,
+        enc: &specializer::Encoded,
+        undef: u32,
+        want: (&Cpu, &Vec<u8>, &Vec<u8>),
+        why: &mut Vec<String>,
+    ) {
+        let vb = self.variant.addr();
+        let range = (vb, vb + enc.code.len() as u64);
+        let also = (self.code.addr(), self.code.addr() + CODE_LEN as u64);
+        for k in 1..=4096u64 {
+            self.m.fill_stack(0xa5);
+            self.scratch.write(0, &[0x5a; SCRATCH_LEN]);
+            // SAFETY: as for the variant run; the stepping stops inside the variant and
+            // continues at the epilogue.
+            let (mut cpu, stopped) = unsafe { self.m.run_stepped(vb, &case.input, range, also, k) };
+            let Some(rip) = stopped else { break };
+            let off = rip - vb;
+            let Some(e) = enc.deopt.iter().find(|e| e.offset as u64 == off) else {
+                why.push(format!(
+                    "deopt: the variant executes offset {off:#x}, which has no deopt entry"
+                ));
+                return;
+            };
+            for g in Gpr::ALL {
+                if let Some(v) = e.state.reg(g) {
+                    cpu.regs[g.index()] = v;
+                }
+            }
+            for f in Flag::ALL {
+                if let Some(v) = e.state.flag(f) {
+                    cpu.set_flag(f, v);
+                }
+            }
+            // SAFETY: resuming the original code (it ends at the exit stub).
+            let got = unsafe { self.m.run(e.original.0, &cpu) };
+            let mut bad = Vec::new();
+            for g in Gpr::ALL {
+                if got.regs[g.index()] != want.0.regs[g.index()] {
+                    bad.push(format!(
+                        "{g}={:#x} (want {:#x})",
+                        got.regs[g.index()],
+                        want.0.regs[g.index()]
+                    ));
+                }
+            }
+            for f in Flag::ALL {
+                if undef & (1 << f as u32) == 0 && got.flag(f) != want.0.flag(f) {
+                    bad.push(format!(
+                        "{}={} (want {})",
+                        f.name(),
+                        got.flag(f) as u8,
+                        want.0.flag(f) as u8
+                    ));
+                }
+            }
+            if self.m.stack_bytes() != *want.1 {
+                bad.push("stack memory".into());
+            }
+            if self.scratch.read(0, SCRATCH_LEN) != *want.2 {
+                bad.push("scratch memory".into());
+            }
+            if !bad.is_empty() {
+                why.push(format!(
+                    "deopt: stopped at variant offset {off:#x} (instruction {k}), resumed the original at {} with folded {}: final {}",
+                    e.original,
+                    specializer::snippet::state_text(&e.state),
+                    bad.join(", ")
+                ));
+                return;
+            }
         }
     }
 
@@ -1223,6 +1314,31 @@ fn random_sequences_match_natively() {
         pass >= cases / 2,
         "too many cases skipped: {skipped} of {cases}"
     );
+}
+
+/// The deopt map is right at every boundary the variant executes: stopping
+/// there and resuming the original with the folded values gives the same
+/// result as running the original.
+#[test]
+fn deopt_map_resumes_the_original() {
+    let cases = env_u64("DYNSPEC_DEOPT_CASES", 4000);
+    let seed = env_u64("DYNSPEC_PROP_SEED", 0x5eed_d15e_a5e5_0001) ^ 0xde0b;
+    let codes = code_map();
+    let mut w = World::new();
+    w.deopt_steps = true;
+    for n in 0..cases {
+        let mut g = Gen::for_case(seed, n, codes.clone());
+        let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
+        let (c2, s, b) = (case.clone(), w.code.addr(), w.buf.addr);
+        common::on_crash(move || format!("deopt case {n}:\n{}", describe(&c2, s, b)));
+        if let Outcome::Fail(_) = w.run_case(&case) {
+            let (small, why) = w.shrink(case);
+            panic!(
+                "deopt case {n} (seed {seed:#x}) fails; minimal case:\n{}  {why}",
+                w.describe(&small)
+            );
+        }
+    }
 }
 
 /// The generator itself is sane: every case assembles and runs natively.

@@ -302,6 +302,141 @@ impl Machine {
             }
         }
     }
+
+    /// Run like [`Machine::run`] but single-step (trap flag) and stop just
+    /// before the `stop_at`-th (1-based) instruction executed inside
+    /// `[range.0, range.1)`: the registers there are returned with the address
+    /// it stopped at. `None` for the address when the code left normally first.
+    /// Code in `also` (the original the variant exits to) is stepped through too.
+    ///
+    /// # Safety
+    /// As for [`Machine::run`].
+    pub unsafe fn run_stepped(
+        &self,
+        entry: u64,
+        input: &Cpu,
+        range: (u64, u64),
+        also: (u64, u64),
+        stop_at: u64,
+    ) -> (Cpu, Option<u64>) {
+        install_step_handler();
+        let tramp = (
+            self.map.addr + TRAMP_OFF as u64,
+            self.map.addr + STACK_OFF as u64,
+        );
+        STEP.with(|st| {
+            st.set(StepState {
+                active: true,
+                range,
+                tramp,
+                also,
+                count: 0,
+                stop_at,
+                stopped_at: 0,
+                epilogue: self.epilogue,
+            })
+        });
+        let ctx = self.map.addr as *mut Ctx;
+        // SAFETY: the ctx page is ours and writable; no other reference to it exists.
+        unsafe {
+            (*ctx).in_regs = input.regs;
+            // TF: trap after every instruction once popfq has loaded it.
+            (*ctx).in_rflags = (input.rflags & FLAGS_MASK) | 2 | TRAP_FLAG;
+            (*ctx).entry = entry;
+        }
+        let f: extern "sysv64" fn() =
+            // SAFETY: as in `run`; the step handler clears TF before control returns to Rust.
+            unsafe { std::mem::transmute::<u64, extern "sysv64" fn()>(self.map.addr + TRAMP_OFF as u64) };
+        f();
+        let st = STEP.with(|st| {
+            let mut v = st.get();
+            v.active = false;
+            st.set(v);
+            v
+        });
+        // SAFETY: as above; the native code wrote the outputs.
+        let out = unsafe {
+            Cpu {
+                regs: (*ctx).out_regs,
+                rflags: (*ctx).out_rflags & FLAGS_MASK,
+            }
+        };
+        (out, (st.stopped_at != 0).then_some(st.stopped_at))
+    }
+}
+
+const TRAP_FLAG: u64 = 0x100;
+
+#[derive(Clone, Copy, Default)]
+struct StepState {
+    active: bool,
+    range: (u64, u64),
+    tramp: (u64, u64),
+    also: (u64, u64),
+    count: u64,
+    stop_at: u64,
+    stopped_at: u64,
+    epilogue: u64,
+}
+
+thread_local! {
+    static STEP: std::cell::Cell<StepState> = const {
+        std::cell::Cell::new(StepState {
+            active: false,
+            range: (0, 0),
+            tramp: (0, 0),
+            also: (0, 0),
+            count: 0,
+            stop_at: 0,
+            stopped_at: 0,
+            epilogue: 0,
+        })
+    };
+}
+
+extern "C" fn step_handler(_sig: i32, _info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid ucontext_t for SA_SIGINFO handlers.
+    let uc = unsafe { &mut *(uctx as *mut libc::ucontext_t) };
+    let rip = uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64;
+    let gregs = &mut uc.uc_mcontext.gregs;
+    let tf_off = |g: &mut [i64; 23]| g[libc::REG_EFL as usize] &= !(TRAP_FLAG as i64);
+    let mut st = STEP.with(|s| s.get());
+    if !st.active {
+        tf_off(gregs);
+        return;
+    }
+    if in_range(rip, st.range) {
+        st.count += 1;
+        if st.count == st.stop_at && st.stopped_at == 0 {
+            // Stop here: registers unchanged, continue at the epilogue which stores them.
+            st.stopped_at = rip;
+            gregs[libc::REG_RIP as usize] = st.epilogue as i64;
+            tf_off(gregs);
+            st.active = false;
+        }
+    } else if !(in_range(rip, st.tramp) || in_range(rip, st.also)) {
+        // Back in Rust (after the epilogue's ret): stop tracing.
+        tf_off(gregs);
+    }
+    STEP.with(|s| s.set(st));
+}
+
+fn in_range(a: u64, r: (u64, u64)) -> bool {
+    a >= r.0 && a < r.1
+}
+
+fn install_step_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installing a SIGTRAP handler that only edits the interrupted context.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = step_handler as *const () as usize;
+            // On the alternate stack: the code under test owns the stack below its rsp.
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            libc::sigaction(libc::SIGTRAP, &sa, std::ptr::null_mut());
+        }
+    });
 }
 
 /// What to print when native code under test crashes (set before running).
@@ -315,7 +450,7 @@ thread_local! {
     pub static CRASH: RefCell<CrashInfo> = RefCell::new(CrashInfo::default());
 }
 
-/// Set the description printed if native code crashes (SIGSEGV/SIGILL/SIGBUS/SIGFPE/SIGTRAP).
+/// Set the description printed if native code crashes (SIGSEGV/SIGILL/SIGBUS/SIGFPE).
 pub fn on_crash(f: impl Fn() -> String + 'static) {
     install_crash_handler();
     // Native code may leave rsp anywhere: the handler needs its own stack (per thread).
@@ -356,13 +491,7 @@ extern "C" fn crash_handler(sig: i32) {
 fn install_crash_handler() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        for sig in [
-            libc::SIGSEGV,
-            libc::SIGILL,
-            libc::SIGBUS,
-            libc::SIGFPE,
-            libc::SIGTRAP,
-        ] {
+        for sig in [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS, libc::SIGFPE] {
             // SAFETY: installing a handler for fatal signals; the handler never returns.
             unsafe {
                 let mut sa: libc::sigaction = std::mem::zeroed();
