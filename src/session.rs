@@ -502,7 +502,9 @@ impl Session {
                 let parent_pid = self.tracer.tgid(parent).unwrap_or(parent);
                 // Only a fork of the watched process inherits its protections; another process' child has a
                 // different address space and must not be touched.
-                let watched_parent = self.watch_pid == Some(parent_pid);
+                // A vfork child shares the parent's memory: "restoring" its pages would end the parent's watch.
+                let watched_parent =
+                    self.watch_pid == Some(parent_pid) && !self.tracer.in_vfork(parent);
                 if let Some(w) = self.watch.as_mut().filter(|_| watched_parent) {
                     // A child must not inherit pages we write-protected: restore them before it runs.
                     if let Err(e) = w.on_fork(&mut self.tracer, child) {
