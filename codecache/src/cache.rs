@@ -235,6 +235,11 @@ impl Cache {
         self.never_guard.contains(&page.page())
     }
 
+    /// Every page that reached [`MAX_INVALIDATIONS_PER_PAGE`].
+    pub fn never_guard_pages(&self) -> BTreeSet<Addr> {
+        self.never_guard.clone()
+    }
+
     /// (address, original bytes) of every active patch (what [`crate::TargetMemory`] shows instead).
     pub fn patched_bytes(&self) -> Vec<(Addr, Vec<u8>)> {
         self.installs

@@ -20,6 +20,8 @@ pub struct TargetMemory<'a> {
     overlay: Vec<(Addr, Vec<u8>)>,
     /// Arena code ranges (never constant data for the specializer: dynspec rewrites them).
     arenas: Vec<(u64, u64)>,
+    /// Pages invalidated too often ([`crate::Cache::never_guard`]): never constant.
+    never: BTreeSet<Addr>,
     /// Contents of constant writable pages as read, for [`crate::Cache::install`] to verify.
     snapshots: RefCell<BTreeMap<Addr, Vec<u8>>>,
 }
@@ -32,9 +34,9 @@ impl<'a> TargetMemory<'a> {
         cache: Option<&crate::Cache>,
     ) -> Result<TargetMemory<'a>, CacheError> {
         let maps = read_maps(pid)?;
-        let (overlay, arenas) = match cache {
-            Some(c) => (c.patched_bytes(), c.arena_ranges()),
-            None => (Vec::new(), Vec::new()),
+        let (overlay, arenas, never) = match cache {
+            Some(c) => (c.patched_bytes(), c.arena_ranges(), c.never_guard_pages()),
+            None => (Vec::new(), Vec::new(), BTreeSet::new()),
         };
         Ok(TargetMemory {
             tr,
@@ -43,13 +45,17 @@ impl<'a> TargetMemory<'a> {
             guardable: BTreeSet::new(),
             overlay,
             arenas,
+            never,
             snapshots: RefCell::new(BTreeMap::new()),
         })
     }
 
-    /// Declare writable pages the caller will guard (e.g. the store profile's never-written pages).
+    /// Declare writable pages the caller will guard (e.g. the store profile's never-written pages). Pages
+    /// the cache gave up on (invalidated too often) are ignored.
     pub fn allow(&mut self, pages: impl IntoIterator<Item = Addr>) {
-        self.guardable.extend(pages.into_iter().map(|p| p.page()));
+        let pages: Vec<Addr> = pages.into_iter().map(|p| p.page()).collect();
+        self.guardable
+            .extend(pages.into_iter().filter(|p| !self.never.contains(p)));
     }
 
     /// Contents of every guardable (writable) page read as a constant so far.

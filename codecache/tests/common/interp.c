@@ -11,7 +11,8 @@
  *   extra SIGUSR1 half-way; 9: half-way, vfork + exec of /bin/true (the child shares the parent's memory);
  *   11: like 5 (op 8 stores into the bytecode page); a SIGUSR2 handler (the test sends the signal) replaces
  *   bytecode 2 (the call right after the store); the program reports whether the run() call interrupted by the handler saw the change
- *   ("mid=new"), did not ("mid=old"), or neither.
+ *   ("mid=new"), did not ("mid=old"), or neither; 12: the bytecode is rewritten at 1/4, 2/4 and 3/4, each
+ *   time followed by SIGUSR1.
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <signal.h>
@@ -169,6 +170,10 @@ int main(int argc, char **argv)
                 code[1].a = 9;
             if (i == iters / 2 && mode == 8)
                 raise(SIGUSR1);
+            if (mode == 12 && i > 0 && i % (iters / 4) == 0 && i / (iters / 4) <= 3) {
+                code[1].a = 9 + (int)(i / (iters / 4));
+                raise(SIGUSR1);
+            }
             if (i == iters / 2 && mode == 9) {
                 pid_t c = vfork();
                 if (c == 0) {

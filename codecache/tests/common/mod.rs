@@ -74,7 +74,9 @@ pub struct Traced {
     pub status: ExitStatus,
     pub installed: Vec<InstallId>,
     /// Why the install was refused, if it was (the program then runs its original code).
-    pub install_error: Option<codecache::CacheError>,
+    pub install_error: Option<String>,
+    /// Results of re-installs (RunOpts::reinstall_at_usr1).
+    pub reinstalls: Vec<Result<(), String>>,
     pub entries: u64,
     pub fallbacks: u64,
     pub invalidations: Vec<Invalidation>,
@@ -125,7 +127,7 @@ pub fn install_run(
     pid: Pid,
     code: u64,
     site: Site,
-) -> Result<InstallId, codecache::CacheError> {
+) -> Result<InstallId, String> {
     let mods = tracer::modules(pid).expect("modules");
     let sym = mods
         .iter()
@@ -154,12 +156,13 @@ pub fn install_run(
             known,
             options: Options::default(),
         };
-        let var = specializer::specialize(&req, &mem).expect("specialize run");
-        assert!(
-            site == Site::Unconditional || var.guard_pages.contains(&Addr(code).page()),
-            "the variant must rely on the bytecode page: {:?}",
-            var.guard_pages
-        );
+        let var = specializer::specialize(&req, &mem).map_err(|e| format!("specialize: {e}"))?;
+        if site != Site::Unconditional && !var.guard_pages.contains(&Addr(code).page()) {
+            return Err(format!(
+                "the variant does not rely on the bytecode page: {:?}",
+                var.guard_pages
+            ));
+        }
         if std::env::var_os("CODECACHE_TEST_DUMP").is_some() {
             eprintln!("variant for {v:#x}:\n{}", var.residual_asm().join("\n"));
         }
@@ -168,16 +171,18 @@ pub fn install_run(
     }
     let snapshots = mem.snapshots();
     drop(mem);
-    cache.install(
-        tr,
-        InstallRequest {
-            trigger,
-            register: (site != Site::Unconditional).then_some(reg),
-            region: (start, end),
-            variants,
-            snapshots,
-        },
-    )
+    cache
+        .install(
+            tr,
+            InstallRequest {
+                trigger,
+                register: (site != Site::Unconditional).then_some(reg),
+                region: (start, end),
+                variants,
+                snapshots,
+            },
+        )
+        .map_err(|e| e.to_string())
 }
 
 /// Spawn the interpreter under the tracer, install a variant of `run` at the first SIGUSR1, handle guard
@@ -195,6 +200,8 @@ pub struct RunOpts {
     /// When the first guard fault is seen, first send this signal to the root thread and let its handler start
     /// (the faulting thread is interrupted inside the variant), then handle the faults.
     pub signal_on_first_fault: Option<i32>,
+    /// At every SIGUSR1 after the first, specialize and install again (threads stopped).
+    pub reinstall_at_usr1: bool,
 }
 
 /// [`run_traced`] with extra actions.
@@ -232,6 +239,8 @@ pub fn run_traced_with(
     let (mut entries, mut fallbacks, mut alive, mut entries_mid) = (0, 0, 0, 0);
     let mut children_stripped = Vec::new();
     let mut guard_kinds = Vec::new();
+    let mut reinstalls = Vec::new();
+    let mut code_ptr = 0u64;
     tr.resume_all().expect("resume");
     let status = loop {
         if let Some(c) = cache.as_mut() {
@@ -279,6 +288,7 @@ pub fn run_traced_with(
                 if usr1 == 1 {
                     let text = std::fs::read_to_string(&ptr).expect("ptr file");
                     let code = u64::from_str_radix(text.trim(), 16).expect("pointer");
+                    code_ptr = code;
                     let mut c = Cache::new(&mut tr, pid).expect("cache");
                     match install_run(&mut tr, &mut c, pid, code, site) {
                         Ok(id) => {
@@ -292,6 +302,10 @@ pub fn run_traced_with(
                         Err(e) => install_error = Some(e),
                     }
                     cache = Some(c);
+                } else if let (true, Some(c)) = (opts.reinstall_at_usr1, cache.as_mut()) {
+                    reinstalls.push(install_run(&mut tr, c, pid, code_ptr, site).map(|_| ()));
+                    let k = c.counters(&tr).expect("counters");
+                    entries = k.entries.values().sum();
                 } else if let (true, 2, Some(c)) = (uninstall_mid, usr1, cache.as_mut()) {
                     entries_mid = c.counters(&tr).expect("counters").entries.values().sum();
                     c.uninstall_all(&mut tr).expect("uninstall_all");
@@ -344,6 +358,7 @@ pub fn run_traced_with(
         status,
         installed,
         install_error,
+        reinstalls,
         entries,
         fallbacks,
         invalidations,
