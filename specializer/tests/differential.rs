@@ -11,8 +11,8 @@
 mod common;
 
 use common::native_lib::{specialize_function, SampleLib, Specialized};
-use common::{Mapping, SelfMemory};
-use specializer::{Memory, Options};
+use common::{Cpu, Machine, Mapping, SelfMemory};
+use specializer::{Addr, Flag, Gpr, Memory, Options};
 
 type InterpRun = unsafe extern "C" fn(*const Insn, *mut i64) -> i64;
 type InterpDemo = unsafe extern "C" fn(i64, *mut usize) -> *mut Insn;
@@ -606,4 +606,121 @@ fn bpf_filter_random_programs() {
             );
         }
     }
+}
+
+/// Stop the variant before its k-th instruction for a spread of k, apply the
+/// deopt entry there and resume the original function: the result and the
+/// memory it writes must be what the original computes alone.
+fn deopt_resume_check(
+    name: &str,
+    m: &Machine,
+    s: &Specialized,
+    func: (Addr, u64),
+    input: &Cpu,
+    reset: &dyn Fn(),
+    observe: &dyn Fn() -> Vec<u8>,
+) -> usize {
+    let mut inp = *input;
+    inp.regs[Gpr::Rsp.index()] = m.call_frame();
+    reset();
+    // SAFETY: the function returns into the harness epilogue through the call frame.
+    let want = unsafe { m.run(func.0 .0, &inp) };
+    let want_mem = observe();
+    let range = (s.addr(), s.addr() + s.encoded.code.len() as u64);
+    let also = (func.0 .0, func.0 .0 + func.1);
+    let mut checked = 0;
+    let mut k = 1u64;
+    loop {
+        reset();
+        inp.regs[Gpr::Rsp.index()] = m.call_frame();
+        // SAFETY: as above; stepping stops inside the variant.
+        let (mut cpu, stopped) = unsafe { m.run_stepped(s.addr(), &inp, range, also, k) };
+        let Some(rip) = stopped else { break };
+        let off = rip - s.addr();
+        let e = s
+            .encoded
+            .deopt
+            .iter()
+            .find(|e| e.offset as u64 == off)
+            .unwrap_or_else(|| {
+                panic!("{name}: variant offset {off:#x} executes without a deopt entry")
+            });
+        for g in Gpr::ALL {
+            if let Some(v) = e.state.reg(g) {
+                cpu.regs[g.index()] = v;
+            }
+        }
+        for f in Flag::ALL {
+            if let Some(v) = e.state.flag(f) {
+                cpu.set_flag(f, v);
+            }
+        }
+        // SAFETY: resuming the original function; it returns into the epilogue.
+        let got = unsafe { m.run(e.original.0, &cpu) };
+        assert_eq!(
+            (got.regs[Gpr::Rax.index()], observe()),
+            (want.regs[Gpr::Rax.index()], want_mem.clone()),
+            "{name}: stopped at variant offset {off:#x} (instruction {k}), resumed the original at {} with folded {}",
+            e.original,
+            specializer::snippet::state_text(&e.state)
+        );
+        checked += 1;
+        k = if k < 40 { k + 1 } else { k + k / 3 };
+    }
+    checked
+}
+
+#[test]
+fn deopt_resumes_the_interpreters() {
+    let m = Machine::new();
+    common::on_crash(|| "deopt_resumes_the_interpreters".into());
+    let mut total = 0;
+    // interp_switch, every program with one env.
+    let lib = SampleLib::build("interp_switch");
+    let func = lib.function("interp_run");
+    let env = std::cell::RefCell::new([0i64; 8]);
+    for (name, prog) in interp_programs(&lib) {
+        let mem = lib.memory(&[prog.range()]);
+        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+            .unwrap_or_else(|e| panic!("program {name}: {e}"));
+        let mut input = Cpu::default();
+        input.regs[Gpr::Rdi.index()] = prog.addr();
+        input.regs[Gpr::Rsi.index()] = env.as_ptr() as u64;
+        let init = [3i64, 5, 7, -1, 0, 2, 9, 4];
+        let reset = || *env.borrow_mut() = init;
+        let observe = || {
+            env.borrow()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        total += deopt_resume_check(name, &m, &s, func, &input, &reset, &observe);
+    }
+    // bpf_filter, every filter with a few packets.
+    let lib = SampleLib::build("bpf_filter");
+    let func = lib.function("bpf_run");
+    // SAFETY: documented signature.
+    let packet: BpfDemoPacket = unsafe { lib.func("bpf_demo_packet") };
+    let mut state = 0x5555_aaaa_1234_5678u64;
+    let mut pkts = Vec::new();
+    for _ in 0..6 {
+        let mut buf = vec![0u8; 128];
+        // SAFETY: 128-byte buffer, non-zero state.
+        let len = unsafe { packet(&mut state, buf.as_mut_ptr()) };
+        pkts.push((buf, len));
+    }
+    for (name, prog) in bpf_filters(&lib) {
+        let mem = lib.memory(&[prog.range()]);
+        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+            .unwrap_or_else(|e| panic!("filter {name}: {e}"));
+        for (buf, len) in &pkts {
+            let mut input = Cpu::default();
+            input.regs[Gpr::Rdi.index()] = prog.addr();
+            input.regs[Gpr::Rsi.index()] = buf.as_ptr() as u64;
+            input.regs[Gpr::Rdx.index()] = *len as u64;
+            total += deopt_resume_check(name, &m, &s, func, &input, &|| {}, &Vec::new);
+        }
+    }
+    assert!(total > 100, "only {total} deopt points checked");
+    eprintln!("deopt: {total} stop points checked");
 }

@@ -264,6 +264,16 @@ impl Machine {
         self.map.write(STACK_OFF, &vec![byte; STACK_SIZE]);
     }
 
+    /// Prepare a call frame on the private stack whose return address is the
+    /// epilogue, so a function entered with this rsp returns into the harness.
+    /// Returns the rsp to pass.
+    pub fn call_frame(&self) -> u64 {
+        let frame = self.stack_top() - 8;
+        let off = (frame - self.map.addr) as usize;
+        self.map.write(off, &self.epilogue.to_le_bytes());
+        frame
+    }
+
     /// A 14-byte position-independent `jmp [rip+0]; dq epilogue`: append it
     /// after code under test so falling off the end returns to the harness
     /// without touching registers or flags.
