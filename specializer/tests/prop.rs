@@ -13,7 +13,12 @@
 //! and reported as hex + asm + inputs.
 //!
 //! Cases: 200 000 by default (`DYNSPEC_PROP_CASES` overrides), seed from
-//! `DYNSPEC_PROP_SEED` (default fixed, so CI is deterministic).
+//! `DYNSPEC_PROP_SEED` (default fixed, so CI is deterministic); case n depends
+//! only on (seed, n): `DYNSPEC_PROP_ONLY=n` replays one case.
+//! `DYNSPEC_PROP_MAX_FAILS` (default 5) distinct failures are collected.
+//! The deopt test (`DYNSPEC_DEOPT_CASES`, default 4000) stops each variant
+//! before every instruction it executes, applies the deopt entry and resumes
+//! the original.
 
 mod common;
 
@@ -1250,7 +1255,13 @@ fn random_sequences_match_natively() {
             sc.spawn(move || {
                 let w = World::new();
                 let mut n = t;
+                // DYNSPEC_PROP_ONLY=n replays one case (as numbered in failure reports).
+                let only = std::env::var("DYNSPEC_PROP_ONLY").ok().and_then(|v| v.parse::<u64>().ok());
                 while n < cases && !stop.load(Ordering::Relaxed) {
+                    if only.is_some_and(|o| o != n) {
+                        n += threads;
+                        continue;
+                    }
                     let mut g = Gen::for_case(seed, n, codes.clone());
                     let case = g.case(w.m.stack_top(), w.buf.addr, w.scratch.addr);
                     let (c2, s, b) = (case.clone(), w.code.addr(), w.buf.addr);
