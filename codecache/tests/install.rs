@@ -279,3 +279,72 @@ fn page_invalidated_too_often_is_given_up() {
     let ok: Vec<bool> = t.reinstalls.iter().map(|r| r.is_ok()).collect();
     assert_eq!(ok, vec![true, true, false, false], "{:?}", t.reinstalls);
 }
+
+#[test]
+fn uninstall_then_detach_leaves_a_correct_program() {
+    // Attach-mode shutdown: at the half-way SIGUSR1 (mode 8) uninstall everything, drop the cache, detach;
+    // the program finishes on its own with the native output.
+    use codecache::Cache;
+    use std::time::Duration;
+    use tracer::{Event, Tracer};
+    let d = TempDir::new("detach");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 8, ITERS);
+    let out = d.path("detach.out");
+    let ptr = d.path("detach.ptr");
+    let argv: Vec<std::ffi::OsString> = vec![
+        exe.clone().into(),
+        "8".into(),
+        ITERS.to_string().into(),
+        out.clone().into(),
+        ptr.clone().into(),
+    ];
+    let mut tr = Tracer::spawn(&argv).expect("spawn");
+    let pid = tr.root();
+    let mut cache: Option<Cache> = None;
+    tr.resume_all().expect("resume");
+    let mut usr1 = 0;
+    loop {
+        let Some(ev) = tr
+            .next_event(Some(Duration::from_millis(5)))
+            .expect("next_event")
+        else {
+            continue;
+        };
+        match ev {
+            Event::Signal { signal, .. } if signal == libc::SIGUSR1 => {
+                usr1 += 1;
+                tr.stop_all().expect("stop");
+                if usr1 == 1 {
+                    let code =
+                        u64::from_str_radix(std::fs::read_to_string(&ptr).expect("ptr").trim(), 16)
+                            .expect("pointer");
+                    let mut c = Cache::new(&mut tr, pid).expect("cache");
+                    install_run(&mut tr, &mut c, pid, code, Site::Entry).expect("install");
+                    cache = Some(c);
+                    tr.resume_all().expect("resume");
+                } else {
+                    let mut c = cache.take().expect("cache");
+                    let entries: u64 = c.counters(&tr).expect("counters").entries.values().sum();
+                    assert!(entries > 0);
+                    c.uninstall_all(&mut tr).expect("uninstall_all");
+                    drop(c);
+                    break;
+                }
+            }
+            Event::Signal { tid, signal, .. } => tr.resume(tid, Some(signal)).expect("resume"),
+            Event::Exited { .. } => panic!("exited before the detach"),
+            _ => tr.resume_all().expect("resume"),
+        }
+    }
+    tr.detach().expect("detach");
+    let mut status = 0;
+    // SAFETY: waitpid on our own (now untraced) child with a valid out-pointer.
+    let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, 0) };
+    assert_eq!(r, pid.as_raw());
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "status {status:#x}"
+    );
+    assert_eq!(std::fs::read_to_string(&out).expect("output"), native);
+}
