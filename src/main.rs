@@ -337,7 +337,27 @@ fn validate_pid(pid: i32) -> anyhow::Result<()> {
     if !Path::new(&format!("/proc/{pid}")).exists() {
         bail!("no such process: PID {pid}");
     }
+    if is_kernel_thread(pid) {
+        bail!("PID {pid} is a kernel thread; only user processes can be attached");
+    }
     Ok(())
+}
+
+/// PF_KTHREAD in the flags field of /proc/PID/stat (field 9; the command name in field 2 may contain spaces).
+fn is_kernel_thread(pid: i32) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    // Fields after the command: state(3) ppid(4) pgrp(5) session(6) tty_nr(7) tpgid(8) flags(9).
+    after_comm
+        .split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
 }
 
 #[cfg(test)]
@@ -366,6 +386,25 @@ mod tests {
             .unwrap_err()
             .contains("script"));
         assert!(check_elf_header(b"").is_err());
+    }
+
+    #[test]
+    fn kernel_threads_are_recognised() {
+        assert!(!is_kernel_thread(std::process::id() as i32));
+        // kthreadd, where the machine shows it (not inside a PID namespace).
+        let kthreadd = std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .is_ok_and(|s| s.contains("(kthreadd)"))
+            });
+        if let Some(pid) = kthreadd {
+            assert!(is_kernel_thread(pid));
+            let e = validate_pid(pid).unwrap_err();
+            assert!(one_line(&e).contains("kernel thread"));
+        }
     }
 
     #[test]
