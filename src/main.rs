@@ -137,10 +137,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             validate_program(&command[0])?;
             let cfg = session_config(&opts, None);
             check_report_path(&cfg.report_path)?;
-            let target = Target::Run {
-                argv: command.clone(),
-                shown: command,
-            };
+            let target = Target::Run(command);
             let outcome = session::run(target, &cfg)?;
             Ok(finish(outcome, &cfg))
         }

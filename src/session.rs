@@ -35,11 +35,8 @@ const MODULE_REFRESH: Duration = Duration::from_millis(10);
 
 /// What to trace.
 pub enum Target {
-    /// Spawn `argv` (argv[0] resolved); `shown` is the command line as the user typed it (for the report).
-    Run {
-        argv: Vec<OsString>,
-        shown: Vec<OsString>,
-    },
+    /// Spawn this command line (argv[0] looked up in PATH like a shell; the program gets argv unchanged).
+    Run(Vec<OsString>),
     /// Attach to a running process.
     Attach(Pid),
 }
@@ -291,10 +288,10 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     let sampler = Sampler::new(SamplerConfig::for_rate(cfg.rate_hz))
         .context("cannot set up perf_event sampling")?;
     let (tracer, command, attach_pid) = match &target {
-        Target::Run { argv, shown } => {
+        Target::Run(argv) => {
             let t = Tracer::spawn(argv)
                 .with_context(|| format!("cannot start {}", argv[0].to_string_lossy()))?;
-            let shown: Vec<String> = shown
+            let shown: Vec<String> = argv
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
