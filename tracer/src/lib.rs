@@ -26,4 +26,4 @@ pub use nix::unistd::Pid;
 pub use process::{Event, ExitStatus, SpawnOptions, Tracer};
 pub use remote::{remote_close, remote_mmap, remote_mprotect, remote_munmap, remote_userfaultfd};
 pub use symbols::{modules, symbolize, Module, Symbol};
-pub use watch::{WatchResult, WatchSummary, WriteWatch};
+pub use watch::{WatchOptions, WatchResult, WatchSummary, WriteWatch};

@@ -6,10 +6,15 @@
 //! thread — this resolves kernel writes (`read(2)` into a watched buffer) as well as user writes, so the program
 //! never sees `EFAULT` (DESIGN invariant 7).
 //!
-//! Mappings uffd cannot register (file-backed private `.data` of a binary, shared memory) fall back to a remote
-//! `mprotect` that removes write permission from the watched pages; a write then raises SIGSEGV, which the session
-//! passes to [`WriteWatch::handle_segv`]. Limits of the fallback: a *kernel* write into such a page fails with
-//! `EFAULT` instead of faulting, and writes by other processes sharing the memory are not seen.
+//! Mappings synchronous uffd cannot register (file-backed private `.data` of a binary, shared memory) use a
+//! second userfaultfd in asynchronous write-protect mode (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+): the kernel
+//! resolves every write itself — user or kernel, never blocking, never `EFAULT` — and clears the page's uffd-wp
+//! bit, which `/proc/PID/pagemap` (bit 57) shows; `written()` reads it back.
+//!
+//! Where neither works (older kernels, uffd not permitted) the watch falls back to a remote `mprotect` that
+//! removes write permission from the watched pages; a write then raises SIGSEGV, which the session passes to
+//! [`WriteWatch::handle_segv`]. Limits of that fallback: a *kernel* write into such a page fails with `EFAULT`
+//! instead of faulting. Writes by other processes sharing memory are never seen (uffd and mprotect alike).
 //!
 //! Fork: uffd state is not inherited (no `UFFD_FEATURE_EVENT_FORK`: the kernel clears the registration and the
 //! write-protect bits in the child), but mprotect'ed pages are — [`WriteWatch::on_fork`] restores them in the child.
@@ -33,12 +38,33 @@ use crate::{RemoteAddr, TracerError};
 pub struct WatchSummary {
     /// Watched with userfaultfd write-protect (kernel writes included).
     pub uffd: Vec<RemoteAddr>,
+    /// The subset of `uffd` watched in asynchronous mode (file-backed private or shared memory): writes are
+    /// never blocked and are read back from /proc/PID/pagemap.
+    pub uffd_async: Vec<RemoteAddr>,
     /// Watched by removing write permission (SIGSEGV on write, see `handle_segv`).
     pub mprotect: Vec<RemoteAddr>,
     /// In a read-only mapping: constant without a watch.
     pub read_only: Vec<RemoteAddr>,
     /// Not mapped, or in a mapping that cannot be watched (`[vvar]`, `[vsyscall]`, protection failed).
     pub skipped: Vec<RemoteAddr>,
+}
+
+/// Which mechanisms a [`WriteWatch`] may use; both default to true. The mprotect fallback is always allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchOptions {
+    /// Synchronous uffd write-protect for anonymous private memory.
+    pub uffd: bool,
+    /// Asynchronous uffd write-protect for other writable memory (file-backed private, shared).
+    pub uffd_async: bool,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            uffd: true,
+            uffd_async: true,
+        }
+    }
 }
 
 /// Final result of a watch window.
@@ -59,6 +85,9 @@ const UFFD_API: u64 = 0xAA;
 const UFFD_USER_MODE_ONLY: i32 = 1;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+/// /proc/PID/pagemap: "pte is uffd-wp write-protected".
+const PM_UFFD_WP: u64 = 1 << 57;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -252,6 +281,7 @@ fn open_uffd(
     tr: &mut Tracer,
     pid: Pid,
     tid: Pid,
+    feature_sets: &[u64],
 ) -> Result<Result<(OwnedFd, u64), String>, TracerError> {
     let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // Without UFFD_USER_MODE_ONLY kernel writes are resolved too; it needs privilege
@@ -294,10 +324,7 @@ fn open_uffd(
         Ok(fd) => fd,
         Err(why) => return Ok(Err(why)),
     };
-    for features in [
-        UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
-        UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-    ] {
+    for &features in feature_sets {
         let mut api = UffdioApi {
             api: UFFD_API,
             features,
@@ -324,6 +351,15 @@ pub struct WriteWatch {
     /// VMA ranges uffd refused.
     unregistrable: Vec<(u64, u64)>,
     uffd_pages: BTreeSet<RemoteAddr>,
+    /// Asynchronous-mode uffd for memory sync uffd cannot register (file-backed private `.data`, shared memory):
+    /// the kernel resolves every write itself (never EFAULT, never blocks) and clears the page's uffd-wp bit,
+    /// which /proc/PID/pagemap shows.
+    async_fd: Option<OwnedFd>,
+    async_registered: Vec<(u64, u64)>,
+    async_unregistrable: Vec<(u64, u64)>,
+    async_pages: BTreeSet<RemoteAddr>,
+    /// Last async-mode written set read from pagemap (kept for when the process is gone).
+    async_written: Mutex<BTreeSet<RemoteAddr>>,
     /// Pages currently write-protected by mprotect, with their original protection.
     mprotected: BTreeMap<RemoteAddr, i32>,
     /// Every page ever watched with mprotect.
@@ -350,9 +386,28 @@ impl WriteWatch {
     /// pidfd_open+pidfd_getfd, close it in the target, enable write-protect faults. If uffd is unavailable, the
     /// watch still works with the mprotect fallback only (see [`WriteWatch::uffd_unavailable`]).
     pub fn new(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<WriteWatch, TracerError> {
+        WriteWatch::with_options(tr, pid, tid, WatchOptions::default())
+    }
+
+    /// [`WriteWatch::new`] choosing which mechanisms may be used (the mprotect fallback always may).
+    pub fn with_options(
+        tr: &mut Tracer,
+        pid: Pid,
+        tid: Pid,
+        opts: WatchOptions,
+    ) -> Result<WriteWatch, TracerError> {
         let pid = tr.tgid(pid).ok_or(TracerError::UnknownThread(pid))?;
         let written = Arc::new(Mutex::new(BTreeSet::new()));
-        let (uffd, uffd_unavailable) = match open_uffd(tr, pid, tid)? {
+        let sync_features = [
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
+            UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+        ];
+        let opened = if opts.uffd {
+            open_uffd(tr, pid, tid, &sync_features)?
+        } else {
+            Err("disabled by the caller".to_string())
+        };
+        let (uffd, uffd_unavailable) = match opened {
             Ok((fd, features)) => {
                 // SAFETY: eventfd with integer arguments.
                 let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -379,6 +434,16 @@ impl WriteWatch {
             }
             Err(why) => (None, Some(why)),
         };
+        let async_features = [UFFD_FEATURE_WP_ASYNC
+            | UFFD_FEATURE_WP_UNPOPULATED
+            | UFFD_FEATURE_PAGEFAULT_FLAG_WP];
+        let async_fd = if opts.uffd_async {
+            open_uffd(tr, pid, tid, &async_features)?
+                .ok()
+                .map(|(fd, _)| fd)
+        } else {
+            None
+        };
         Ok(WriteWatch {
             pid,
             tid,
@@ -387,6 +452,11 @@ impl WriteWatch {
             registered: Vec::new(),
             unregistrable: Vec::new(),
             uffd_pages: BTreeSet::new(),
+            async_fd,
+            async_registered: Vec::new(),
+            async_unregistrable: Vec::new(),
+            async_pages: BTreeSet::new(),
+            async_written: Mutex::new(BTreeSet::new()),
             mprotected: BTreeMap::new(),
             mprotect_pages: BTreeSet::new(),
             read_only: BTreeSet::new(),
@@ -403,6 +473,11 @@ impl WriteWatch {
     /// Why userfaultfd is not used (None when it is).
     pub fn uffd_unavailable(&self) -> Option<&str> {
         self.uffd_unavailable.as_deref()
+    }
+
+    /// Whether asynchronous-mode uffd (for file-backed and shared pages) is in use.
+    pub fn has_async_uffd(&self) -> bool {
+        self.async_fd.is_some()
     }
 
     /// Whether unpopulated anonymous pages can be write-protected (UFFD_FEATURE_WP_UNPOPULATED).
@@ -436,13 +511,18 @@ impl WriteWatch {
         }
     }
 
-    /// Register the VMA for uffd write-protect mode (once). False if uffd refuses it.
-    fn ensure_registered(&mut self, fd: RawFd, m: &Mapping) -> bool {
+    /// Register the VMA for uffd write-protect mode (once) on `fd`. False if uffd refuses it.
+    fn register_range(
+        fd: RawFd,
+        m: &Mapping,
+        registered: &mut Vec<(u64, u64)>,
+        refused: &mut Vec<(u64, u64)>,
+    ) -> bool {
         let range = (m.start.0, m.end.0);
-        if self.registered.contains(&range) {
+        if registered.contains(&range) {
             return true;
         }
-        if self.unregistrable.contains(&range) {
+        if refused.contains(&range) {
             return false;
         }
         let mut reg = UffdioRegister {
@@ -454,12 +534,56 @@ impl WriteWatch {
             ioctls: 0,
         };
         if uffd_ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok() && reg.ioctls & (1 << 0x06) != 0 {
-            self.registered.push(range);
+            registered.push(range);
             true
         } else {
-            self.unregistrable.push(range);
+            refused.push(range);
             false
         }
+    }
+
+    fn ensure_registered(&mut self, fd: RawFd, m: &Mapping) -> bool {
+        Self::register_range(fd, m, &mut self.registered, &mut self.unregistrable)
+    }
+
+    fn ensure_async_registered(&mut self, fd: RawFd, m: &Mapping) -> bool {
+        Self::register_range(
+            fd,
+            m,
+            &mut self.async_registered,
+            &mut self.async_unregistrable,
+        )
+    }
+
+    /// Refresh and return the async-mode pages written so far (from /proc/PID/pagemap's uffd-wp bit).
+    fn async_written(&self) -> BTreeSet<RemoteAddr> {
+        let mut cache = match self.async_written.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        // Only while our protection is in place: once released, every page reads as unprotected.
+        if self.alive && self.async_fd.is_some() && !self.async_pages.is_empty() {
+            if let Ok(f) = std::fs::File::open(format!("/proc/{}/pagemap", self.pid)) {
+                use std::os::unix::fs::FileExt;
+                let mut fresh = BTreeSet::new();
+                let mut ok = true;
+                for page in &self.async_pages {
+                    let mut e = [0u8; 8];
+                    if f.read_exact_at(&mut e, page.0 / PAGE_SIZE * 8).is_err() {
+                        ok = false;
+                        break;
+                    }
+                    if u64::from_le_bytes(e) & PM_UFFD_WP == 0 {
+                        fresh.insert(*page);
+                    }
+                }
+                if ok {
+                    // Writes are never undone: keep pages seen written before (e.g. re-protected later).
+                    cache.extend(fresh);
+                }
+            }
+        }
+        cache.clone()
     }
 
     /// Write-protect these pages (threads stopped). Returns what was done per page.
@@ -474,18 +598,24 @@ impl WriteWatch {
             return Ok(sum);
         }
         let maps = read_maps(self.pid)?;
+        let written_now = self.written();
         let mut seen = BTreeSet::new();
         for &p in pages {
             let page = p.page();
             if !seen.insert(page) {
                 continue;
             }
-            if self.uffd_pages.contains(&page) && !self.written().contains(&page) {
+            if self.uffd_pages.contains(&page) && !written_now.contains(&page) {
                 sum.uffd.push(page);
                 continue;
             }
             if self.mprotected.contains_key(&page) {
                 sum.mprotect.push(page);
+                continue;
+            }
+            if self.async_pages.contains(&page) && !written_now.contains(&page) {
+                sum.uffd.push(page);
+                sum.uffd_async.push(page);
                 continue;
             }
             let Some(m) = mapping_at(&maps, page) else {
@@ -522,6 +652,19 @@ impl WriteWatch {
                     }
                     self.uffd_pages.insert(page);
                     sum.uffd.push(page);
+                    continue;
+                }
+            }
+            if let Some(fd) = self.async_fd.as_ref().map(|f| f.as_raw_fd()) {
+                if self.ensure_async_registered(fd, m)
+                    && writeprotect(fd, page.0, PAGE_SIZE, true).is_ok()
+                {
+                    if let Ok(mut w) = self.async_written.lock() {
+                        w.remove(&page);
+                    }
+                    self.async_pages.insert(page);
+                    sum.uffd.push(page);
+                    sum.uffd_async.push(page);
                     continue;
                 }
             }
@@ -585,15 +728,20 @@ impl WriteWatch {
 
     /// Pages written so far.
     pub fn written(&self) -> BTreeSet<RemoteAddr> {
-        self.written.lock().map(|w| w.clone()).unwrap_or_default()
+        let mut w = self.written.lock().map(|w| w.clone()).unwrap_or_default();
+        w.extend(self.async_written());
+        w
     }
 
-    /// Pages watched so far (uffd and mprotect).
+    /// Pages watched so far (uffd, async uffd and mprotect).
     pub fn watched(&self) -> BTreeSet<RemoteAddr> {
-        self.uffd_pages
+        let mut w: BTreeSet<RemoteAddr> = self
+            .uffd_pages
             .union(&self.mprotect_pages)
             .copied()
-            .collect()
+            .collect();
+        w.extend(self.async_pages.iter().copied());
+        w
     }
 
     /// Pages found in read-only mappings.
@@ -622,6 +770,7 @@ impl WriteWatch {
         if pid == self.pid {
             self.alive = false;
             self.mprotected.clear();
+            self.async_fd = None;
             if let Some(mut u) = self.uffd.take() {
                 u.shutdown();
             }
@@ -630,6 +779,8 @@ impl WriteWatch {
 
     /// Remove all remaining protection (threads must be stopped for the mprotect part) and return the result.
     pub fn finish(mut self, tr: &mut Tracer) -> Result<WatchResult, TracerError> {
+        // Read the async-mode result while the protection (the uffd-wp bits) is still in place.
+        let _ = self.async_written();
         self.release_uffd();
         let mut first_err = None;
         if self.alive && !self.mprotected.is_empty() {
@@ -673,6 +824,18 @@ impl WriteWatch {
 
     /// Unprotect every uffd page, unregister, stop the reader thread and close the descriptor.
     fn release_uffd(&mut self) {
+        if let Some(fd) = self.async_fd.take() {
+            if self.alive {
+                for (start, end) in &self.async_registered {
+                    let _ = writeprotect(fd.as_raw_fd(), *start, end - start, false);
+                    let mut range = UffdioRange {
+                        start: *start,
+                        len: end - start,
+                    };
+                    let _ = uffd_ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
+                }
+            }
+        }
         let Some(mut u) = self.uffd.take() else {
             return;
         };

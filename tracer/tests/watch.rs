@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use tracer::{Event, ExitStatus, Pid, RemoteAddr, Tracer, WriteWatch};
+use tracer::{Event, ExitStatus, Pid, RemoteAddr, Tracer, WatchOptions, WriteWatch};
 
 const WATCH_PROG: &str = r#"
 #include <setjmp.h>
@@ -19,7 +19,7 @@ static sigjmp_buf jb;
 static void on_segv(int s) { (void)s; siglongjmp(jb, 1); }
 char data_page[8192] __attribute__((aligned(4096))) = {1};
 int main(int c, char **v) {
-    (void)c;
+    const char *flags = c > 2 ? v[2] : "";
     signal(SIGUSR1, h);
     signal(SIGSEGV, on_segv);
     char *heap;
@@ -32,15 +32,22 @@ int main(int c, char **v) {
     fprintf(f, "%lx %lx %lx\n", (unsigned long)heap, (unsigned long)data_page, (unsigned long)ro);
     fclose(f);
     raise(SIGUSR1); /* stage 1: the tracer watches */
-    heap[10] = 5;                                   /* user write, uffd page 0 */
-    if (write(p[1], "xyz", 3) != 3) return 22;
-    ssize_t n = read(p[0], heap + 4096 + 100, 3);   /* kernel write, uffd page 1 */
-    data_page[4096 + 7] = 9;                        /* user write, mprotect page 1 */
+    int ok = 1;
+    heap[10] = 5;                                   /* user write, heap page 0 */
+    if (strchr(flags, 'h')) {                       /* kernel write, heap page 1 */
+        if (write(p[1], "xyz", 3) != 3) return 22;
+        ok &= read(p[0], heap + 4096 + 100, 3) == 3 && memcmp(heap + 4096 + 100, "xyz", 3) == 0;
+    }
+    if (strchr(flags, 'k')) {                       /* kernel write, data page 0 */
+        if (write(p[1], "uvw", 3) != 3) return 23;
+        ok &= read(p[0], data_page + 100, 3) == 3 && memcmp(data_page + 100, "uvw", 3) == 0;
+    }
+    data_page[4096 + 7] = 9;                        /* user write, data page 1 */
     int caught = 0;
-    if (!sigsetjmp(jb, 1)) ro[5] = 1; else caught++;           /* the program's own SEGV_ACCERR */
+    if (!sigsetjmp(jb, 1)) ro[5] = 1; else caught++;              /* the program's own SEGV_ACCERR */
     if (!sigsetjmp(jb, 1)) *(volatile int *)8 = 1; else caught++; /* the program's own SEGV_MAPERR */
     raise(SIGUSR1); /* stage 2: the tracer checks */
-    int ok = n == 3 && memcmp(heap + 4096 + 100, "xyz", 3) == 0 && data_page[4096 + 7] == 9 && heap[10] == 5;
+    ok &= data_page[4096 + 7] == 9 && heap[10] == 5;
     return ok && caught == 2 ? 0 : 1;
 }
 "#;
@@ -53,12 +60,19 @@ fn read_addrs(path: &std::path::Path) -> Vec<RemoteAddr> {
         .collect()
 }
 
-#[test]
-fn uffd_and_mprotect_watch_user_and_kernel_writes() {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Via {
+    Uffd,
+    Async,
+    Mprotect,
+}
+
+/// Watch 3 heap pages, 2 .data pages, a code page and an unmapped page; the program writes some of them.
+fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     let d = TempDir::new("watch");
     let exe = compile(&d, "watch", WATCH_PROG, &[]);
     let out = d.path("addrs.txt");
-    let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
+    let mut tr = Tracer::spawn(&argv(&[&exe, &out, &flags])).unwrap();
     let root = tr.root();
     let mut watch: Option<WriteWatch> = None;
     let mut stage = 0;
@@ -66,6 +80,7 @@ fn uffd_and_mprotect_watch_user_and_kernel_writes() {
     let mut data = RemoteAddr(0);
     let mut result = None;
     let mut own_segvs = 0;
+    let mut handled_segvs = 0;
     let seen = run_loop(&mut tr, |tr, ev| match ev {
         Event::Signal {
             tid,
@@ -78,32 +93,48 @@ fn uffd_and_mprotect_watch_user_and_kernel_writes() {
                 let a = read_addrs(&out);
                 heap = a[0];
                 data = a[1];
-                let mut w = WriteWatch::new(tr, root, *tid).unwrap();
-                assert!(w.uffd_unavailable().is_none(), "{:?}", w.uffd_unavailable());
+                let mut w = WriteWatch::with_options(tr, root, *tid, opts).unwrap();
+                assert_eq!(w.uffd_unavailable().is_none(), opts.uffd);
                 let regs = tr.regs(*tid).unwrap();
-                let pages = [
-                    heap,
-                    heap.offset(4096),
-                    heap.offset(8192),
-                    data,
-                    data.offset(4096),
-                    RemoteAddr(regs.rip),
-                    RemoteAddr(8),
-                ];
+                let heap_pages = vec![heap, heap.offset(4096), heap.offset(8192)];
+                let data_pages = vec![data, data.offset(4096)];
+                let pages: Vec<RemoteAddr> = heap_pages
+                    .iter()
+                    .chain(&data_pages)
+                    .copied()
+                    .chain([RemoteAddr(regs.rip), RemoteAddr(8)])
+                    .collect();
                 let sum = w.watch(tr, &pages).unwrap();
-                assert_eq!(sum.uffd, vec![heap, heap.offset(4096), heap.offset(8192)]);
-                assert_eq!(sum.mprotect, vec![data, data.offset(4096)]);
+                let mut want_uffd = Vec::new();
+                let mut want_async = Vec::new();
+                let mut want_mprotect = Vec::new();
+                for (via, pages) in [(heap_via, &heap_pages), (data_via, &data_pages)] {
+                    match via {
+                        Via::Uffd => want_uffd.extend(pages),
+                        Via::Async => {
+                            want_uffd.extend(pages);
+                            want_async.extend(pages);
+                        }
+                        Via::Mprotect => want_mprotect.extend(pages),
+                    }
+                }
+                assert_eq!(sum.uffd, want_uffd);
+                assert_eq!(sum.uffd_async, want_async);
+                assert_eq!(sum.mprotect, want_mprotect);
                 assert_eq!(sum.read_only, vec![RemoteAddr(regs.rip).page()]);
                 assert_eq!(sum.skipped, vec![RemoteAddr(0)]);
                 assert_eq!(w.watched().len(), 5);
                 assert!(w.written().is_empty());
+                // Watching again is idempotent.
+                let again = w.watch(tr, &pages).unwrap();
+                assert_eq!(again.uffd, want_uffd);
+                assert_eq!(again.mprotect, want_mprotect);
                 watch = Some(w);
                 tr.resume_all().unwrap();
             } else if stage == 2 {
                 tr.stop_all().unwrap();
                 let w = watch.take().unwrap();
-                let r = w.finish(tr).unwrap();
-                result = Some(r);
+                result = Some(w.finish(tr).unwrap());
                 tr.resume_all().unwrap();
             }
             None
@@ -115,6 +146,7 @@ fn uffd_and_mprotect_watch_user_and_kernel_writes() {
         } => {
             let w = watch.as_mut().expect("watch active");
             if w.handle_segv(tr, *tid, siginfo).unwrap() {
+                handled_segvs += 1;
                 Some(None)
             } else {
                 own_segvs += 1;
@@ -125,14 +157,50 @@ fn uffd_and_mprotect_watch_user_and_kernel_writes() {
     });
     assert_eq!(seen.status, Some(ExitStatus::Code(0)), "{:?}", seen.events);
     assert_eq!(own_segvs, 2, "the program's own SIGSEGVs are delivered");
+    let mprotect_writes = [heap_via, data_via]
+        .iter()
+        .filter(|v| **v == Via::Mprotect)
+        .count();
+    assert_eq!(
+        handled_segvs, mprotect_writes,
+        "one fault per written mprotect page"
+    );
     let r = result.expect("stage 2 reached");
+    let mut expect_written = vec![heap, data.offset(4096)];
+    if flags.contains('h') {
+        expect_written.push(heap.offset(4096));
+    }
+    if flags.contains('k') {
+        expect_written.push(data);
+    }
     let expect_written: std::collections::BTreeSet<RemoteAddr> =
-        [heap, heap.offset(4096), data.offset(4096)]
-            .into_iter()
-            .collect();
+        expect_written.into_iter().collect();
     assert_eq!(r.written, expect_written);
     assert_eq!(r.watched.len(), 5);
     assert_eq!(r.read_only.len(), 1);
+}
+
+#[test]
+fn uffd_sync_heap_and_async_data_see_user_and_kernel_writes() {
+    scenario(WatchOptions::default(), "hk", Via::Uffd, Via::Async);
+}
+
+#[test]
+fn mprotect_fallback_for_data_pages() {
+    let opts = WatchOptions {
+        uffd: true,
+        uffd_async: false,
+    };
+    scenario(opts, "h", Via::Uffd, Via::Mprotect);
+}
+
+#[test]
+fn mprotect_only_when_uffd_is_unavailable() {
+    let opts = WatchOptions {
+        uffd: false,
+        uffd_async: false,
+    };
+    scenario(opts, "", Via::Mprotect, Via::Mprotect);
 }
 
 const FORK_PROG: &str = r#"
@@ -173,6 +241,13 @@ int main(int c, char **v) {
 
 #[test]
 fn fork_child_does_not_inherit_protection() {
+    fork_scenario(false);
+    fork_scenario(true);
+}
+
+/// The parent watches a heap page (uffd) and a .data page (mprotect, or async uffd), then forks; the child
+/// writes both (user and kernel writes) and must neither fault nor block.
+fn fork_scenario(async_mode: bool) {
     let d = TempDir::new("watchfork");
     let exe = compile(&d, "watchfork", FORK_PROG, &[]);
     let out = d.path("addrs.txt");
@@ -192,10 +267,19 @@ fn fork_child_does_not_inherit_protection() {
             stage += 1;
             if stage == 1 {
                 let a = read_addrs(&out);
-                let mut w = WriteWatch::new(tr, root, *tid).unwrap();
+                let opts = WatchOptions {
+                    uffd: true,
+                    uffd_async: async_mode,
+                };
+                let mut w = WriteWatch::with_options(tr, root, *tid, opts).unwrap();
                 let sum = w.watch(tr, &[a[0], a[1]]).unwrap();
-                assert_eq!(sum.uffd, vec![a[0]]);
-                assert_eq!(sum.mprotect, vec![a[1]]);
+                if async_mode {
+                    assert_eq!(sum.uffd, vec![a[0], a[1]]);
+                    assert_eq!(sum.uffd_async, vec![a[1]]);
+                } else {
+                    assert_eq!(sum.uffd, vec![a[0]]);
+                    assert_eq!(sum.mprotect, vec![a[1]]);
+                }
                 watch = Some(w);
             } else {
                 tr.stop_all().unwrap();
@@ -237,4 +321,9 @@ fn fork_child_does_not_inherit_protection() {
     assert_eq!(seen.status, Some(ExitStatus::Code(7)));
     // The parent never wrote the pages after the watch began; the child's writes are its own memory.
     assert!(result.unwrap().written.is_empty());
+}
+
+#[test]
+fn async_untouched_data_page_is_not_written() {
+    scenario(WatchOptions::default(), "h", Via::Uffd, Via::Async);
 }
