@@ -16,7 +16,7 @@
 //! `DYNSPEC_PROP_SEED` (default fixed, so CI is deterministic); case n depends
 //! only on (seed, n): `DYNSPEC_PROP_ONLY=n` replays one case.
 //! `DYNSPEC_PROP_MAX_FAILS` (default 5) distinct failures are collected.
-//! The deopt test (`DYNSPEC_DEOPT_CASES`, default 4000) stops each variant
+//! The deopt test (`DYNSPEC_DEOPT_CASES`, default 2000) stops each variant
 //! before every instruction it executes, applies the deopt entry and resumes
 //! the original.
 
@@ -1332,7 +1332,7 @@ fn random_sequences_match_natively() {
 /// result as running the original.
 #[test]
 fn deopt_map_resumes_the_original() {
-    let cases = env_u64("DYNSPEC_DEOPT_CASES", 4000);
+    let cases = env_u64("DYNSPEC_DEOPT_CASES", 2000);
     let seed = env_u64("DYNSPEC_PROP_SEED", 0x5eed_d15e_a5e5_0001) ^ 0xde0b;
     let codes = code_map();
     let mut w = World::new();
