@@ -9,6 +9,17 @@
 //! - A spawned target never outlives dynspec (`PTRACE_O_EXITKILL`); an
 //!   attached one is detached, unchanged, when its [`Tracer`] is dropped.
 //! - Errors are typed ([`TracerError`]); nothing here panics on target data.
+//!
+//! Known limits (documented where they apply):
+//! - [`Tracer`] waits with `__WALL | __WNOTHREAD`: it sees its own tracees and the children of its own thread,
+//!   so the thread driving it must not have other children it waits for with `waitpid(-1)`.
+//! - A timed [`Tracer::next_event`] arms a POSIX timer that sends `SIGRTMAX-1` to the tracer thread (a no-op
+//!   handler is installed process-wide once) to interrupt a blocking `waitpid`.
+//! - A signal that arrives while a system call is being injected is re-raised with `tgkill` afterwards (its
+//!   siginfo becomes SI_TKILL). A thread waiting in `vfork` cannot run injected system calls
+//!   ([`Tracer::in_vfork`]); it is also not stopped by `stop_all` (it cannot run user code meanwhile).
+//! - [`WriteWatch`]: see its module for which memory is watched how; the mprotect fallback cannot see kernel
+//!   writes (they fail with EFAULT), and no mechanism sees writes made by other processes to shared memory.
 
 pub mod addr;
 pub mod error;

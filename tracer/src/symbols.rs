@@ -101,7 +101,7 @@ fn parse(bytes: &[u8]) -> Parsed {
     Parsed { syms, loads }
 }
 
-fn load(pid: Pid, path: &Path, inode: u64) -> Arc<Parsed> {
+fn load(pid: Pid, path: &Path, inode: u64, first: &Mapping) -> Arc<Parsed> {
     let key = (path.to_path_buf(), inode);
     if let Ok(c) = cache().lock() {
         if let Some(p) = c.get(&key) {
@@ -111,7 +111,13 @@ fn load(pid: Pid, path: &Path, inode: u64) -> Arc<Parsed> {
     // The target may live in another mount namespace: read through its root first.
     let rooted =
         PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
-    let bytes = std::fs::read(&rooted)
+    // A deleted or replaced file is still readable through the mapping itself.
+    let map_file = format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        first.start.0, first.end.0
+    );
+    let bytes = std::fs::read(&map_file)
+        .or_else(|_| std::fs::read(&rooted))
         .or_else(|_| std::fs::read(path))
         .unwrap_or_default();
     let parsed = Arc::new(parse(&bytes));
@@ -152,7 +158,7 @@ pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
         let (Some(first), Some(last)) = (mine.first(), mine.last()) else {
             continue;
         };
-        let parsed = load(pid, &path, inode);
+        let parsed = load(pid, &path, inode, first);
         let bias =
             load_bias(&parsed, &mine).unwrap_or_else(|| first.start.0.wrapping_sub(first.offset));
         let symbols = parsed

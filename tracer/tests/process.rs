@@ -929,3 +929,21 @@ fn samples_give_identical_output_under_the_tracer() {
         );
     }
 }
+
+#[test]
+fn symbols_of_a_deleted_binary() {
+    let d = TempDir::new("deleted");
+    let exe = compile(&d, "answer", ANSWER, &[]);
+    let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
+    std::fs::remove_file(&exe).unwrap();
+    let mods = tracer::modules(tr.root()).unwrap();
+    let m = mods
+        .iter()
+        .find(|m| m.path.file_name().is_some_and(|n| n == "answer"))
+        .expect("the deleted program is still a module");
+    assert!(m.symbol("answer").is_some());
+    assert_eq!(
+        run_loop(&mut tr, |_, _| None).status,
+        Some(ExitStatus::Code(1))
+    );
+}

@@ -26,10 +26,12 @@ int main(int c, char **v) {
     if (posix_memalign((void **)&heap, 4096, 3 * 4096)) return 20;
     memset(heap, 0, 3 * 4096);
     char *ro = mmap(0, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *fresh = mmap(0, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0); /* never touched */
     int p[2];
     if (pipe(p)) return 21;
     FILE *f = fopen(v[1], "w");
-    fprintf(f, "%lx %lx %lx\n", (unsigned long)heap, (unsigned long)data_page, (unsigned long)ro);
+    fprintf(f, "%lx %lx %lx %lx\n", (unsigned long)heap, (unsigned long)data_page, (unsigned long)ro,
+            (unsigned long)fresh);
     fclose(f);
     raise(SIGUSR1); /* stage 1: the tracer watches */
     int ok = 1;
@@ -43,6 +45,7 @@ int main(int c, char **v) {
         ok &= read(p[0], data_page + 100, 3) == 3 && memcmp(data_page + 100, "uvw", 3) == 0;
     }
     data_page[4096 + 7] = 9;                        /* user write, data page 1 */
+    fresh[1] = 1;                                   /* first touch of an unpopulated page is a write */
     int caught = 0;
     if (!sigsetjmp(jb, 1)) ro[5] = 1; else caught++;              /* the program's own SEGV_ACCERR */
     if (!sigsetjmp(jb, 1)) *(volatile int *)8 = 1; else caught++; /* the program's own SEGV_MAPERR */
@@ -78,6 +81,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     let mut stage = 0;
     let mut heap = RemoteAddr(0);
     let mut data = RemoteAddr(0);
+    let mut fresh = RemoteAddr(0);
     let mut result = None;
     let mut own_segvs = 0;
     let mut handled_segvs = 0;
@@ -93,10 +97,11 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                 let a = read_addrs(&out);
                 heap = a[0];
                 data = a[1];
+                fresh = a[3];
                 let mut w = WriteWatch::with_options(tr, root, *tid, opts).unwrap();
                 assert_eq!(w.uffd_unavailable().is_none(), opts.uffd);
                 let regs = tr.regs(*tid).unwrap();
-                let heap_pages = vec![heap, heap.offset(4096), heap.offset(8192)];
+                let heap_pages = vec![heap, heap.offset(4096), heap.offset(8192), fresh];
                 let data_pages = vec![data, data.offset(4096)];
                 let pages: Vec<RemoteAddr> = heap_pages
                     .iter()
@@ -123,7 +128,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                 assert_eq!(sum.mprotect, want_mprotect);
                 assert_eq!(sum.read_only, vec![RemoteAddr(regs.rip).page()]);
                 assert_eq!(sum.skipped, vec![RemoteAddr(0)]);
-                assert_eq!(w.watched().len(), 5);
+                assert_eq!(w.watched().len(), 6);
                 assert!(w.written().is_empty());
                 // Watching again is idempotent.
                 let again = w.watch(tr, &pages).unwrap();
@@ -157,7 +162,8 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     });
     assert_eq!(seen.status, Some(ExitStatus::Code(0)), "{:?}", seen.events);
     assert_eq!(own_segvs, 2, "the program's own SIGSEGVs are delivered");
-    let mprotect_writes = [heap_via, data_via]
+    // Written mprotect pages fault once each: heap page 0 and the fresh page (heap_via), data page 1.
+    let mprotect_writes = [heap_via, heap_via, data_via]
         .iter()
         .filter(|v| **v == Via::Mprotect)
         .count();
@@ -166,7 +172,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
         "one fault per written mprotect page"
     );
     let r = result.expect("stage 2 reached");
-    let mut expect_written = vec![heap, data.offset(4096)];
+    let mut expect_written = vec![heap, data.offset(4096), fresh];
     if flags.contains('h') {
         expect_written.push(heap.offset(4096));
     }
@@ -176,7 +182,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     let expect_written: std::collections::BTreeSet<RemoteAddr> =
         expect_written.into_iter().collect();
     assert_eq!(r.written, expect_written);
-    assert_eq!(r.watched.len(), 5);
+    assert_eq!(r.watched.len(), 6);
     assert_eq!(r.read_only.len(), 1);
 }
 
