@@ -635,7 +635,7 @@ impl Tracer {
                     Err(Errno::EPERM) => {
                         // A thread cloned after we seized its parent is auto-attached to us already.
                         if proc_status_field(tid, "TracerPid").as_deref() == Some(me.as_str()) {
-                            tr.add_thread(tid, tgid, State::Running, true);
+                            tr.add_thread(tid, tgid, State::Running, false);
                             new += 1;
                         } else if tid == tgid && matches!(task_state(tid), Some('Z') | Some('X')) {
                             // The main thread called pthread_exit: a zombie cannot be traced, the others can.
@@ -980,8 +980,15 @@ impl Tracer {
                 || ((status >> 16) == 0 && libc::WSTOPSIG(status) == libc::SIGSTOP));
         if is_initial {
             if let Some(th) = self.threads.get_mut(&child) {
-                th.state = State::Stopped(StopKind::Event);
-                th.fresh = (status >> 16) == PTRACE_EVENT_STOP;
+                // Seized tracees' children start with PTRACE_EVENT_STOP (the kernel sends no SIGSTOP then, so a
+                // later SIGSTOP is the program's); the SIGSTOP form is the legacy attach artefact, swallowed here.
+                th.state = State::Stopped(if (status >> 16) == PTRACE_EVENT_STOP {
+                    StopKind::Event
+                } else {
+                    StopKind::Signal
+                });
+                th.pending = None;
+                th.fresh = false;
             }
             return Ok(vec![]);
         }

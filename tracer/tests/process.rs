@@ -947,3 +947,40 @@ fn symbols_of_a_deleted_binary() {
         Some(ExitStatus::Code(1))
     );
 }
+
+const CHILD_JOB_CONTROL: &str = r#"
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(void) {
+    pid_t p = fork();
+    if (p == 0) { for (;;) pause(); }
+    int st = 0, ok = 0;
+    kill(p, SIGSTOP);
+    if (waitpid(p, &st, WUNTRACED) == p && WIFSTOPPED(st) && WSTOPSIG(st) == SIGSTOP) ok |= 1;
+    kill(p, SIGCONT);
+    if (waitpid(p, &st, WCONTINUED) == p && WIFCONTINUED(st)) ok |= 2;
+    kill(p, SIGTERM);
+    if (waitpid(p, &st, 0) == p && WIFSIGNALED(st) && WTERMSIG(st) == SIGTERM) ok |= 4;
+    return ok;
+}
+"#;
+
+#[test]
+fn job_control_of_a_traced_child_seen_by_its_parent() {
+    let d = TempDir::new("childjob");
+    let exe = compile(&d, "childjob", CHILD_JOB_CONTROL, &[]);
+    let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
+    let seen = run_loop(&mut tr, |_, _| None);
+    assert_eq!(seen.status, Some(ExitStatus::Code(7)), "{:?}", seen.events);
+    assert!(seen.events.iter().any(|e| matches!(
+        e,
+        Event::Exited {
+            status: ExitStatus::Signaled {
+                signal: libc::SIGTERM,
+                ..
+            },
+            ..
+        }
+    )));
+}
