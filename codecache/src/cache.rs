@@ -899,6 +899,7 @@ impl Cache {
                 rax_at,
                 rcx_at,
                 flags_at,
+                lahf_at,
             } => {
                 let mut q = [0u8; 8];
                 if let Some(o) = rax_at {
@@ -912,6 +913,10 @@ impl Cache {
                 if let Some(o) = flags_at {
                     tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
                     r.eflags = u64::from_le_bytes(q);
+                }
+                if let Some(o) = lahf_at {
+                    tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                    r.eflags = crate::stub::apply_lahf(r.eflags, u64::from_le_bytes(q));
                 }
                 r.rsp += rsp_adj;
                 r.rip = inst.trigger.0;

@@ -210,7 +210,10 @@ pub enum Rollback {
         rsp_adj: u64,
         rax_at: Option<u64>,
         rcx_at: Option<u64>,
+        /// A full RFLAGS image (pushfq).
         flags_at: Option<u64>,
+        /// Flags saved by `lahf; seto al`: AH = SF ZF AF PF CF, AL = OF.
+        lahf_at: Option<u64>,
     },
     /// In the fall-back path (original code relocated): continue at this original address.
     At(Addr),
@@ -300,7 +303,32 @@ fn tt(rsp_adj: i64, rax_at: Option<u64>, rcx_at: Option<u64>, flags_at: Option<u
         rax_at,
         rcx_at,
         flags_at,
+        lahf_at: None,
     }
+}
+
+fn ttl(rsp_adj: i64, rax_at: Option<u64>, rcx_at: Option<u64>, lahf_at: Option<u64>) -> Rollback {
+    Rollback::ToTrigger {
+        rsp_adj: rsp_adj as u64,
+        rax_at,
+        rcx_at,
+        flags_at: None,
+        lahf_at,
+    }
+}
+
+/// Apply flags saved by `lahf; seto al` (the low 16 bits of `ax`) to an RFLAGS value.
+pub fn apply_lahf(eflags: u64, ax: u64) -> u64 {
+    let ah = (ax >> 8) & 0xd5;
+    let of = if ax & 1 != 0 { 0x800 } else { 0 };
+    (eflags & !(0xd5 | 0x800)) | ah | of
+}
+
+/// Whether this CPU (the target runs on it too) has LAHF/SAHF in 64-bit mode.
+fn has_lahf() -> bool {
+    // Leaf 0x8000_0001 exists when the maximum extended leaf says so.
+    let max = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+    max >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0
 }
 
 fn rip_mem(a: RemoteAddr) -> MemoryOperand {
@@ -321,8 +349,10 @@ fn rip_mem(a: RemoteAddr) -> MemoryOperand {
 ///            <displaced>; jmp site+len
 /// hit_v:     mov rax,[c_v]; lea rax,[rax+1]; mov [c_v],rax; pop rax; pop rcx; lea rsp,[rsp+128]; jmp entry_v
 /// ```
-/// (R = rax or rcx is read back from its stack slot.) More values: `pushfq; push S` and a binary search with
-/// `cmp`/`je`/`ja`/`jb`, S the scratch register, then the same paths with `popfq`. With no register the single
+/// (R = rax or rcx is read back from its stack slot.) More values (when the CPU has LAHF in 64-bit mode): a
+/// binary search with `cmp`/`je`/`ja`/`jb` after saving the flags cheaply (`push rax; lahf; seto al; push rax;
+/// push rcx`), restored on the way out with `add al,0x7f; sahf` (OF, then the rest) — much cheaper than
+/// `pushfq`/`popfq`. With no register the single
 /// target is entered unconditionally; the fall-back path is still emitted so that displaced instructions have a
 /// relocated copy for deoptimization.
 pub fn build_stub(
@@ -357,21 +387,12 @@ pub fn build_stub(
     let sp_plus = MemoryOperand::with_base_displ(Register::RSP, rz);
     let fallback = b.label();
     let hits: Vec<u64> = (0..targets.len()).map(|_| b.label()).collect();
-    let tree = targets.len() > CHAIN_MAX;
+    let tree = targets.len() > CHAIN_MAX && has_lahf();
     // What the stack holds after the prologue, and how to leave: (rollback inside, exit sequence).
     // Chain/unconditional: [rsp] = rax, [rsp+8] = rcx (chain) ; tree: [rsp] = S, [rsp+8] = flags.
-    let s_reg = if reg == Some(Gpr::Rax) {
-        Gpr::Rcx
-    } else {
-        Gpr::Rax
-    };
     let inside = if tree {
-        let (ra, rc) = if s_reg == Gpr::Rax {
-            (Some(0), None)
-        } else {
-            (None, Some(0))
-        };
-        tt(rz + 16, ra, rc, Some(8))
+        // [rsp] = rcx, [rsp+8] = flags (lahf/seto), [rsp+16] = rax.
+        ttl(rz + 24, Some(16), Some(0), Some(8))
     } else if reg.is_some() {
         tt(rz + 16, Some(0), Some(8), None)
     } else {
@@ -384,12 +405,24 @@ pub fn build_stub(
     )?;
     if tree {
         b.emit(
-            Ok(Instruction::with(Code::Pushfq)),
+            Instruction::with1(Code::Push_r64, Register::RAX),
             tt(rz, None, None, None),
         )?;
         b.emit(
-            Instruction::with1(Code::Push_r64, s_reg.to_iced()),
-            tt(rz + 8, None, None, Some(0)),
+            Ok(Instruction::with(Code::Lahf)),
+            tt(rz + 8, Some(0), None, None),
+        )?;
+        b.emit(
+            Instruction::with1(Code::Seto_rm8, Register::AL),
+            tt(rz + 8, Some(0), None, None),
+        )?;
+        b.emit(
+            Instruction::with1(Code::Push_r64, Register::RAX),
+            tt(rz + 8, Some(0), None, None),
+        )?;
+        b.emit(
+            Instruction::with1(Code::Push_r64, Register::RCX),
+            tt(rz + 16, Some(8), None, None),
         )?;
     } else if reg.is_some() {
         b.emit(
@@ -409,10 +442,40 @@ pub fn build_stub(
     // Leaving: count, restore, jump. `inside` holds before the first instruction.
     let leave = |b: &mut Builder, counter: RemoteAddr| -> Result<(), CacheError> {
         if tree {
+            let flags_saved = ttl(rz + 16, Some(8), None, Some(0));
+            let rax_saved = tt(rz + 16, Some(8), None, None);
             b.emit(Instruction::with1(Code::Inc_rm64, rip_mem(counter)), inside)?;
-            let s_saved = tt(rz + 8, None, None, Some(0));
-            b.emit(Instruction::with1(Code::Pop_r64, s_reg.to_iced()), inside)?;
-            b.emit(Ok(Instruction::with(Code::Popfq)), s_saved)?;
+            b.emit(Instruction::with1(Code::Pop_r64, Register::RCX), inside)?;
+            b.emit(
+                Instruction::with2(
+                    Code::Mov_r64_rm64,
+                    Register::RAX,
+                    MemoryOperand::with_base_displ(Register::RSP, 0),
+                ),
+                flags_saved,
+            )?;
+            b.emit(
+                Instruction::with2(Code::Add_rm8_imm8, Register::AL, 0x7fu32),
+                flags_saved,
+            )?;
+            b.emit(Ok(Instruction::with(Code::Sahf)), flags_saved)?;
+            b.emit(
+                Instruction::with2(
+                    Code::Mov_r64_rm64,
+                    Register::RAX,
+                    MemoryOperand::with_base_displ(Register::RSP, 8),
+                ),
+                rax_saved,
+            )?;
+            b.emit(
+                Instruction::with2(
+                    Code::Lea_r64_m,
+                    Register::RSP,
+                    MemoryOperand::with_base_displ(Register::RSP, rz + 16),
+                ),
+                tt(rz + 16, None, None, None),
+            )?;
+            return Ok(());
         } else {
             b.emit(
                 Instruction::with2(Code::Mov_r64_rm64, Register::RAX, rip_mem(counter)),
@@ -502,7 +565,7 @@ pub fn build_stub(
             }
         }
         Some(r) => {
-            let (rr, s) = (r.to_iced(), s_reg.to_iced());
+            let s = Register::RCX;
             let mut values: Vec<(u64, usize)> = targets
                 .iter()
                 .enumerate()
@@ -525,7 +588,21 @@ pub fn build_stub(
                 let mid = (lo + hi) / 2;
                 let (v, ti) = values[mid];
                 b.emit(Instruction::with2(Code::Mov_r64_imm64, s, v), inside)?;
-                b.emit(Instruction::with2(Code::Cmp_rm64_r64, rr, s), inside)?;
+                // rax and rcx hold stub values: compare with the program's, saved on the stack.
+                let cmp = match r {
+                    Gpr::Rax => Instruction::with2(
+                        Code::Cmp_rm64_r64,
+                        MemoryOperand::with_base_displ(Register::RSP, 16),
+                        s,
+                    ),
+                    Gpr::Rcx => Instruction::with2(
+                        Code::Cmp_rm64_r64,
+                        MemoryOperand::with_base_displ(Register::RSP, 0),
+                        s,
+                    ),
+                    g => Instruction::with2(Code::Cmp_rm64_r64, g.to_iced(), s),
+                };
+                b.emit(cmp, inside)?;
                 b.emit(
                     Instruction::with_branch(Code::Je_rel32_64, hits[ti]),
                     inside,

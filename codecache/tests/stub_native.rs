@@ -281,10 +281,14 @@ fn stub_paths_are_invisible() {
                 *v = 0x1000_0000_0000_0001u64.wrapping_mul(i as u64 + 3) ^ 0xabcdef;
             }
             input[16] = flags;
-            let values: Vec<u64> = (0..9)
-                .map(|k| input[reg.index()].wrapping_add(k * 16) - 64)
+            // The values contain the register's value (k = n/2): a hit; shifting it by 8 makes a miss.
+            let values: Vec<u64> = (0..n)
+                .map(|k| {
+                    input[reg.index()]
+                        .wrapping_add(k * 16)
+                        .wrapping_sub(n / 2 * 16)
+                })
                 .collect();
-            // values contains the register's value (k = 4): a hit; shifting it makes a miss.
             for (hit, delta) in [(true, 0u64), (false, 8)] {
                 let mut inp = input;
                 inp[reg.index()] = inp[reg.index()].wrapping_add(delta);
@@ -303,7 +307,7 @@ fn stub_paths_are_invisible() {
                 assert_eq!(
                     (hits, falls),
                     if hit { (1, 0) } else { (0, 1) },
-                    "reg {reg}"
+                    "reg {reg}, {n} values"
                 );
             }
         }
