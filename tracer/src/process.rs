@@ -1023,10 +1023,7 @@ impl Tracer {
                     }
                 }
                 self.mem.borrow_mut().remove(&tgid);
-                // The vfork parent (if any) is released.
-                for th in self.threads.values_mut() {
-                    th.vfork_wait = false;
-                }
+                // A vfork parent waiting for this process is released and reports PTRACE_EVENT_VFORK_DONE.
                 return Ok(Some(Event::Exited {
                     pid: tgid,
                     status: ExitStatus::from_wait(status),
@@ -1083,7 +1080,7 @@ impl Tracer {
                     }
                 }
                 if !self.threads.contains_key(&child) {
-                    self.add_thread(child, child_tgid, State::Running, true);
+                    self.add_thread(child, child_tgid, State::Running, false);
                 }
                 let extra = if self
                     .threads
