@@ -346,8 +346,21 @@ fn job_control_stop_and_continue() {
         }
     }
     assert!(stopped, "program should be stopped by its SIGSTOP");
-    // stop_all/resume_all must keep it stopped.
+    // stop_all/resume_all must keep it stopped, even after system calls were injected meanwhile.
     tr.stop_all().unwrap();
+    let before = tr.regs(pid).unwrap();
+    assert_eq!(
+        tr.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap(),
+        pid.as_raw() as i64
+    );
+    assert_eq!(
+        tr.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap(),
+        pid.as_raw() as i64
+    );
+    assert_eq!(
+        format!("{before:?}"),
+        format!("{:?}", tr.regs(pid).unwrap())
+    );
     tr.resume_all().unwrap();
     assert!(tr
         .next_event(Some(Duration::from_millis(50)))
