@@ -50,6 +50,8 @@ pub struct InstallRequest {
 pub struct VariantInfo {
     pub id: VariantId,
     pub install: InstallId,
+    /// The original function (region) the variant specializes.
+    pub region: (Addr, Addr),
     pub trigger: Addr,
     pub register: Option<Gpr>,
     pub value: Option<u64>,
@@ -113,6 +115,7 @@ impl LiveVariant {
 #[derive(Debug)]
 struct Installed {
     trigger: Addr,
+    region: (Addr, Addr),
     register: Option<Gpr>,
     patch: PatchSite,
     arena: usize,
@@ -507,6 +510,7 @@ impl Cache {
             install,
             Installed {
                 trigger: t,
+                region: req.region,
                 register: req.register,
                 patch,
                 arena: ai,
@@ -658,6 +662,7 @@ impl Cache {
                 VariantInfo {
                     id: *id,
                     install: v.install,
+                    region: i.region,
                     trigger: i.trigger,
                     register: i.register,
                     value: v.value,

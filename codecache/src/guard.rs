@@ -129,6 +129,8 @@ struct Shared {
     faulted: BTreeSet<u64>,
     /// Set while [`GuardSet::stop_all`] runs, with its start time.
     stopping: Option<Instant>,
+    /// Pages released early for a blocked kernel write.
+    kernel_releases: u64,
 }
 
 struct Reader {
@@ -317,6 +319,7 @@ fn reader_loop(
         for p in pages {
             if writeprotect(raw, p, PAGE, false).is_ok() {
                 s.guarded.remove(&p);
+                s.kernel_releases += 1;
             }
         }
         others_stopped_since = None;
@@ -372,6 +375,12 @@ impl GuardSet {
             Err(why) => gs.uffd_unavailable = Some(why),
         }
         Ok(gs)
+    }
+
+    /// How many guarded pages were released early so that a blocked kernel write (e.g. `read(2)` into the
+    /// page) could complete during [`GuardSet::stop_all`].
+    pub fn kernel_write_releases(&self) -> u64 {
+        self.shared.lock().map(|s| s.kernel_releases).unwrap_or(0)
     }
 
     /// Why uffd is not used (None when it is).

@@ -68,6 +68,10 @@ fn user_write_to_guarded_page_invalidates() {
     assert_eq!(t.invalidations[0].variants.len(), 1);
     assert_eq!(t.variants_alive_at_end, 0);
     assert!(t.entries > 0);
+    assert_eq!(
+        t.kernel_releases, 0,
+        "a user write is retried after the release, not let through early"
+    );
 }
 
 #[test]
@@ -83,6 +87,15 @@ fn read_into_guarded_page_succeeds_and_invalidates() {
     );
     assert!(!t.invalidations.is_empty(), "no invalidation");
     assert_eq!(t.variants_alive_at_end, 0);
+    assert!(
+        t.guard_kinds.contains(&codecache::GuardKind::Uffd),
+        "{:?}",
+        t.guard_kinds
+    );
+    assert_eq!(
+        t.kernel_releases, 1,
+        "the blocked read() was let through during stop_all"
+    );
 }
 
 #[test]

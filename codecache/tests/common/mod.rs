@@ -84,6 +84,8 @@ pub struct Traced {
     pub entries_mid: u64,
     /// How each guard page of the installed variants was protected.
     pub guard_kinds: Vec<codecache::GuardKind>,
+    /// GuardSet::kernel_write_releases at the end.
+    pub kernel_releases: u64,
     /// For each fork: whether the child's patch sites read as the original bytes after strip_child.
     pub children_stripped: Vec<bool>,
 }
@@ -350,6 +352,10 @@ pub fn run_traced_with(
             Event::Exited { .. } => {}
         }
     };
+    let kernel_releases = cache
+        .as_ref()
+        .map(|c| c.guards().kernel_write_releases())
+        .unwrap_or(0);
     if let Some(mut c) = cache {
         c.forget();
     }
@@ -366,5 +372,6 @@ pub fn run_traced_with(
         entries_mid,
         children_stripped,
         guard_kinds,
+        kernel_releases,
     }
 }
