@@ -304,6 +304,22 @@ fn tgid_of(tid: Pid) -> Option<Pid> {
         .map(Pid::from_raw)
 }
 
+/// Whether the task is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags field).
+fn is_kernel_thread(tid: Pid) -> bool {
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{tid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name (which may contain spaces and parentheses): state is field 3, flags 9.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return false;
+    };
+    rest.split_whitespace()
+        .nth(6)
+        .and_then(|f| f.parse::<u64>().ok())
+        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+}
+
 /// Scheduler state letter of a task (R, S, D, T, t, Z, X), None if it is gone.
 fn task_state(tid: Pid) -> Option<char> {
     proc_status_field(tid, "State")?.chars().next()
@@ -607,6 +623,11 @@ impl Tracer {
             return Err(TracerError::NoSuchProcess(pid));
         }
         let tgid = tgid_of(pid).ok_or(TracerError::NoSuchProcess(pid))?;
+        if is_kernel_thread(tgid) {
+            return Err(TracerError::Unsupported(format!(
+                "PID {tgid} is a kernel thread; only user processes can be attached"
+            )));
+        }
         if tgid == nix::unistd::getpid() {
             return Err(TracerError::Unsupported(format!(
                 "cannot attach to PID {tgid}: it is this dynspec process itself"
@@ -1325,7 +1346,14 @@ impl Tracer {
     /// never changes it), then any other executable mapping.
     fn gadget(&mut self, tgid: Pid) -> Result<RemoteAddr, TracerError> {
         if let Some(g) = self.procs.get(&tgid).and_then(|p| p.gadget) {
-            return Ok(g);
+            // Cheap check that it still is a `syscall` (the memory may have been unmapped or rewritten).
+            let mut b = [0u8; 2];
+            if self.read_memory(tgid, g, &mut b).is_ok() && b == [0x0f, 0x05] {
+                return Ok(g);
+            }
+            if let Some(p) = self.procs.get_mut(&tgid) {
+                p.gadget = None;
+            }
         }
         let maps = crate::maps::read_maps(tgid)?;
         let mut order: Vec<&crate::maps::Mapping> =
@@ -1385,7 +1413,6 @@ impl Tracer {
                  use the child (they share memory)"
             )));
         }
-        let gadget = self.gadget(th.tgid)?;
         let mut kind = kind;
         if kind == StopKind::SyscallEvent {
             self.leave_syscall(tid)?;
@@ -1397,28 +1424,43 @@ impl Tracer {
         } else {
             None
         };
-        let mut r = saved;
-        r.rax = nr as u64;
-        // orig_rax = -1: no syscall-restart logic may touch our injected rip/rax (the thread may have been stopped
-        // inside an interrupted syscall with rax = -ERESTART*); the original values are restored afterwards and the
-        // kernel then restarts the original syscall as it would have.
-        r.orig_rax = u64::MAX;
-        r.rdi = args[0];
-        r.rsi = args[1];
-        r.rdx = args[2];
-        r.r10 = args[3];
-        r.r8 = args[4];
-        r.r9 = args[5];
-        r.rip = gadget.0;
-        self.set_regs(tid, &r)?;
-        let result = self.step_syscall(tid, gadget);
-        // Always restore, even when the step failed (unless the thread is gone).
-        let restore = self.set_regs(tid, &saved).and_then(|_| match saved_si {
-            Some(si) => self.set_siginfo(tid, &si),
-            None => Ok(()),
-        });
-        let ret = result?;
-        restore?;
+        let mut attempt = 0;
+        let ret = loop {
+            let gadget = self.gadget(th.tgid)?;
+            let mut r = saved;
+            r.rax = nr as u64;
+            // orig_rax = -1: no syscall-restart logic may touch our injected rip/rax (the thread may have been
+            // stopped inside an interrupted syscall with rax = -ERESTART*); the original values are restored
+            // afterwards and the kernel then restarts the original syscall as it would have.
+            r.orig_rax = u64::MAX;
+            r.rdi = args[0];
+            r.rsi = args[1];
+            r.rdx = args[2];
+            r.r10 = args[3];
+            r.r8 = args[4];
+            r.r9 = args[5];
+            r.rip = gadget.0;
+            self.set_regs(tid, &r)?;
+            let result = self.step_syscall(tid, gadget);
+            // Always restore, even when the step failed (unless the thread is gone).
+            let restore = self.set_regs(tid, &saved).and_then(|_| match saved_si {
+                Some(si) => self.set_siginfo(tid, &si),
+                None => Ok(()),
+            });
+            let gadget_lost = self.procs.get(&th.tgid).is_some_and(|p| p.gadget.is_none());
+            match result {
+                // The gadget faulted (its memory was unmapped or changed): find another one, once.
+                Err(TracerError::UnexpectedStop { .. }) if gadget_lost && attempt == 0 => {
+                    restore?;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+                Ok(v) => {
+                    restore?;
+                    break v;
+                }
+            }
+        };
         if let Some(t) = self.threads.get_mut(&tid) {
             t.state = State::Stopped(match kind {
                 StopKind::Signal => StopKind::Signal,
@@ -1469,6 +1511,12 @@ impl Tracer {
                 // Stopped inside a syscall (exec/clone event stops): the kernel reports the single-step once at
                 // that syscall's exit, before our instruction ran. Step again.
                 if r.rip != gadget.0 || stray >= 3 {
+                    if r.rip != gadget.0 {
+                        // Whatever is at the gadget address now is not a `syscall`: never use it again.
+                        if let Some(p) = self.tgid(tid).and_then(|t| self.procs.get_mut(&t)) {
+                            p.gadget = None;
+                        }
+                    }
                     break Err(TracerError::UnexpectedStop { tid, status: st });
                 }
                 stray += 1;

@@ -136,6 +136,11 @@ fn bad_programs_give_clear_errors() {
         Err(TracerError::WrongArch { .. })
     ));
 
+    // PID 2 is kthreadd.
+    match Tracer::attach(Pid::from_raw(2)) {
+        Err(e @ TracerError::Unsupported(_)) => assert!(e.to_string().contains("kernel thread")),
+        other => panic!("expected a kernel-thread error, got {other:?}"),
+    }
     match Tracer::attach(Pid::from_raw(i32::MAX - 7)) {
         Err(e @ TracerError::NoSuchProcess(_)) => assert!(e.to_string().contains("does not exist")),
         other => panic!("expected NoSuchProcess, got {other:?}"),
@@ -591,6 +596,18 @@ fn remote_mmap_mprotect_munmap() {
     }
     remote_munmap(&mut tr, pid, a, 8192).unwrap();
     assert!(mapping_at(&read_maps(pid).unwrap(), a).is_none());
+    // A stale gadget (its memory is gone, or it is not a syscall any more) is replaced transparently.
+    tr.set_syscall_gadget(pid, a);
+    assert_eq!(
+        tr.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap(),
+        pid.as_raw() as i64
+    );
+    let code = RemoteAddr(before.rip); // the entry point: not a syscall instruction
+    tr.set_syscall_gadget(pid, code);
+    assert_eq!(
+        tr.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap(),
+        pid.as_raw() as i64
+    );
     // Registers are exactly as before.
     let after = tr.regs(pid).unwrap();
     assert_eq!(format!("{before:?}"), format!("{after:?}"));
