@@ -8,13 +8,9 @@ use nix::unistd::Pid;
 /// Everything that can go wrong talking to a live process.
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
-    /// ptrace (seize/attach) refused by the kernel.
-    #[error(
-        "ptrace: permission denied attaching to PID {pid}: set kernel.yama.ptrace_scope to 0 \
-         (sysctl kernel.yama.ptrace_scope=0) or run with CAP_SYS_PTRACE (e.g. as root); a process \
-         that is already traced (by gdb or strace) must be released first"
-    )]
-    PermissionDenied { pid: Pid },
+    /// ptrace (seize/attach) refused by the kernel; `fix` names the cause and what to do.
+    #[error("ptrace: permission denied attaching to PID {pid}: {fix}")]
+    PermissionDenied { pid: Pid, fix: String },
     /// The PID does not exist (or exited meanwhile).
     #[error(
         "no such process: PID {0} does not exist (it may have exited; check with `ps -p {0}`)"
@@ -90,6 +86,14 @@ pub enum TracerError {
 }
 
 impl TracerError {
+    /// A ptrace permission error for `pid`, with the fix that applies on this machine.
+    pub fn permission_denied(pid: Pid) -> TracerError {
+        TracerError::PermissionDenied {
+            pid,
+            fix: ptrace_fix(pid),
+        }
+    }
+
     /// Wrap an `io::Error` with what was being done.
     pub fn io(context: impl Into<String>, source: std::io::Error) -> TracerError {
         TracerError::Io {
@@ -104,5 +108,76 @@ impl TracerError {
             op: op.into(),
             errno,
         }
+    }
+}
+
+/// Why ptrace may be refused for `pid` here, and the fix.
+fn ptrace_fix(pid: Pid) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let tracer = status
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse::<i32>().ok())
+        .unwrap_or(0);
+    if tracer != 0 {
+        return format!(
+            "it is already traced by PID {tracer} (a debugger or strace); detach that first"
+        );
+    }
+    let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    match scope {
+        Some(2) => "kernel.yama.ptrace_scope is 2 (admin only): run with CAP_SYS_PTRACE (e.g. as root), or set \
+                    it to 0 (sysctl kernel.yama.ptrace_scope=0)"
+            .into(),
+        Some(3) => "kernel.yama.ptrace_scope is 3: ptrace is disabled on this machine until reboot".into(),
+        Some(0) => "run as the target's user or with CAP_SYS_PTRACE (e.g. as root); setuid or non-dumpable \
+                    programs need CAP_SYS_PTRACE"
+            .into(),
+        _ => "set kernel.yama.ptrace_scope to 0 (sysctl kernel.yama.ptrace_scope=0) or run with CAP_SYS_PTRACE"
+            .into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_cause_and_fix() {
+        let e = TracerError::PermissionDenied {
+            pid: Pid::from_raw(123),
+            fix: "set kernel.yama.ptrace_scope to 0 (sysctl kernel.yama.ptrace_scope=0) or run with CAP_SYS_PTRACE"
+                .into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "ptrace: permission denied attaching to PID 123: set kernel.yama.ptrace_scope to 0 \
+             (sysctl kernel.yama.ptrace_scope=0) or run with CAP_SYS_PTRACE"
+        );
+        // The fix for a live process is one of the known texts.
+        let me = nix::unistd::getpid();
+        let TracerError::PermissionDenied { fix, .. } = TracerError::permission_denied(me) else {
+            unreachable!()
+        };
+        assert!(
+            fix.contains("ptrace") || fix.contains("CAP_SYS_PTRACE"),
+            "{fix}"
+        );
+        assert!(TracerError::NoSuchProcess(Pid::from_raw(7))
+            .to_string()
+            .contains("PID 7"));
+        let w = TracerError::WrongArch {
+            path: "/bin/x".into(),
+            machine: "AArch64".into(),
+        };
+        assert!(w.to_string().contains("x86-64"));
+        assert!(TracerError::RemoteSyscall {
+            nr: 9,
+            errno: libc::ENOMEM
+        }
+        .to_string()
+        .contains("ENOMEM"));
     }
 }

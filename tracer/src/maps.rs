@@ -86,7 +86,7 @@ pub fn read_maps(pid: Pid) -> Result<Vec<Mapping>, TracerError> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| {
         match e.raw_os_error() {
             Some(libc::ENOENT) | Some(libc::ESRCH) => TracerError::NoSuchProcess(pid),
-            Some(libc::EACCES) | Some(libc::EPERM) => TracerError::PermissionDenied { pid },
+            Some(libc::EACCES) | Some(libc::EPERM) => TracerError::permission_denied(pid),
             _ => TracerError::io(format!("reading /proc/{pid}/maps"), e),
         }
     })?;

@@ -578,7 +578,7 @@ impl Tracer {
             let _ = waitpid_raw(child.as_raw(), 0);
             tr.finished = true;
             return Err(match e {
-                Errno::EPERM => TracerError::PermissionDenied { pid: child },
+                Errno::EPERM => TracerError::permission_denied(child),
                 e => TracerError::errno("ptrace(PTRACE_SEIZE)", e),
             });
         }
@@ -665,9 +665,9 @@ impl Tracer {
                             new += 1;
                         } else if tr.threads.is_empty() {
                             tr.finished = true;
-                            return Err(TracerError::PermissionDenied { pid: tgid });
+                            return Err(TracerError::permission_denied(tgid));
                         } else {
-                            return Err(TracerError::PermissionDenied { pid: tid });
+                            return Err(TracerError::permission_denied(tid));
                         }
                     }
                     Err(e) => {
@@ -1250,9 +1250,7 @@ impl Tracer {
                 .open(format!("/proc/{tgid}/mem"))
                 .map_err(|e| match e.raw_os_error() {
                     Some(libc::ENOENT) | Some(libc::ESRCH) => TracerError::ProcessGone(tgid),
-                    Some(libc::EACCES) | Some(libc::EPERM) => {
-                        TracerError::PermissionDenied { pid: tgid }
-                    }
+                    Some(libc::EACCES) | Some(libc::EPERM) => TracerError::permission_denied(tgid),
                     _ => TracerError::io(format!("opening /proc/{tgid}/mem"), e),
                 })?;
             slot.insert(f);
