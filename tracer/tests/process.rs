@@ -910,6 +910,15 @@ fn attach_when_the_main_thread_already_exited() {
     let mut child = KillOnDrop(child);
     wait_lines(&out, 3);
     let pid = child.pid();
+    // Make sure the main thread is gone (a zombie) before attaching.
+    for _ in 0..5000 {
+        let st =
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).unwrap_or_default();
+        if st.contains("State:\tZ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let mut tr = Tracer::attach(pid).unwrap();
     assert_eq!(tr.processes(), vec![pid]);
     let threads = tr.threads(pid);
