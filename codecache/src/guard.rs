@@ -36,6 +36,14 @@ const SEGV_ACCERR: i32 = 2;
 const UFFD_API: u64 = 0xAA;
 const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+/// Mapping changes that replace a page's contents without a write: mremap, madvise(DONTNEED/REMOVE), munmap.
+const EVENTS: u64 = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
+const UFFD_EVENT_REMAP: u8 = 0x14;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
+const UFFD_EVENT_UNMAP: u8 = 0x16;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
@@ -127,6 +135,8 @@ struct Shared {
     guarded: BTreeSet<u64>,
     /// Pages written (fault seen) and not yet handled by the tracer thread.
     faulted: BTreeSet<u64>,
+    /// Guarded pages unmapped, moved or discarded (uffd events), not yet handled; nobody blocks on them.
+    removed: BTreeSet<u64>,
     /// Set while [`GuardSet::stop_all`] runs, with its start time.
     stopping: Option<Instant>,
     /// Pages released early for a blocked kernel write.
@@ -259,8 +269,36 @@ fn reader_loop(
                 if n == 0 {
                     return;
                 }
-                if n as usize != std::mem::size_of::<UffdMsg>() || msg.event != UFFD_EVENT_PAGEFAULT
-                {
+                if n as usize != std::mem::size_of::<UffdMsg>() {
+                    continue;
+                }
+                if matches!(
+                    msg.event,
+                    UFFD_EVENT_REMAP | UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP
+                ) {
+                    // remove/unmap: [flags, address) = [start, end); remap: from = flags, len = ptid.
+                    let (start, end) = if msg.event == UFFD_EVENT_REMAP {
+                        (msg.flags, msg.flags.saturating_add(msg.ptid))
+                    } else {
+                        (msg.flags, msg.address)
+                    };
+                    let hit = shared
+                        .lock()
+                        .map(|mut s| {
+                            let pages: Vec<u64> = s.guarded.range(start..end).copied().collect();
+                            for p in &pages {
+                                s.guarded.remove(p);
+                                s.removed.insert(*p);
+                            }
+                            !pages.is_empty()
+                        })
+                        .unwrap_or(false);
+                    if hit {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    continue;
+                }
+                if msg.event != UFFD_EVENT_PAGEFAULT {
                     continue;
                 }
                 let page = msg.address & !(PAGE - 1);
@@ -399,8 +437,13 @@ impl GuardSet {
         let Ok(mut s) = self.shared.lock() else {
             return Vec::new();
         };
-        let v: Vec<Addr> = s.faulted.iter().map(|p| Addr(*p)).collect();
+        let v: Vec<Addr> = s
+            .faulted
+            .union(&s.removed)
+            .map(|p| Addr(*p))
+            .collect();
         s.faulted.clear();
+        s.removed.clear();
         v
     }
 
@@ -599,6 +642,7 @@ impl GuardSet {
         if let Ok(mut s) = self.shared.lock() {
             s.guarded.clear();
             s.faulted.clear();
+            s.removed.clear();
         }
         self.shutdown();
     }
@@ -667,6 +711,8 @@ fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<OwnedFd, Stri
         Err(why) => return Ok(Err(why)),
     };
     for features in [
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED | EVENTS,
+        UFFD_FEATURE_PAGEFAULT_FLAG_WP | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     ] {

@@ -361,3 +361,16 @@ fn uninstall_then_detach_leaves_a_correct_program() {
     );
     assert_eq!(std::fs::read_to_string(&out).expect("output"), native);
 }
+
+#[test]
+fn discarded_guarded_page_invalidates() {
+    // madvise(MADV_DONTNEED) changes the page's contents without a write: the uffd remove event must
+    // invalidate the variant as a write would.
+    let d = TempDir::new("dontneed");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 13, ITERS);
+    let t = run_traced(&exe, &d, 13, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert_eq!(t.invalidations.len(), 1, "{:?}", t.invalidations);
+}

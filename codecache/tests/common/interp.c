@@ -12,7 +12,8 @@
  *   11: like 5 (op 8 stores into the bytecode page); a SIGUSR2 handler (the test sends the signal) replaces
  *   bytecode 2 (the call right after the store); the program reports whether the run() call interrupted by the handler saw the change
  *   ("mid=new"), did not ("mid=old"), or neither; 12: the bytecode is rewritten at 1/4, 2/4 and 3/4, each
- *   time followed by SIGUSR1.
+ *   time followed by SIGUSR1; 13: the bytecode has a mapping of its own, discarded half-way with
+ *   madvise(MADV_DONTNEED) (it reads as zeros afterwards: no write ever happens).
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <signal.h>
@@ -20,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -120,7 +122,12 @@ int main(int argc, char **argv)
     int mode = atoi(argv[1]);
     iters = atol(argv[2]);
     signal(SIGUSR1, on_usr1);
-    code = mode == 6 ? data_code : aligned_alloc(4096, 4096);
+    if (mode == 13) {
+        code = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (code == MAP_FAILED) return 9;
+    } else {
+        code = mode == 6 ? data_code : aligned_alloc(4096, 4096);
+    }
     memset(code, 0, 4096);
     fill(code);
     if (mode == 5 || mode == 11)
@@ -170,6 +177,8 @@ int main(int argc, char **argv)
                 code[1].a = 9;
             if (i == iters / 2 && mode == 8)
                 raise(SIGUSR1);
+            if (i == iters / 2 && mode == 13)
+                madvise(code, 4096, MADV_DONTNEED);
             if (mode == 12 && i > 0 && i % (iters / 4) == 0 && i / (iters / 4) <= 3) {
                 code[1].a = 9 + (int)(i / (iters / 4));
                 raise(SIGUSR1);
