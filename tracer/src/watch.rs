@@ -176,6 +176,9 @@ struct Uffd {
     stop: OwnedFd,
     reader: Option<JoinHandle<()>>,
     features: u64,
+    /// Created with UFFD_USER_MODE_ONLY (no privilege for more): kernel writes into protected pages fail with
+    /// EFAULT instead of waiting, so asynchronous mode is preferred when available.
+    user_mode_only: bool,
 }
 
 impl Uffd {
@@ -282,15 +285,19 @@ fn open_uffd(
     pid: Pid,
     tid: Pid,
     feature_sets: &[u64],
-) -> Result<Result<(OwnedFd, u64), String>, TracerError> {
+) -> Result<Result<(OwnedFd, u64, bool), String>, TracerError> {
     let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    let mut user_mode_only = false;
     // Without UFFD_USER_MODE_ONLY kernel writes are resolved too; it needs privilege
     // (CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1), so only fall back to it on EPERM.
     let remote_fd = match remote_userfaultfd(tr, tid, base) {
         Ok(fd) => fd,
         Err(TracerError::RemoteSyscall { errno, .. }) if errno == libc::EPERM => {
             match remote_userfaultfd(tr, tid, base | UFFD_USER_MODE_ONLY) {
-                Ok(fd) => fd,
+                Ok(fd) => {
+                    user_mode_only = true;
+                    fd
+                }
                 Err(TracerError::RemoteSyscall { errno, .. }) => {
                     return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
                 }
@@ -331,12 +338,19 @@ fn open_uffd(
             ioctls: 0,
         };
         if uffd_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api).is_ok() {
-            return Ok(Ok((fd, features)));
+            return Ok(Ok((fd, features, user_mode_only)));
         }
     }
     Ok(Err(
         "UFFDIO_API: write-protect faults not supported by this kernel".into(),
     ))
+}
+
+/// Whether the mapping is the main thread's stack.
+fn is_stack(m: &Mapping) -> bool {
+    m.path
+        .as_ref()
+        .is_some_and(|p| p.as_os_str().as_encoded_bytes().starts_with(b"[stack"))
 }
 
 /// Watches pages of one process for writes.
@@ -408,7 +422,7 @@ impl WriteWatch {
             Err("disabled by the caller".to_string())
         };
         let (uffd, uffd_unavailable) = match opened {
-            Ok((fd, features)) => {
+            Ok((fd, features, user_mode_only)) => {
                 // SAFETY: eventfd with integer arguments.
                 let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
                 if efd < 0 {
@@ -428,6 +442,7 @@ impl WriteWatch {
                         stop,
                         reader: Some(reader),
                         features,
+                        user_mode_only,
                     }),
                     None,
                 )
@@ -440,7 +455,7 @@ impl WriteWatch {
         let async_fd = if opts.uffd_async {
             open_uffd(tr, pid, tid, &async_features)?
                 .ok()
-                .map(|(fd, _)| fd)
+                .map(|(fd, _, _)| fd)
         } else {
             None
         };
@@ -641,7 +656,18 @@ impl WriteWatch {
                 sum.read_only.push(page);
                 continue;
             }
-            if let Some(fd) = self.uffd.as_ref().map(|u| u.fd.as_raw_fd()) {
+            // Sync uffd, unless it cannot resolve kernel writes and the async mode can.
+            let sync_fd = self
+                .uffd
+                .as_ref()
+                .filter(|u| !u.user_mode_only || self.async_fd.is_none())
+                .map(|u| (u.fd.as_raw_fd(), u.user_mode_only));
+            if let Some((fd, user_mode_only)) = sync_fd {
+                if user_mode_only && is_stack(m) {
+                    // The kernel writes signal frames there: an EFAULT would kill the program.
+                    sum.skipped.push(page);
+                    continue;
+                }
                 if Self::uffd_can_try(m)
                     && self.ensure_registered(fd, m)
                     && writeprotect(fd, page.0, PAGE_SIZE, true).is_ok()
@@ -668,7 +694,12 @@ impl WriteWatch {
                     continue;
                 }
             }
-            // Fallback: remove write permission of just this page.
+            // Fallback: remove write permission of just this page — never on the stack, where the kernel writes
+            // signal frames (a fault there would kill the program).
+            if is_stack(m) {
+                sum.skipped.push(page);
+                continue;
+            }
             let tid = self.stopped_thread(tr)?;
             let orig = m.prot();
             match remote_mprotect(tr, tid, page, PAGE_SIZE, orig & !libc::PROT_WRITE) {

@@ -82,6 +82,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     let mut heap = RemoteAddr(0);
     let mut data = RemoteAddr(0);
     let mut fresh = RemoteAddr(0);
+    let mut stack = RemoteAddr(0);
     let mut result = None;
     let mut own_segvs = 0;
     let mut handled_segvs = 0;
@@ -107,8 +108,9 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                     .iter()
                     .chain(&data_pages)
                     .copied()
-                    .chain([RemoteAddr(regs.rip), RemoteAddr(8)])
+                    .chain([RemoteAddr(regs.rip), RemoteAddr(8), RemoteAddr(regs.rsp)])
                     .collect();
+                stack = RemoteAddr(regs.rsp).page();
                 let sum = w.watch(tr, &pages).unwrap();
                 let mut want_uffd = Vec::new();
                 let mut want_async = Vec::new();
@@ -123,12 +125,20 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                         Via::Mprotect => want_mprotect.extend(pages),
                     }
                 }
+                // The stack: sync uffd resolves the kernel's signal-frame writes; mprotect would kill the program.
+                let mut want_skipped = vec![RemoteAddr(0)];
+                if heap_via == Via::Mprotect {
+                    want_skipped.push(stack);
+                } else {
+                    want_uffd.push(stack);
+                }
                 assert_eq!(sum.uffd, want_uffd);
                 assert_eq!(sum.uffd_async, want_async);
                 assert_eq!(sum.mprotect, want_mprotect);
                 assert_eq!(sum.read_only, vec![RemoteAddr(regs.rip).page()]);
-                assert_eq!(sum.skipped, vec![RemoteAddr(0)]);
-                assert_eq!(w.watched().len(), 6);
+                assert_eq!(sum.skipped, want_skipped);
+                let n_watched = if heap_via == Via::Mprotect { 6 } else { 7 };
+                assert_eq!(w.watched().len(), n_watched);
                 assert!(w.written().is_empty());
                 // Watching again is idempotent.
                 let again = w.watch(tr, &pages).unwrap();
@@ -173,6 +183,9 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     );
     let r = result.expect("stage 2 reached");
     let mut expect_written = vec![heap, data.offset(4096), fresh];
+    if heap_via != Via::Mprotect {
+        expect_written.push(stack);
+    }
     if flags.contains('h') {
         expect_written.push(heap.offset(4096));
     }
@@ -182,7 +195,10 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     let expect_written: std::collections::BTreeSet<RemoteAddr> =
         expect_written.into_iter().collect();
     assert_eq!(r.written, expect_written);
-    assert_eq!(r.watched.len(), 6);
+    assert_eq!(
+        r.watched.len(),
+        if heap_via == Via::Mprotect { 6 } else { 7 }
+    );
     assert_eq!(r.read_only.len(), 1);
 }
 
