@@ -668,6 +668,12 @@ impl WriteWatch {
                     sum.skipped.push(page);
                     continue;
                 }
+                if Self::uffd_can_try(m) && !self.wp_unpopulated() {
+                    // Without UFFD_FEATURE_WP_UNPOPULATED protecting a never-touched page does nothing and its
+                    // first write would go unseen: touch it (a read maps the zero page) first.
+                    let mut b = [0u8; 1];
+                    let _ = tr.read_memory(self.pid, page, &mut b);
+                }
                 if Self::uffd_can_try(m)
                     && self.ensure_registered(fd, m)
                     && writeprotect(fd, page.0, PAGE_SIZE, true).is_ok()
