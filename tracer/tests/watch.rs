@@ -349,3 +349,77 @@ fn fork_scenario(async_mode: bool) {
 fn async_untouched_data_page_is_not_written() {
     scenario(WatchOptions::default(), "h", Via::Uffd, Via::Async);
 }
+
+const EXEC_PROG: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+static void h(int s) { (void)s; }
+char data_page[4096] __attribute__((aligned(4096))) = {1};
+int main(int c, char **v) {
+    if (c > 2) return 3;
+    signal(SIGUSR1, h);
+    char *heap;
+    if (posix_memalign((void **)&heap, 4096, 4096)) return 20;
+    memset(heap, 0, 4096);
+    FILE *f = fopen(v[1], "w");
+    fprintf(f, "%lx %lx\n", (unsigned long)heap, (unsigned long)data_page);
+    fclose(f);
+    raise(SIGUSR1);
+    heap[0] = 1;
+    execl(v[0], v[0], v[1], "again", (char *)0);
+    return 99;
+}
+"#;
+
+#[test]
+fn exec_drops_the_watch() {
+    for opts in [
+        WatchOptions::default(),
+        WatchOptions {
+            uffd: true,
+            uffd_async: false,
+        },
+    ] {
+        let d = TempDir::new("watchexec");
+        let exe = compile(&d, "watchexec", EXEC_PROG, &[]);
+        let out = d.path("addrs.txt");
+        let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
+        let root = tr.root();
+        let mut watch: Option<WriteWatch> = None;
+        let mut result = None;
+        let seen = run_loop(&mut tr, |tr, ev| {
+            match ev {
+                Event::Signal {
+                    tid,
+                    signal: libc::SIGUSR1,
+                    ..
+                } => {
+                    let a = read_addrs(&out);
+                    let mut w = WriteWatch::with_options(tr, root, *tid, opts).unwrap();
+                    let sum = w.watch(tr, &[a[0], a[1]]).unwrap();
+                    assert_eq!(sum.uffd.len() + sum.mprotect.len(), 2);
+                    watch = Some(w);
+                }
+                Event::Exec { pid } => {
+                    let mut w = watch.take().unwrap();
+                    w.on_exec(*pid);
+                    // Nothing to watch in the new program, nothing to restore.
+                    assert!(w.watch(tr, &[RemoteAddr(0x1000)]).unwrap().skipped.len() == 1);
+                    result = Some(w.finish(tr).unwrap());
+                }
+                _ => {}
+            }
+            None
+        });
+        assert_eq!(seen.status, Some(ExitStatus::Code(3)));
+        let r = result.expect("exec seen");
+        assert_eq!(r.watched.len(), 2);
+        assert!(
+            r.written.iter().any(|p| p.0 != 0),
+            "the heap write before exec is recorded"
+        );
+    }
+}
