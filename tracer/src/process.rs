@@ -536,7 +536,7 @@ impl Tracer {
         let disable_aslr = opts.disable_aslr;
 
         // SAFETY: fork in a possibly multi-threaded process; the child only calls async-signal-safe functions
-        // (personality, getpid, kill, execve, _exit) on memory prepared before the fork.
+        // (personality, sigprocmask, signal, getpid, kill, execve, _exit) on memory prepared before the fork.
         let child = unsafe { libc::fork() };
         if child < 0 {
             return Err(TracerError::errno("fork", Errno::last()));
@@ -547,6 +547,12 @@ impl Tracer {
                 if disable_aslr {
                     libc::personality(libc::ADDR_NO_RANDOMIZE as libc::c_ulong);
                 }
+                // Start the program in the standard state, as std::process::Command does: the Rust runtime
+                // ignores SIGPIPE and the calling thread may block signals; neither belongs to the program.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
                 // Stop so the parent can PTRACE_SEIZE us before execve (as strace does).
                 libc::kill(libc::getpid(), libc::SIGSTOP);
                 libc::execve(c_path.as_ptr(), argp.as_ptr(), envp.as_ptr());

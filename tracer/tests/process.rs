@@ -1023,3 +1023,39 @@ fn job_control_of_a_traced_child_seen_by_its_parent() {
         }
     )));
 }
+
+const SIGNAL_STATE: &str = r#"
+#define _GNU_SOURCE
+#include <signal.h>
+int main(void) {
+    struct sigaction sa;
+    sigaction(SIGPIPE, 0, &sa);
+    sigset_t m;
+    sigprocmask(SIG_BLOCK, 0, &m);
+    return (sa.sa_handler == SIG_DFL ? 0 : 1) + (sigisemptyset(&m) ? 0 : 2);
+}
+"#;
+
+#[test]
+fn spawned_program_starts_with_default_sigpipe_and_empty_mask() {
+    let d = TempDir::new("sigstate");
+    let exe = compile(&d, "sigstate", SIGNAL_STATE, &[]);
+    // Block a signal in this (the tracer's) thread: the program must not inherit that.
+    // SAFETY: plain sigset manipulation on a local, then pthread_sigmask on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
+    let status = run_loop(&mut tr, |_, _| None).status;
+    // SAFETY: as above, unblock again.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR2);
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
+    assert_eq!(status, Some(ExitStatus::Code(0)));
+}
