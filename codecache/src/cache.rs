@@ -466,7 +466,19 @@ impl Cache {
                 counter: *c,
             })
             .collect();
-        let stub = self.place_stub(tr, ai, &patch, req.register, &targets, fallback_counter)?;
+        let pages: BTreeSet<Addr> = placed
+            .iter()
+            .flat_map(|(_, var, _, _, _)| var.guard_pages.iter().map(|p| p.page()))
+            .collect();
+        let stub = self.place_stub(
+            tr,
+            ai,
+            &patch,
+            req.register,
+            &targets,
+            fallback_counter,
+            &pages,
+        )?;
         for (_, _, enc, _, _) in &placed {
             publish(
                 tr,
@@ -478,7 +490,7 @@ impl Cache {
         }
         // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
         self.check_threads_outside(tr, &patch)?;
-        self.write_patch(tr, self.pid, &patch, stub.base)?;
+        self.write_patch(tr, self.pid, &patch, stub.entry)?;
         let mut ids = Vec::new();
         for (value, var, enc, ret_sites, counter) in placed {
             let id = VariantId(self.new_id());
@@ -523,6 +535,9 @@ impl Cache {
         Ok(install)
     }
 
+    /// Build and publish a stub with a fresh enabled word (set to 1, registered with the guard reader for
+    /// `pages`).
+    #[allow(clippy::too_many_arguments)]
     fn place_stub(
         &mut self,
         tr: &Tracer,
@@ -531,12 +546,17 @@ impl Cache {
         reg: Option<Gpr>,
         targets: &[StubTarget],
         fallback_counter: RemoteAddr,
+        pages: &BTreeSet<Addr>,
     ) -> Result<Stub, CacheError> {
+        let enabled = self.arenas[ai].alloc_counter()?;
+        // The counters mapping is rw- data, not code: a plain write (publish is for code).
+        tr.write_memory(self.pid, enabled, &1u64.to_le_bytes())?;
         let base = self.arenas[ai].cursor();
-        let stub = build_stub(base, patch, reg, targets, fallback_counter)?;
+        let stub = build_stub(base, patch, reg, targets, fallback_counter, enabled)?;
         let at = self.arenas[ai].alloc(stub.code.len())?;
         debug_assert_eq!(at, base);
         publish(tr, self.pid, &self.arenas, stub.base, &stub.code)?;
+        self.guards.register_stub_flag(enabled, pages);
         Ok(stub)
     }
 
@@ -785,6 +805,9 @@ impl Cache {
                 if inst.patched {
                     self.write_unpatch(tr, self.pid, &inst.patch)?;
                 }
+                if let Some(w) = inst.stubs.last().map(|s| s.enabled) {
+                    self.guards.unregister_stub_flag(w);
+                }
                 if let Some(i) = self.installs.get_mut(id) {
                     i.patched = false;
                 }
@@ -807,8 +830,16 @@ impl Cache {
                     inst.register,
                     inst.fallback_counter,
                 );
-                let stub = self.place_stub(tr, ai, &patch, reg, &targets, fc)?;
-                self.write_patch(tr, self.pid, &patch, stub.base)?;
+                let old = inst.stubs.last().map(|s| s.enabled);
+                let pages: BTreeSet<Addr> = remaining
+                    .iter()
+                    .flat_map(|v| self.variants[v].guard_pages.iter().copied())
+                    .collect();
+                let stub = self.place_stub(tr, ai, &patch, reg, &targets, fc, &pages)?;
+                self.write_patch(tr, self.pid, &patch, stub.entry)?;
+                if let Some(w) = old {
+                    self.guards.unregister_stub_flag(w);
+                }
                 if let Some(i) = self.installs.get_mut(id) {
                     i.stubs.push(stub);
                 }
@@ -1095,6 +1126,9 @@ impl Cache {
             .collect();
         if inst.patched {
             self.write_unpatch(tr, self.pid, &inst.patch)?;
+        }
+        if let Some(w) = inst.stubs.last().map(|s| s.enabled) {
+            self.guards.unregister_stub_flag(w);
         }
         if let Some(i) = self.installs.get_mut(&id) {
             i.patched = false;

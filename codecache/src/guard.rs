@@ -141,6 +141,8 @@ struct Shared {
     stopping: Option<Instant>,
     /// Pages released early for a blocked kernel write.
     kernel_releases: u64,
+    /// Enabled words of live stubs (target addresses) and the guarded pages their variants rely on.
+    stub_flags: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 struct Reader {
@@ -207,12 +209,22 @@ fn thread_states(pid: Pid) -> Vec<(i32, char)> {
     out
 }
 
+/// Write `value` into every enabled word of `words` (through the reader's own /proc/PID/mem).
+fn set_words(mem: &std::fs::File, words: &[u64], value: u64) {
+    use std::os::unix::fs::FileExt;
+    for w in words {
+        // A failed write means the process is gone: nothing left to protect.
+        let _ = mem.write_at(&value.to_le_bytes(), *w);
+    }
+}
+
 fn reader_loop(
     fd: Arc<OwnedFd>,
     stop: RawFd,
     pid: Pid,
     shared: Arc<Mutex<Shared>>,
     flag: Arc<AtomicBool>,
+    mem: Option<std::fs::File>,
 ) {
     let raw = fd.as_raw_fd();
     // When every other thread has been seen stopped (for the kernel-write case).
@@ -249,6 +261,16 @@ fn reader_loop(
             return;
         }
         if fds[0].revents & libc::POLLIN != 0 {
+            // Something happened to a registered mapping: before reading (which releases a thread blocked in
+            // munmap/madvise/mremap), turn every stub off so nobody enters a variant that may be stale; the
+            // stubs not concerned are turned back on below.
+            let words: Vec<u64> = shared
+                .lock()
+                .map(|s| s.stub_flags.keys().copied().collect())
+                .unwrap_or_default();
+            if let Some(m) = &mem {
+                set_words(m, &words, 0);
+            }
             loop {
                 let mut msg = UffdMsg::default();
                 // SAFETY: reads at most 32 bytes into a live, correctly sized buffer.
@@ -329,6 +351,19 @@ fn reader_loop(
                     let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
                 }
             }
+            if let (Some(m), Ok(s)) = (&mem, shared.lock()) {
+                let on: Vec<u64> = s
+                    .stub_flags
+                    .iter()
+                    .filter(|(_, pages)| {
+                        pages
+                            .iter()
+                            .all(|p| !s.faulted.contains(p) && !s.removed.contains(p))
+                    })
+                    .map(|(w, _)| *w)
+                    .collect();
+                set_words(m, &on, 1);
+            }
         }
         // Kernel writes: see the module documentation.
         let Ok(mut s) = shared.lock() else { return };
@@ -397,9 +432,16 @@ impl GuardSet {
                 let stop = unsafe { OwnedFd::from_raw_fd(efd) };
                 let fd = Arc::new(fd);
                 let (f2, s2, sh2, fl2) = (fd.clone(), stop.as_raw_fd(), shared, pending_flag);
+                // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's
+                // handle belongs to the tracer thread). Without it stubs are only unlinked by the tracer thread.
+                let mem = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(format!("/proc/{pid}/mem"))
+                    .ok();
                 let handle = std::thread::Builder::new()
                     .name("dynspec-guards".into())
-                    .spawn(move || reader_loop(f2, s2, pid, sh2, fl2))
+                    .spawn(move || reader_loop(f2, s2, pid, sh2, fl2, mem))
                     .map_err(|e| CacheError::Os {
                         op: format!("spawning the guard reader: {e}"),
                         errno: 0,
@@ -421,6 +463,21 @@ impl GuardSet {
         self.shared.lock().map(|s| s.kernel_releases).unwrap_or(0)
     }
 
+    /// Register the enabled word of a stub whose variants rely on `pages` (see [`crate::stub::build_stub`]).
+    pub(crate) fn register_stub_flag(&self, word: RemoteAddr, pages: &BTreeSet<Addr>) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stub_flags
+                .insert(word.0, pages.iter().map(|p| p.page().0).collect());
+        }
+    }
+
+    /// Forget a stub's enabled word (its stub is no longer patched in).
+    pub(crate) fn unregister_stub_flag(&self, word: RemoteAddr) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stub_flags.remove(&word.0);
+        }
+    }
+
     /// Why uffd is not used (None when it is).
     pub fn uffd_unavailable(&self) -> Option<&str> {
         self.uffd_unavailable.as_deref()
@@ -437,11 +494,7 @@ impl GuardSet {
         let Ok(mut s) = self.shared.lock() else {
             return Vec::new();
         };
-        let v: Vec<Addr> = s
-            .faulted
-            .union(&s.removed)
-            .map(|p| Addr(*p))
-            .collect();
+        let v: Vec<Addr> = s.faulted.union(&s.removed).map(|p| Addr(*p)).collect();
         s.faulted.clear();
         s.removed.clear();
         v
@@ -643,6 +696,7 @@ impl GuardSet {
             s.guarded.clear();
             s.faulted.clear();
             s.removed.clear();
+            s.stub_flags.clear();
         }
         self.shutdown();
     }

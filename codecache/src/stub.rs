@@ -232,6 +232,10 @@ pub struct StubTarget {
 #[derive(Debug, Clone)]
 pub struct Stub {
     pub base: RemoteAddr,
+    /// Where the patch jumps (after the `jmp fallback` trampoline at `base`).
+    pub entry: RemoteAddr,
+    /// The u64 the stub checks first: zero sends every entry to the fall-back path.
+    pub enabled: RemoteAddr,
     pub code: Vec<u8>,
     /// (offset, rollback) per instruction, sorted by offset.
     pub rollback: Vec<(u32, Rollback)>,
@@ -341,10 +345,15 @@ fn rip_mem(a: RemoteAddr) -> MemoryOperand {
 /// before leaving (invariant 5). Counters are incremented without `lock` (a lost increment under contention
 /// only makes a report count approximate, a locked one would serialize every entry).
 ///
+/// Every stub starts with `off: jmp fallback` (a trampoline; the patch jumps to `entry` right after it) and,
+/// after saving its scratch registers, checks its enabled word: `mov rcx,[enabled]; jrcxz off`. The guard
+/// reader thread zeroes that word the moment a page the variants rely on may change, so no thread enters a
+/// stale variant while the tracer thread is still on its way.
+///
 /// Up to [`CHAIN_MAX`] values, a flag-free chain (R = trigger register):
 /// ```text
-///   lea rsp,[rsp-128]; push rcx; push rax
-///   per value v: mov rax,-v; mov rcx,R; lea rcx,[rcx+rax]; jrcxz hit_v
+/// entry: lea rsp,[rsp-128]; push rcx; push rax; mov rcx,[enabled]; jrcxz off
+///   per value v: mov rax,-v; mov rcx,R; lea rcx,[rcx+rax]; jrcxz hit_v; jmp next
 /// fallback:  mov rax,[fc]; lea rax,[rax+1]; mov [fc],rax; pop rax; pop rcx; lea rsp,[rsp+128];
 ///            <displaced>; jmp site+len
 /// hit_v:     mov rax,[c_v]; lea rax,[rax+1]; mov [c_v],rax; pop rax; pop rcx; lea rsp,[rsp+128]; jmp entry_v
@@ -353,14 +362,14 @@ fn rip_mem(a: RemoteAddr) -> MemoryOperand {
 /// binary search with `cmp`/`je`/`ja`/`jb` after saving the flags cheaply (`push rax; lahf; seto al; push rax;
 /// push rcx`), restored on the way out with `add al,0x7f; sahf` (OF, then the rest) — much cheaper than
 /// `pushfq`/`popfq`. With no register the single
-/// target is entered unconditionally; the fall-back path is still emitted so that displaced instructions have a
-/// relocated copy for deoptimization.
+/// target is entered unconditionally (unless disabled).
 pub fn build_stub(
     base: RemoteAddr,
     patch: &PatchSite,
     reg: Option<Gpr>,
     targets: &[StubTarget],
     fallback_counter: RemoteAddr,
+    enabled: RemoteAddr,
 ) -> Result<Stub, CacheError> {
     if reg == Some(Gpr::Rsp) {
         return Err(CacheError::BadRequest(
@@ -393,11 +402,17 @@ pub fn build_stub(
     let inside = if tree {
         // [rsp] = rcx, [rsp+8] = flags (lahf/seto), [rsp+16] = rax.
         ttl(rz + 24, Some(16), Some(0), Some(8))
-    } else if reg.is_some() {
-        tt(rz + 16, Some(0), Some(8), None)
     } else {
-        tt(rz + 8, Some(0), None, None)
+        tt(rz + 16, Some(0), Some(8), None)
     };
+    // Trampoline for the rel8 `jrcxz` of the enabled check (a thread is "inside" when it gets here).
+    let off_label = b.label();
+    b.bind(off_label);
+    b.emit(
+        Instruction::with_branch(Code::Jmp_rel32_64, fallback),
+        inside,
+    )?;
+    let entry_index = b.items.len();
     // Prologue.
     b.emit(
         Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
@@ -424,7 +439,7 @@ pub fn build_stub(
             Instruction::with1(Code::Push_r64, Register::RCX),
             tt(rz + 16, Some(8), None, None),
         )?;
-    } else if reg.is_some() {
+    } else {
         b.emit(
             Instruction::with1(Code::Push_r64, Register::RCX),
             tt(rz, None, None, None),
@@ -433,12 +448,17 @@ pub fn build_stub(
             Instruction::with1(Code::Push_r64, Register::RAX),
             tt(rz + 8, None, Some(0), None),
         )?;
-    } else {
-        b.emit(
-            Instruction::with1(Code::Push_r64, Register::RAX),
-            tt(rz, None, None, None),
-        )?;
     }
+    // A zero enabled word (written by the guard reader thread the moment a guarded page may change) sends
+    // every new entry to the original code, before the tracer thread has unlinked anything.
+    b.emit(
+        Instruction::with2(Code::Mov_r64_rm64, Register::RCX, rip_mem(enabled)),
+        inside,
+    )?;
+    b.emit(
+        Instruction::with_branch(Code::Jrcxz_rel8_64, off_label),
+        inside,
+    )?;
     // Leaving: count, restore, jump. `inside` holds before the first instruction.
     let leave = |b: &mut Builder, counter: RemoteAddr| -> Result<(), CacheError> {
         if tree {
@@ -494,12 +514,10 @@ pub fn build_stub(
                 inside,
             )?;
             b.emit(Instruction::with1(Code::Pop_r64, Register::RAX), inside)?;
-            if reg.is_some() {
-                b.emit(
-                    Instruction::with1(Code::Pop_r64, Register::RCX),
-                    tt(rz + 8, None, Some(0), None),
-                )?;
-            }
+            b.emit(
+                Instruction::with1(Code::Pop_r64, Register::RCX),
+                tt(rz + 8, None, Some(0), None),
+            )?;
         }
         b.emit(
             Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
@@ -638,11 +656,9 @@ pub fn build_stub(
             }
         }
     }
-    // Fall-back path (unreachable without a register, kept for the relocated copy).
-    if reg.is_some() {
-        b.bind(fallback);
-        leave(&mut b, fallback_counter)?;
-    }
+    // Fall-back path: no value matched, or the stub is disabled.
+    b.bind(fallback);
+    leave(&mut b, fallback_counter)?;
     let first_displaced = b.items.len();
     for ins in &patch.displaced {
         b.items.push((*ins, Rollback::At(Addr(ins.ip()))));
@@ -689,7 +705,15 @@ pub fn build_stub(
         }
     }
     rollback.sort_by_key(|(o, _)| *o);
+    let entry_off = res
+        .new_instruction_offsets
+        .get(entry_index)
+        .copied()
+        .filter(|o| *o != u32::MAX)
+        .ok_or_else(|| CacheError::Encode("stub entry has no offset".into()))?;
     Ok(Stub {
+        entry: base.offset(entry_off as u64),
+        enabled,
         base,
         code: res.code_buffer,
         rollback,
@@ -753,9 +777,11 @@ mod tests {
                 Some(Gpr::Rdi),
                 &targets,
                 RemoteAddr(0x60_1000),
+                RemoteAddr(0x60_1008),
             )
             .unwrap();
             assert!(s.rollback_at(0x50_8000).is_some());
+            assert!(s.rollback_at(s.entry.0).is_some());
             assert_eq!(s.relocated.len(), 2);
             // Every boundary decodes and is in the table.
             let mut d = Decoder::with_ip(64, &s.code, 0x50_8000, DecoderOptions::NONE);

@@ -208,7 +208,7 @@ fn harness(ip: u64, out: u64, slot: u64) -> (Vec<u8>, usize) {
 
 /// Run the site once with `input` (optionally patched with a stub dispatching on `reg`); returns the
 /// output state and (hit counter, fallback counter).
-fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64])>) -> (Vec<u64>, u64, u64) {
+fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64], bool)>) -> (Vec<u64>, u64, u64) {
     let buf = Buf::new(4 * PAGE);
     let base = buf.addr();
     let data = base + 3 * PAGE as u64;
@@ -223,7 +223,7 @@ fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64])>) -> (Vec<u64>, u64, u64
     }
     buf.write(0x200 + 3 * PAGE, &input_bytes);
     let site = base + site_off as u64;
-    if let Some((reg, values)) = patched {
+    if let Some((reg, values, enabled)) = patched {
         let p = plan_patch(&code, Addr(base), Addr(site), &|_, _| false).expect("patchable");
         assert_eq!(p.len(), 7);
         // The "variant": the same two instructions, then back after the site.
@@ -246,10 +246,12 @@ fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64])>) -> (Vec<u64>, u64, u64
             Some(reg),
             &targets,
             RemoteAddr(counters + 8),
+            RemoteAddr(counters + 16),
         )
         .expect("stub");
         buf.write(0x1000, &stub.code);
-        buf.write(site_off, &jmp_rel32(site, stub_at).expect("reach"));
+        buf.write(3 * PAGE + 0x810, &u64::from(enabled).to_le_bytes());
+        buf.write(site_off, &jmp_rel32(site, stub.entry.0).expect("reach"));
     }
     buf.protect_code(3 * PAGE);
     // SAFETY: the buffer holds a complete function following the SysV ABI (callee-saved registers restored,
@@ -289,11 +291,12 @@ fn stub_paths_are_invisible() {
                         .wrapping_sub(n / 2 * 16)
                 })
                 .collect();
-            for (hit, delta) in [(true, 0u64), (false, 8)] {
+            // A disabled stub (zero enabled word) always falls back.
+            for (hit, delta, enabled) in [(true, 0u64, true), (false, 8, true), (false, 0, false)] {
                 let mut inp = input;
                 inp[reg.index()] = inp[reg.index()].wrapping_add(delta);
                 let (native, _, _) = run(&inp, None);
-                let (stubbed, hits, falls) = run(&inp, Some((reg, &values)));
+                let (stubbed, hits, falls) = run(&inp, Some((reg, &values, enabled)));
                 let rsp = Gpr::Rsp.index();
                 for i in 0..native.len() {
                     if i == rsp {
