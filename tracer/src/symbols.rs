@@ -193,8 +193,62 @@ pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
             symbols,
         });
     }
+    if let Some(vdso) = vdso_module(pid, &maps) {
+        out.push(vdso);
+    }
     out.sort_by_key(|m| m.start);
     Ok(out)
+}
+
+/// The vDSO as a module: its ELF image is read from the target's memory (it has no file).
+fn vdso_module(pid: Pid, maps: &[Mapping]) -> Option<Module> {
+    let m = maps
+        .iter()
+        .find(|m| m.path.as_deref() == Some(Path::new("[vdso]")))?;
+    let len = m.end.0.checked_sub(m.start.0)?;
+    if len == 0 || len > 1 << 24 {
+        return None;
+    }
+    let key = (PathBuf::from("[vdso]"), len);
+    let cached = cache().lock().ok().and_then(|c| c.get(&key).cloned());
+    let parsed = match cached {
+        Some(p) => p,
+        None => {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(format!("/proc/{pid}/mem")).ok()?;
+            let mut bytes = vec![0u8; len as usize];
+            f.read_exact_at(&mut bytes, m.start.0).ok()?;
+            let p = Arc::new(parse(&bytes));
+            if let Ok(mut c) = cache().lock() {
+                c.insert(key, p.clone());
+            }
+            p
+        }
+    };
+    // The vDSO is linked at (or near) 0 and mapped whole: its first PT_LOAD starts the mapping.
+    let bias = m
+        .start
+        .0
+        .wrapping_sub(parsed.loads.first().map_or(0, |l| l.1));
+    let symbols = parsed
+        .syms
+        .iter()
+        .map(|(name, vaddr, size)| {
+            let start = vaddr.wrapping_add(bias);
+            Symbol {
+                name: name.clone(),
+                start: RemoteAddr(start),
+                end: RemoteAddr(start.wrapping_add((*size).max(1))),
+            }
+        })
+        .collect();
+    Some(Module {
+        path: PathBuf::from("[vdso]"),
+        base: RemoteAddr(bias),
+        start: m.start,
+        end: m.end,
+        symbols,
+    })
 }
 
 /// The module containing `a`, and the function symbol containing it if known.

@@ -481,6 +481,16 @@ fn patch_answer(flags: &[&str], pie: bool) {
             .any(|m| m.path.to_string_lossy().contains("ld-linux")),
         "{mods:?}"
     );
+    let vdso = mods
+        .iter()
+        .find(|m| m.path == std::path::Path::new("[vdso]"))
+        .expect("the vDSO is a module");
+    let cg = vdso
+        .symbols
+        .iter()
+        .find(|s| s.name.contains("clock_gettime"))
+        .expect("vDSO symbols");
+    assert!(cg.start >= vdso.start && cg.end <= vdso.end);
     let sym = m.symbol("answer").expect("answer symbol").clone();
     let value = nm_value(&exe, "answer");
     if pie {
