@@ -176,7 +176,7 @@ pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
                         .get(i + 1)
                         .map(|n| n.1.wrapping_add(bias))
                         .unwrap_or(last.end.0)
-                        .max(start + 1)
+                        .max(start.saturating_add(1))
                 };
                 Symbol {
                     name: name.clone(),
