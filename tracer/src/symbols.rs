@@ -65,7 +65,12 @@ fn cache() -> &'static Cache {
 
 const PAGE_MASK: u64 = !(crate::addr::PAGE_SIZE - 1);
 
+/// Parse an ELF image; anything malformed gives an empty result (a parser panic on hostile input included).
 fn parse(bytes: &[u8]) -> Parsed {
+    std::panic::catch_unwind(|| parse_inner(bytes)).unwrap_or_default()
+}
+
+fn parse_inner(bytes: &[u8]) -> Parsed {
     let Ok(elf) = Elf::parse(bytes) else {
         return Parsed::default();
     };
@@ -255,4 +260,63 @@ fn vdso_module(pid: Pid, maps: &[Mapping]) -> Option<Module> {
 pub fn symbolize(modules: &[Module], a: RemoteAddr) -> Option<(&Module, Option<&Symbol>)> {
     let m = modules.iter().find(|m| m.start <= a && a < m.end)?;
     Some((m, m.symbol_at(a)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_elf_gives_no_symbols_and_no_panic() {
+        assert!(parse(b"").syms.is_empty());
+        assert!(parse(b"\x7fELF\x02\x01\x01").syms.is_empty());
+        let Ok(real) = std::fs::read("/proc/self/exe") else {
+            return;
+        };
+        let whole = parse(&real);
+        assert!(!whole.loads.is_empty());
+        // Truncations and byte flips of a real ELF.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for i in 0..200 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut b = real[..(seed as usize % real.len().min(1 << 16)).max(1)].to_vec();
+            if i % 2 == 0 {
+                let at = (seed >> 20) as usize % b.len();
+                b[at] ^= 0xff;
+            }
+            let _ = parse(&b);
+        }
+    }
+
+    #[test]
+    fn symbol_lookup() {
+        let m = Module {
+            path: PathBuf::from("/x"),
+            base: RemoteAddr(0x1000),
+            start: RemoteAddr(0x1000),
+            end: RemoteAddr(0x3000),
+            symbols: vec![
+                Symbol {
+                    name: "a".into(),
+                    start: RemoteAddr(0x1100),
+                    end: RemoteAddr(0x1200),
+                },
+                Symbol {
+                    name: "b".into(),
+                    start: RemoteAddr(0x1300),
+                    end: RemoteAddr(0x1310),
+                },
+            ],
+        };
+        assert_eq!(m.symbol_at(RemoteAddr(0x1100)).unwrap().name, "a");
+        assert_eq!(m.symbol_at(RemoteAddr(0x11ff)).unwrap().name, "a");
+        assert!(m.symbol_at(RemoteAddr(0x1200)).is_none());
+        assert!(m.symbol_at(RemoteAddr(0x10ff)).is_none());
+        assert_eq!(m.symbol("b").unwrap().start, RemoteAddr(0x1300));
+        let mods = vec![m];
+        assert!(symbolize(&mods, RemoteAddr(0x2fff)).is_some_and(|(_, s)| s.is_none()));
+        assert!(symbolize(&mods, RemoteAddr(0x3000)).is_none());
+    }
 }
