@@ -3,6 +3,7 @@
 mod fold;
 mod profile;
 mod report;
+mod runtime;
 mod session;
 mod signals;
 

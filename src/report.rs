@@ -103,6 +103,62 @@ pub struct StoreProfileJson {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timings {
     pub profile_ms: u64,
+    /// Time spent scoring triggers and specializing (the program keeps running meanwhile).
+    #[serde(default)]
+    pub specialize_ms: u64,
+    /// Time the program was stopped for installs.
+    #[serde(default)]
+    pub install_ms: u64,
+    /// From the first sample to the first installed variant; null when nothing was installed.
+    #[serde(default)]
+    pub first_install_ms: Option<u64>,
+}
+
+/// The region a variant specializes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionRefJson {
+    pub start: Hex,
+    pub end: Hex,
+    pub symbol: Option<String>,
+}
+
+/// The dispatch trigger of a variant: the register compared at the patched address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TriggerRefJson {
+    pub address: Hex,
+    pub register: String,
+}
+
+/// One installed variant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VariantJson {
+    /// Unique within the report (invalidations refer to it).
+    pub id: u64,
+    pub region: RegionRefJson,
+    /// null: entered unconditionally.
+    pub trigger: Option<TriggerRefJson>,
+    /// The trigger value the variant was specialized for (null without a trigger).
+    pub value: Option<Hex>,
+    pub code_bytes: u64,
+    /// Original instructions folded away / emitted.
+    pub folded: u64,
+    pub residual: u64,
+    /// Pages whose contents the variant relies on (write-protected while it lives).
+    pub guard_pages: Vec<Hex>,
+    /// Times the variant was entered (as last read from the target).
+    pub entries: u64,
+    /// Thrown away after a write to one of its guard pages (or its process exec'd).
+    pub invalidated: bool,
+}
+
+/// A write to a guarded page and the variants it killed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidationJson {
+    pub page: Hex,
+    /// Since the session started.
+    pub time_ms: u64,
+    /// Ids of the variants dropped.
+    pub variants: Vec<u64>,
 }
 
 /// The whole report (schema version 1).
@@ -124,6 +180,11 @@ pub struct Report {
     pub hot_regions: Vec<HotRegionJson>,
     pub store_profile: StoreProfileJson,
     pub timings: Timings,
+    /// Installed variants (empty with --profile-only).
+    #[serde(default)]
+    pub variants: Vec<VariantJson>,
+    #[serde(default)]
+    pub invalidations: Vec<InvalidationJson>,
 }
 
 /// Why a report could not be read.
@@ -340,6 +401,80 @@ impl Report {
         if !sp.written.is_empty() {
             writeln!(o, "  written: {}", list(&sp.written))?;
         }
+        self.render_specialization(o)
+    }
+
+    fn render_specialization(&self, o: &mut String) -> std::fmt::Result {
+        let t = &self.timings;
+        writeln!(o)?;
+        if self.variants.is_empty() {
+            writeln!(o, "variants: none installed")?;
+        } else {
+            let alive = self.variants.iter().filter(|v| !v.invalidated).count();
+            writeln!(
+                o,
+                "variants: {} installed ({} alive at the end)",
+                self.variants.len(),
+                alive
+            )?;
+        }
+        for v in self.variants.iter().take(32) {
+            let region = v
+                .region
+                .symbol
+                .clone()
+                .unwrap_or_else(|| format!("[{}..{})", v.region.start, v.region.end));
+            let trig = match (&v.trigger, v.value) {
+                (Some(t), Some(val)) => format!("at {} when {} = {}", t.address, t.register, val),
+                (Some(t), None) => format!("at {} ({})", t.address, t.register),
+                (None, _) => "unconditional".to_string(),
+            };
+            writeln!(
+                o,
+                "  #{:<3} {} {}: {} bytes, {} folded / {} residual, {} guard page(s), {} entries{}",
+                v.id,
+                region,
+                trig,
+                v.code_bytes,
+                v.folded,
+                v.residual,
+                v.guard_pages.len(),
+                v.entries,
+                if v.invalidated { ", invalidated" } else { "" }
+            )?;
+        }
+        if self.variants.len() > 32 {
+            writeln!(o, "  ... ({} more)", self.variants.len() - 32)?;
+        }
+        if !self.invalidations.is_empty() {
+            writeln!(o, "invalidations: {}", self.invalidations.len())?;
+            for i in self.invalidations.iter().take(16) {
+                let ids: Vec<String> = i.variants.iter().map(|v| format!("#{v}")).collect();
+                writeln!(
+                    o,
+                    "  {:>8} ms  page {} written: dropped {}",
+                    i.time_ms,
+                    i.page,
+                    if ids.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        ids.join(" ")
+                    }
+                )?;
+            }
+            if self.invalidations.len() > 16 {
+                writeln!(o, "  ... ({} more)", self.invalidations.len() - 16)?;
+            }
+        }
+        let first = match t.first_install_ms {
+            Some(ms) => format!("{ms} ms"),
+            None => "-".to_string(),
+        };
+        writeln!(
+            o,
+            "timings: profile {} ms, specialize {} ms, install {} ms, first sample to first install {}",
+            t.profile_ms, t.specialize_ms, t.install_ms, first
+        )?;
         Ok(())
     }
 }
@@ -410,7 +545,12 @@ mod tests {
                     mprotect: 0,
                 },
             },
-            timings: Timings { profile_ms: 600 },
+            timings: Timings {
+                profile_ms: 600,
+                ..Timings::default()
+            },
+            variants: Vec::new(),
+            invalidations: Vec::new(),
         }
     }
 

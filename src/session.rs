@@ -1,7 +1,8 @@
-//! The session loop: trace the target, sample it, watch the pages hot loads read, and produce the report.
+//! The session loop: trace the target, sample it, watch the pages hot loads read, specialize and install variants,
+//! handle guard faults, and produce the report.
 //!
-//! Profile-only mode for now; the loop is a small state machine on a clock (`Phase`) so later phases
-//! (specialize, install, invalidate) slot in after `Watching`.
+//! The loop is a small state machine on a clock (`Phase`): sample, write-watch, then (unless `--profile-only`)
+//! plan + specialize + install; after an invalidation, sample another window and plan again (bounded per region).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -20,12 +21,22 @@ use tracer::{Event, ExitStatus, Tracer};
 
 use crate::profile::{Location, ProfileEnv, Profiler};
 use crate::report::{
-    ExitStatusJson, Hex, MethodCounts, Report, StoreProfileJson, Timings, REPORT_VERSION,
+    ExitStatusJson, Hex, InvalidationJson, MethodCounts, Report, StoreProfileJson, Timings,
+    VariantJson, REPORT_VERSION,
 };
+use crate::runtime::{self, RegionPlan, Runtime};
 use crate::signals;
 
 /// How long one `next_event` wait may block: bounds the latency of phase changes and signal handling.
 const EVENT_POLL: Duration = Duration::from_millis(20);
+/// The same while variants are guarded: a thread that writes a guarded page waits this long at most for us.
+const GUARD_POLL: Duration = Duration::from_millis(3);
+/// How often the variants' entry counters are read from the target.
+const COUNTER_REFRESH: Duration = Duration::from_millis(50);
+/// Profiling restarts after an exec (the new image is profiled and specialized again), at most this often.
+const MAX_RESTARTS: u32 = 4;
+/// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
+const ID_STRIDE: u64 = 1_000_000;
 /// Most pages the store profile watches.
 const MAX_WATCHED_PAGES: usize = 256;
 /// Sampling windows added while no hot load has been seen (then the store profile is skipped).
@@ -50,7 +61,7 @@ pub struct SessionConfig {
     pub report_path: PathBuf,
     /// Attach mode: detach after this long.
     pub attach_for: Option<Duration>,
-    /// Specialization was asked for (not `--profile-only`); this build can only profile.
+    /// Specialize and install variants (not `--profile-only`).
     pub specialize: bool,
 }
 
@@ -71,6 +82,8 @@ enum Phase {
     Sampling { until: Instant },
     /// Write-watching the candidate pages, until the second window elapses.
     Watching { until: Instant },
+    /// After an invalidation: sample another window, then plan again.
+    Resample { until: Instant },
     /// Profile complete; sampling continues until the end.
     Done,
 }
@@ -279,6 +292,21 @@ struct Session {
     sampling_extensions: u32,
     /// The process the write watch is on.
     watch_pid: Option<Pid>,
+    /// The code cache of the specialized process (none with --profile-only or before the first plan).
+    rt: Option<Runtime>,
+    /// Variants and invalidations of code caches whose process exec'd or exited.
+    retired_variants: Vec<VariantJson>,
+    retired_invalidations: Vec<InvalidationJson>,
+    /// Specialize / install time of retired caches.
+    retired_times: (Duration, Duration),
+    /// Code caches created so far (for unique variant ids).
+    generations: u64,
+    /// Profiling restarts after exec.
+    restarts: u32,
+    /// When the first sample arrived.
+    first_sample_at: Option<Instant>,
+    /// When the first variant was installed.
+    first_install_at: Option<Instant>,
 }
 
 /// Run a whole session and write its report.
@@ -303,9 +331,6 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         }
     };
     let root = tracer.root();
-    if cfg.specialize && !cfg.quiet {
-        eprintln!("dynspec: specialization is not available in this build yet; profiling only");
-    }
     let mut code = CodeMap::default();
     code.preload(root);
     let start = Instant::now();
@@ -341,6 +366,14 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         grace_pages: Default::default(),
         sampling_extensions: 0,
         watch_pid: None,
+        rt: None,
+        retired_variants: Vec::new(),
+        retired_invalidations: Vec::new(),
+        retired_times: (Duration::ZERO, Duration::ZERO),
+        generations: 0,
+        restarts: 0,
+        first_sample_at: None,
+        first_install_at: None,
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
@@ -364,6 +397,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         End::Exited(st) => {
             // The watch's process is gone: just collect what it saw.
             s.end_watch_after_exit();
+            s.retire_runtime(false);
             if s.attach_mode {
                 Outcome::Detached
             } else {
@@ -371,9 +405,16 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             }
         }
         End::Detach => {
-            s.tracer
-                .stop_all()
-                .context("cannot stop the target to detach")?;
+            match s.rt.as_ref() {
+                Some(rt) => rt
+                    .cache
+                    .stop_all(&mut s.tracer)
+                    .map_err(anyhow::Error::from),
+                None => s.tracer.stop_all().map_err(anyhow::Error::from),
+            }
+            .context("cannot stop the target to detach")?;
+            s.uninstall_everything()
+                .context("cannot remove the installed variants before detaching")?;
             s.end_watch();
             let report = s.build_report(command, attach_pid, exit_status);
             let Session { tracer, cfg, .. } = s;
@@ -386,6 +427,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             for pid in s.tracer.processes() {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
             }
+            s.retire_runtime(false);
             Outcome::Interrupted(code)
         }
     };
@@ -408,6 +450,7 @@ impl Session {
         if samples.is_empty() {
             return;
         }
+        self.first_sample_at.get_or_insert_with(Instant::now);
         let mut env = LiveEnv {
             tracer: &self.tracer,
             code: &mut self.code,
@@ -444,9 +487,15 @@ impl Session {
                     return Ok(End::Detach);
                 }
             }
+            self.poll_guards();
+            let poll = if self.rt.as_ref().is_some_and(|r| r.has_live()) {
+                GUARD_POLL
+            } else {
+                EVENT_POLL
+            };
             let ev = self
                 .tracer
-                .next_event(Some(EVENT_POLL))
+                .next_event(Some(poll))
                 .context("lost control of the target")?;
             if let Some(ev) = ev {
                 if let Some(end) = self.handle_event(ev)? {
@@ -466,6 +515,11 @@ impl Session {
                 signal,
                 siginfo,
             } => {
+                if signal == libc::SIGSEGV && self.guard_segv(tid, &siginfo) {
+                    // Ours: every thread is stopped, the page invalidated, the signal suppressed.
+                    self.resume_all_quiet();
+                    return Ok(None);
+                }
                 let mut claimed = false;
                 if signal == libc::SIGSEGV && self.watch.is_none() {
                     claimed = self.late_watch_fault(&siginfo);
@@ -502,6 +556,11 @@ impl Session {
                 // A vfork child shares the parent's memory: "restoring" its pages would end the parent's watch.
                 let watched_parent =
                     self.watch_pid == Some(parent_pid) && !self.tracer.in_vfork(parent);
+                let spec_parent = self.rt.as_ref().is_some_and(|r| r.pid == parent_pid)
+                    && !self.tracer.in_vfork(parent);
+                if spec_parent {
+                    self.strip_child(child);
+                }
                 if let Some(w) = self.watch.as_mut().filter(|_| watched_parent) {
                     // A child must not inherit pages we write-protected: restore them before it runs.
                     if let Err(e) = w.on_fork(&mut self.tracer, child) {
@@ -519,6 +578,7 @@ impl Session {
                 if let Some(w) = self.watch.as_mut() {
                     w.on_exec(pid);
                 }
+                self.on_exec(pid);
                 // Samples of the old image first, while its symbols are cached.
                 self.ingest();
                 self.code.forget(pid);
@@ -546,6 +606,9 @@ impl Session {
                 self.ingest();
                 if self.watch_pid == Some(pid) {
                     self.end_watch_after_exit();
+                }
+                if self.rt.as_ref().is_some_and(|r| r.pid == pid) {
+                    self.retire_runtime(false);
                 }
                 self.code.forget(pid);
                 self.profiler.forget_process(pid);
@@ -607,7 +670,9 @@ impl Session {
                     };
                     return;
                 }
-                if let Some((pid, pages)) = candidates {
+                // A second userfaultfd user next to the code cache's guards is not worth the risk: once a cache
+                // exists, later plans rely on read-only memory and the earlier store profile only.
+                if let (Some((pid, pages)), None) = (candidates, self.rt.as_ref()) {
                     self.start_watch(pid, &pages);
                 }
                 self.phase = Phase::Watching {
@@ -615,10 +680,15 @@ impl Session {
                 };
             }
             Phase::Watching { until } if now >= until => {
-                if self.watch.is_some() {
-                    match self.tracer.stop_all() {
+                let watched = self.watch.is_some();
+                let wants_cache = self.cfg.specialize && self.rt.is_none();
+                if watched || wants_cache {
+                    match self.stop_everything() {
                         Ok(()) => {
                             self.end_watch();
+                            if wants_cache {
+                                self.start_runtime();
+                            }
                             self.resume_all_quiet();
                         }
                         Err(e) => {
@@ -630,6 +700,11 @@ impl Session {
                 }
                 self.profile_done = Some(Instant::now());
                 self.phase = Phase::Done;
+                self.replan();
+            }
+            Phase::Resample { until } if now >= until => {
+                self.phase = Phase::Done;
+                self.replan();
             }
             _ => {}
         }
@@ -647,6 +722,216 @@ impl Session {
         // accessor is for.
         let addr = unsafe { siginfo.si_addr() } as u64;
         self.grace_pages.remove(&RemoteAddr(addr).page())
+    }
+
+    fn say(&self, msg: impl std::fmt::Display) {
+        if !self.cfg.quiet {
+            eprintln!("dynspec: {msg}");
+        }
+    }
+
+    /// Stop every thread (through the code cache while one exists: it must see faults during the stop).
+    fn stop_everything(&mut self) -> Result<()> {
+        match self.rt.as_ref() {
+            Some(rt) => rt.cache.stop_all(&mut self.tracer)?,
+            None => self.tracer.stop_all()?,
+        }
+        Ok(())
+    }
+
+    /// Create the code cache for the process the profile points at (threads stopped).
+    fn start_runtime(&mut self) {
+        let alive = |p: Pid| !self.tracer.threads(p).is_empty();
+        let pid = match self.watch_pid.filter(|p| alive(*p)) {
+            Some(p) => p,
+            None => self
+                .profiler
+                .candidate_pages(1)
+                .map(|x| x.0)
+                .filter(|p| alive(*p))
+                .unwrap_or(self.root),
+        };
+        if !alive(pid) {
+            return;
+        }
+        let base = (self.generations + 1) * ID_STRIDE;
+        match Runtime::new(&mut self.tracer, pid, base) {
+            Ok(rt) => {
+                self.generations += 1;
+                self.rt = Some(rt);
+            }
+            Err(e) => self.say(format_args!(
+                "cannot set up the code cache, not specializing: {e}"
+            )),
+        }
+    }
+
+    /// Plan, specialize and install for the hot regions that have no live variant (bounded per region).
+    fn replan(&mut self) {
+        if !self.cfg.specialize {
+            return;
+        }
+        self.ingest();
+        let Some(rt) = self.rt.as_mut() else { return };
+        let regions: Vec<RegionPlan> = self
+            .profiler
+            .report_regions()
+            .into_iter()
+            .filter(|r| r.share >= runtime::MIN_SPECIALIZE_SHARE)
+            .map(|r| RegionPlan {
+                start: specializer::Addr(r.start.0),
+                end: specializer::Addr(r.end.0),
+                symbol: r.symbol.clone(),
+                candidates: runtime::candidates_of(&r.triggers),
+            })
+            .filter(|r| !r.candidates.is_empty())
+            .collect();
+        if !rt.wants_any(&regions) {
+            return;
+        }
+        // The store profile is about the watched process only.
+        let constant = if self.watch_pid == Some(rt.pid) {
+            runtime::constant_pages(&self.store.watched, &self.store.written)
+        } else {
+            Default::default()
+        };
+        let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
+        if let (Some(t), None) = (rt.first_install, self.first_install_at) {
+            self.first_install_at = Some(t);
+        }
+        if let Some(p) = out.problems.first() {
+            self.say(p);
+        }
+    }
+
+    /// Handle pending uffd guard faults and keep the entry counters fresh.
+    fn poll_guards(&mut self) {
+        let Some(rt) = self.rt.as_mut() else { return };
+        rt.refresh_counters(&self.tracer, COUNTER_REFRESH);
+        if !rt.cache.has_guard_faults() {
+            return;
+        }
+        rt.read_counters(&self.tracer);
+        match rt.cache.handle_guard_faults(&mut self.tracer) {
+            Ok(invs) => {
+                rt.record_invalidations(&invs, self.start);
+                self.after_invalidation();
+            }
+            Err(e) => {
+                self.say(format_args!(
+                    "cannot handle a write to a guarded page: {e}; removing every variant"
+                ));
+                self.give_up_specializing();
+            }
+        }
+        self.resume_all_quiet();
+    }
+
+    /// A SIGSEGV of the specialized process: true when it was a write to a page guarded with mprotect (handled).
+    fn guard_segv(&mut self, tid: Pid, siginfo: &libc::siginfo_t) -> bool {
+        let Some(rt) = self.rt.as_mut() else {
+            return false;
+        };
+        if self.tracer.tgid(tid) != Some(rt.pid) {
+            return false;
+        }
+        rt.read_counters(&self.tracer);
+        match rt.cache.handle_segv(&mut self.tracer, tid, siginfo) {
+            Ok(Some(inv)) => {
+                rt.record_invalidations(&[inv], self.start);
+                self.after_invalidation();
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                self.say(format_args!(
+                    "cannot classify a SIGSEGV of thread {tid}: {e}"
+                ));
+                false
+            }
+        }
+    }
+
+    /// Sample a fresh window before specializing the invalidated regions again.
+    fn after_invalidation(&mut self) {
+        if matches!(self.phase, Phase::Done) {
+            self.phase = Phase::Resample {
+                until: Instant::now() + self.cfg.window,
+            };
+        }
+    }
+
+    /// Something went wrong while variants were live: remove them all (threads stopped by the caller or here)
+    /// and specialize no more.
+    fn give_up_specializing(&mut self) {
+        if let Err(e) = self.stop_everything() {
+            self.say(format_args!("cannot stop the target: {e}"));
+        }
+        if let Err(e) = self.uninstall_everything() {
+            self.say(format_args!("cannot remove the variants: {e}"));
+        }
+        self.retire_runtime(false);
+        self.cfg.specialize = false;
+    }
+
+    /// Restore every patch and release every guard (threads stopped).
+    fn uninstall_everything(&mut self) -> Result<()> {
+        let Some(rt) = self.rt.as_mut() else {
+            return Ok(());
+        };
+        rt.read_counters(&self.tracer);
+        rt.cache.uninstall_all(&mut self.tracer)?;
+        Ok(())
+    }
+
+    /// A fork child of the specialized process: restore the original code in it before it runs.
+    fn strip_child(&mut self, child: Pid) {
+        let Some(rt) = self.rt.as_ref() else { return };
+        if let Err(e) = rt.cache.strip_child(&mut self.tracer, child) {
+            // The child would run variants nobody guards: end it rather than let it compute wrong results.
+            self.say(format_args!(
+                "cannot remove the variants from child {child}: {e}; killing it"
+            ));
+            let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// `pid` exec'd: its address space is new. Drop its code cache and profile it from the start.
+    fn on_exec(&mut self, pid: Pid) {
+        let ours = self.rt.as_ref().is_some_and(|r| r.pid == pid);
+        if ours {
+            self.retire_runtime(true);
+        }
+        let restart = self.cfg.specialize
+            && self.rt.is_none()
+            && matches!(self.phase, Phase::Done | Phase::Resample { .. })
+            && self.restarts < MAX_RESTARTS;
+        if restart {
+            self.restarts += 1;
+            self.sampling_extensions = 0;
+            self.phase = Phase::Sampling {
+                until: Instant::now() + self.cfg.window,
+            };
+        }
+    }
+
+    /// Keep the records of the code cache and drop it (its process exec'd, exited, or we gave up).
+    fn retire_runtime(&mut self, exec: bool) {
+        let Some(mut rt) = self.rt.take() else { return };
+        let mut vs = rt.variants_json();
+        if exec {
+            for v in &mut vs {
+                v.invalidated = true;
+            }
+        }
+        self.retired_variants.extend(vs);
+        self.retired_invalidations.extend(rt.invalidations_json());
+        self.retired_times.0 += rt.specialize_time;
+        self.retired_times.1 += rt.install_time;
+        if let (Some(t), None) = (rt.first_install, self.first_install_at) {
+            self.first_install_at = Some(t);
+        }
+        rt.cache.forget();
     }
 
     fn resume_all_quiet(&mut self) {
@@ -767,6 +1052,20 @@ impl Session {
             .map(|t| t - self.start)
             .unwrap_or(duration)
             .as_millis() as u64;
+        let mut variants = self.retired_variants.clone();
+        let mut invalidations = self.retired_invalidations.clone();
+        let (mut spec, mut inst) = self.retired_times;
+        if let Some(rt) = self.rt.as_ref() {
+            variants.extend(rt.variants_json());
+            invalidations.extend(rt.invalidations_json());
+            spec += rt.specialize_time;
+            inst += rt.install_time;
+        }
+        invalidations.sort_by_key(|i| i.time_ms);
+        let first_install_ms = match (self.first_sample_at, self.first_install_at) {
+            (Some(a), Some(b)) => Some(b.saturating_duration_since(a).as_millis() as u64),
+            _ => None,
+        };
         Report {
             version: REPORT_VERSION,
             command,
@@ -778,7 +1077,14 @@ impl Session {
             duration_ms: duration.as_millis() as u64,
             hot_regions: self.profiler.report_regions(),
             store_profile: self.store.clone(),
-            timings: Timings { profile_ms },
+            timings: Timings {
+                profile_ms,
+                specialize_ms: spec.as_millis() as u64,
+                install_ms: inst.as_millis() as u64,
+                first_install_ms,
+            },
+            variants,
+            invalidations,
         }
     }
 }
