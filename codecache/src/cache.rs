@@ -479,18 +479,24 @@ impl Cache {
             fallback_counter,
             &pages,
         )?;
-        for (_, _, enc, _, _) in &placed {
-            publish(
-                tr,
-                self.pid,
-                &self.arenas,
-                RemoteAddr(enc.base.0),
-                &enc.code,
-            )?;
+        let linked = (|| {
+            for (_, _, enc, _, _) in &placed {
+                publish(
+                    tr,
+                    self.pid,
+                    &self.arenas,
+                    RemoteAddr(enc.base.0),
+                    &enc.code,
+                )?;
+            }
+            // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
+            self.check_threads_outside(tr, &patch)?;
+            self.write_patch(tr, self.pid, &patch, stub.entry)
+        })();
+        if let Err(e) = linked {
+            self.guards.unregister_stub_flag(stub.enabled);
+            return Err(e);
         }
-        // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
-        self.check_threads_outside(tr, &patch)?;
-        self.write_patch(tr, self.pid, &patch, stub.entry)?;
         let mut ids = Vec::new();
         for (value, var, enc, ret_sites, counter) in placed {
             let id = VariantId(self.new_id());

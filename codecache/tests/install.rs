@@ -374,3 +374,22 @@ fn discarded_guarded_page_invalidates() {
     assert_eq!(t.output, native);
     assert_eq!(t.invalidations.len(), 1, "{:?}", t.invalidations);
 }
+
+#[test]
+fn programs_own_segv_is_delivered() {
+    // With a page guarded by mprotect, a SIGSEGV of the program's own (another page) reaches its handler.
+    let d = TempDir::new("ownsegv");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 14, ITERS);
+    assert!(native.starts_with("caught=1"), "{native}");
+    let t = run_traced(&exe, &d, 14, ITERS, Site::Entry);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(
+        t.guard_kinds.contains(&codecache::GuardKind::Mprotect),
+        "{:?}",
+        t.guard_kinds
+    );
+    assert!(t.invalidations.is_empty(), "{:?}", t.invalidations);
+    assert!(t.entries > 0);
+}

@@ -13,9 +13,12 @@
  *   bytecode 2 (the call right after the store); the program reports whether the run() call interrupted by the handler saw the change
  *   ("mid=new"), did not ("mid=old"), or neither; 12: the bytecode is rewritten at 1/4, 2/4 and 3/4, each
  *   time followed by SIGUSR1; 13: the bytecode has a mapping of its own, discarded half-way with
- *   madvise(MADV_DONTNEED) (it reads as zeros afterwards: no write ever happens).
+ *   madvise(MADV_DONTNEED) (it reads as zeros afterwards: no write ever happens); 14: like 6 (mprotect
+ *   guard), and half-way the program takes a SIGSEGV of its own (a store into a read-only page, caught by its
+ *   handler), which must reach it unchanged.
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -84,6 +87,13 @@ static atomic_long bad;
 
 static void on_usr1(int s) { (void)s; }
 
+static sigjmp_buf segv_jmp;
+static void on_segv(int s)
+{
+    (void)s;
+    siglongjmp(segv_jmp, 1);
+}
+
 static volatile sig_atomic_t handled;
 static void on_usr2(int s)
 {
@@ -126,7 +136,7 @@ int main(int argc, char **argv)
         code = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (code == MAP_FAILED) return 9;
     } else {
-        code = mode == 6 ? data_code : aligned_alloc(4096, 4096);
+        code = (mode == 6 || mode == 14) ? data_code : aligned_alloc(4096, 4096);
     }
     memset(code, 0, 4096);
     fill(code);
@@ -179,6 +189,17 @@ int main(int argc, char **argv)
                 raise(SIGUSR1);
             if (i == iters / 2 && mode == 13)
                 madvise(code, 4096, MADV_DONTNEED);
+            if (i == iters / 2 && mode == 14) {
+                char *ro = mmap(NULL, 4096, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+                signal(SIGSEGV, on_segv);
+                int caught = 0;
+                if (!sigsetjmp(segv_jmp, 1))
+                    *(volatile char *)ro = 1;
+                else
+                    caught = 1;
+                signal(SIGSEGV, SIG_DFL);
+                fprintf(out, "caught=%d\n", caught);
+            }
             if (mode == 12 && i > 0 && i % (iters / 4) == 0 && i / (iters / 4) <= 3) {
                 code[1].a = 9 + (int)(i / (iters / 4));
                 raise(SIGUSR1);
