@@ -661,7 +661,9 @@ impl Tracer {
                     Err(Errno::ESRCH) => {}
                     Err(Errno::EPERM) => {
                         // A thread cloned after we seized its parent is auto-attached to us already.
-                        if proc_status_field(tid, "TracerPid").as_deref() == Some(me.as_str()) {
+                        if !tr.threads.is_empty()
+                            && proc_status_field(tid, "TracerPid").as_deref() == Some(me.as_str())
+                        {
                             tr.add_thread(tid, tgid, State::Running, false);
                             new += 1;
                         } else if tid == tgid && matches!(task_state(tid), Some('Z') | Some('X')) {

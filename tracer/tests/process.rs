@@ -136,6 +136,17 @@ fn bad_programs_give_clear_errors() {
         Err(TracerError::WrongArch { .. })
     ));
 
+    // A process that is already traced (here by another tracer of this process).
+    let d2 = TempDir::new("traced");
+    let exe = compile(&d2, "exit", EXIT_ARG, &[]);
+    let first = Tracer::spawn(&argv(&[&exe])).unwrap();
+    match Tracer::attach(first.root()) {
+        Err(e @ TracerError::PermissionDenied { .. }) => {
+            assert!(e.to_string().contains("already traced"), "{e}")
+        }
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    drop(first);
     // PID 2 is kthreadd.
     match Tracer::attach(Pid::from_raw(2)) {
         Err(e @ TracerError::Unsupported(_)) => assert!(e.to_string().contains("kernel thread")),
