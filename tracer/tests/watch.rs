@@ -437,3 +437,85 @@ fn exec_drops_the_watch() {
         );
     }
 }
+
+const MT_WRITERS: &str = r#"
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+static void h(int s) { (void)s; }
+volatile char data_page[4096] __attribute__((aligned(4096))) = {1};
+static pthread_barrier_t bar;
+static void *writer(void *a) {
+    pthread_barrier_wait(&bar);
+    data_page[(long)a * 8] = 1;
+    return a;
+}
+int main(int c, char **v) {
+    (void)c;
+    signal(SIGUSR1, h);
+    pthread_barrier_init(&bar, 0, 4);
+    pthread_t t[4];
+    for (long i = 1; i < 4; i++) pthread_create(&t[i], 0, writer, (void *)i);
+    FILE *f = fopen(v[1], "w");
+    fprintf(f, "%lx\n", (unsigned long)data_page);
+    fclose(f);
+    raise(SIGUSR1);
+    writer(0);
+    for (int i = 1; i < 4; i++) pthread_join(t[i], 0);
+    return data_page[8] + data_page[16] + data_page[24] == 3 ? 0 : 1;
+}
+"#;
+
+#[test]
+fn mprotect_fallback_with_threads_faulting_at_once() {
+    let d = TempDir::new("mtwriters");
+    let exe = compile(&d, "mtwriters", MT_WRITERS, &[]);
+    let out = d.path("addrs.txt");
+    let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
+    let root = tr.root();
+    let mut watch: Option<WriteWatch> = None;
+    let mut claimed = 0;
+    let mut delivered_segv = 0;
+    let seen = run_loop(&mut tr, |tr, ev| match ev {
+        Event::Signal {
+            tid,
+            signal: libc::SIGUSR1,
+            ..
+        } => {
+            tr.stop_all().unwrap();
+            let a = read_addrs(&out);
+            let opts = WatchOptions {
+                uffd: false,
+                uffd_async: false,
+            };
+            let mut w = WriteWatch::with_options(tr, root, *tid, opts).unwrap();
+            assert_eq!(w.watch(tr, &a).unwrap().mprotect, a);
+            watch = Some(w);
+            tr.resume_all().unwrap();
+            None
+        }
+        Event::Signal {
+            tid,
+            signal: libc::SIGSEGV,
+            siginfo,
+        } => {
+            if watch
+                .as_mut()
+                .unwrap()
+                .handle_segv(tr, *tid, siginfo)
+                .unwrap()
+            {
+                claimed += 1;
+                Some(None)
+            } else {
+                delivered_segv += 1;
+                None
+            }
+        }
+        _ => None,
+    });
+    assert_eq!(seen.status, Some(ExitStatus::Code(0)));
+    assert_eq!(delivered_segv, 0);
+    assert!(claimed >= 1);
+    assert_eq!(watch.unwrap().written().len(), 1);
+}
