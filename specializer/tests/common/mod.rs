@@ -160,6 +160,8 @@ const TRAMP_OFF: usize = PAGE_SIZE as usize;
 const STACK_OFF: usize = 2 * PAGE_SIZE as usize;
 /// Size of the private stack.
 pub const STACK_SIZE: usize = 16 * PAGE_SIZE as usize;
+/// How much of the stack top is filled and compared.
+const STACK_WINDOW: usize = 2 * PAGE_SIZE as usize;
 
 /// Runs code natively with a given register file.
 pub struct Machine {
@@ -254,14 +256,17 @@ impl Machine {
         self.map.addr + (STACK_OFF + STACK_SIZE) as u64 - 256
     }
 
-    /// The private stack's bytes (for comparing pushes).
+    /// The top of the private stack (the part code under test uses: pushes,
+    /// small frames) for comparing what it wrote.
     pub fn stack_bytes(&self) -> Vec<u8> {
-        self.map.read(STACK_OFF, STACK_SIZE)
+        self.map
+            .read(STACK_OFF + STACK_SIZE - STACK_WINDOW, STACK_WINDOW)
     }
 
-    /// Fill the private stack with a pattern.
+    /// Fill the top of the private stack (see [`Machine::stack_bytes`]) with a pattern.
     pub fn fill_stack(&self, byte: u8) {
-        self.map.write(STACK_OFF, &vec![byte; STACK_SIZE]);
+        self.map
+            .write(STACK_OFF + STACK_SIZE - STACK_WINDOW, &[byte; STACK_WINDOW]);
     }
 
     /// Prepare a call frame on the private stack whose return address is the
