@@ -17,6 +17,11 @@
 //!   add rax, rcx
 //! expect exits: 1                     ; number of exits
 //! expect exit 0x1000040: rax=0x5 zf=1 ; an exit to this target with these known values
+//! expect exit 0x1000040: reason=budget ; ... and this reason (left_region, unknown_target, budget, unsupported)
+//! expect exit any: reason=budget      ; some exit (any target) with this reason
+//! chain: 0x1000010 = 0x3000000        ; Options::chain entry (exit target -> where to jump)
+//! max-states: 2                       ; Options::max_states_per_address
+//! budget: 64                          ; Options::max_code_bytes
 //! expect no-fallthrough               ; no exit falls off the end
 //! native: no                          ; skip native cross-check (default: auto)
 //! scratch: 0x400000 0x100             ; writable memory for native runs (not constant)
@@ -85,7 +90,9 @@ enum Expect {
     Lacks(String),
     Exact(Vec<String>),
     Exits(usize),
-    Exit(Addr, Vec<(Loc, u64)>),
+    /// An exit to this target, optionally with this reason, with these known values.
+    /// (`None` target: any exit.)
+    Exit(Option<Addr>, Option<String>, Vec<(Loc, u64)>),
     NoFallthrough,
 }
 
@@ -156,6 +163,9 @@ fn parse_case(path: &Path) -> Result<Case, String> {
     let mut expects = Vec::new();
     let mut native = None;
     let mut scratch = Vec::new();
+    let mut chain = std::collections::BTreeMap::new();
+    let mut max_states = None;
+    let mut budget = None;
     let mut input = Vec::new();
     let mut ignore_stack = false;
     let lines: Vec<&str> = text.lines().collect();
@@ -214,6 +224,21 @@ fn parse_case(path: &Path) -> Result<Case, String> {
                 let l = snippet::parse_u64(l).map_err(|e| err(e.to_string()))? as usize;
                 scratch.push((a, l));
             }
+            "chain" => {
+                let (a, b) = snippet::split_assignment(rest).map_err(|e| err(e.to_string()))?;
+                let a = Addr(snippet::parse_u64(a).map_err(|e| err(e.to_string()))?);
+                let b = Addr(snippet::parse_u64(b).map_err(|e| err(e.to_string()))?);
+                chain.insert(a, b);
+            }
+            "max-states" => {
+                max_states = Some(
+                    rest.parse()
+                        .map_err(|_| err(format!("max-states: bad count {rest:?}")))?,
+                )
+            }
+            "budget" => {
+                budget = Some(snippet::parse_u64(rest).map_err(|e| err(e.to_string()))? as usize)
+            }
             "native" => {
                 native = Some(match rest {
                     "yes" => true,
@@ -244,16 +269,23 @@ fn parse_case(path: &Path) -> Result<Case, String> {
             )),
             "expect no-fallthrough" => expects.push((lno, Expect::NoFallthrough)),
             k if k.starts_with("expect exit ") => {
-                let t = snippet::parse_u64(&k["expect exit ".len()..])
-                    .map_err(|e| err(e.to_string()))?;
+                let t = match k["expect exit ".len()..].trim() {
+                    "any" => None,
+                    t => Some(Addr(snippet::parse_u64(t).map_err(|e| err(e.to_string()))?)),
+                };
                 let mut vals = Vec::new();
+                let mut reason = None;
                 for a in rest.split_whitespace() {
                     let (n, v) = snippet::split_assignment(a).map_err(|e| err(e.to_string()))?;
+                    if n == "reason" {
+                        reason = Some(v.to_string());
+                        continue;
+                    }
                     let loc =
                         Loc::parse(n).ok_or_else(|| err(format!("unknown register/flag {n:?}")))?;
                     vals.push((loc, snippet::parse_u64(v).map_err(|e| err(e.to_string()))?));
                 }
-                expects.push((lno, Expect::Exit(Addr(t), vals)));
+                expects.push((lno, Expect::Exit(t, reason, vals)));
             }
             k if k.starts_with("expect ") => {
                 let n = k["expect ".len()..].trim();
@@ -279,6 +311,15 @@ fn parse_case(path: &Path) -> Result<Case, String> {
     let mut s = Snippet::new(at, code);
     s.known = known;
     s.memory = memory;
+    if !chain.is_empty() {
+        s.options.chain = Some(chain);
+    }
+    if let Some(m) = max_states {
+        s.options.max_states_per_address = m;
+    }
+    if let Some(b) = budget {
+        s.options.max_code_bytes = b;
+    }
     Ok(Case {
         path: path.to_path_buf(),
         snippet: s,
@@ -361,17 +402,26 @@ fn check_expectations(case: &Case, f: &Folded, fails: &mut Vec<String>) {
                     )));
                 }
             }
-            Expect::Exit(t, vals) => {
+            Expect::Exit(t, reason, vals) => {
                 let ok = f.variant.exits.iter().any(|e| {
-                    e.target == *t && vals.iter().all(|(l, v)| l.get(&e.state) == Some(*v))
+                    t.is_none_or(|t| e.target == t)
+                        && reason
+                            .as_ref()
+                            .is_none_or(|r| snippet::reason_name(e.reason) == r)
+                        && vals.iter().all(|(l, v)| l.get(&e.state) == Some(*v))
                 });
                 if !ok {
                     fails.push(fail(format!(
-                        "expected an exit to {t} with {vals:?}, got {:?}",
+                        "expected an exit to {t:?} (reason {reason:?}) with {vals:?}, got {:?}",
                         f.variant
                             .exits
                             .iter()
-                            .map(|e| format!("{} {}", e.target, snippet::state_text(&e.state)))
+                            .map(|e| format!(
+                                "{} {} {}",
+                                e.target,
+                                snippet::reason_name(e.reason),
+                                snippet::state_text(&e.state)
+                            ))
                             .collect::<Vec<_>>()
                     )));
                 }

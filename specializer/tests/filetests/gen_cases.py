@@ -290,3 +290,11 @@ case('store_known_address','a store through a known base with an unknown value',
  ['mov qword ptr [rcx+rdx*8], rsi','mov r8, qword ptr [rcx+8]'], set_='rcx=0x400000 rdx=1', expects=ex(r8='unknown'), extra=['scratch: 0x400000 0x100'])
 case('store_unknown_base','a store through an unknown base register writes only memory',
  ['mov qword ptr [rbx+0xca], r9','mov dword ptr [rbx+0x10], esi'], expects=ex(rbx='unknown'), extra=['scratch: 0x400000 0x100','input: rbx=0x400000'])
+case('chain_fallthrough','a chained exit jumps to the chain target instead of the original address',
+ ['mov eax, 5','add eax, ecx'], set_='rcx=1', expects=ex(rax='0x6')+['expect exit 0x1000007: reason=left_region rax=0x6','expect residual has: jmp 0x3000000'], extra=['chain: 0x1000007 = 0x3000000','native: no'])
+case('budget_exit','a tiny code budget turns pending work into budget exits to the original',
+ ['L1:','add eax, ecx','dec edx','jnz L1'], expects=['expect exit any: reason=budget'], extra=['budget: 1','native: no'])
+case('widening_unknown_loop','a loop whose counter is unknown stays a loop; known-but-changing values are widened',
+ ['xor eax, eax','L1:','add eax, 3','dec ecx','jnz L1','mov ebx, 1'], expects=ex(rax='unknown',rbx='0x1')+['expect residual has: add eax, 3'], extra=['max-states: 2','native: no'])
+case('unknown_target_exit','an indirect jump through an unknown register is an unknown-target exit',
+ ['mov ebx, 3','jmp rax'], expects=['expect no-fallthrough'])
