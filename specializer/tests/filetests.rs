@@ -404,10 +404,9 @@ fn check_expectations(case: &Case, f: &Folded, fails: &mut Vec<String>) {
             }
             Expect::Exit(t, reason, vals) => {
                 let ok = f.variant.exits.iter().any(|e| {
-                    t.is_none_or(|t| e.target == t)
-                        && reason
-                            .as_ref()
-                            .is_none_or(|r| snippet::reason_name(e.reason) == r)
+                    (t.is_none() || *t == Some(e.target))
+                        && (reason.is_none()
+                            || reason.as_deref() == Some(snippet::reason_name(e.reason)))
                         && vals.iter().all(|(l, v)| l.get(&e.state) == Some(*v))
                 });
                 if !ok {
