@@ -1,5 +1,6 @@
 //! dynspec: the command-line tool. Drives tracer, specializer and codecache.
 
+mod bench;
 mod fold;
 mod profile;
 mod report;
@@ -82,6 +83,29 @@ enum Command {
     },
     /// Show what the specializer does to a snippet of code.
     Fold(fold::FoldArgs),
+    /// Time a program natively and under `dynspec run`, alternated; check both give the same output.
+    Bench {
+        /// Runs of each kind.
+        #[arg(short = 'n', value_name = "N", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        n: u32,
+        /// Print only the result line.
+        #[arg(short, long)]
+        quiet: bool,
+        /// The program and its arguments (put them after `--`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Build the bundled switch interpreter, run it natively and under dynspec, and compare.
+    Demo {
+        /// Where to write the report [default: ./dynspec.report.json].
+        #[arg(long, value_name = "PATH")]
+        report: Option<PathBuf>,
+    },
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
@@ -165,6 +189,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Fold(args) => {
             fold::run(args)?;
+            Ok(0)
+        }
+        Command::Bench { n, quiet, command } => {
+            validate_program(&command[0])?;
+            bench::run_bench(&command, n, quiet)?;
+            Ok(0)
+        }
+        Command::Demo { report } => {
+            let report = report.unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT));
+            check_report_path(&report)?;
+            bench::run_demo(&report)?;
             Ok(0)
         }
     }

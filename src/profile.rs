@@ -84,7 +84,7 @@ struct LinearFunction {
     insns: Vec<LinearInsn>,
 }
 
-fn written_gprs(ins: &iced_x86::Instruction) -> u16 {
+pub(crate) fn written_gprs(ins: &iced_x86::Instruction) -> u16 {
     use iced_x86::{InstructionInfoFactory, OpAccess};
     let mut fac = InstructionInfoFactory::new();
     let mut mask = 0u16;

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use codecache::{Cache, CacheError, Counters, InstallRequest, Invalidation, TargetMemory};
 use nix::unistd::Pid;
-use specializer::{score_trigger, Addr, Gpr, KnownState, Options, Request, TriggerCandidate};
+use specializer::{Addr, Gpr, KnownState, Memory, Options, Request, TriggerCandidate, Variant};
 use tracer::Tracer;
 
 use crate::report::{Hex, InvalidationJson, RegionRefJson, TriggerRefJson, VariantJson};
@@ -23,6 +23,14 @@ const MAX_INSTALL_TRIES: usize = 3;
 pub const MAX_INSTALLS_PER_REGION: u32 = 4;
 /// A value must cover at least this share of its candidate's samples to get a variant of its own.
 const MIN_VALUE_SHARE: f64 = 0.01;
+/// A variant must fold at least this many instructions to pay for its dispatch stub...
+const MIN_FOLDED: usize = 12;
+/// ...and at least this share of what it visits: entering a variant that folds little costs more than it saves.
+const MIN_FOLD_RATIO: f64 = 0.25;
+/// Time one planning round may spend specializing (the program runs meanwhile, but a core is busy).
+const PLAN_BUDGET: Duration = Duration::from_millis(400);
+/// Functions larger than this are not scanned for entry constants.
+const MAX_SCAN_BYTES: u64 = 64 * 1024;
 
 /// A hot region and its trigger candidates (best first, from the value profile).
 #[derive(Clone, Debug)]
@@ -146,25 +154,77 @@ impl Runtime {
         constant: &BTreeSet<Addr>,
     ) -> Result<bool, String> {
         let t0 = Instant::now();
-        let mut scored: Vec<(f64, TriggerCandidate, Vec<u64>)> = Vec::new();
+        let arenas = self.cache.arena_ranges();
+        if arenas.iter().any(|(s, e)| r.start.0 < *e && *s < r.end.0) {
+            // Our own code: never specialize a variant.
+            return Ok(false);
+        }
+        // (benefit, candidate, variants, snapshots)
+        type Scored = (
+            f64,
+            TriggerCandidate,
+            Vec<(Option<u64>, Variant)>,
+            Snapshots,
+        );
+        let mut scored: Vec<Scored> = Vec::new();
         {
             let mut mem =
                 TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
             mem.allow(constant.iter().copied());
+            let consts = if r.symbol.is_some() {
+                entry_constants(&mem, r.start, r.end)
+            } else {
+                Vec::new()
+            };
             for c in r.candidates.iter().take(MAX_SCORED) {
+                if t0.elapsed() > PLAN_BUDGET {
+                    break;
+                }
                 if c.address < r.start || c.address >= r.end {
                     continue;
                 }
                 let opts = Self::options(r, c.address);
-                let s = score_trigger(r.start, r.end, c, &mem, &opts);
-                let good: Vec<u64> = s
-                    .per_value
-                    .iter()
-                    .filter(|v| v.ok && v.folded > 0)
-                    .map(|v| v.value)
-                    .collect();
-                if s.benefit > 0.0 && !good.is_empty() {
-                    scored.push((s.benefit, c.clone(), good));
+                let total: u64 = c.values.iter().map(|v| v.1).sum();
+                let mut benefit = 0.0;
+                let mut variants = Vec::new();
+                for (k, &(value, samples)) in c.values.iter().enumerate() {
+                    if t0.elapsed() > PLAN_BUDGET {
+                        break;
+                    }
+                    let mut known = KnownState::default();
+                    for (g, v, after) in &consts {
+                        // Only where every path from the entry has executed the defining instruction.
+                        if c.address >= *after && *g != c.register {
+                            known.set_reg(*g, Some(*v));
+                        }
+                    }
+                    known.set_reg(c.register, Some(value));
+                    let req = Request {
+                        entry: c.address,
+                        region_start: r.start,
+                        region_end: r.end,
+                        known,
+                        options: opts.clone(),
+                    };
+                    let Ok(var) = specializer::specialize(&req, &mem) else {
+                        continue;
+                    };
+                    let st = &var.stats;
+                    let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
+                    if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO {
+                        if k == 0 {
+                            // The hottest value does not pay: the others will not make the trigger worth a stub.
+                            break;
+                        }
+                        continue;
+                    }
+                    if total > 0 {
+                        benefit += samples as f64 / total as f64 * st.folded as f64;
+                    }
+                    variants.push((Some(value), var));
+                }
+                if benefit > 0.0 && !variants.is_empty() {
+                    scored.push((benefit, c.clone(), variants, mem.snapshots()));
                 }
             }
         }
@@ -174,8 +234,8 @@ impl Runtime {
             return Ok(false);
         }
         let mut last_err = String::new();
-        for (_, cand, values) in scored.into_iter().take(MAX_INSTALL_TRIES) {
-            match self.install_candidate(tr, r, constant, &cand, &values) {
+        for (_, cand, variants, snapshots) in scored.into_iter().take(MAX_INSTALL_TRIES) {
+            match self.install_candidate(tr, r, &cand, variants, snapshots) {
                 Ok(()) => return Ok(true),
                 Err(e) => last_err = e,
             }
@@ -187,39 +247,10 @@ impl Runtime {
         &mut self,
         tr: &mut Tracer,
         r: &RegionPlan,
-        constant: &BTreeSet<Addr>,
         cand: &TriggerCandidate,
-        values: &[u64],
+        variants: Vec<(Option<u64>, Variant)>,
+        snapshots: Snapshots,
     ) -> Result<(), String> {
-        let t0 = Instant::now();
-        let opts = Self::options(r, cand.address);
-        let (variants, snapshots) = {
-            let mut mem =
-                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
-            mem.allow(constant.iter().copied());
-            let mut variants = Vec::new();
-            for &v in values {
-                let mut known = KnownState::default();
-                known.set_reg(cand.register, Some(v));
-                let req = Request {
-                    entry: cand.address,
-                    region_start: r.start,
-                    region_end: r.end,
-                    known,
-                    options: opts.clone(),
-                };
-                if let Ok(var) = specializer::specialize(&req, &mem) {
-                    if var.stats.folded > 0 {
-                        variants.push((Some(v), var));
-                    }
-                }
-            }
-            (variants, mem.snapshots())
-        };
-        self.specialize_time += t0.elapsed();
-        if variants.is_empty() {
-            return Err("no hot value specialized".into());
-        }
         let t1 = Instant::now();
         let result = (|| -> Result<codecache::InstallId, String> {
             self.cache
@@ -328,6 +359,93 @@ impl Runtime {
     pub fn invalidations_json(&self) -> Vec<InvalidationJson> {
         self.invalidations.clone()
     }
+}
+
+type Snapshots = std::collections::BTreeMap<Addr, Vec<u8>>;
+
+/// Registers a function sets to a constant before anything else can happen and never changes afterwards:
+/// `lea reg, [rip+d]` or `mov reg, imm` in the straight-line code at its entry, and no other write to `reg`
+/// anywhere in the function (calls and system calls count as writes of the registers they clobber). Compilers hoist
+/// jump-table bases like this; knowing them lets the specializer fold a `switch` entered in the middle of the loop.
+/// Returns (register, value, address after the defining instruction). Empty when the function cannot be decoded.
+/// Limit: a function entered other than at its symbol (e.g. from a `.cold` part that writes the register) would
+/// break the assumption; compilers do not generate such code for hoisted constants.
+pub fn entry_constants(mem: &dyn Memory, start: Addr, end: Addr) -> Vec<(Gpr, u64, Addr)> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind};
+    let len = end.0.saturating_sub(start.0);
+    if len == 0 || len > MAX_SCAN_BYTES {
+        return Vec::new();
+    }
+    let mut buf = vec![0u8; len as usize];
+    if mem.read(start, &mut buf).is_err() {
+        return Vec::new();
+    }
+    let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
+    let mut insns = Vec::new();
+    while d.can_decode() {
+        let i = d.decode();
+        if i.is_invalid() {
+            return Vec::new();
+        }
+        insns.push(i);
+    }
+    const CALLER_SAVED: [Gpr; 9] = [
+        Gpr::Rax,
+        Gpr::Rcx,
+        Gpr::Rdx,
+        Gpr::Rsi,
+        Gpr::Rdi,
+        Gpr::R8,
+        Gpr::R9,
+        Gpr::R10,
+        Gpr::R11,
+    ];
+    let mut consts: Vec<(Gpr, u64, Addr)> = Vec::new();
+    let mut defs: Vec<u64> = Vec::new();
+    for i in &insns {
+        if i.flow_control() != FlowControl::Next {
+            break;
+        }
+        let dst = (i.op_count() >= 1 && i.op0_kind() == OpKind::Register)
+            .then(|| i.op0_register())
+            .filter(|r| r.is_gpr64() || r.is_gpr32());
+        let value = match (i.mnemonic(), dst) {
+            (Mnemonic::Lea, Some(r)) if r.is_gpr64() && i.is_ip_rel_memory_operand() => {
+                Some(i.ip_rel_memory_address())
+            }
+            (Mnemonic::Mov, Some(_)) if i.op1_kind() == OpKind::Immediate64 => {
+                Some(i.immediate64())
+            }
+            (Mnemonic::Mov, Some(r)) if r.is_gpr32() && i.op1_kind() == OpKind::Immediate32 => {
+                Some(i.immediate32() as u64)
+            }
+            (Mnemonic::Mov, Some(r)) if r.is_gpr64() && i.op1_kind() == OpKind::Immediate32to64 => {
+                Some(i.immediate32to64() as u64)
+            }
+            _ => None,
+        };
+        if let (Some(v), Some(g)) = (value, dst.and_then(Gpr::containing)) {
+            consts.retain(|c| c.0 != g);
+            consts.push((g, v, Addr(i.next_ip())));
+            defs.push(i.ip());
+        }
+    }
+    consts.retain(|(g, _, _)| {
+        insns.iter().all(|i| {
+            if defs.contains(&i.ip()) {
+                return true;
+            }
+            let clobbers = match i.flow_control() {
+                FlowControl::Call | FlowControl::IndirectCall => CALLER_SAVED.contains(g),
+                _ if i.mnemonic() == Mnemonic::Syscall => {
+                    matches!(g, Gpr::Rax | Gpr::Rcx | Gpr::R11)
+                }
+                _ => false,
+            };
+            !clobbers && crate::profile::written_gprs(i) & (1 << g.index()) == 0
+        })
+    });
+    consts
 }
 
 /// Trigger candidates from the profile's report view of a region: register names resolved, hot values as
