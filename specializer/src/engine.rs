@@ -27,6 +27,10 @@ pub(crate) struct AbsState {
     rmat: u16,
     flags: Flags,
     fmat: bool,
+    /// Store forwarding: each (base, disp, reg) says the real qword at
+    /// `[base + disp]` equals the real register `reg`. Only real writes
+    /// (emitted code) invalidate them; folded writes leave real registers alone.
+    facts: Vec<(Gpr, i64, Gpr)>,
     /// Widening hint, not part of the state's identity: registers whose
     /// value came from constant memory or the entry state (directly or by
     /// folded arithmetic on such values). These take finitely many values.
@@ -35,7 +39,11 @@ pub(crate) struct AbsState {
 
 impl PartialEq for AbsState {
     fn eq(&self, o: &AbsState) -> bool {
-        self.regs == o.regs && self.rmat == o.rmat && self.flags == o.flags && self.fmat == o.fmat
+        self.regs == o.regs
+            && self.rmat == o.rmat
+            && self.flags == o.flags
+            && self.fmat == o.fmat
+            && self.facts == o.facts
     }
 }
 
@@ -47,6 +55,7 @@ impl std::hash::Hash for AbsState {
         self.rmat.hash(h);
         self.flags.hash(h);
         self.fmat.hash(h);
+        self.facts.hash(h);
     }
 }
 
@@ -57,6 +66,7 @@ impl AbsState {
             rmat: 0xffff,
             flags: k.flags,
             fmat: true,
+            facts: Vec::new(),
             stat: 0,
         };
         for g in Gpr::ALL {
@@ -78,6 +88,8 @@ impl AbsState {
         if (0..7).all(|i| i == Flag::Df as usize || self.flags[i].is_none()) {
             self.fmat = true;
         }
+        self.facts.sort();
+        self.facts.dedup();
     }
 
     fn get(&self, g: Gpr) -> Option<u64> {
@@ -114,6 +126,26 @@ impl AbsState {
             }
         }
         k
+    }
+
+    /// A real write to `g`: forget facts that mention it.
+    fn real_write(&mut self, g: Gpr) {
+        self.facts.retain(|f| f.0 != g && f.2 != g);
+    }
+
+    /// A real memory write of `size` bytes at `[base + disp]` (`None`: anywhere).
+    fn mem_write(&mut self, at: Option<(Gpr, i64, u64)>) {
+        match at {
+            None => self.facts.clear(),
+            Some((b, d, size)) => self.facts.retain(|f| {
+                f.0 == b && (f.1.wrapping_add(8) <= d || d.wrapping_add(size as i64) <= f.1)
+            }),
+        }
+    }
+
+    /// Whether the real register holds what the abstract state says.
+    fn is_real(&self, g: Gpr) -> bool {
+        self.get(g).is_none() || self.is_mat(g)
     }
 
     fn known(&self) -> KnownState {
@@ -212,6 +244,31 @@ fn flags_rebuildable(want: &Flags) -> bool {
     let mut no_cf = *want;
     no_cf[Flag::Cf as usize] = None;
     cmp_for(want).is_some() || cmp_for(&no_cf).is_some()
+}
+
+/// After a residual conditional branch the real flags satisfy (or fail)
+/// its condition; record what that pins down exactly.
+fn refine_flags(cc: ConditionCode, taken: bool, st: &mut AbsState) {
+    use ConditionCode as C;
+    if !st.fmat {
+        return;
+    }
+    let mut set = |f: Flag, v: bool| st.flags[f as usize] = Some(v);
+    match (cc, taken) {
+        (C::e, t) | (C::ne, t) => set(Flag::Zf, t == (cc == C::e)),
+        (C::b, t) | (C::ae, t) => set(Flag::Cf, t == (cc == C::b)),
+        (C::s, t) | (C::ns, t) => set(Flag::Sf, t == (cc == C::s)),
+        (C::o, t) | (C::no, t) => set(Flag::Of, t == (cc == C::o)),
+        (C::p, t) | (C::np, t) => set(Flag::Pf, t == (cc == C::p)),
+        // a: CF=0 and ZF=0
+        (C::a, true) | (C::be, false) => {
+            set(Flag::Cf, false);
+            set(Flag::Zf, false);
+        }
+        // g: ZF=0 and SF=OF
+        (C::g, true) | (C::le, false) => set(Flag::Zf, false),
+        _ => {}
+    }
 }
 
 fn is_setcc(m: Mnemonic) -> bool {
@@ -404,6 +461,9 @@ struct Engine<'a> {
     info: InstructionInfoFactory,
     /// Registers whose value addressed a folded constant load (bit per Gpr).
     static_regs: u16,
+    /// Caller-saved registers the region never touches (see `scratch_registers`).
+    scratch: Vec<Gpr>,
+    scratch_next: usize,
 }
 
 /// Specialize `req` reading the target through `mem`.
@@ -430,7 +490,10 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         data_labels: HashMap::new(),
         info: InstructionInfoFactory::new(),
         static_regs: 0,
+        scratch: Vec::new(),
+        scratch_next: 0,
     };
+    e.scratch = e.scratch_registers();
     // The entry must decode; anything later that does not becomes an exit.
     if e.decode(req.entry).is_none() {
         let mut b = [0u8; 1];
@@ -450,6 +513,45 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
 }
 
 impl<'a> Engine<'a> {
+    /// Caller-saved registers that no instruction of the region mentions.
+    /// Only when the variant is entered at the region start (a function
+    /// entry: by the SysV ABI caller-saved registers hold nothing the caller
+    /// needs) and the options allow it. The variant may keep copies of
+    /// stored values in them.
+    fn scratch_registers(&mut self) -> Vec<Gpr> {
+        if !self.opts().scratch_registers || self.req.entry != self.req.region_start {
+            return Vec::new();
+        }
+        let mut used = 0u16;
+        let mut a = self.req.region_start;
+        while a < self.req.region_end {
+            let Some(ins) = self.decode(a) else {
+                // Undecodable bytes (data, padding): be safe.
+                return Vec::new();
+            };
+            for u in self.info.info(&ins).used_registers() {
+                if let Some(g) = Gpr::containing(u.register()) {
+                    used |= 1 << g.index();
+                }
+            }
+            a = Addr(ins.next_ip());
+        }
+        [
+            Gpr::R11,
+            Gpr::R10,
+            Gpr::R9,
+            Gpr::R8,
+            Gpr::Rcx,
+            Gpr::Rdx,
+            Gpr::Rsi,
+            Gpr::Rdi,
+            Gpr::Rax,
+        ]
+        .into_iter()
+        .filter(|g| used & (1 << g.index()) == 0 && self.req.known.reg(*g).is_none())
+        .collect()
+    }
+
     fn opts(&self) -> &Options {
         &self.req.options
     }
@@ -498,7 +600,14 @@ impl<'a> Engine<'a> {
 
     // ----- emission -------------------------------------------------------
 
-    fn emit(&mut self, ins: Instruction, orig: Addr, st: &AbsState) {
+    fn emit(&mut self, ins: Instruction, orig: Addr, st: &mut AbsState) {
+        let folded = st.folded();
+        self.emit_folded(ins, orig, folded, st);
+    }
+
+    /// Emit with an explicit deopt state; update store-forwarding facts for
+    /// what the instruction really writes.
+    fn emit_folded(&mut self, ins: Instruction, orig: Addr, folded: KnownState, st: &mut AbsState) {
         let mut ins = ins;
         ins.set_ip(0);
         self.est_bytes += if ins.len() > 0 { ins.len() + 2 } else { 10 };
@@ -509,9 +618,69 @@ impl<'a> Engine<'a> {
         self.items.push(Emitted {
             ins,
             orig,
-            folded: st.folded(),
+            folded,
             is_data: false,
         });
+        if st.facts.is_empty() {
+            return;
+        }
+        // String instructions write a whole range iced reports as one element.
+        if ins.has_rep_prefix() || ins.has_repne_prefix() {
+            st.facts.clear();
+            return;
+        }
+        let info = self.info.info(&ins);
+        for u in info.used_registers() {
+            if matches!(
+                u.access(),
+                OpAccess::Write
+                    | OpAccess::CondWrite
+                    | OpAccess::ReadWrite
+                    | OpAccess::ReadCondWrite
+            ) {
+                if let Some(g) = Gpr::containing(u.register()) {
+                    st.real_write(g);
+                }
+            }
+        }
+        let writes: Vec<Option<(Gpr, i64, u64)>> = info
+            .used_memory()
+            .iter()
+            .filter(|m| {
+                matches!(
+                    m.access(),
+                    OpAccess::Write
+                        | OpAccess::CondWrite
+                        | OpAccess::ReadWrite
+                        | OpAccess::ReadCondWrite
+                )
+            })
+            .map(|m| {
+                let base = Gpr::containing(m.base());
+                let plain = m.index() == Register::None
+                    && !matches!(m.segment(), Register::FS | Register::GS)
+                    && m.base() != Register::RIP;
+                match base {
+                    Some(b) if plain => Some((
+                        b,
+                        m.displacement() as i64,
+                        m.memory_size().size().max(1) as u64,
+                    )),
+                    _ => None,
+                }
+            })
+            .collect();
+        for w in writes {
+            st.mem_write(w);
+        }
+        // Control transfers to unknown code (calls, returns, interrupts)
+        // may write anything.
+        if !matches!(
+            ins.flow_control(),
+            FlowControl::Next | FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
+        ) {
+            st.facts.clear();
+        }
     }
 
     fn mov_imm(g: Gpr, v: u64) -> Instruction {
@@ -607,7 +776,7 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    fn jump_label(&mut self, l: u32, orig: Addr, st: &AbsState) {
+    fn jump_label(&mut self, l: u32, orig: Addr, st: &mut AbsState) {
         let ins =
             Instruction::with_branch(Code::Jmp_rel32_64, Self::label_ip(l)).unwrap_or_default();
         self.emit(ins, orig, st);
@@ -738,7 +907,7 @@ impl<'a> Engine<'a> {
             self.canonicalize(ip, &mut st);
             if !first {
                 if let Some(&l) = self.key_label.get(&(ip, st.clone())) {
-                    self.jump_label(l, ip, &st);
+                    self.jump_label(l, ip, &mut st);
                     return Ok(());
                 }
             }
@@ -748,7 +917,7 @@ impl<'a> Engine<'a> {
             if !first {
                 self.widen(ip, &mut st)?;
                 if let Some(&l) = self.key_label.get(&(ip, st.clone())) {
-                    self.jump_label(l, ip, &st);
+                    self.jump_label(l, ip, &mut st);
                     return Ok(());
                 }
                 let l = self.new_label();
@@ -759,6 +928,13 @@ impl<'a> Engine<'a> {
             }
             self.seen_at.entry(ip).or_default().push(st.clone());
             first = false;
+            // Stop before an instruction that would not fit the budget.
+            if let Some(ins) = self.decode(ip) {
+                if self.est_bytes + ins.len() > self.opts().max_code_bytes {
+                    self.budget_hit = true;
+                    return self.exit(ip, ExitReason::Budget, &mut st);
+                }
+            }
             self.stats.visited += 1;
             if self.stats.visited > 200_000 + 20 * self.opts().max_code_bytes {
                 self.budget_hit = true;
@@ -819,6 +995,9 @@ impl<'a> Engine<'a> {
                 self.mat_reg(g, ip, st);
                 st.set(g, None, false);
             }
+        }
+        if !below_hard {
+            st.facts.clear();
         }
         // Flags take finitely many values; widen them only at the hard bound.
         if !below_hard && flags_differ {
@@ -1026,14 +1205,16 @@ impl<'a> Engine<'a> {
                         out.set_memory_index_scale(1);
                     }
                     out.set_memory_displacement64(d as u64);
+                    // iced: 8 means a 32-bit displacement with 64-bit
+                    // addressing; 0 is only valid for a zero displacement.
                     out.set_memory_displ_size(if nb == Register::None {
-                        4
+                        8
                     } else if d == 0 {
                         0
                     } else if d as i8 as i64 == d {
                         1
                     } else {
-                        4
+                        8
                     });
                     break;
                 }
@@ -1147,7 +1328,201 @@ impl<'a> Engine<'a> {
         st: &mut AbsState,
     ) -> Result<(), SpecializeError> {
         let out = Self::rewrite(st, ins);
-        self.residual_exact(ip, &out, st)
+        if self.forward(ip, &out, st)? {
+            return Ok(());
+        }
+        self.residual_exact(ip, &out, st)?;
+        self.record_facts(ip, &out, st);
+        Ok(())
+    }
+
+    /// The plain `[base + disp]` qword operand of `out`, if any: (operand index, base, disp).
+    fn plain_qword_mem(st: &AbsState, out: &Instruction) -> Option<(u32, Gpr, i64)> {
+        let mi = (0..out.op_count()).find(|&i| out.op_kind(i) == OpKind::Memory)?;
+        if out.memory_size().size() != 8
+            || out.memory_index() != Register::None
+            || matches!(out.memory_segment(), Register::FS | Register::GS)
+            || !out.memory_base().is_gpr64()
+        {
+            return None;
+        }
+        let base = Gpr::containing(out.memory_base())?;
+        if !st.is_real(base) {
+            return None;
+        }
+        Some((mi, base, out.memory_displacement64() as i64))
+    }
+
+    /// Use a register that holds a loaded or stored qword instead of
+    /// reloading it from memory.
+    fn forward(
+        &mut self,
+        ip: Addr,
+        out: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<bool, SpecializeError> {
+        use Mnemonic as M;
+        if st.facts.is_empty()
+            || out.has_lock_prefix()
+            || out.has_rep_prefix()
+            || out.has_repne_prefix()
+        {
+            return Ok(false);
+        }
+        let Some((mi, base, disp)) = Self::plain_qword_mem(st, out) else {
+            return Ok(false);
+        };
+        let holders: Vec<Gpr> = st
+            .facts
+            .iter()
+            .filter(|f| f.0 == base && f.1 == disp)
+            .map(|f| f.2)
+            .collect();
+        if holders.is_empty() {
+            return Ok(false);
+        }
+        let real_r = holders.iter().copied().find(|g| st.is_real(*g));
+        let read_only = self
+            .info
+            .info(out)
+            .used_memory()
+            .iter()
+            .all(|m| m.access() == OpAccess::Read);
+        if !read_only {
+            return Ok(false);
+        }
+        let err = |e: iced_x86::IcedError| SpecializeError::Encode(e.to_string());
+        let mnem = out.mnemonic();
+        let x = if out.op_count() >= 1 && out.op_kind(0) == OpKind::Register {
+            Gpr::containing(out.op_register(0)).filter(|_| out.op_register(0).is_gpr64())
+        } else {
+            None
+        };
+        // mov x, [m]  ->  nothing (x really holds it already), or mov x, r
+        if out.code() == Code::Mov_r64_rm64 && mi == 1 {
+            let Some(x) = x else { return Ok(false) };
+            if holders.contains(&x) {
+                // A folded value in x is replaced by what x really holds.
+                st.set(x, None, false);
+                st.normalize();
+                self.stats.folded += 1;
+                return Ok(true);
+            }
+            if let Some(r) = real_r {
+                let n = Instruction::with2(Code::Mov_r64_rm64, x.to_iced(), r.to_iced())
+                    .map_err(err)?;
+                self.residual_exact(ip, &n, st)?;
+                st.facts.push((base, disp, x));
+                st.normalize();
+                return Ok(true);
+            }
+            return Ok(false);
+        }
+        // op x, [m] with x folded to v: the memory value is in a register, so
+        // compute `op mem, v` into x (add/and/or/xor/imul are commutative,
+        // flags included).
+        if let (Some(x), true, 1) = (x, out.op_count() == 2, mi) {
+            let code = match mnem {
+                M::Add => Some(Code::Add_rm64_imm32),
+                M::And => Some(Code::And_rm64_imm32),
+                M::Or => Some(Code::Or_rm64_imm32),
+                M::Xor => Some(Code::Xor_rm64_imm32),
+                M::Imul => Some(Code::Imul_r64_rm64_imm32),
+                _ => None,
+            };
+            let v = st.get(x).filter(|_| !st.is_mat(x));
+            let src = if holders.contains(&x) {
+                Some(x)
+            } else {
+                real_r
+            };
+            if let (Some(code), Some(v), Some(r)) = (code, v, src) {
+                if fits_i32(v as i64) {
+                    if !st.fmat {
+                        let live = self.live_flags(ip) | flag_mask(out.rflags_read());
+                        self.mat_flags(live, ip, st)?;
+                    }
+                    let folded = st.folded();
+                    let n = if mnem == M::Imul {
+                        Instruction::with3(code, x.to_iced(), r.to_iced(), v as i64 as i32)
+                            .map_err(err)?
+                    } else {
+                        if r != x {
+                            let m =
+                                Instruction::with2(Code::Mov_r64_rm64, x.to_iced(), r.to_iced())
+                                    .map_err(err)?;
+                            self.emit_folded(m, ip, folded.clone(), st);
+                        }
+                        Instruction::with2(code, x.to_iced(), v as i64 as i32).map_err(err)?
+                    };
+                    // The real x now holds the memory value (or is about to).
+                    st.set(x, None, false);
+                    self.residual_exact_with(ip, &n, st, Some(folded))?;
+                    return Ok(true);
+                }
+            }
+        }
+        // Any other read of [m] whose operand also accepts a register.
+        if let Some(r) = real_r {
+            if out.op_code().op_kind(mi) == iced_x86::OpCodeOperandKind::r64_or_mem {
+                let mut n = *out;
+                n.set_op_kind(mi, OpKind::Register);
+                n.set_op_register(mi, r.to_iced());
+                self.residual_exact(ip, &n, st)?;
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// After a residual qword load or store, remember which register holds
+    /// the memory value; stores also keep a copy in a free scratch register.
+    fn record_facts(&mut self, ip: Addr, out: &Instruction, st: &mut AbsState) {
+        let Some((mi, base, disp)) = Self::plain_qword_mem(st, out) else {
+            return;
+        };
+        match out.code() {
+            Code::Mov_rm64_r64 if mi == 0 => {
+                let Some(r) = Gpr::containing(out.op_register(1)) else {
+                    return;
+                };
+                if !st.is_real(r) {
+                    return;
+                }
+                st.facts.push((base, disp, r));
+                if let Some(f) = self.next_scratch(&[base, r]) {
+                    if let Ok(m) = Instruction::with2(Code::Mov_r64_rm64, f.to_iced(), r.to_iced())
+                    {
+                        self.emit(m, ip, st);
+                        st.set(f, None, false);
+                        st.facts.push((base, disp, f));
+                    }
+                }
+            }
+            Code::Mov_r64_rm64 if mi == 1 => {
+                let Some(x) = Gpr::containing(out.op_register(0)) else {
+                    return;
+                };
+                if x != base {
+                    st.facts.push((base, disp, x));
+                }
+            }
+            _ => {}
+        }
+        st.normalize();
+    }
+
+    /// Round-robin over the registers the region never touches.
+    fn next_scratch(&mut self, avoid: &[Gpr]) -> Option<Gpr> {
+        let n = self.scratch.len();
+        for k in 0..n {
+            let f = self.scratch[(self.scratch_next + k) % n];
+            if !avoid.contains(&f) {
+                self.scratch_next = (self.scratch_next + k + 1) % n;
+                return Some(f);
+            }
+        }
+        None
     }
 
     fn residual_exact(
@@ -1155,6 +1530,16 @@ impl<'a> Engine<'a> {
         ip: Addr,
         out: &Instruction,
         st: &mut AbsState,
+    ) -> Result<(), SpecializeError> {
+        self.residual_exact_with(ip, out, st, None)
+    }
+
+    fn residual_exact_with(
+        &mut self,
+        ip: Addr,
+        out: &Instruction,
+        st: &mut AbsState,
+        folded: Option<KnownState>,
     ) -> Result<(), SpecializeError> {
         let reads_f = flag_mask(out.rflags_read());
         let writes_f = flag_mask(out.rflags_modified());
@@ -1188,7 +1573,10 @@ impl<'a> Engine<'a> {
                 written.push(g);
             }
         }
-        self.emit(*out, ip, st);
+        match folded {
+            Some(f) => self.emit_folded(*out, ip, f, st),
+            None => self.emit(*out, ip, st),
+        }
         for g in written {
             st.set(g, None, false);
         }
@@ -1417,11 +1805,15 @@ impl<'a> Engine<'a> {
                             let live = self.live_flags(ip) | reads;
                             self.mat_flags(live, ip, st)?;
                         }
-                        let l = self.label_for(taken, st);
+                        // Each edge knows the outcome of the condition.
+                        let mut on_taken = st.clone();
+                        refine_flags(ins.condition_code(), true, &mut on_taken);
+                        let l = self.label_for(taken, &on_taken);
                         let mut j = ins;
                         j.set_near_branch64(Self::label_ip(l));
                         // Use the near form; the block encoder picks the shortest.
                         self.emit(j, ip, st);
+                        refine_flags(ins.condition_code(), false, st);
                     }
                 }
             }

@@ -282,7 +282,11 @@ fn interp_switch_differential() {
         region_start: Addr(entry),
         region_end: Addr(entry + size),
         known,
-        options: Options::default(),
+        // A whole function entered at its start: scratch registers are fine.
+        options: Options {
+            scratch_registers: true,
+            ..Options::default()
+        },
     };
     let mem = SelfMemory::new(&[(page, page + 4096)]);
     let v = specialize(&req, &mem).expect("specialize");
@@ -342,7 +346,11 @@ fn bpf_filter_differential() {
         region_start: Addr(entry),
         region_end: Addr(entry + size),
         known,
-        options: Options::default(),
+        // A whole function entered at its start: scratch registers are fine.
+        options: Options {
+            scratch_registers: true,
+            ..Options::default()
+        },
     };
     let mem = SelfMemory::new(&[(page, page + 4096)]);
     let v = specialize(&req, &mem).expect("specialize");
@@ -400,4 +408,102 @@ fn bpf_filter_differential() {
         );
     }
     assert_eq!(s1, s2);
+}
+
+#[test]
+fn known_index_becomes_displacement() {
+    // rax = byte [rsi + rdi] + qword [rsi + rdi*8 + 8], rdi known
+    let code = asm_fn(|a| {
+        a.movzx(eax, byte_ptr(rsi + rdi)).unwrap();
+        a.add(rax, qword_ptr(rsi + rdi * 8 + 8)).unwrap();
+        a.ret().unwrap();
+    });
+    let buf: Vec<u8> = (0..0x4000u32).map(|i| (i * 7) as u8).collect();
+    for x in [0u64, 0x7f, 0x80, 0x1ff] {
+        let (v, var) = specialize_fn(&code, 32, &[(Gpr::Rdi, x)], &[]);
+        let p = buf.as_ptr() as u64;
+        assert_eq!(
+            call2(var.addr(), x, p),
+            call2(code.addr(), x, p),
+            "x={x:#x}"
+        );
+        assert!(
+            v.residual_asm().iter().all(|l| !l.contains("rdi")),
+            "{:?}",
+            v.residual_asm()
+        );
+    }
+}
+
+#[test]
+fn store_forwarding_keeps_memory_exact() {
+    // env[1] = env[0] * 3; env[2] = env[1] + env[0]; env[0] ^= env[2]; return env[1]
+    let code = asm_fn(|a| {
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.imul_3(rax, rax, 3).unwrap();
+        a.mov(qword_ptr(rsi + 8), rax).unwrap();
+        a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
+        a.add(rdx, qword_ptr(rsi)).unwrap();
+        a.mov(qword_ptr(rsi + 16), rdx).unwrap();
+        a.mov(rcx, qword_ptr(rsi + 16)).unwrap();
+        a.xor(qword_ptr(rsi), rcx).unwrap();
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.ret().unwrap();
+    });
+    let (v, var) = specialize_fn(&code, 64, &[(Gpr::Rdi, 0)], &[]);
+    for x in [0u64, 5, u64::MAX] {
+        let mut e1 = [x, 0, 0];
+        let mut e2 = [x, 0, 0];
+        let r1 = call2(code.addr(), 0, e1.as_mut_ptr() as u64);
+        let r2 = call2(var.addr(), 0, e2.as_mut_ptr() as u64);
+        assert_eq!((r1, e1), (r2, e2));
+    }
+    // The reloads of just-stored slots are gone.
+    let loads = v
+        .residual_asm()
+        .iter()
+        .filter(|l| l.contains(", [rsi+"))
+        .count();
+    assert!(loads <= 2, "{:?}", v.residual_asm());
+}
+
+/// Debug helper: `SNIPPET_HEX="41 83 e0 03 ..." SNIPPET_KNOWN="rax=0x1,r8=2"` prints the residual code.
+#[test]
+#[ignore]
+fn show_snippet() {
+    let hex = std::env::var("SNIPPET_HEX").unwrap_or_default();
+    let bytes: Vec<u8> = hex
+        .split_whitespace()
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    let code = ExecCode::build(4096, |_| {
+        let mut v = bytes.clone();
+        v.push(0xc3);
+        v
+    });
+    let mut k = KnownState::default();
+    for kv in std::env::var("SNIPPET_KNOWN")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+    {
+        let (n, v) = kv.split_once('=').unwrap();
+        let v = u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap();
+        if let Some(g) = Gpr::from_name(n) {
+            k.set_reg(g, Some(v));
+        } else if let Some(f) = Flag::from_name(n) {
+            k.set_flag(f, Some(v != 0));
+        }
+    }
+    let req = Request {
+        entry: Addr(code.addr()),
+        region_start: Addr(code.addr()),
+        region_end: Addr(code.addr() + bytes.len() as u64),
+        known: k,
+        options: Options::default(),
+    };
+    let v = specialize(&req, &SelfMemory::new(&[])).expect("specialize");
+    for l in v.residual_asm() {
+        eprintln!("{l}");
+    }
 }
