@@ -629,9 +629,20 @@ impl GuardSet {
     pub fn release(&mut self, tr: &mut Tracer, tid: Pid, page: Addr) -> Result<(), CacheError> {
         let page = page.page();
         if let Some(orig) = self.mprotected.remove(&page.0) {
-            match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig) {
-                Ok(()) | Err(TracerError::RemoteSyscall { .. }) => {}
-                Err(e) => return Err(e.into()),
+            // Only undo our own change: if the program changed the page's protection meanwhile (or unmapped
+            // it), its choice stands.
+            let ours = read_maps(self.pid)
+                .ok()
+                .and_then(|maps| {
+                    mapping_at(&maps, RemoteAddr(page.0))
+                        .map(|m| m.prot() == orig & !libc::PROT_WRITE)
+                })
+                .unwrap_or(false);
+            if ours {
+                match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig) {
+                    Ok(()) | Err(TracerError::RemoteSyscall { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         let was = self
