@@ -514,9 +514,10 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
 
 impl<'a> Engine<'a> {
     /// Caller-saved registers that no instruction of the region mentions.
-    /// Only when the variant is entered at the region start (a function
-    /// entry: by the SysV ABI caller-saved registers hold nothing the caller
-    /// needs) and the options allow it. The variant may keep copies of
+    /// Only when the options allow it and the region looks like a whole
+    /// function entered at its start (it returns and cannot run off its
+    /// end): by the SysV ABI caller-saved registers then hold nothing the
+    /// caller needs. The variant may keep copies of
     /// stored values in them.
     fn scratch_registers(&mut self) -> Vec<Gpr> {
         if !self.opts().scratch_registers || self.req.entry != self.req.region_start {
@@ -524,6 +525,10 @@ impl<'a> Engine<'a> {
         }
         let mut used = 0u16;
         let mut a = self.req.region_start;
+        let mut has_ret = false;
+        // Whether control can run off the end of the region (then it is a
+        // piece of code, not a whole function body).
+        let mut falls_off = true;
         while a < self.req.region_end {
             let Some(ins) = self.decode(a) else {
                 // Undecodable bytes (data, padding): be safe.
@@ -534,7 +539,22 @@ impl<'a> Engine<'a> {
                     used |= 1 << g.index();
                 }
             }
+            match ins.flow_control() {
+                FlowControl::Return => {
+                    has_ret = true;
+                    falls_off = false;
+                }
+                FlowControl::UnconditionalBranch
+                | FlowControl::IndirectBranch
+                | FlowControl::Exception => falls_off = false,
+                FlowControl::Next | FlowControl::Interrupt
+                    if matches!(ins.mnemonic(), Mnemonic::Nop | Mnemonic::Int3) => {}
+                _ => falls_off = true,
+            }
             a = Addr(ins.next_ip());
+        }
+        if !has_ret || falls_off {
+            return Vec::new();
         }
         [
             Gpr::R11,

@@ -218,10 +218,11 @@ pub struct Options {
     /// original address; `None` means the original address itself. The code
     /// cache uses this to chain into a dispatch stub.
     pub chain: Option<std::collections::BTreeMap<Addr, Addr>>,
-    /// When the variant is entered at `region_start` (a function entry),
-    /// let it keep copies of stored values in caller-saved registers the
-    /// region never mentions (by the SysV ABI they carry nothing across a
-    /// call). Turn off for regions that are not whole functions.
+    /// When the region is a whole function entered at `region_start` (it
+    /// contains a `ret` and cannot run off its end), let the variant keep
+    /// copies of stored values in caller-saved registers the function never
+    /// mentions (by the SysV ABI they carry nothing across a call). Turn off
+    /// when the region is known not to be a function body.
     pub scratch_registers: bool,
 }
 
@@ -231,7 +232,7 @@ impl Default for Options {
             max_code_bytes: 64 * 1024,
             max_states_per_address: 8,
             chain: None,
-            scratch_registers: false,
+            scratch_registers: true,
         }
     }
 }
