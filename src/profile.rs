@@ -222,6 +222,8 @@ pub struct Profiler {
     values: HashMap<(u64, Gpr), ValueStats>,
     /// Per (process, instruction address): page -> samples of its loads.
     pages: HashMap<(Pid, u64), HashMap<u64, u64>>,
+    /// Per (process, page): samples of stores into it (how busily the program writes a page).
+    store_pages: HashMap<(Pid, u64), u64>,
     /// Decoded code per (epoch, symbol start or 4 KiB block, is-symbol); None when unreadable or too large.
     functions: HashMap<(u64, u64, bool), Option<Arc<LinearFunction>>>,
     /// Distinct values that may still be added (see [`VALUE_BUDGET`]).
@@ -246,6 +248,7 @@ impl Profiler {
             location_index: HashMap::new(),
             values: HashMap::new(),
             pages: HashMap::new(),
+            store_pages: HashMap::new(),
             functions: HashMap::new(),
             value_budget: VALUE_BUDGET,
         }
@@ -261,6 +264,7 @@ impl Profiler {
     pub fn forget_process(&mut self, pid: Pid) {
         self.epochs.remove(&pid);
         self.pages.retain(|(p, _), _| *p != pid);
+        self.store_pages.retain(|(p, _), _| *p != pid);
     }
 
     fn intern(&mut self, loc: Location) -> usize {
@@ -387,6 +391,16 @@ impl Profiler {
                 .or_default()
                 .add(s.regs[g.index()], &mut self.value_budget);
         }
+        for m in info.mem.iter().filter(|m| m.is_write) {
+            if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
+                continue;
+            }
+            if m.base.is_some_and(|g| !live(g)) || m.index.is_some_and(|g| !live(g)) {
+                continue;
+            }
+            let ea = m.effective_address(|g| s.regs[g.index()]);
+            *self.store_pages.entry((s.pid, ea.page().0)).or_default() += 1;
+        }
         for m in info.mem.iter().filter(|m| m.is_read) {
             // Stack accesses say nothing about constant data and the stack is always written.
             if matches!(m.base, Some(Gpr::Rsp) | Some(Gpr::Rbp)) {
@@ -414,6 +428,11 @@ impl Profiler {
                 pages.insert(page, 1);
             }
         }
+    }
+
+    /// Samples of stores into `page` of process `pid` (0 when none was sampled).
+    pub fn store_samples(&self, pid: Pid, page: u64) -> u64 {
+        self.store_pages.get(&(pid, page)).copied().unwrap_or(0)
     }
 
     /// Hot regions, hottest first: functions where symbols exist, recovered spans elsewhere.

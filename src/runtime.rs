@@ -16,7 +16,7 @@ pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;
 /// Hot values specialized per trigger (one variant each).
 pub const MAX_VALUES: usize = 8;
 /// Trigger candidates scored per region (each costs one specialization per hot value).
-const MAX_SCORED: usize = 6;
+const MAX_SCORED: usize = 10;
 /// Candidates tried for installation per region when the best one cannot be patched.
 const MAX_INSTALL_TRIES: usize = 3;
 /// Installs per region over the whole run: after this many invalidations the region is left alone.
@@ -27,6 +27,8 @@ const MIN_VALUE_SHARE: f64 = 0.01;
 const MIN_FOLDED: usize = 12;
 /// ...and at least this share of what it visits: entering a variant that folds little costs more than it saves.
 const MIN_FOLD_RATIO: f64 = 0.25;
+/// Code size cap per variant.
+const MAX_VARIANT_BYTES: usize = 16 * 1024;
 /// Time one planning round may spend specializing (the program runs meanwhile, but a core is busy).
 const PLAN_BUDGET: Duration = Duration::from_millis(400);
 /// Functions larger than this are not scanned for entry constants.
@@ -142,6 +144,8 @@ impl Runtime {
         Options {
             // Caller-saved scratch registers are free only when the variant is a whole function entered at its start.
             scratch_registers: entry == r.start && r.symbol.is_some(),
+            // Bounds the time one specialization takes (the planner runs several); hot loops fit easily.
+            max_code_bytes: MAX_VARIANT_BYTES,
             ..Options::default()
         }
     }
@@ -183,46 +187,7 @@ impl Runtime {
                 if c.address < r.start || c.address >= r.end {
                     continue;
                 }
-                let opts = Self::options(r, c.address);
-                let total: u64 = c.values.iter().map(|v| v.1).sum();
-                let mut benefit = 0.0;
-                let mut variants = Vec::new();
-                for (k, &(value, samples)) in c.values.iter().enumerate() {
-                    if t0.elapsed() > PLAN_BUDGET {
-                        break;
-                    }
-                    let mut known = KnownState::default();
-                    for (g, v, after) in &consts {
-                        // Only where every path from the entry has executed the defining instruction.
-                        if c.address >= *after && *g != c.register {
-                            known.set_reg(*g, Some(*v));
-                        }
-                    }
-                    known.set_reg(c.register, Some(value));
-                    let req = Request {
-                        entry: c.address,
-                        region_start: r.start,
-                        region_end: r.end,
-                        known,
-                        options: opts.clone(),
-                    };
-                    let Ok(var) = specializer::specialize(&req, &mem) else {
-                        continue;
-                    };
-                    let st = &var.stats;
-                    let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
-                    if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO {
-                        if k == 0 {
-                            // The hottest value does not pay: the others will not make the trigger worth a stub.
-                            break;
-                        }
-                        continue;
-                    }
-                    if total > 0 {
-                        benefit += samples as f64 / total as f64 * st.folded as f64;
-                    }
-                    variants.push((Some(value), var));
-                }
+                let (benefit, variants) = specialize_candidate(&mem, r, c, &consts, t0);
                 if benefit > 0.0 && !variants.is_empty() {
                     scored.push((benefit, c.clone(), variants, mem.snapshots()));
                 }
@@ -237,10 +202,59 @@ impl Runtime {
         for (_, cand, variants, snapshots) in scored.into_iter().take(MAX_INSTALL_TRIES) {
             match self.install_candidate(tr, r, &cand, variants, snapshots) {
                 Ok(()) => return Ok(true),
-                Err(e) => last_err = e,
+                Err(InstallFailure::Changed(e)) => {
+                    // A page changed between reading and guarding it (it is being written right now): specialize
+                    // again with the threads stopped, so the guard covers exactly what was read.
+                    match self.install_stopped(tr, r, &cand, constant) {
+                        Ok(()) => return Ok(true),
+                        Err(e2) => last_err = format!("{e}; stopped retry: {e2}"),
+                    }
+                }
+                Err(InstallFailure::Other(e)) => last_err = e,
             }
         }
         Err(last_err)
+    }
+
+    /// Stop the threads, specialize `cand` and install it before they run again (no snapshot needed).
+    fn install_stopped(
+        &mut self,
+        tr: &mut Tracer,
+        r: &RegionPlan,
+        cand: &TriggerCandidate,
+        constant: &BTreeSet<Addr>,
+    ) -> Result<(), String> {
+        let t0 = Instant::now();
+        self.cache
+            .stop_all(tr)
+            .map_err(|e| format!("cannot stop the target: {e}"))?;
+        let specialized = (|| -> Result<Vec<(Option<u64>, Variant)>, String> {
+            let mut mem =
+                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
+            mem.allow(constant.iter().copied());
+            let consts = if r.symbol.is_some() {
+                entry_constants(&mem, r.start, r.end)
+            } else {
+                Vec::new()
+            };
+            Ok(specialize_candidate(&mem, r, cand, &consts, t0).1)
+        })();
+        self.specialize_time += t0.elapsed();
+        let variants = match specialized {
+            Ok(v) if !v.is_empty() => v,
+            Ok(_) => {
+                let _ = tr.resume_all();
+                return Err("nothing worth installing".into());
+            }
+            Err(e) => {
+                let _ = tr.resume_all();
+                return Err(e);
+            }
+        };
+        self.install_candidate(tr, r, cand, variants, Snapshots::new())
+            .map_err(|e| match e {
+                InstallFailure::Changed(s) | InstallFailure::Other(s) => s,
+            })
     }
 
     fn install_candidate(
@@ -250,12 +264,12 @@ impl Runtime {
         cand: &TriggerCandidate,
         variants: Vec<(Option<u64>, Variant)>,
         snapshots: Snapshots,
-    ) -> Result<(), String> {
+    ) -> Result<(), InstallFailure> {
         let t1 = Instant::now();
-        let result = (|| -> Result<codecache::InstallId, String> {
+        let result = (|| -> Result<codecache::InstallId, InstallFailure> {
             self.cache
                 .stop_all(tr)
-                .map_err(|e| format!("cannot stop the target: {e}"))?;
+                .map_err(|e| InstallFailure::Other(format!("cannot stop the target: {e}")))?;
             let res = self
                 .cache
                 .install(
@@ -268,11 +282,19 @@ impl Runtime {
                         snapshots,
                     },
                 )
-                .map_err(|e| format!("install at {}: {e}", cand.address));
+                .map_err(|e| {
+                    let msg = format!("install at {}: {e}", cand.address);
+                    match e {
+                        CacheError::Unguardable(..) if msg.contains("changed") => {
+                            InstallFailure::Changed(msg)
+                        }
+                        _ => InstallFailure::Other(msg),
+                    }
+                });
             // Resume whatever happened: the program must go on.
             let resumed = tr.resume_all();
             let id = res?;
-            resumed.map_err(|e| format!("cannot resume the target: {e}"))?;
+            resumed.map_err(|e| InstallFailure::Other(format!("cannot resume the target: {e}")))?;
             Ok(id)
         })();
         self.install_time += t1.elapsed();
@@ -362,6 +384,65 @@ impl Runtime {
 }
 
 type Snapshots = std::collections::BTreeMap<Addr, Vec<u8>>;
+
+/// Why an install did not happen.
+enum InstallFailure {
+    /// A page changed between specializing and guarding: worth retrying with the threads stopped.
+    Changed(String),
+    Other(String),
+}
+
+/// Specialize the region at `c` for each hot value of its register (plus the entry constants where they hold);
+/// returns the benefit (folded instructions weighted by value frequency) and the variants worth a stub.
+fn specialize_candidate(
+    mem: &dyn Memory,
+    r: &RegionPlan,
+    c: &TriggerCandidate,
+    consts: &[(Gpr, u64, Addr)],
+    t0: Instant,
+) -> (f64, Vec<(Option<u64>, Variant)>) {
+    let opts = Runtime::options(r, c.address);
+    let total: u64 = c.values.iter().map(|v| v.1).sum();
+    let mut benefit = 0.0;
+    let mut variants = Vec::new();
+    for (k, &(value, samples)) in c.values.iter().enumerate() {
+        if t0.elapsed() > PLAN_BUDGET {
+            break;
+        }
+        let mut known = KnownState::default();
+        for (g, v, after) in consts {
+            // Only where every path from the entry has executed the defining instruction.
+            if c.address >= *after && *g != c.register {
+                known.set_reg(*g, Some(*v));
+            }
+        }
+        known.set_reg(c.register, Some(value));
+        let req = Request {
+            entry: c.address,
+            region_start: r.start,
+            region_end: r.end,
+            known,
+            options: opts.clone(),
+        };
+        let Ok(var) = specializer::specialize(&req, mem) else {
+            continue;
+        };
+        let st = &var.stats;
+        let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
+        if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO {
+            if k == 0 {
+                // The hottest value does not pay: the others will not make the trigger worth a stub.
+                break;
+            }
+            continue;
+        }
+        if total > 0 {
+            benefit += samples as f64 / total as f64 * st.folded as f64;
+        }
+        variants.push((Some(value), var));
+    }
+    (benefit, variants)
+}
 
 /// Registers a function sets to a constant before anything else can happen and never changes afterwards:
 /// `lea reg, [rip+d]` or `mov reg, imm` in the straight-line code at its entry, and no other write to `reg`

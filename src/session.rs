@@ -35,6 +35,8 @@ const GUARD_POLL: Duration = Duration::from_millis(3);
 const COUNTER_REFRESH: Duration = Duration::from_millis(50);
 /// Profiling restarts after an exec (the new image is profiled and specialized again), at most this often.
 const MAX_RESTARTS: u32 = 4;
+/// A written page counts as rarely written when at most 1 in this many samples stores into it.
+const OPTIMISTIC_STORE_SHARE: u64 = 200;
 /// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
 const ID_STRIDE: u64 = 1_000_000;
 /// Most pages the store profile watches.
@@ -307,6 +309,10 @@ struct Session {
     first_sample_at: Option<Instant>,
     /// When the first variant was installed.
     first_install_at: Option<Instant>,
+    /// Pages specialized on although the store profile saw them written (see `replan`).
+    optimistic: std::collections::BTreeSet<u64>,
+    /// Optimistic pages that were then written: never specialized on again.
+    distrusted: std::collections::BTreeSet<u64>,
 }
 
 /// Run a whole session and write its report.
@@ -374,6 +380,8 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         restarts: 0,
         first_sample_at: None,
         first_install_at: None,
+        optimistic: Default::default(),
+        distrusted: Default::default(),
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
@@ -790,11 +798,21 @@ impl Session {
             return;
         }
         // The store profile is about the watched process only.
-        let constant = if self.watch_pid == Some(rt.pid) {
-            runtime::constant_pages(&self.store.watched, &self.store.written)
-        } else {
-            Default::default()
-        };
+        let mut constant = Default::default();
+        if self.watch_pid == Some(rt.pid) {
+            constant = runtime::constant_pages(&self.store.watched, &self.store.written);
+            // Optimism: a page the window saw written, but into which the hot code hardly ever stores (a
+            // bytecode patched now and then, configuration changed once), is specialized on behind a guard; the
+            // first write throws the variants away and the page is not trusted again.
+            let total = self.profiler.total();
+            for p in &self.store.written {
+                let stores = self.profiler.store_samples(rt.pid, p.0);
+                if stores * OPTIMISTIC_STORE_SHARE <= total && !self.distrusted.contains(&p.0) {
+                    constant.insert(specializer::Addr(p.0));
+                    self.optimistic.insert(p.0);
+                }
+            }
+        }
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         if let (Some(t), None) = (rt.first_install, self.first_install_at) {
             self.first_install_at = Some(t);
@@ -815,6 +833,11 @@ impl Session {
         match rt.cache.handle_guard_faults(&mut self.tracer) {
             Ok(invs) => {
                 rt.record_invalidations(&invs, self.start);
+                for i in &invs {
+                    if self.optimistic.contains(&i.page.0) {
+                        self.distrusted.insert(i.page.0);
+                    }
+                }
                 self.after_invalidation();
             }
             Err(e) => {
@@ -838,6 +861,9 @@ impl Session {
         rt.read_counters(&self.tracer);
         match rt.cache.handle_segv(&mut self.tracer, tid, siginfo) {
             Ok(Some(inv)) => {
+                if self.optimistic.contains(&inv.page.0) {
+                    self.distrusted.insert(inv.page.0);
+                }
                 rt.record_invalidations(&[inv], self.start);
                 self.after_invalidation();
                 true

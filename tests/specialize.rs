@@ -1,0 +1,232 @@
+//! End-to-end tests of specialization: `dynspec run` installs variants in the samples, invalidates them when the
+//! memory they assumed constant is written, and every program's output stays byte-identical to a native run.
+//!
+//! Sizes are a few times the small ones and the windows short (`--window 0.05`), so the first install happens well
+//! before the program ends even on a loaded machine.
+
+mod common;
+
+use common::{run_dynspec, run_native, sample, text, TempDir};
+
+/// Run `bin size` natively and under `dynspec run -q --window 0.05 EXTRA`, check stdout, stderr and status are the
+/// same, and return the report.
+fn specialized(bin: &str, size: &str, extra: &[&str]) -> serde_json::Value {
+    let native = run_native(sample(bin), &[size]);
+    let tmp = TempDir::new();
+    let report = tmp.join("report.json");
+    let report_arg = report.to_str().expect("temp paths are UTF-8");
+    let mut args = vec!["run", "-q", "--window", "0.05", "--report", report_arg];
+    args.extend_from_slice(extra);
+    let traced = run_dynspec(&args, sample(bin), &[size]);
+    let what = format!("dynspec {} -- {bin} {size}", args.join(" "));
+    assert_eq!(
+        traced.status.code(),
+        native.status.code(),
+        "{what}: exit status (stderr: {})",
+        text(&traced.stderr)
+    );
+    assert!(
+        traced.stdout == native.stdout,
+        "{what}: stdout differs\nnative:\n{}\ndynspec:\n{}",
+        text(&native.stdout),
+        text(&traced.stdout)
+    );
+    assert_eq!(text(&traced.stderr), text(&native.stderr), "{what}: stderr");
+    let body = std::fs::read_to_string(&report).expect("report written");
+    serde_json::from_str(&body).expect("report is JSON")
+}
+
+/// The parts of a report worth showing in a failure message (the whole one is large).
+fn brief(r: &serde_json::Value) -> String {
+    format!(
+        "variants {} invalidations {} timings {} store {}",
+        r["variants"], r["invalidations"], r["timings"], r["store_profile"]
+    )
+}
+
+fn variants(r: &serde_json::Value) -> &Vec<serde_json::Value> {
+    r["variants"].as_array().expect("variants[] in the report")
+}
+
+fn invalidations(r: &serde_json::Value) -> &Vec<serde_json::Value> {
+    r["invalidations"]
+        .as_array()
+        .expect("invalidations[] in the report")
+}
+
+/// The report's shape for one installed variant.
+fn check_variant_shape(v: &serde_json::Value) {
+    for key in [
+        "region",
+        "trigger",
+        "value",
+        "code_bytes",
+        "folded",
+        "residual",
+        "guard_pages",
+        "entries",
+        "invalidated",
+    ] {
+        assert!(v.get(key).is_some(), "variant without {key}: {v}");
+    }
+    assert!(v["code_bytes"].as_u64().unwrap_or(0) > 0, "{v}");
+    assert!(v["folded"].as_u64().unwrap_or(0) > 0, "{v}");
+    if !v["trigger"].is_null() {
+        assert!(v["trigger"]["address"].is_string(), "{v}");
+        assert!(v["trigger"]["register"].is_string(), "{v}");
+    }
+}
+
+#[test]
+fn interp_switch_installs_variants() {
+    let r = specialized("interp_switch", "5000000", &[]);
+    let vs = variants(&r);
+    assert!(!vs.is_empty(), "no variant installed: {}", brief(&r));
+    vs.iter().for_each(check_variant_shape);
+    assert!(
+        vs.iter().any(|v| v["entries"].as_u64().unwrap_or(0) > 0),
+        "no variant was ever entered: {vs:?}"
+    );
+    let t = &r["timings"];
+    for key in ["profile_ms", "specialize_ms", "install_ms"] {
+        assert!(t[key].is_u64(), "timings.{key}: {t}");
+    }
+    assert!(t["first_install_ms"].is_u64(), "first_install_ms: {t}");
+}
+
+#[test]
+fn bpf_filter_installs_variants() {
+    let r = specialized("bpf_filter", "25000000", &[]);
+    let vs = variants(&r);
+    assert!(!vs.is_empty(), "no variant installed: {}", brief(&r));
+    vs.iter().for_each(check_variant_shape);
+}
+
+#[test]
+fn selfmod_interp_is_invalidated_and_correct() {
+    let r = specialized("selfmod_interp", "5000000", &[]);
+    let inv = invalidations(&r);
+    assert!(!inv.is_empty(), "no invalidation: {}", brief(&r));
+    for i in inv {
+        assert!(i["page"].is_string() && i["time_ms"].is_u64(), "{i}");
+        assert!(
+            !i["variants"].as_array().expect("variants").is_empty(),
+            "{i}"
+        );
+    }
+    assert!(
+        variants(&r).iter().any(|v| v["invalidated"] == true),
+        "an invalidation must mark its variants"
+    );
+}
+
+#[test]
+fn config_loop_is_invalidated_when_the_configuration_changes() {
+    let r = specialized("config_loop", "400000", &[]);
+    assert!(
+        !variants(&r).is_empty(),
+        "no variant installed: {}",
+        brief(&r)
+    );
+    assert!(
+        !invalidations(&r).is_empty(),
+        "no invalidation: {}",
+        brief(&r)
+    );
+}
+
+#[test]
+fn mt_interp_stays_correct_when_the_shared_bytecode_changes() {
+    // Three threads share one bytecode program that is patched between two phases: whatever was installed before
+    // the patch must not survive it.
+    let r = specialized("mt_interp", "2000000", &[]);
+    for v in variants(&r) {
+        check_variant_shape(v);
+    }
+}
+
+#[test]
+fn kernel_read_into_watched_pages_succeeds() {
+    // read(2) refills a page the hot loop reads 8 times: the kernel's writes must succeed (never EFAULT) whether the
+    // page is watched, guarded, or neither.
+    let r = specialized("kernel_read", "300000", &[]);
+    let watched = r["store_profile"]["pages_watched"].as_u64().unwrap_or(0);
+    let guarded: usize = variants(&r)
+        .iter()
+        .map(|v| v["guard_pages"].as_array().map_or(0, |g| g.len()))
+        .sum();
+    assert!(
+        watched > 0 || guarded > 0,
+        "the table page was neither watched nor guarded: {}",
+        brief(&r)
+    );
+}
+
+#[test]
+fn fork_exec_and_signals_stay_correct() {
+    specialized("fork_exec", "30000000", &[]);
+    specialized("signals", "100000", &[]);
+}
+
+#[test]
+fn nothing_to_specialize_installs_nothing_harmful() {
+    let r = specialized("nothing", "1000", &[]);
+    for v in variants(&r) {
+        check_variant_shape(v);
+    }
+}
+
+#[test]
+fn report_renders_variants_and_timings() {
+    let tmp = TempDir::new();
+    let report = tmp.join("r.json");
+    let report_arg = report.to_str().expect("UTF-8");
+    let out = run_dynspec(
+        &["run", "-q", "--window", "0.05", "--report", report_arg],
+        sample("interp_switch"),
+        &["5000000"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let shown = std::process::Command::new(common::dynspec())
+        .args(["report", report_arg])
+        .output()
+        .expect("dynspec report");
+    assert!(shown.status.success());
+    let s = text(&shown.stdout);
+    assert!(s.contains("variants:"), "{s}");
+    assert!(s.contains("timings:"), "{s}");
+    assert!(s.contains("first sample to first install"), "{s}");
+}
+
+#[test]
+fn bench_compares_native_and_dynspec_runs() {
+    let out = std::process::Command::new(common::dynspec())
+        .args(["bench", "-n", "1", "-q", "--"])
+        .arg(sample("interp_switch"))
+        .arg("300000")
+        .output()
+        .expect("dynspec bench");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    assert!(
+        s.starts_with("native median ")
+            && s.contains(", dynspec median ")
+            && s.contains("speedup "),
+        "{s}"
+    );
+}
+
+#[test]
+fn bench_fails_when_outputs_differ() {
+    // `sh -c 'echo $$'` prints its own PID: different in every run, so bench must refuse to compare.
+    let out = std::process::Command::new(common::dynspec())
+        .args(["bench", "-n", "1", "-q", "--", "sh", "-c", "echo $$"])
+        .output()
+        .expect("dynspec bench");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("stdout differs"),
+        "{}",
+        text(&out.stderr)
+    );
+}
