@@ -30,7 +30,7 @@ const MIN_FOLD_RATIO: f64 = 0.25;
 /// Code size cap per variant.
 const MAX_VARIANT_BYTES: usize = 16 * 1024;
 /// Time one planning round may spend specializing (the program runs meanwhile, but a core is busy).
-const PLAN_BUDGET: Duration = Duration::from_millis(400);
+const PLAN_BUDGET: Duration = Duration::from_millis(1000);
 /// Functions larger than this are not scanned for entry constants.
 const MAX_SCAN_BYTES: u64 = 64 * 1024;
 

@@ -35,6 +35,8 @@ const GUARD_POLL: Duration = Duration::from_millis(3);
 const COUNTER_REFRESH: Duration = Duration::from_millis(50);
 /// Profiling restarts after an exec (the new image is profiled and specialized again), at most this often.
 const MAX_RESTARTS: u32 = 4;
+/// Planning rounds that installed nothing before the session stops trying (until an exec starts over).
+const MAX_FRUITLESS_PLANS: u32 = 4;
 /// A written page counts as rarely written when at most 1 in this many samples stores into it.
 const OPTIMISTIC_STORE_SHARE: u64 = 200;
 /// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
@@ -313,6 +315,8 @@ struct Session {
     optimistic: std::collections::BTreeSet<u64>,
     /// Optimistic pages that were then written: never specialized on again.
     distrusted: std::collections::BTreeSet<u64>,
+    /// Planning rounds so far.
+    plans: u32,
 }
 
 /// Run a whole session and write its report.
@@ -382,6 +386,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         first_install_at: None,
         optimistic: Default::default(),
         distrusted: Default::default(),
+        plans: 0,
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
@@ -814,6 +819,16 @@ impl Session {
             }
         }
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
+        self.plans += 1;
+        if out.installed == 0
+            && self.plans < MAX_FRUITLESS_PLANS
+            && matches!(self.phase, Phase::Done)
+        {
+            // More samples may show better triggers (or the install met a thread inside the patch site).
+            self.phase = Phase::Resample {
+                until: Instant::now() + self.cfg.window,
+            };
+        }
         if let (Some(t), None) = (rt.first_install, self.first_install_at) {
             self.first_install_at = Some(t);
         }
@@ -934,6 +949,7 @@ impl Session {
             && self.restarts < MAX_RESTARTS;
         if restart {
             self.restarts += 1;
+            self.plans = 0;
             self.sampling_extensions = 0;
             self.phase = Phase::Sampling {
                 until: Instant::now() + self.cfg.window,
