@@ -193,8 +193,12 @@ fn conditional_flag_write(ins: &Instruction) -> bool {
     matches!(
         ins.mnemonic(),
         M::Shl | M::Sal | M::Shr | M::Sar | M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shld | M::Shrd
-    ) && (ins.op_kind(ins.op_count() - 1) == OpKind::Register
-        || (ins.immediate(ins.op_count() - 1) & 31) == 0)
+    ) && ins.op_count() > 0
+        && match ins.try_immediate(ins.op_count() - 1) {
+            Ok(v) => v & 31 == 0,
+            // A register count may be zero.
+            Err(_) => true,
+        }
 }
 
 /// Lookup table: for (known-mask, values) over the 6 status flags, an 8-bit
@@ -975,7 +979,7 @@ impl<'a> Engine<'a> {
     /// The code budget and the visit limit bound the rest.
     fn widen(&mut self, ip: Addr, st: &mut AbsState) -> Result<(), SpecializeError> {
         let max = self.opts().max_states_per_address.max(1) as usize;
-        let hard = max.saturating_mul(32).max(256);
+        let hard = max.saturating_mul(32).max(1024);
         let Some(seen) = self.seen_at.get(&ip) else {
             return Ok(());
         };
@@ -1156,7 +1160,11 @@ impl<'a> Engine<'a> {
     fn plain(ins: &Instruction) -> bool {
         (0..ins.op_count()).all(|i| match ins.op_kind(i) {
             OpKind::Register => ins.op_register(i).is_gpr(),
-            OpKind::Memory => !ins.memory_index().is_vector_register(),
+            OpKind::Memory => {
+                !ins.memory_index().is_vector_register()
+                    && (ins.mnemonic() == Mnemonic::Lea
+                        || matches!(ins.memory_size().size(), 1 | 2 | 4 | 8))
+            }
             OpKind::Immediate8
             | OpKind::Immediate16
             | OpKind::Immediate32
