@@ -68,11 +68,13 @@ struct Res {
     sbase: Gpr,
     /// Loop counter.
     lc: Gpr,
+    /// Index into the constant buffer (0..=15).
+    ix: Gpr,
 }
 
 impl Res {
     fn has(&self, g: Gpr) -> bool {
-        g == self.base || g == self.sbase || g == self.lc
+        g == self.base || g == self.sbase || g == self.lc || g == self.ix
     }
 }
 
@@ -261,9 +263,22 @@ impl Gen {
         }
     }
 
-    fn mem(&mut self, base: Gpr, size: usize) -> MemoryOperand {
-        let disp = self.rng.below(BUF_LEN - size + 1) as i64;
-        MemoryOperand::with_base_displ(base.to_iced(), disp)
+    /// A load operand inside the constant buffer: `[base+disp]` or
+    /// `[base+ix*scale+disp]` (ix holds 0..=15).
+    fn mem(&mut self, rs: Res, size: usize) -> MemoryOperand {
+        if self.rng.chance(50) {
+            let disp = self.rng.below(BUF_LEN - size + 1) as i64;
+            return MemoryOperand::with_base_displ(rs.base.to_iced(), disp);
+        }
+        let scale = self.rng.pick(&[1u32, 2, 4, 8]);
+        let disp = self.rng.below(BUF_LEN - 15 * scale as usize - size + 1) as i64;
+        MemoryOperand::with_base_index_scale_displ_size(
+            rs.base.to_iced(),
+            rs.ix.to_iced(),
+            scale,
+            disp,
+            1,
+        )
     }
 
     /// One random non-branch instruction (may fail to encode: caller retries).
@@ -271,7 +286,6 @@ impl Gen {
         if self.rng.chance(15) {
             return self.extra_insn(rs);
         }
-        let base = rs.base;
         let w = self.width();
         let sz = (w / 8) as usize;
         let r = |g: &mut Gen| g.reg(w, rs);
@@ -286,7 +300,7 @@ impl Gen {
                     }
                     2 => {
                         let a = r(self);
-                        let m = self.mem(base, sz);
+                        let m = self.mem(rs, sz);
                         Instruction::with2(self.code(&format!("{op}_r{w}_rm{w}")), a, m)
                     }
                     _ => {
@@ -322,7 +336,7 @@ impl Gen {
                         Instruction::with2(self.code(&format!("Mov_rm{w}_r{w}")), a, b)
                     }
                     1 => {
-                        let m = self.mem(base, sz);
+                        let m = self.mem(rs, sz);
                         Instruction::with2(self.code(&format!("Mov_r{w}_rm{w}")), a, m)
                     }
                     2 if w == 64 => Instruction::with2(Code::Mov_r64_imm64, a, self.rng.value()),
@@ -347,7 +361,7 @@ impl Gen {
                         let b = self.reg(32, rs);
                         Instruction::with2(Code::Movsxd_r64_rm32, a, b)
                     } else {
-                        let m = self.mem(base, 4);
+                        let m = self.mem(rs, 4);
                         Instruction::with2(Code::Movsxd_r64_rm32, a, m)
                     }
                 } else {
@@ -363,7 +377,7 @@ impl Gen {
                         let b = self.reg(src_w, rs);
                         Instruction::with2(c, a, b)
                     } else {
-                        let m = self.mem(base, (src_w / 8) as usize);
+                        let m = self.mem(rs, (src_w / 8) as usize);
                         Instruction::with2(c, a, m)
                     }
                 }
@@ -413,7 +427,7 @@ impl Gen {
                         let b = self.reg(w, rs);
                         Instruction::with2(self.code(&format!("Imul_r{w}_rm{w}")), a, b)
                     } else {
-                        let m = self.mem(base, (w / 8) as usize);
+                        let m = self.mem(rs, (w / 8) as usize);
                         Instruction::with2(self.code(&format!("Imul_r{w}_rm{w}")), a, m)
                     }
                 }
@@ -450,7 +464,7 @@ impl Gen {
                     let b = self.reg(w, rs);
                     Instruction::with2(self.code(&name), a, b)
                 } else {
-                    let m = self.mem(base, (w / 8) as usize);
+                    let m = self.mem(rs, (w / 8) as usize);
                     Instruction::with2(self.code(&name), a, m)
                 }
             }
@@ -577,6 +591,7 @@ impl Gen {
             base: take(self),
             sbase: take(self),
             lc: take(self),
+            ix: take(self),
         };
         let mut items: Vec<Vec<Op>> = Vec::new();
         let mut labels_at: Vec<Vec<usize>> = vec![Vec::new(); n + 1];
@@ -643,6 +658,7 @@ impl Gen {
                 Gpr::Rsp => stack_top,
                 g if g == rs.base => buf_addr,
                 g if g == rs.sbase => scratch,
+                g if g == rs.ix => self.rng.below(16) as u64,
                 _ => self.rng.value(),
             };
             input.regs[g.index()] = v;
@@ -1207,9 +1223,10 @@ fn describe(case: &Case, s: u64, buf_addr: u64) -> String {
         out.push_str(&format!("    {l}\n"));
     }
     out.push_str(&format!(
-        "constant buffer {:#x} in {}, scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, fall-through chained: {}\nknown: {}\ninputs:",
+        "constant buffer {:#x} in {} (index {}), scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, fall-through chained: {}\nknown: {}\ninputs:",
         buf_addr,
         case.rs.base,
+        case.rs.ix,
         case.rs.sbase,
         case.rs.lc,
         case.options.max_states_per_address,
