@@ -410,7 +410,7 @@ impl Cache {
                     kinds.insert(*p, k);
                 }
                 Err(e) => {
-                    self.release_unused(tr, tid, &newly)?;
+                    self.release_unused(tr, Some(tid), &newly)?;
                     return Err(e);
                 }
             }
@@ -421,7 +421,7 @@ impl Cache {
             }
             let mut now = vec![0u8; snap.len()];
             if tr.read_memory(self.pid, RemoteAddr(p.0), &mut now).is_err() || &now != snap {
-                self.release_unused(tr, tid, &newly)?;
+                self.release_unused(tr, Some(tid), &newly)?;
                 return Err(CacheError::Unguardable(
                     *p,
                     "changed since it was specialized on".into(),
@@ -431,7 +431,7 @@ impl Cache {
         match self.install_code(tr, &req, patch, ai, &kinds) {
             Ok(id) => Ok(id),
             Err(e) => {
-                self.release_unused(tr, tid, &newly)?;
+                self.release_unused(tr, Some(tid), &newly)?;
                 Err(e)
             }
         }
@@ -649,7 +649,7 @@ impl Cache {
     fn release_unused(
         &mut self,
         tr: &mut Tracer,
-        tid: Pid,
+        tid: Option<Pid>,
         pages: &[Addr],
     ) -> Result<(), CacheError> {
         for p in pages {
@@ -753,7 +753,8 @@ impl Cache {
     pub fn invalidate(&mut self, tr: &mut Tracer, page: Addr) -> Result<Invalidation, CacheError> {
         assert_all_stopped(tr, self.pid);
         let page = page.page();
-        let tid = stopped_thread(tr, self.pid)?;
+        // Only an mprotect guard needs a thread (for the remote mprotect); uffd guards do not.
+        let tid = stopped_thread(tr, self.pid).ok();
         let dead: BTreeSet<VariantId> = self
             .variants
             .iter()
@@ -1120,7 +1121,8 @@ impl Cache {
         id: InstallId,
     ) -> Result<Vec<VariantId>, CacheError> {
         assert_all_stopped(tr, self.pid);
-        let tid = stopped_thread(tr, self.pid)?;
+        // Only an mprotect guard needs a thread (for the remote mprotect); uffd guards do not.
+        let tid = stopped_thread(tr, self.pid).ok();
         let Some(inst) = self.installs.get(&id) else {
             return Ok(Vec::new());
         };

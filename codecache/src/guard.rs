@@ -388,7 +388,8 @@ fn reader_loop(
             // Everyone stopped: the faulting writes were user writes, retried after the release.
             continue;
         }
-        let pages: Vec<u64> = s.faulted.iter().copied().collect();
+        // Pages still protected (a page released earlier in this stop is not released twice).
+        let pages: Vec<u64> = s.faulted.intersection(&s.guarded).copied().collect();
         for p in pages {
             if writeprotect(raw, p, PAGE, false).is_ok() {
                 s.guarded.remove(&p);
@@ -625,10 +626,19 @@ impl GuardSet {
         }
     }
 
-    /// Remove the guard of `page` (waking a writer blocked on it). `tid`: a stopped thread of the process.
-    pub fn release(&mut self, tr: &mut Tracer, tid: Pid, page: Addr) -> Result<(), CacheError> {
+    /// Remove the guard of `page` (waking a writer blocked on it). `tid`: a stopped thread of the process,
+    /// needed only for an mprotect guard.
+    pub fn release(
+        &mut self,
+        tr: &mut Tracer,
+        tid: Option<Pid>,
+        page: Addr,
+    ) -> Result<(), CacheError> {
         let page = page.page();
-        if let Some(orig) = self.mprotected.remove(&page.0) {
+        if self.mprotected.contains_key(&page.0) && tid.is_none() {
+            return Err(CacheError::Tracer(TracerError::NotStopped(self.pid)));
+        }
+        if let (Some(orig), Some(tid)) = (self.mprotected.remove(&page.0), tid) {
             // Only undo our own change: if the program changed the page's protection meanwhile (or unmapped
             // it), its choice stands.
             let ours = read_maps(self.pid)
@@ -695,7 +705,7 @@ impl GuardSet {
     /// Release every guard (threads stopped).
     pub fn release_all(&mut self, tr: &mut Tracer, tid: Pid) -> Result<(), CacheError> {
         for p in self.pages() {
-            self.release(tr, tid, p)?;
+            self.release(tr, Some(tid), p)?;
         }
         Ok(())
     }

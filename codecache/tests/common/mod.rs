@@ -252,7 +252,18 @@ pub fn run_traced_with(
                 unsafe { libc::syscall(libc::SYS_tgkill, pid.as_raw(), pid.as_raw(), sig) };
                 inject = 1;
             } else if c.has_guard_faults() && inject == 2 {
-                invalidations.extend(c.handle_guard_faults(&mut tr).expect("guard faults"));
+                match c.handle_guard_faults(&mut tr) {
+                    Ok(v) => invalidations.extend(v),
+                    Err(e) => {
+                        let threads: Vec<(Pid, bool)> = tr
+                            .threads(pid)
+                            .into_iter()
+                            .map(|t| (t, tr.is_stopped(t)))
+                            .collect();
+                        let all = tr.all_threads();
+                        panic!("guard faults: {e:?}; threads {threads:?}; all {all:?}");
+                    }
+                }
                 tr.resume_all().expect("resume");
             }
         }
