@@ -465,8 +465,7 @@ struct Engine<'a> {
     info: InstructionInfoFactory,
     /// Registers whose value addressed a folded constant load (bit per Gpr).
     static_regs: u16,
-    /// Caller-saved registers the region never touches (see `scratch_registers`).
-    scratch: Vec<Gpr>,
+    /// Rotates the choice of scratch register for cached stores.
     scratch_next: usize,
 }
 
@@ -494,10 +493,8 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         data_labels: HashMap::new(),
         info: InstructionInfoFactory::new(),
         static_regs: 0,
-        scratch: Vec::new(),
         scratch_next: 0,
     };
-    e.scratch = e.scratch_registers();
     // The entry must decode; anything later that does not becomes an exit.
     if e.decode(req.entry).is_none() {
         let mut b = [0u8; 1];
@@ -517,65 +514,6 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
 }
 
 impl<'a> Engine<'a> {
-    /// Caller-saved registers that no instruction of the region mentions.
-    /// Only when the options allow it and the region looks like a whole
-    /// function entered at its start (it returns and cannot run off its
-    /// end): by the SysV ABI caller-saved registers then hold nothing the
-    /// caller needs. The variant may keep copies of
-    /// stored values in them.
-    fn scratch_registers(&mut self) -> Vec<Gpr> {
-        if !self.opts().scratch_registers || self.req.entry != self.req.region_start {
-            return Vec::new();
-        }
-        let mut used = 0u16;
-        let mut a = self.req.region_start;
-        let mut has_ret = false;
-        // Whether control can run off the end of the region (then it is a
-        // piece of code, not a whole function body).
-        let mut falls_off = true;
-        while a < self.req.region_end {
-            let Some(ins) = self.decode(a) else {
-                // Undecodable bytes (data, padding): be safe.
-                return Vec::new();
-            };
-            for u in self.info.info(&ins).used_registers() {
-                if let Some(g) = Gpr::containing(u.register()) {
-                    used |= 1 << g.index();
-                }
-            }
-            match ins.flow_control() {
-                FlowControl::Return => {
-                    has_ret = true;
-                    falls_off = false;
-                }
-                FlowControl::UnconditionalBranch
-                | FlowControl::IndirectBranch
-                | FlowControl::Exception => falls_off = false,
-                FlowControl::Next | FlowControl::Interrupt
-                    if matches!(ins.mnemonic(), Mnemonic::Nop | Mnemonic::Int3) => {}
-                _ => falls_off = true,
-            }
-            a = Addr(ins.next_ip());
-        }
-        if !has_ret || falls_off {
-            return Vec::new();
-        }
-        [
-            Gpr::R11,
-            Gpr::R10,
-            Gpr::R9,
-            Gpr::R8,
-            Gpr::Rcx,
-            Gpr::Rdx,
-            Gpr::Rsi,
-            Gpr::Rdi,
-            Gpr::Rax,
-        ]
-        .into_iter()
-        .filter(|g| used & (1 << g.index()) == 0 && self.req.known.reg(*g).is_none())
-        .collect()
-    }
-
     fn opts(&self) -> &Options {
         &self.req.options
     }
@@ -1436,15 +1374,16 @@ impl<'a> Engine<'a> {
                 self.stats.folded += 1;
                 return Ok(true);
             }
-            if let Some(r) = real_r {
-                let n = Instruction::with2(Code::Mov_r64_rm64, x.to_iced(), r.to_iced())
-                    .map_err(err)?;
-                self.residual_exact(ip, &n, st)?;
-                st.facts.push((base, disp, x));
-                st.normalize();
-                return Ok(true);
-            }
-            return Ok(false);
+            // Copy from a holder; a folded holder's real content is the
+            // memory value, so read it without materializing.
+            let r = real_r.unwrap_or(holders[0]);
+            let n =
+                Instruction::with2(Code::Mov_r64_rm64, x.to_iced(), r.to_iced()).map_err(err)?;
+            self.emit(n, ip, st);
+            st.set(x, None, false);
+            st.facts.push((base, disp, x));
+            st.normalize();
+            return Ok(true);
         }
         // op x, [m] with x folded to v: the memory value is in a register, so
         // compute `op mem, v` into x (add/and/or/xor/imul are commutative,
@@ -1462,7 +1401,7 @@ impl<'a> Engine<'a> {
             let src = if holders.contains(&x) {
                 Some(x)
             } else {
-                real_r
+                Some(real_r.unwrap_or(holders[0]))
             };
             if let (Some(code), Some(v), Some(r)) = (code, v, src) {
                 if fits_i32(v as i64) {
@@ -1485,18 +1424,29 @@ impl<'a> Engine<'a> {
                     };
                     // The real x now holds the memory value (or is about to).
                     st.set(x, None, false);
-                    self.residual_exact_with(ip, &n, st, Some(folded))?;
+                    self.residual_exact_with(ip, &n, st, Some(folded), Some(r))?;
                     return Ok(true);
                 }
             }
         }
-        // Any other read of [m] whose operand also accepts a register.
-        if let Some(r) = real_r {
+        // Any other read of [m] whose operand also accepts a register, from
+        // a holder the instruction does not otherwise mention.
+        let mentioned: Vec<Gpr> = self
+            .info
+            .info(out)
+            .used_registers()
+            .iter()
+            .filter_map(|u| Gpr::containing(u.register()))
+            .collect();
+        let r = real_r
+            .filter(|r| !mentioned.contains(r))
+            .or_else(|| holders.iter().copied().find(|r| !mentioned.contains(r)));
+        if let Some(r) = r {
             if out.op_code().op_kind(mi) == iced_x86::OpCodeOperandKind::r64_or_mem {
                 let mut n = *out;
                 n.set_op_kind(mi, OpKind::Register);
                 n.set_op_register(mi, r.to_iced());
-                self.residual_exact(ip, &n, st)?;
+                self.residual_exact_with(ip, &n, st, None, Some(r))?;
                 return Ok(true);
             }
         }
@@ -1518,11 +1468,11 @@ impl<'a> Engine<'a> {
                     return;
                 }
                 st.facts.push((base, disp, r));
-                if let Some(f) = self.next_scratch(&[base, r]) {
+                if let Some(f) = self.next_scratch(&[base, r], st) {
                     if let Ok(m) = Instruction::with2(Code::Mov_r64_rm64, f.to_iced(), r.to_iced())
                     {
+                        // f stays known-unmaterialized: its real content is free.
                         self.emit(m, ip, st);
-                        st.set(f, None, false);
                         st.facts.push((base, disp, f));
                     }
                 }
@@ -1540,17 +1490,32 @@ impl<'a> Engine<'a> {
         st.normalize();
     }
 
-    /// Round-robin over the registers the region never touches.
-    fn next_scratch(&mut self, avoid: &[Gpr]) -> Option<Gpr> {
-        let n = self.scratch.len();
-        for k in 0..n {
-            let f = self.scratch[(self.scratch_next + k) % n];
-            if !avoid.contains(&f) {
-                self.scratch_next = (self.scratch_next + k + 1) % n;
-                return Some(f);
-            }
+    /// A register whose real content is dead: known but not materialized
+    /// (the variant rewrites it before any real use, and the deopt map
+    /// restores its folded value). Such a register may carry a copy of a
+    /// stored value for later loads. Registers whose value came from
+    /// constant memory are preferred: they stay folded longest.
+    fn next_scratch(&mut self, avoid: &[Gpr], st: &AbsState) -> Option<Gpr> {
+        if !self.opts().scratch_registers {
+            return None;
         }
-        None
+        let cands: Vec<Gpr> = Gpr::ALL
+            .into_iter()
+            .filter(|g| {
+                *g != Gpr::Rsp && !avoid.contains(g) && st.get(*g).is_some() && !st.is_mat(*g)
+            })
+            .collect();
+        let stat: Vec<Gpr> = cands
+            .iter()
+            .copied()
+            .filter(|g| st.stat & (1 << g.index()) != 0)
+            .collect();
+        let pool = if stat.is_empty() { cands } else { stat };
+        if pool.is_empty() {
+            return None;
+        }
+        self.scratch_next = self.scratch_next.wrapping_add(1);
+        Some(pool[self.scratch_next % pool.len()])
     }
 
     fn residual_exact(
@@ -1559,7 +1524,7 @@ impl<'a> Engine<'a> {
         out: &Instruction,
         st: &mut AbsState,
     ) -> Result<(), SpecializeError> {
-        self.residual_exact_with(ip, out, st, None)
+        self.residual_exact_with(ip, out, st, None, None)
     }
 
     fn residual_exact_with(
@@ -1568,6 +1533,7 @@ impl<'a> Engine<'a> {
         out: &Instruction,
         st: &mut AbsState,
         folded: Option<KnownState>,
+        keep: Option<Gpr>,
     ) -> Result<(), SpecializeError> {
         let reads_f = flag_mask(out.rflags_read());
         let writes_f = flag_mask(out.rflags_modified());
@@ -1588,7 +1554,12 @@ impl<'a> Engine<'a> {
                 continue;
             };
             let full_write = acc == OpAccess::Write && r.size() >= 4;
-            if !full_write && acc != OpAccess::None && acc != OpAccess::NoMemAccess {
+            // `keep` is read for the memory value it really holds.
+            if !full_write
+                && acc != OpAccess::None
+                && acc != OpAccess::NoMemAccess
+                && keep != Some(g)
+            {
                 self.mat_reg(g, ip, st);
             }
             if matches!(

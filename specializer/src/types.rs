@@ -218,11 +218,10 @@ pub struct Options {
     /// original address; `None` means the original address itself. The code
     /// cache uses this to chain into a dispatch stub.
     pub chain: Option<std::collections::BTreeMap<Addr, Addr>>,
-    /// When the region is a whole function entered at `region_start` (it
-    /// contains a `ret` and cannot run off its end), let the variant keep
-    /// copies of stored values in caller-saved registers the function never
-    /// mentions (by the SysV ABI they carry nothing across a call). Turn off
-    /// when the region is known not to be a function body.
+    /// Let the variant keep copies of stored values in registers whose
+    /// real content is dead at that point (known values it folded away and
+    /// rewrites before any real use; the deopt map restores them), so later
+    /// loads of those slots become register reads.
     pub scratch_registers: bool,
 }
 
