@@ -23,6 +23,10 @@ const MAX_INSTALL_TRIES: usize = 3;
 pub const MAX_INSTALLS_PER_REGION: u32 = 4;
 /// A value must cover at least this share of its candidate's samples to get a variant of its own.
 const MIN_VALUE_SHARE: f64 = 0.01;
+/// Samples a value needs to count as hot.
+const MIN_VALUE_SAMPLES: u64 = 3;
+/// The hot values given variants must cover at least this share of a trigger's samples.
+const MIN_COVERAGE: f64 = 0.5;
 /// A variant must fold at least this many instructions to pay for its dispatch stub...
 const MIN_FOLDED: usize = 12;
 /// ...and at least this share of what it visits: entering a variant that folds little costs more than it saves.
@@ -402,7 +406,6 @@ fn specialize_candidate(
     t0: Instant,
 ) -> (f64, Vec<(Option<u64>, Variant)>) {
     let opts = Runtime::options(r, c.address);
-    let total: u64 = c.values.iter().map(|v| v.1).sum();
     let mut benefit = 0.0;
     let mut variants = Vec::new();
     for (k, &(value, samples)) in c.values.iter().enumerate() {
@@ -436,9 +439,9 @@ fn specialize_candidate(
             }
             continue;
         }
-        if total > 0 {
-            benefit += samples as f64 / total as f64 * st.folded as f64;
-        }
+        // Folded work x how often the trigger runs with this value (DESIGN: "Trigger choice"): a trigger on
+        // the loop head beats one on a rarely taken path that folds as much.
+        benefit += samples as f64 * st.folded as f64;
         variants.push((Some(value), var));
     }
     (benefit, variants)
@@ -539,19 +542,18 @@ pub fn candidates_of(triggers: &[crate::report::TriggerJson]) -> Vec<TriggerCand
             if register == Gpr::Rsp {
                 return None;
             }
-            let values: Vec<(u64, u64)> = t
+            // A value seen only once or twice is noise (a random number), not a hot value.
+            let count = |share: f64| (share * t.samples as f64).round() as u64;
+            let hot: Vec<&crate::report::TopValueJson> = t
                 .top_values
                 .iter()
-                .filter(|v| v.share >= MIN_VALUE_SHARE)
+                .filter(|v| v.share >= MIN_VALUE_SHARE && count(v.share) >= MIN_VALUE_SAMPLES)
                 .take(MAX_VALUES)
-                .map(|v| {
-                    (
-                        v.value.0,
-                        ((v.share * t.samples as f64).round() as u64).max(1),
-                    )
-                })
                 .collect();
-            if values.is_empty() {
+            let values: Vec<(u64, u64)> = hot.iter().map(|v| (v.value.0, count(v.share))).collect();
+            // The stub falls back for every other value: a trigger whose hot values cover little is not one.
+            let covered: f64 = hot.iter().map(|v| v.share).sum();
+            if values.is_empty() || covered < MIN_COVERAGE {
                 return None;
             }
             Some(TriggerCandidate {
@@ -602,6 +604,7 @@ mod tests {
         assert_eq!(c[0].register, Gpr::Rax);
         assert_eq!(c[0].values.len(), MAX_VALUES);
         assert_eq!(c[0].values[0], (0x5000, 90));
+        assert!(c[0].values.iter().all(|v| v.1 >= MIN_VALUE_SAMPLES));
     }
 
     #[test]

@@ -36,7 +36,7 @@ const COUNTER_REFRESH: Duration = Duration::from_millis(50);
 /// Profiling restarts after an exec (the new image is profiled and specialized again), at most this often.
 const MAX_RESTARTS: u32 = 4;
 /// Planning rounds that installed nothing before the session stops trying (until an exec starts over).
-const MAX_FRUITLESS_PLANS: u32 = 4;
+const MAX_FRUITLESS_PLANS: u32 = 2;
 /// A written page counts as rarely written when at most 1 in this many samples stores into it.
 const OPTIMISTIC_STORE_SHARE: u64 = 200;
 /// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
@@ -275,6 +275,9 @@ struct Session {
     tracer: Tracer,
     sampler: Sampler,
     profiler: Profiler,
+    /// Samples since the last invalidation (or since the start): what planning looks at, so a re-plan sees the
+    /// program's current behaviour, not the one that just changed.
+    recent: Profiler,
     code: CodeMap,
     root: Pid,
     phase: Phase,
@@ -317,6 +320,9 @@ struct Session {
     distrusted: std::collections::BTreeSet<u64>,
     /// Planning rounds so far.
     plans: u32,
+    /// Specializing, with nothing left to plan: sampling is off (it costs the program a few percent) until an
+    /// invalidation or exec calls for a fresh profile.
+    sampling_paused: bool,
 }
 
 /// Run a whole session and write its report.
@@ -349,6 +355,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         tracer,
         sampler,
         profiler: Profiler::new(),
+        recent: Profiler::new(),
         code,
         root,
         phase: Phase::Sampling {
@@ -387,6 +394,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         optimistic: Default::default(),
         distrusted: Default::default(),
         plans: 0,
+        sampling_paused: false,
     };
     for tid in s.tracer.all_threads() {
         match s.sampler.add_thread(tid) {
@@ -469,9 +477,15 @@ impl Session {
             code: &mut self.code,
         };
         self.profiler.ingest(&samples, &mut env);
+        if self.cfg.specialize {
+            self.recent.ingest(&samples, &mut env);
+        }
     }
 
     fn add_threads(&mut self, tids: &[Pid]) {
+        if self.sampling_paused {
+            return;
+        }
         for &tid in tids {
             match self.sampler.add_thread(tid) {
                 Ok(()) => {
@@ -597,6 +611,7 @@ impl Session {
                 self.code.forget(pid);
                 self.code.preload(pid);
                 self.profiler.forget_process(pid);
+                self.recent.forget_process(pid);
                 let tids = self.tracer.threads(pid);
                 self.add_threads(&tids);
                 self.resume_quiet(pid, None);
@@ -625,6 +640,7 @@ impl Session {
                 }
                 self.code.forget(pid);
                 self.profiler.forget_process(pid);
+                self.recent.forget_process(pid);
             }
         }
         Ok(None)
@@ -787,7 +803,7 @@ impl Session {
         self.ingest();
         let Some(rt) = self.rt.as_mut() else { return };
         let regions: Vec<RegionPlan> = self
-            .profiler
+            .recent
             .report_regions()
             .into_iter()
             .filter(|r| r.share >= runtime::MIN_SPECIALIZE_SHARE)
@@ -835,6 +851,31 @@ impl Session {
         if let Some(p) = out.problems.first() {
             self.say(p);
         }
+        if matches!(self.phase, Phase::Done) {
+            self.pause_sampling();
+        }
+    }
+
+    /// Stop sampling (specializing mode, nothing left to plan).
+    fn pause_sampling(&mut self) {
+        if self.sampling_paused {
+            return;
+        }
+        self.ingest();
+        for tid in self.sampler.threads() {
+            self.sampler.remove_thread(tid);
+        }
+        self.sampling_paused = true;
+    }
+
+    /// Sample every thread again (a re-profile is due).
+    fn resume_sampling(&mut self) {
+        if !self.sampling_paused {
+            return;
+        }
+        self.sampling_paused = false;
+        let tids = self.tracer.all_threads();
+        self.add_threads(&tids);
     }
 
     /// Handle pending uffd guard faults and keep the entry counters fresh.
@@ -895,6 +936,8 @@ impl Session {
 
     /// Sample a fresh window before specializing the invalidated regions again.
     fn after_invalidation(&mut self) {
+        self.recent = Profiler::new();
+        self.resume_sampling();
         if matches!(self.phase, Phase::Done) {
             self.phase = Phase::Resample {
                 until: Instant::now() + self.cfg.window,
@@ -950,6 +993,7 @@ impl Session {
         if restart {
             self.restarts += 1;
             self.plans = 0;
+            self.resume_sampling();
             self.sampling_extensions = 0;
             self.phase = Phase::Sampling {
                 until: Instant::now() + self.cfg.window,
