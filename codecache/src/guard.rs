@@ -39,6 +39,7 @@ const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
 const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
 const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// Mapping changes that replace a page's contents without a write: mremap, madvise(DONTNEED/REMOVE), munmap.
 const EVENTS: u64 = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
 const UFFD_EVENT_REMAP: u8 = 0x14;
@@ -137,6 +138,8 @@ struct Shared {
     faulted: BTreeSet<u64>,
     /// Guarded pages unmapped, moved or discarded (uffd events), not yet handled; nobody blocks on them.
     removed: BTreeSet<u64>,
+    /// Threads that faulted on a guarded page (with UFFD_FEATURE_THREAD_ID), not yet handled.
+    blocked: BTreeSet<i32>,
     /// Set while [`GuardSet::stop_all`] runs, with its start time.
     stopping: Option<Instant>,
     /// Pages released early for a blocked kernel write.
@@ -330,6 +333,9 @@ fn reader_loop(
                         .map(|mut s| {
                             if s.guarded.contains(&page) {
                                 s.faulted.insert(page);
+                                if msg.ptid != 0 {
+                                    s.blocked.insert(msg.ptid as i32);
+                                }
                                 true
                             } else {
                                 false
@@ -372,11 +378,19 @@ fn reader_loop(
             continue;
         }
         let states = thread_states(pid);
-        let running = states
+        let running: Vec<i32> = states
             .iter()
             .filter(|(_, c)| !matches!(c, 't' | 'T' | 'Z' | 'X'))
-            .count();
-        if running > s.faulted.len() || states.is_empty() {
+            .map(|(t, _)| *t)
+            .collect();
+        // With thread ids: every running thread must be one blocked on a guarded page. Without: no more
+        // running threads than faulted pages.
+        let only_blocked = if s.blocked.is_empty() {
+            running.len() <= s.faulted.len()
+        } else {
+            running.iter().all(|t| s.blocked.contains(t))
+        };
+        if !only_blocked || states.is_empty() {
             others_stopped_since = None;
             continue;
         }
@@ -384,7 +398,7 @@ fn reader_loop(
         if since.elapsed() < KERNEL_WRITE_GRACE {
             continue;
         }
-        if running == 0 {
+        if running.is_empty() {
             // Everyone stopped: the faulting writes were user writes, retried after the release.
             continue;
         }
@@ -498,6 +512,7 @@ impl GuardSet {
         let v: Vec<Addr> = s.faulted.union(&s.removed).map(|p| Addr(*p)).collect();
         s.faulted.clear();
         s.removed.clear();
+        s.blocked.clear();
         v
     }
 
@@ -785,12 +800,13 @@ fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<OwnedFd, Stri
         Ok(fd) => fd,
         Err(why) => return Ok(Err(why)),
     };
-    for features in [
+    let bases = [
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP,
-    ] {
+    ];
+    for features in bases.iter().flat_map(|b| [b | UFFD_FEATURE_THREAD_ID, *b]) {
         let mut api = UffdioApi {
             api: UFFD_API,
             features,
