@@ -393,3 +393,18 @@ fn programs_own_segv_is_delivered() {
     assert!(t.invalidations.is_empty(), "{:?}", t.invalidations);
     assert!(t.entries > 0);
 }
+
+#[test]
+fn kernel_write_while_other_threads_run() {
+    // Workers keep running the interpreter while the main thread read()s new bytecode into the guarded
+    // page: stop_all must stop the workers, let the blocked read complete, and every result stays correct.
+    let d = TempDir::new("mtread");
+    let exe = build_interp(&d, &[]);
+    for site in [Site::Entry, Site::Dispatch { values: 5 }] {
+        let t = run_traced(&exe, &d, 15, ITERS, site);
+        assert_eq!(t.status, ExitStatus::Code(0), "{site:?}");
+        assert_eq!(t.output, "bad=0\n", "{site:?}");
+        assert!(!t.invalidations.is_empty(), "{site:?}");
+        assert_eq!(t.kernel_releases, 1, "{site:?}");
+    }
+}

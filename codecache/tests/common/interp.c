@@ -15,7 +15,8 @@
  *   time followed by SIGUSR1; 13: the bytecode has a mapping of its own, discarded half-way with
  *   madvise(MADV_DONTNEED) (it reads as zeros afterwards: no write ever happens); 14: like 6 (mprotect
  *   guard), and half-way the program takes a SIGSEGV of its own (a store into a read-only page, caught by its
- *   handler), which must reach it unchanged.
+ *   handler), which must reach it unchanged; 15: like 3, but the main thread rewrites the bytecode with
+ *   read() from a pipe (a kernel write while the workers run).
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <setjmp.h>
@@ -168,13 +169,23 @@ int main(int argc, char **argv)
             sum += r;
         }
         fprintf(out, "mid=%s sum=%ld\n", mid, sum);
-    } else if (mode == 3) {
+    } else if (mode == 3 || mode == 15) {
         pthread_t t[2];
         for (long k = 0; k < 2; k++)
             pthread_create(&t[k], NULL, worker, (void *)k);
         while (atomic_load(&progress) < iters / 2)
             ;
-        code[1].a = 9;
+        if (mode == 15) {
+            int fds[2];
+            struct insn tmp[16];
+            if (pipe(fds)) return 3;
+            memcpy(tmp, code, sizeof tmp);
+            tmp[1].a = 9;
+            if (write(fds[1], tmp, sizeof tmp) != sizeof tmp) return 4;
+            if (read(fds[0], code, sizeof tmp) != sizeof tmp) return 5;
+        } else {
+            code[1].a = 9;
+        }
         for (int k = 0; k < 2; k++)
             pthread_join(t[k], NULL);
         fprintf(out, "bad=%ld\n", atomic_load(&bad));
