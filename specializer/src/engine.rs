@@ -1456,6 +1456,9 @@ impl<'a> Engine<'a> {
     /// After a residual qword load or store, remember which register holds
     /// the memory value; stores also keep a copy in a free scratch register.
     fn record_facts(&mut self, ip: Addr, out: &Instruction, st: &mut AbsState) {
+        if !self.opts().forward_stores {
+            return;
+        }
         let Some((mi, base, disp)) = Self::plain_qword_mem(st, out) else {
             return;
         };

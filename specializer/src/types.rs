@@ -223,6 +223,12 @@ pub struct Options {
     /// rewrites before any real use; the deopt map restores them), so later
     /// loads of those slots become register reads.
     pub scratch_registers: bool,
+    /// Forward stored and loaded qwords: a later load of the same
+    /// `[base + disp]` (same base register, unchanged) reads the register
+    /// that holds the value instead of memory. This assumes no other thread
+    /// or signal handler writes that memory concurrently (a data race in the
+    /// program); turn it off for targets where that is not true.
+    pub forward_stores: bool,
 }
 
 impl Default for Options {
@@ -232,6 +238,7 @@ impl Default for Options {
             max_states_per_address: 8,
             chain: None,
             scratch_registers: true,
+            forward_stores: true,
         }
     }
 }
