@@ -408,7 +408,7 @@ fn specialize_candidate(
     let opts = Runtime::options(r, c.address);
     let mut benefit = 0.0;
     let mut variants = Vec::new();
-    for (k, &(value, samples)) in c.values.iter().enumerate() {
+    for &(value, samples) in &c.values {
         if t0.elapsed() > PLAN_BUDGET {
             break;
         }
@@ -433,10 +433,6 @@ fn specialize_candidate(
         let st = &var.stats;
         let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
         if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO {
-            if k == 0 {
-                // The hottest value does not pay: the others will not make the trigger worth a stub.
-                break;
-            }
             continue;
         }
         // Folded work x how often the trigger runs with this value (DESIGN: "Trigger choice"): a trigger on

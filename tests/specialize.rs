@@ -104,7 +104,7 @@ fn bpf_filter_installs_variants() {
 
 #[test]
 fn selfmod_interp_is_invalidated_and_correct() {
-    let r = specialized("selfmod_interp", "5000000", &[]);
+    let r = specialized("selfmod_interp", "15000000", &[]);
     let inv = invalidations(&r);
     assert!(!inv.is_empty(), "no invalidation: {}", brief(&r));
     for i in inv {
@@ -122,7 +122,7 @@ fn selfmod_interp_is_invalidated_and_correct() {
 
 #[test]
 fn config_loop_is_invalidated_when_the_configuration_changes() {
-    let r = specialized("config_loop", "400000", &[]);
+    let r = specialized("config_loop", "1000000", &[]);
     assert!(
         !variants(&r).is_empty(),
         "no variant installed: {}",
