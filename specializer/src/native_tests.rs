@@ -205,7 +205,11 @@ fn build_sample(name: &str) -> Option<PathBuf> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../samples")
         .join(format!("{name}.c"));
-    let dir = std::env::temp_dir().join(format!("specializer-native-{}", std::process::id()));
+    // One directory per build: tests run in parallel and must not dlopen a
+    // library another test is rewriting.
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("specializer-native-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).ok()?;
     let out = dir.join(format!("{name}.so"));
     let st = std::process::Command::new("gcc")
@@ -215,6 +219,13 @@ fn build_sample(name: &str) -> Option<PathBuf> {
         .status()
         .ok()?;
     st.success().then_some(out)
+}
+
+/// The library stays mapped after its file is gone; do not leave temp files behind.
+fn remove_build_dir(so: &Path) {
+    if let Some(d) = so.parent() {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 /// Symbol size from `nm -S`.
@@ -261,6 +272,7 @@ fn interp_switch_differential() {
     let size = symbol_size(&so, "interp_run");
     // SAFETY: loading a sample library we just compiled; it has no constructors.
     let lib = unsafe { libloading::Library::new(&so) }.expect("dlopen");
+    remove_build_dir(&so);
     // SAFETY: symbol types match the C declarations in samples/interp_switch.c.
     let run: libloading::Symbol<InterpRun> = unsafe { lib.get(b"interp_run") }.expect("sym");
     // SAFETY: as above.
@@ -329,6 +341,7 @@ fn bpf_filter_differential() {
     let size = symbol_size(&so, "bpf_run");
     // SAFETY: loading a sample library we just compiled.
     let lib = unsafe { libloading::Library::new(&so) }.expect("dlopen");
+    remove_build_dir(&so);
     // SAFETY: symbol types match samples/bpf_filter.c.
     let run: libloading::Symbol<BpfRun> = unsafe { lib.get(b"bpf_run") }.expect("sym");
     // SAFETY: as above.
@@ -506,4 +519,73 @@ fn show_snippet() {
     for l in v.residual_asm() {
         eprintln!("{l}");
     }
+}
+
+/// Every function of every sample, nothing known: specialization and
+/// encoding must succeed or fail with a typed error, never panic.
+#[test]
+fn all_sample_functions_specialize_without_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../samples");
+    let Ok(rd) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let mut names: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|n| n.strip_suffix(".c").map(str::to_string))
+        .collect();
+    names.sort();
+    let mut checked = 0;
+    for name in names {
+        let Some(so) = build_sample(&name) else {
+            continue;
+        };
+        // SAFETY: a sample library we just compiled (no constructors with side effects).
+        let Ok(lib) = (unsafe { libloading::Library::new(&so) }) else {
+            continue;
+        };
+        let out = std::process::Command::new("nm")
+            .arg("-S")
+            .arg("--defined-only")
+            .arg(&so)
+            .output();
+        remove_build_dir(&so);
+        let Ok(out) = out else { return };
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() != 4 || !matches!(f[2], "T" | "t") {
+                continue;
+            }
+            let Ok(size) = u64::from_str_radix(f[1], 16) else {
+                continue;
+            };
+            // SAFETY: only the address of the symbol is used, never called.
+            let Ok(sym) = (unsafe { lib.get::<*const u8>(f[3].as_bytes()) }) else {
+                continue;
+            };
+            let entry = *sym as u64;
+            if size == 0 {
+                continue;
+            }
+            for known in [KnownState::default(), {
+                let mut k = KnownState::default();
+                k.set_reg(Gpr::Rdi, Some(0x1000));
+                k
+            }] {
+                let req = Request {
+                    entry: Addr(entry),
+                    region_start: Addr(entry),
+                    region_end: Addr(entry + size),
+                    known,
+                    options: Options::default(),
+                };
+                if let Ok(v) = specialize(&req, &SelfMemory::new(&[])) {
+                    v.encode(Addr(entry + 0x10_0000)).expect("encode");
+                    let _ = v.residual_asm();
+                }
+                checked += 1;
+            }
+        }
+    }
+    eprintln!("checked {checked} specializations");
 }
