@@ -1719,12 +1719,10 @@ impl<'a> Engine<'a> {
                 }
             }
             if let Some((Some(nf), _)) = flags_out {
-                let was_mat = st.fmat;
                 let old = st.flags;
                 st.flags = nf;
                 st.flags[Flag::Df as usize] = old[Flag::Df as usize];
                 st.fmat = false;
-                let _ = was_mat;
             }
             self.stats.folded += 1;
             st.normalize();
@@ -2353,7 +2351,6 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        let _ = ConditionCode::None;
         Ok(Variant {
             entry: self.req.entry,
             exits: self.exits,

@@ -15,6 +15,22 @@
 //!   [`Variant::guard_pages`].
 //! - Failing to specialize is a typed [`SpecializeError`], never a panic on
 //!   target data.
+//! - With [`Options::forward_stores`] (default) a reload of a qword the
+//!   variant just stored or loaded through the same base register reads the
+//!   register holding it; like any compiler this assumes no concurrent
+//!   writer (data race) to that memory in between.
+//!
+//! How (see `engine.rs`): a worklist over (original address, abstract
+//! state). The state holds each GPR as unknown or known (and whether the
+//! real register holds it), the status flags likewise (folded flags are
+//! rebuilt with `cmp byte [data], imm8` plus `stc`/`clc` when needed), and
+//! store-forwarding facts. Known branches fold, jump tables in constant
+//! memory become direct, a pair already emitted is reused by a jump to its
+//! label (an interpreter loop becomes straight-line code per bytecode,
+//! linked into loops). Widening forgets values that vary without bound;
+//! values from constant memory (an interpreter's pc, its operands) are kept
+//! up to a hard bound. Residual instructions get known operands as
+//! immediates/displacements and are re-encoded with iced's `BlockEncoder`.
 
 mod engine;
 pub mod insn_info;
