@@ -1216,3 +1216,78 @@ impl Cache {
         self.arenas.clear();
     }
 }
+
+/// Everything needed to specialize one trigger and install the result ([`Cache::specialize_and_install`]).
+#[derive(Clone, Debug)]
+pub struct SpecializeRequest {
+    /// Patch site = variant entry.
+    pub trigger: Addr,
+    /// The trigger register; None: one variant specialized on constant memory only, entered unconditionally.
+    pub register: Option<Gpr>,
+    /// Hot values of the register (ignored without a register).
+    pub values: Vec<u64>,
+    /// The original function around the trigger.
+    pub region: (Addr, Addr),
+    /// Writable pages the store profile found unwritten (they will be guarded).
+    pub constant_pages: Vec<Addr>,
+    pub options: specializer::Options,
+}
+
+impl Cache {
+    /// Specialize `req.region` for each hot value through a [`crate::TargetMemory`] of the (stopped) process
+    /// and install the variants that specialized. Returns the install and the values that failed with why
+    /// (e.g. `NoGain`); an error when none specialized or the install was refused.
+    pub fn specialize_and_install(
+        &mut self,
+        tr: &mut Tracer,
+        req: &SpecializeRequest,
+    ) -> Result<(InstallId, Vec<(Option<u64>, specializer::SpecializeError)>), CacheError> {
+        let values: Vec<Option<u64>> = match req.register {
+            Some(_) => req.values.iter().copied().map(Some).collect(),
+            None => vec![None],
+        };
+        let mut mem = crate::TargetMemory::new(tr, self.pid, Some(self))?;
+        mem.allow(req.constant_pages.iter().copied());
+        let mut variants = Vec::new();
+        let mut failed = Vec::new();
+        for v in values {
+            let mut known = KnownState::default();
+            if let (Some(r), Some(v)) = (req.register, v) {
+                known.set_reg(r, Some(v));
+            }
+            let sreq = specializer::Request {
+                entry: req.trigger,
+                region_start: req.region.0,
+                region_end: req.region.1,
+                known,
+                options: req.options.clone(),
+            };
+            match specializer::specialize(&sreq, &mem) {
+                Ok(var) => variants.push((v, var)),
+                Err(e) => failed.push((v, e)),
+            }
+        }
+        let snapshots = mem.snapshots();
+        drop(mem);
+        if variants.is_empty() {
+            let why = failed
+                .first()
+                .map(|(_, e)| e.to_string())
+                .unwrap_or_else(|| "no values".into());
+            return Err(CacheError::BadRequest(format!(
+                "nothing specialized: {why}"
+            )));
+        }
+        let id = self.install(
+            tr,
+            InstallRequest {
+                trigger: req.trigger,
+                register: req.register,
+                region: req.region,
+                variants,
+                snapshots,
+            },
+        )?;
+        Ok((id, failed))
+    }
+}

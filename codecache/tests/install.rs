@@ -408,3 +408,16 @@ fn kernel_write_while_other_threads_run() {
         assert_eq!(t.kernel_releases, 1, "{site:?}");
     }
 }
+
+#[test]
+fn specialize_and_install_helper() {
+    let d = TempDir::new("helper");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 1, ITERS);
+    let t = run_traced(&exe, &d, 1, ITERS, Site::EntryViaHelper);
+    assert!(t.install_error.is_none(), "{:?}", t.install_error);
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(t.entries > 0);
+    assert_eq!(t.invalidations.len(), 1);
+}

@@ -97,6 +97,8 @@ pub enum Site {
     Entry,
     /// At `run`'s entry with no trigger register: one variant, entered unconditionally.
     Unconditional,
+    /// Like `Entry`, through `Cache::specialize_and_install`.
+    EntryViaHelper,
     Dispatch {
         values: u64,
     },
@@ -136,8 +138,22 @@ pub fn install_run(
         .find_map(|m| m.symbol("run").cloned())
         .expect("symbol run");
     let (start, end) = (Addr(sym.start.0), Addr(sym.end.0));
+    if site == Site::EntryViaHelper {
+        let req = codecache::SpecializeRequest {
+            trigger: start,
+            register: Some(Gpr::Rdi),
+            values: vec![code],
+            region: (start, end),
+            constant_pages: vec![Addr(code).page()],
+            options: Options::default(),
+        };
+        return cache
+            .specialize_and_install(tr, &req)
+            .map(|(id, _)| id)
+            .map_err(|e| e.to_string());
+    }
     let (trigger, reg, values) = match site {
-        Site::Entry | Site::Unconditional => (start, Gpr::Rdi, vec![code]),
+        Site::Entry | Site::Unconditional | Site::EntryViaHelper => (start, Gpr::Rdi, vec![code]),
         Site::Dispatch { values } => {
             let (a, g) = dispatch_head(tr, pid, start, end);
             (a, g, (0..values).map(|k| code + 16 * k).collect())
