@@ -1217,6 +1217,9 @@ impl Cache {
     }
 }
 
+/// Hot values that did not specialize, with why.
+pub type SpecializeFailures = Vec<(Option<u64>, specializer::SpecializeError)>;
+
 /// Everything needed to specialize one trigger and install the result ([`Cache::specialize_and_install`]).
 #[derive(Clone, Debug)]
 pub struct SpecializeRequest {
@@ -1241,7 +1244,7 @@ impl Cache {
         &mut self,
         tr: &mut Tracer,
         req: &SpecializeRequest,
-    ) -> Result<(InstallId, Vec<(Option<u64>, specializer::SpecializeError)>), CacheError> {
+    ) -> Result<(InstallId, SpecializeFailures), CacheError> {
         let values: Vec<Option<u64>> = match req.register {
             Some(_) => req.values.iter().copied().map(Some).collect(),
             None => vec![None],
