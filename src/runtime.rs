@@ -603,6 +603,51 @@ mod tests {
         assert!(c[0].values.iter().all(|v| v.1 >= MIN_VALUE_SAMPLES));
     }
 
+    /// Code at 0x1000 for [`entry_constants`].
+    struct Code(Vec<u8>);
+
+    impl Memory for Code {
+        fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), specializer::MemoryError> {
+            let off = addr.0.wrapping_sub(0x1000) as usize;
+            match self.0.get(off..off + buf.len()) {
+                Some(b) => {
+                    buf.copy_from_slice(b);
+                    Ok(())
+                }
+                None => Err(specializer::MemoryError::Unreadable(addr)),
+            }
+        }
+        fn is_constant(&self, _page: Addr) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn entry_constants_are_hoisted_and_never_rewritten() {
+        let code = vec![
+            0x4c, 0x8d, 0x05, 0x00, 0x01, 0x00, 0x00, // 1000: lea r8, [rip+0x100]
+            0xb8, 0x05, 0x00, 0x00, 0x00, // 1007: mov eax, 5
+            0xb9, 0x07, 0x00, 0x00, 0x00, // 100c: mov ecx, 7
+            0x39, 0xc8, // 1011: cmp eax, ecx
+            0x74, 0x02, // 1013: je 1017
+            0xff, 0xc0, // 1015: inc eax (eax is not constant after all)
+            0xc3, // 1017: ret
+        ];
+        let end = Addr(0x1000 + code.len() as u64);
+        let c = entry_constants(&Code(code.clone()), Addr(0x1000), end);
+        assert_eq!(
+            c,
+            vec![(Gpr::R8, 0x1107, Addr(0x1007)), (Gpr::Rcx, 7, Addr(0x1011))]
+        );
+        // A call clobbers the caller-saved registers: nothing stays constant.
+        let mut with_call = code;
+        with_call.splice(21..23, [0xe8, 0x00, 0x00, 0x00, 0x00]); // call next
+        let end = Addr(0x1000 + with_call.len() as u64);
+        assert!(entry_constants(&Code(with_call), Addr(0x1000), end).is_empty());
+        // Unreadable or empty code: nothing.
+        assert!(entry_constants(&Code(Vec::new()), Addr(0x1000), Addr(0x1010)).is_empty());
+    }
+
     #[test]
     fn constant_pages_are_watched_minus_written() {
         let c = constant_pages(&[Hex(0x1000), Hex(0x2000), Hex(0x3000)], &[Hex(0x2000)]);
