@@ -14,7 +14,7 @@ use crate::report::{Hex, InvalidationJson, RegionRefJson, TriggerRefJson, Varian
 /// Regions below this share of the samples are not worth a stub.
 pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;
 /// Hot values specialized per trigger (one variant each).
-pub const MAX_VALUES: usize = 8;
+pub const MAX_VALUES: usize = 24;
 /// Trigger candidates scored per region (each costs one specialization per hot value).
 const MAX_SCORED: usize = 10;
 /// Candidates tried for installation per region when the best one cannot be patched.
