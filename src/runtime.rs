@@ -598,7 +598,8 @@ mod tests {
         let c = candidates_of(&[t, bad]);
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].register, Gpr::Rax);
-        assert_eq!(c[0].values.len(), MAX_VALUES);
+        // The ten frequent values, capped; the rare ones (one sample each) are noise.
+        assert_eq!(c[0].values.len(), MAX_VALUES.min(10));
         assert_eq!(c[0].values[0], (0x5000, 90));
         assert!(c[0].values.iter().all(|v| v.1 >= MIN_VALUE_SAMPLES));
     }
