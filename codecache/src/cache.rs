@@ -721,8 +721,14 @@ impl Cache {
         tr: &mut Tracer,
     ) -> Result<Vec<Invalidation>, CacheError> {
         self.stop_all(tr)?;
+        let pages = self.guards.take_faults();
+        if tr.threads(self.pid).is_empty() {
+            // The process exited meanwhile (e.g. its exit unmapped a guarded page): nothing left to fix; the
+            // session sees `Event::Exited` next.
+            return Ok(Vec::new());
+        }
         let mut out = Vec::new();
-        for page in self.guards.take_faults() {
+        for page in pages {
             out.push(self.invalidate(tr, page)?);
         }
         Ok(out)
