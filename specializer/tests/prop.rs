@@ -684,6 +684,8 @@ impl Gen {
         if self.rng.chance(10) {
             options.max_code_bytes = self.rng.pick(&[16usize, 64, 200]);
         }
+        options.scratch_registers = self.rng.chance(70);
+        options.forward_stores = self.rng.chance(70);
         let chained = self.rng.chance(20);
         Some(Case {
             ops,
@@ -1223,7 +1225,7 @@ fn describe(case: &Case, s: u64, buf_addr: u64) -> String {
         out.push_str(&format!("    {l}\n"));
     }
     out.push_str(&format!(
-        "constant buffer {:#x} in {} (index {}), scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, fall-through chained: {}\nknown: {}\ninputs:",
+        "constant buffer {:#x} in {} (index {}), scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, scratch_registers {}, forward_stores {}, fall-through chained: {}\nknown: {}\ninputs:",
         buf_addr,
         case.rs.base,
         case.rs.ix,
@@ -1231,6 +1233,8 @@ fn describe(case: &Case, s: u64, buf_addr: u64) -> String {
         case.rs.lc,
         case.options.max_states_per_address,
         case.options.max_code_bytes,
+        case.options.scratch_registers,
+        case.options.forward_stores,
         case.chained,
         specializer::snippet::state_text(&case.known)
     ));
