@@ -30,7 +30,7 @@ fn random_bytes_never_panic() {
         let at = Addr(0x40_0000 + (rng.next() % 0x1000));
         let mut s = Snippet::new(at, code.clone());
         for g in Gpr::ALL {
-            if rng.next() % 3 == 0 {
+            if rng.next().is_multiple_of(3) {
                 // Sometimes point registers into the constant memory or the code.
                 let v = match rng.next() % 4 {
                     0 => 0x60_0000 + rng.next() % 64,
@@ -41,15 +41,15 @@ fn random_bytes_never_panic() {
             }
         }
         for f in Flag::ALL {
-            if rng.next() % 2 == 0 {
-                s.known.set_flag(f, Some(rng.next() % 2 == 0));
+            if rng.next().is_multiple_of(2) {
+                s.known.set_flag(f, Some(rng.next().is_multiple_of(2)));
             }
         }
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             let bytes: Vec<u8> = (0..64).map(|_| rng.next() as u8).collect();
             s.memory.push((Addr(0x60_0000), bytes));
         }
-        if rng.next() % 4 == 0 {
+        if rng.next().is_multiple_of(4) {
             s.options = Options {
                 max_code_bytes: 32 + (rng.next() % 512) as usize,
                 max_states_per_address: 1 + (rng.next() % 4) as u32,
