@@ -443,6 +443,14 @@ enum Next {
     Stop,
 }
 
+/// What widening remembers about the states emitted at one address.
+#[derive(Default)]
+struct Seen {
+    count: usize,
+    values: [BTreeSet<Option<u64>>; 16],
+    flags: BTreeSet<(Flags, bool)>,
+}
+
 /// One specialization run.
 struct Engine<'a> {
     req: &'a Request,
@@ -452,7 +460,9 @@ struct Engine<'a> {
     labels: Vec<Option<usize>>,
     key_label: HashMap<(Addr, AbsState), u32>,
     pending: VecDeque<(u32, Addr, AbsState)>,
-    seen_at: HashMap<Addr, Vec<AbsState>>,
+    /// Per address: how many distinct states were emitted, the distinct
+    /// values each register took and the distinct flag states (for widening).
+    seen_at: HashMap<Addr, Seen>,
     exits: Vec<Exit>,
     exit_items: Vec<usize>,
     guard: BTreeSet<Addr>,
@@ -888,7 +898,12 @@ impl<'a> Engine<'a> {
             } else {
                 self.key_label.entry((ip, st.clone())).or_insert(label);
             }
-            self.seen_at.entry(ip).or_default().push(st.clone());
+            let seen = self.seen_at.entry(ip).or_default();
+            seen.count += 1;
+            for i in 0..16 {
+                seen.values[i].insert(st.regs[i]);
+            }
+            seen.flags.insert((st.flags, st.fmat));
             first = false;
             // Stop before an instruction that would not fit the budget.
             if let Some(ins) = self.decode(ip) {
@@ -898,7 +913,8 @@ impl<'a> Engine<'a> {
                 }
             }
             self.stats.visited += 1;
-            if self.stats.visited > 200_000 + 20 * self.opts().max_code_bytes {
+            // Bound the work even when nothing is emitted (fully folded loops).
+            if self.stats.visited > 100_000 + 4 * self.opts().max_code_bytes {
                 self.budget_hit = true;
             }
             match self.step(ip, &mut st)? {
@@ -921,21 +937,17 @@ impl<'a> Engine<'a> {
         let Some(seen) = self.seen_at.get(&ip) else {
             return Ok(());
         };
-        if seen.len() < max {
+        if seen.count < max {
             return Ok(());
         }
-        let flags_differ = seen
-            .iter()
-            .any(|s| s.flags != st.flags || s.fmat != st.fmat);
-        let below_hard = seen.len() < hard;
+        let flags_differ = seen.flags.len() > 1 || !seen.flags.contains(&(st.flags, st.fmat));
+        let below_hard = seen.count < hard;
         let mut widen_regs = 0u16;
         for g in Gpr::ALL {
             let i = g.index();
-            let mut values: Vec<Option<u64>> = seen.iter().map(|s| s.regs[i]).collect();
-            values.push(st.regs[i]);
-            values.sort();
-            values.dedup();
-            if values.len() <= 1 {
+            let distinct =
+                seen.values[i].len() + usize::from(!seen.values[i].contains(&st.regs[i]));
+            if distinct <= 1 {
                 continue;
             }
             // Below the hard bound keep registers that address constant
@@ -947,7 +959,7 @@ impl<'a> Engine<'a> {
                 st.regs[i].is_some_and(|v| self.mem.is_constant(Addr(v).page()));
             let is_static =
                 self.static_regs & (1 << i) != 0 || points_to_constant || st.stat & (1 << i) != 0;
-            if below_hard && (is_static || values.len() <= max) {
+            if below_hard && (is_static || distinct <= max) {
                 continue;
             }
             widen_regs |= 1 << i;
