@@ -456,7 +456,7 @@ fn bpf_filter_variant_matches_original() {
 fn random_interp_program(rng: &mut Rng) -> Vec<Insn> {
     let n = 3 + (rng.next() % 20) as usize;
     let mut p: Vec<Insn> = Vec::new();
-    let looped = rng.next() % 2 == 0;
+    let looped = rng.next().is_multiple_of(2);
     if looped {
         p.push(i(MOVI, 7, 1 + (rng.next() % 5) as i32, 0));
     }
@@ -569,7 +569,7 @@ fn random_bpf_program(rng: &mut Rng) -> Vec<BpfInsn> {
             }
             JMP_JA => (rng.next() % left) as u32,
             _ => {
-                if rng.next() % 2 == 0 {
+                if rng.next().is_multiple_of(2) {
                     (rng.next() % 40) as u32
                 } else {
                     rng.next() as u32
