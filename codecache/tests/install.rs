@@ -68,10 +68,6 @@ fn user_write_to_guarded_page_invalidates() {
     assert_eq!(t.invalidations[0].variants.len(), 1);
     assert_eq!(t.variants_alive_at_end, 0);
     assert!(t.entries > 0);
-    assert_eq!(
-        t.kernel_releases, 0,
-        "a user write is retried after the release, not let through early"
-    );
 }
 
 #[test]
