@@ -274,6 +274,14 @@ impl Runtime {
             self.cache
                 .stop_all(tr)
                 .map_err(|e| InstallFailure::Other(format!("cannot stop the target: {e}")))?;
+            // Cache::install asserts this (invariant 6); a thread that is exiting may slip through stop_all.
+            let pid = self.pid;
+            if !tr.threads(pid).iter().all(|t| tr.is_stopped(*t)) {
+                let _ = tr.resume_all();
+                return Err(InstallFailure::Other(
+                    "a thread could not be stopped; not installing".into(),
+                ));
+            }
             let res = self
                 .cache
                 .install(

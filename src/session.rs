@@ -964,6 +964,16 @@ impl Session {
             return Ok(());
         };
         rt.read_counters(&self.tracer);
+        // uninstall_all asserts that every thread is stopped: check first rather than panic.
+        let pid = rt.pid;
+        if !self
+            .tracer
+            .threads(pid)
+            .iter()
+            .all(|t| self.tracer.is_stopped(*t))
+        {
+            anyhow::bail!("a thread of {pid} could not be stopped");
+        }
         rt.cache.uninstall_all(&mut self.tracer)?;
         Ok(())
     }
