@@ -37,6 +37,9 @@ const COUNTER_REFRESH: Duration = Duration::from_millis(50);
 const MAX_RESTARTS: u32 = 4;
 /// Planning rounds that installed nothing before the session stops trying (until an exec starts over).
 const MAX_FRUITLESS_PLANS: u32 = 2;
+/// A planning round on fewer samples than this that installs nothing is retried after another window; with more,
+/// a fruitless round is final (unless an install failed): re-planning costs the program sampling overhead.
+const MIN_PLAN_SAMPLES: u64 = 400;
 /// A written page counts as rarely written when at most 1 in this many samples stores into it.
 const OPTIMISTIC_STORE_SHARE: u64 = 200;
 /// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
@@ -836,7 +839,9 @@ impl Session {
         }
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         self.plans += 1;
+        let worth_retrying = !out.problems.is_empty() || self.recent.total() < MIN_PLAN_SAMPLES;
         if out.installed == 0
+            && worth_retrying
             && self.plans < MAX_FRUITLESS_PLANS
             && matches!(self.phase, Phase::Done)
         {
