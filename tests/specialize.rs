@@ -230,3 +230,27 @@ fn bench_fails_when_outputs_differ() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn demo_builds_runs_and_points_at_the_report() {
+    let tmp = TempDir::new();
+    let report = tmp.join("demo.json");
+    let out = std::process::Command::new(common::dynspec())
+        .args(["demo", "--report"])
+        .arg(&report)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("dynspec demo");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    for needle in ["native:", "under dynspec:", "speedup:", "dynspec report "] {
+        assert!(s.contains(needle), "{needle} missing in:\n{s}");
+    }
+    let body = std::fs::read_to_string(&report).expect("demo report written");
+    let r: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        !variants(&r).is_empty(),
+        "the demo installed nothing: {}",
+        brief(&r)
+    );
+}
