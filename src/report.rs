@@ -147,7 +147,7 @@ pub struct VariantJson {
     pub guard_pages: Vec<Hex>,
     /// Times the variant was entered (as last read from the target).
     pub entries: u64,
-    /// Thrown away after a write to one of its guard pages (or its process exec'd).
+    /// Thrown away: a write to one of its guard pages, its process exec'd, or dynspec detached.
     pub invalidated: bool,
 }
 
