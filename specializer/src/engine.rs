@@ -758,13 +758,29 @@ impl<'a> Engine<'a> {
     fn label_for(&mut self, addr: Addr, st: &AbsState) -> u32 {
         let mut st = st.clone();
         self.canonicalize(addr, &mut st);
-        if let Some(&l) = self.key_label.get(&(addr, st.clone())) {
+        if let Some(l) = self.link_target(addr, &mut st) {
             return l;
         }
         let l = self.new_label();
         self.key_label.insert((addr, st.clone()), l);
         self.pending.push_back((l, addr, st));
         l
+    }
+
+    /// The label to link to for (addr, st), if any. A link into code that
+    /// is already emitted may close a loop, and store-forwarding facts must
+    /// not survive a loop back-edge (every iteration re-reads memory at least
+    /// once, so a flag written by a signal handler or another thread is
+    /// seen): such links drop the facts (the real memory is unchanged, so
+    /// forgetting is always correct) and target the fact-free state.
+    fn link_target(&mut self, addr: Addr, st: &mut AbsState) -> Option<u32> {
+        let &l = self.key_label.get(&(addr, st.clone()))?;
+        let placed = self.labels.get(l as usize).copied().flatten().is_some();
+        if st.facts.is_empty() || !placed {
+            return Some(l);
+        }
+        st.facts.clear();
+        self.key_label.get(&(addr, st.clone())).copied()
     }
 
     fn exit(
@@ -878,7 +894,7 @@ impl<'a> Engine<'a> {
             }
             self.canonicalize(ip, &mut st);
             if !first {
-                if let Some(&l) = self.key_label.get(&(ip, st.clone())) {
+                if let Some(l) = self.link_target(ip, &mut st) {
                     self.jump_label(l, ip, &mut st);
                     return Ok(());
                 }
@@ -888,7 +904,7 @@ impl<'a> Engine<'a> {
             }
             if !first {
                 self.widen(ip, &mut st)?;
-                if let Some(&l) = self.key_label.get(&(ip, st.clone())) {
+                if let Some(l) = self.link_target(ip, &mut st) {
                     self.jump_label(l, ip, &mut st);
                     return Ok(());
                 }
@@ -1508,8 +1524,8 @@ impl<'a> Engine<'a> {
     /// A register whose real content is dead: known but not materialized
     /// (the variant rewrites it before any real use, and the deopt map
     /// restores its folded value). Such a register may carry a copy of a
-    /// stored value for later loads. Registers whose value came from
-    /// constant memory are preferred: they stay folded longest.
+    /// stored value for later loads. Registers that cache nothing yet are
+    /// preferred.
     fn next_scratch(&mut self, avoid: &[Gpr], st: &AbsState) -> Option<Gpr> {
         if !self.opts().scratch_registers {
             return None;
@@ -1520,12 +1536,13 @@ impl<'a> Engine<'a> {
                 *g != Gpr::Rsp && !avoid.contains(g) && st.get(*g).is_some() && !st.is_mat(*g)
             })
             .collect();
-        let stat: Vec<Gpr> = cands
+        // Prefer a register that holds no cached value yet.
+        let free: Vec<Gpr> = cands
             .iter()
             .copied()
-            .filter(|g| st.stat & (1 << g.index()) != 0)
+            .filter(|g| !st.facts.iter().any(|f| f.2 == *g))
             .collect();
-        let pool = if stat.is_empty() { cands } else { stat };
+        let pool = if free.is_empty() { cands } else { free };
         if pool.is_empty() {
             return None;
         }

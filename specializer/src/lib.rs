@@ -15,10 +15,10 @@
 //!   [`Variant::guard_pages`].
 //! - Failing to specialize is a typed [`SpecializeError`], never a panic on
 //!   target data.
-//! - With [`Options::forward_stores`] (default) a reload of a qword the
-//!   variant just stored or loaded through the same base register reads the
-//!   register holding it; like any compiler this assumes no concurrent
-//!   writer (data race) to that memory in between.
+//! - With [`Options::forward_stores`] (off by default) a reload of a qword
+//!   the variant just stored or loaded through the same base register reads
+//!   the register holding it, within one loop iteration of the variant; this
+//!   assumes no concurrent writer to that memory in between.
 //!
 //! How (see `engine.rs`): a worklist over (original address, abstract
 //! state). The state holds each GPR as unknown or known (and whether the

@@ -106,7 +106,10 @@ fn specialize_fn(
         region_start: Addr(code.addr()),
         region_end: Addr(code.addr() + len),
         known: k,
-        options: Options::default(),
+        options: Options {
+            forward_stores: true,
+            ..Options::default()
+        },
     };
     let mem = SelfMemory::new(consts);
     let v = specialize(&req, &mem).expect("specialize");
@@ -297,6 +300,8 @@ fn interp_switch_differential() {
         // A whole function entered at its start: scratch registers are fine.
         options: Options {
             scratch_registers: true,
+            // Private env / packet memory, single thread: safe to forward.
+            forward_stores: std::env::var("FORWARD").map(|v| v != "0").unwrap_or(true),
             ..Options::default()
         },
     };
@@ -362,6 +367,8 @@ fn bpf_filter_differential() {
         // A whole function entered at its start: scratch registers are fine.
         options: Options {
             scratch_registers: true,
+            // Private env / packet memory, single thread: safe to forward.
+            forward_stores: std::env::var("FORWARD").map(|v| v != "0").unwrap_or(true),
             ..Options::default()
         },
     };

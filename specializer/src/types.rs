@@ -225,9 +225,13 @@ pub struct Options {
     pub scratch_registers: bool,
     /// Forward stored and loaded qwords: a later load of the same
     /// `[base + disp]` (same base register, unchanged) reads the register
-    /// that holds the value instead of memory. This assumes no other thread
-    /// or signal handler writes that memory concurrently (a data race in the
-    /// program); turn it off for targets where that is not true.
+    /// that holds the value instead of memory. Facts never survive a loop
+    /// back-edge of the variant, so every iteration re-reads memory at least
+    /// once; within one iteration the variant assumes no other thread or
+    /// signal handler writes that memory between the store/load and the
+    /// reuse (a `volatile` flag polled in a loop is still seen, once per
+    /// iteration). Off by default: the planner turns it on where it knows
+    /// the memory is private (e.g. an interpreter's register file).
     pub forward_stores: bool,
 }
 
@@ -238,7 +242,7 @@ impl Default for Options {
             max_states_per_address: 8,
             chain: None,
             scratch_registers: true,
-            forward_stores: true,
+            forward_stores: false,
         }
     }
 }
