@@ -751,3 +751,77 @@ fn deopt_resumes_the_interpreters() {
     assert!(total > 100, "only {total} deopt points checked");
     eprintln!("deopt: {total} stop points checked");
 }
+
+/// Deterministic performance guard (instruction counts, not time): the
+/// specialized interpreters must execute far fewer instructions than the
+/// originals on the demo programs. Thresholds are well below the speedups the
+/// benchmark targets (interp >= 3x, bpf >= 2x in time).
+#[test]
+fn variants_execute_fewer_instructions() {
+    let m = Machine::new();
+    common::on_crash(|| "variants_execute_fewer_instructions".into());
+    let lib = SampleLib::build("interp_switch");
+    let func = lib.function("interp_run");
+    let frange = (func.0 .0, func.0 .0 + func.1);
+    let prog = interp_programs(&lib).swap_remove(0).1; // the demo program
+    let mem = lib.memory(&[prog.range()]);
+    let s = specialize_function(func, prog.addr(), &mem, Options::default()).expect("specialize");
+    let mut env = [0i64; 8];
+    let mut input = Cpu::default();
+    input.regs[Gpr::Rdi.index()] = prog.addr();
+    input.regs[Gpr::Rsi.index()] = env.as_mut_ptr() as u64;
+    input.regs[Gpr::Rsp.index()] = m.call_frame();
+    // SAFETY: interp_run on a valid program returns into the harness through the call frame.
+    let (o1, orig, _) = unsafe { m.count_instructions(func.0 .0, &input, frange, (0, 0)) };
+    env = [0; 8];
+    input.regs[Gpr::Rsp.index()] = m.call_frame();
+    let vrange = (s.addr(), s.addr() + s.encoded.code.len() as u64);
+    // SAFETY: the variant has the same ABI; its exits run in the original function.
+    let (o2, var, var_orig) = unsafe { m.count_instructions(s.addr(), &input, vrange, frange) };
+    let _ = env;
+    assert_eq!(o1.regs[Gpr::Rax.index()], o2.regs[Gpr::Rax.index()]);
+    let spec = var + var_orig;
+    eprintln!("interp demo: original {orig} instructions, variant {spec} ({var} in the variant)");
+    assert!(
+        spec * 2 <= orig,
+        "interp demo: the variant executes {spec} instructions, the original {orig} (want at most half)"
+    );
+
+    let lib = SampleLib::build("bpf_filter");
+    let func = lib.function("bpf_run");
+    let frange = (func.0 .0, func.0 .0 + func.1);
+    // SAFETY: documented signature.
+    let packet: BpfDemoPacket = unsafe { lib.func("bpf_demo_packet") };
+    let prog = bpf_filters(&lib).swap_remove(0).1; // the demo filter
+    let mem = lib.memory(&[prog.range()]);
+    let s = specialize_function(func, prog.addr(), &mem, Options::default()).expect("specialize");
+    let vrange = (s.addr(), s.addr() + s.encoded.code.len() as u64);
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let (mut orig, mut spec) = (0, 0);
+    for _ in 0..64 {
+        let mut buf = vec![0u8; 128];
+        // SAFETY: 128-byte buffer, non-zero state.
+        let len = unsafe { packet(&mut state, buf.as_mut_ptr()) };
+        let mut input = Cpu::default();
+        input.regs[Gpr::Rdi.index()] = prog.addr();
+        input.regs[Gpr::Rsi.index()] = buf.as_ptr() as u64;
+        input.regs[Gpr::Rdx.index()] = len as u64;
+        input.regs[Gpr::Rsp.index()] = m.call_frame();
+        // SAFETY: as above.
+        let (o1, n1, _) = unsafe { m.count_instructions(func.0 .0, &input, frange, (0, 0)) };
+        input.regs[Gpr::Rsp.index()] = m.call_frame();
+        // SAFETY: as above.
+        let (o2, v, vo) = unsafe { m.count_instructions(s.addr(), &input, vrange, frange) };
+        assert_eq!(
+            o1.regs[Gpr::Rax.index()] as u32,
+            o2.regs[Gpr::Rax.index()] as u32
+        );
+        orig += n1;
+        spec += v + vo;
+    }
+    eprintln!("bpf demo (64 packets): original {orig} instructions, variant {spec}");
+    assert!(
+        spec * 3 <= orig * 2,
+        "bpf demo: the variant executes {spec} instructions, the original {orig} (want at most 2/3)"
+    );
+}

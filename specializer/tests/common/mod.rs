@@ -346,6 +346,7 @@ impl Machine {
                 tramp,
                 also,
                 count: 0,
+                count_also: 0,
                 stop_at,
                 stopped_at: 0,
                 epilogue: self.epilogue,
@@ -376,7 +377,27 @@ impl Machine {
                 rflags: (*ctx).out_rflags & FLAGS_MASK,
             }
         };
+        STEP_COUNTS.with(|c| c.set((st.count, st.count_also)));
         (out, (st.stopped_at != 0).then_some(st.stopped_at))
+    }
+
+    /// Run to completion single-stepping, and count the instructions
+    /// executed inside `range` and inside `also` (a deterministic measure of
+    /// work, for tests that must not time things).
+    ///
+    /// # Safety
+    /// As for [`Machine::run`].
+    pub unsafe fn count_instructions(
+        &self,
+        entry: u64,
+        input: &Cpu,
+        range: (u64, u64),
+        also: (u64, u64),
+    ) -> (Cpu, u64, u64) {
+        // SAFETY: forwarded to the caller.
+        let (out, _) = unsafe { self.run_stepped(entry, input, range, also, u64::MAX) };
+        let (a, b) = STEP_COUNTS.with(|c| c.get());
+        (out, a, b)
     }
 }
 
@@ -389,12 +410,14 @@ struct StepState {
     tramp: (u64, u64),
     also: (u64, u64),
     count: u64,
+    count_also: u64,
     stop_at: u64,
     stopped_at: u64,
     epilogue: u64,
 }
 
 thread_local! {
+    static STEP_COUNTS: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
     static STEP: std::cell::Cell<StepState> = const {
         std::cell::Cell::new(StepState {
             active: false,
@@ -402,6 +425,7 @@ thread_local! {
             tramp: (0, 0),
             also: (0, 0),
             count: 0,
+            count_also: 0,
             stop_at: 0,
             stopped_at: 0,
             epilogue: 0,
@@ -429,7 +453,9 @@ extern "C" fn step_handler(_sig: i32, _info: *mut libc::siginfo_t, uctx: *mut li
             tf_off(gregs);
             st.active = false;
         }
-    } else if !(in_range(rip, st.tramp) || in_range(rip, st.also)) {
+    } else if in_range(rip, st.also) {
+        st.count_also += 1;
+    } else if !in_range(rip, st.tramp) {
         // Back in Rust (after the epilogue's ret): stop tracing.
         tf_off(gregs);
     }
