@@ -55,7 +55,22 @@ fn report(name: &str, (o, s): (f64, f64)) {
     );
 }
 
-fn bench_interp() {
+/// `forward_stores` on is what the session uses for single-threaded targets (no other writer of the thread's
+/// memory between its own store and reload); off is the general default. The benchmark is single-threaded.
+fn configs() -> [(&'static str, Options); 2] {
+    [
+        ("", Options::default()),
+        (
+            "+forwarding",
+            Options {
+                forward_stores: true,
+                ..Options::default()
+            },
+        ),
+    ]
+}
+
+fn bench_interp(tag: &str, options: Options) {
     let lib = SampleLib::build("interp_switch");
     let func = lib.function("interp_run");
     // SAFETY: documented signatures in samples/interp_switch.c.
@@ -69,7 +84,7 @@ fn bench_interp() {
     let bytes = unsafe { std::slice::from_raw_parts(p, n * 16) }.to_vec();
     let prog = program_page(&bytes);
     let mem = lib.memory(&[(prog.addr, prog.end())]);
-    let s = specialize_function(func, prog.addr, &mem, Options::default()).expect("specialize");
+    let s = specialize_function(func, prog.addr, &mem, options).expect("specialize");
     // SAFETY: the variant has interp_run's ABI.
     let var: InterpRun = unsafe { s.func() };
     let code = prog.addr as *const u8;
@@ -80,10 +95,10 @@ fn bench_interp() {
             unsafe { f(black_box(code), env.as_mut_ptr()) as u64 ^ env[6] as u64 }
         }
     };
-    report("interp_switch", measure(run(orig), run(var)));
+    report(&format!("interp_switch{tag}"), measure(run(orig), run(var)));
 }
 
-fn bench_bpf() {
+fn bench_bpf(tag: &str, options: Options) {
     let lib = SampleLib::build("bpf_filter");
     let func = lib.function("bpf_run");
     // SAFETY: documented signatures in samples/bpf_filter.c.
@@ -110,7 +125,7 @@ fn bench_bpf() {
         *l = unsafe { packet(&mut st, pool.as_mut_ptr().add(k * 128)) };
     }
     let mem = lib.memory(&[(prog.addr, prog.end())]);
-    let s = specialize_function(func, prog.addr, &mem, Options::default()).expect("specialize");
+    let s = specialize_function(func, prog.addr, &mem, options).expect("specialize");
     // SAFETY: the variant has bpf_run's ABI.
     let var: BpfRun = unsafe { s.func() };
     let code = prog.addr as *const u8;
@@ -127,10 +142,12 @@ fn bench_bpf() {
             sum
         }
     };
-    report("bpf_filter", measure(run(orig), run(var)));
+    report(&format!("bpf_filter{tag}"), measure(run(orig), run(var)));
 }
 
 fn main() {
-    bench_interp();
-    bench_bpf();
+    for (tag, options) in configs() {
+        bench_interp(tag, options.clone());
+        bench_bpf(tag, options);
+    }
 }
