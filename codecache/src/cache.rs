@@ -35,6 +35,10 @@ pub struct InstallRequest {
     pub trigger: Addr,
     /// The register the stub compares; None: one variant, entered unconditionally.
     pub register: Option<Gpr>,
+    /// Registers whose exact values every variant was specialized for, besides the trigger register: the stub
+    /// enters a variant only when each of them holds its value (else the original code runs). Never rsp, never
+    /// the trigger register, each at most once.
+    pub assumed: Vec<(Gpr, u64)>,
     /// Bounds of the original function around the trigger (for the branch-target check of invariant 6).
     pub region: (Addr, Addr),
     /// One variant per hot value (`Some(value)` with a register, `None` without).
@@ -117,6 +121,8 @@ struct Installed {
     trigger: Addr,
     region: (Addr, Addr),
     register: Option<Gpr>,
+    /// Registers the stub checks besides the trigger register (kept for rebuilt stubs).
+    assumed: Vec<(Gpr, u64)>,
     patch: PatchSite,
     arena: usize,
     /// Every stub built for this install; the last one is current. Old stubs stay in the arena untouched, so
@@ -345,6 +351,16 @@ impl Cache {
                 return Err(CacheError::BadRequest("duplicate trigger value".into()));
             }
         }
+        for (i, (g, _)) in req.assumed.iter().enumerate() {
+            if *g == Gpr::Rsp
+                || Some(*g) == req.register
+                || req.assumed[..i].iter().any(|(h, _)| h == g)
+            {
+                return Err(CacheError::BadRequest(format!(
+                    "bad assumed register {g:?} (rsp, the trigger register, or given twice)"
+                )));
+            }
+        }
         if req.region.0 > t || req.region.1 <= t || req.region.1 .0 - req.region.0 .0 > 16 << 20 {
             return Err(CacheError::BadRequest(
                 "the region must contain the trigger".into(),
@@ -475,6 +491,7 @@ impl Cache {
             ai,
             &patch,
             req.register,
+            &req.assumed,
             &targets,
             fallback_counter,
             &pages,
@@ -530,6 +547,7 @@ impl Cache {
                 trigger: t,
                 region: req.region,
                 register: req.register,
+                assumed: req.assumed.clone(),
                 patch,
                 arena: ai,
                 stubs: vec![stub],
@@ -550,6 +568,7 @@ impl Cache {
         ai: usize,
         patch: &PatchSite,
         reg: Option<Gpr>,
+        assumed: &[(Gpr, u64)],
         targets: &[StubTarget],
         fallback_counter: RemoteAddr,
         pages: &BTreeSet<Addr>,
@@ -558,7 +577,15 @@ impl Cache {
         // The counters mapping is rw- data, not code: a plain write (publish is for code).
         tr.write_memory(self.pid, enabled, &1u64.to_le_bytes())?;
         let base = self.arenas[ai].cursor();
-        let stub = build_stub(base, patch, reg, targets, fallback_counter, enabled)?;
+        let stub = build_stub(
+            base,
+            patch,
+            reg,
+            assumed,
+            targets,
+            fallback_counter,
+            enabled,
+        )?;
         let at = self.arenas[ai].alloc(stub.code.len())?;
         debug_assert_eq!(at, base);
         publish(tr, self.pid, &self.arenas, stub.base, &stub.code)?;
@@ -837,10 +864,11 @@ impl Cache {
                         }
                     })
                     .collect();
-                let (ai, patch, reg, fc) = (
+                let (ai, patch, reg, assumed, fc) = (
                     inst.arena,
                     inst.patch.clone(),
                     inst.register,
+                    inst.assumed.clone(),
                     inst.fallback_counter,
                 );
                 let old = inst.stubs.last().map(|s| s.enabled);
@@ -848,7 +876,7 @@ impl Cache {
                     .iter()
                     .flat_map(|v| self.variants[v].guard_pages.iter().copied())
                     .collect();
-                let stub = self.place_stub(tr, ai, &patch, reg, &targets, fc, &pages)?;
+                let stub = self.place_stub(tr, ai, &patch, reg, &assumed, &targets, fc, &pages)?;
                 self.write_patch(tr, self.pid, &patch, stub.entry)?;
                 if let Some(w) = old {
                     self.guards.unregister_stub_flag(w);
@@ -1235,6 +1263,9 @@ pub struct SpecializeRequest {
     pub register: Option<Gpr>,
     /// Hot values of the register (ignored without a register).
     pub values: Vec<u64>,
+    /// Registers known to hold these exact values at the trigger (besides the trigger register): every
+    /// variant is specialized with them known and the stub checks them ([`InstallRequest::assumed`]).
+    pub assumed: Vec<(Gpr, u64)>,
     /// The original function around the trigger.
     pub region: (Addr, Addr),
     /// Writable pages the store profile found unwritten (they will be guarded).
@@ -1261,6 +1292,9 @@ impl Cache {
         let mut failed = Vec::new();
         for v in values {
             let mut known = KnownState::default();
+            for (g, a) in &req.assumed {
+                known.set_reg(*g, Some(*a));
+            }
             if let (Some(r), Some(v)) = (req.register, v) {
                 known.set_reg(r, Some(v));
             }
@@ -1292,6 +1326,7 @@ impl Cache {
             InstallRequest {
                 trigger: req.trigger,
                 register: req.register,
+                assumed: req.assumed.clone(),
                 region: req.region,
                 variants,
                 snapshots,

@@ -335,6 +335,24 @@ fn has_lahf() -> bool {
     max >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & 1 != 0
 }
 
+/// Chain form: load the program's value of `g` into rcx (after the chain prologue `push rcx; push rax`).
+fn chain_load(g: Gpr) -> Result<Instruction, iced_x86::IcedError> {
+    match g {
+        // rax was overwritten, rcx is the scratch: read the program's value from the stack.
+        Gpr::Rax => Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            MemoryOperand::with_base_displ(Register::RSP, 0),
+        ),
+        Gpr::Rcx => Instruction::with2(
+            Code::Mov_r64_rm64,
+            Register::RCX,
+            MemoryOperand::with_base_displ(Register::RSP, 8),
+        ),
+        g => Instruction::with2(Code::Mov_r64_rm64, Register::RCX, g.to_iced()),
+    }
+}
+
 fn rip_mem(a: RemoteAddr) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, a.0 as i64)
 }
@@ -363,10 +381,16 @@ fn rip_mem(a: RemoteAddr) -> MemoryOperand {
 /// push rcx`), restored on the way out with `add al,0x7f; sahf` (OF, then the rest) — much cheaper than
 /// `pushfq`/`popfq`. With no register the single
 /// target is entered unconditionally (unless disabled).
+///
+/// `assumed` registers (values every variant was specialized for, besides the trigger value) are checked once,
+/// right after the enabled word and before any trigger compare; a mismatch goes to the fall-back path. Chain
+/// form, flag-free: `mov rax,-v; mov rcx,A; lea rcx,[rcx+rax]; jrcxz ok; jmp fallback; ok:`. Binary-search
+/// form (flags already saved): `mov rcx,v; cmp A,rcx; jne fallback`.
 pub fn build_stub(
     base: RemoteAddr,
     patch: &PatchSite,
     reg: Option<Gpr>,
+    assumed: &[(Gpr, u64)],
     targets: &[StubTarget],
     fallback_counter: RemoteAddr,
     enabled: RemoteAddr,
@@ -375,6 +399,18 @@ pub fn build_stub(
         return Err(CacheError::BadRequest(
             "rsp cannot be a trigger register".into(),
         ));
+    }
+    for (i, (g, _)) in assumed.iter().enumerate() {
+        if *g == Gpr::Rsp {
+            return Err(CacheError::BadRequest(
+                "rsp cannot be an assumed register".into(),
+            ));
+        }
+        if Some(*g) == reg || assumed[..i].iter().any(|(h, _)| h == g) {
+            return Err(CacheError::BadRequest(format!(
+                "{g:?} is assumed twice or is also the trigger register"
+            )));
+        }
     }
     if reg.is_none() && (targets.len() != 1 || targets[0].value.is_some()) {
         return Err(CacheError::BadRequest(
@@ -459,6 +495,55 @@ pub fn build_stub(
         Instruction::with_branch(Code::Jrcxz_rel8_64, off_label),
         inside,
     )?;
+    // Assumed registers: checked once for every variant, before the trigger value.
+    for (g, v) in assumed {
+        if tree {
+            b.emit(
+                Instruction::with2(Code::Mov_r64_imm64, Register::RCX, *v),
+                inside,
+            )?;
+            // rax and rcx hold stub values: compare with the program's, saved on the stack.
+            let cmp = match g {
+                Gpr::Rax => Instruction::with2(
+                    Code::Cmp_rm64_r64,
+                    MemoryOperand::with_base_displ(Register::RSP, 16),
+                    Register::RCX,
+                ),
+                Gpr::Rcx => Instruction::with2(
+                    Code::Cmp_rm64_r64,
+                    MemoryOperand::with_base_displ(Register::RSP, 0),
+                    Register::RCX,
+                ),
+                g => Instruction::with2(Code::Cmp_rm64_r64, g.to_iced(), Register::RCX),
+            };
+            b.emit(cmp, inside)?;
+            b.emit(
+                Instruction::with_branch(Code::Jne_rel32_64, fallback),
+                inside,
+            )?;
+        } else {
+            let ok = b.label();
+            b.emit(
+                Instruction::with2(Code::Mov_r64_imm64, Register::RAX, v.wrapping_neg()),
+                inside,
+            )?;
+            b.emit(chain_load(*g), inside)?;
+            b.emit(
+                Instruction::with2(
+                    Code::Lea_r64_m,
+                    Register::RCX,
+                    MemoryOperand::with_base_index(Register::RCX, Register::RAX),
+                ),
+                inside,
+            )?;
+            b.emit(Instruction::with_branch(Code::Jrcxz_rel8_64, ok), inside)?;
+            b.emit(
+                Instruction::with_branch(Code::Jmp_rel32_64, fallback),
+                inside,
+            )?;
+            b.bind(ok);
+        }
+    }
     // Leaving: count, restore, jump. `inside` holds before the first instruction.
     let leave = |b: &mut Builder, counter: RemoteAddr| -> Result<(), CacheError> {
         if tree {
@@ -545,21 +630,7 @@ pub fn build_stub(
                     Instruction::with2(Code::Mov_r64_imm64, Register::RAX, v.wrapping_neg()),
                     inside,
                 )?;
-                let load = match r {
-                    // rax was overwritten, rcx is the scratch: read the program's value from the stack.
-                    Gpr::Rax => Instruction::with2(
-                        Code::Mov_r64_rm64,
-                        Register::RCX,
-                        MemoryOperand::with_base_displ(Register::RSP, 0),
-                    ),
-                    Gpr::Rcx => Instruction::with2(
-                        Code::Mov_r64_rm64,
-                        Register::RCX,
-                        MemoryOperand::with_base_displ(Register::RSP, 8),
-                    ),
-                    g => Instruction::with2(Code::Mov_r64_rm64, Register::RCX, g.to_iced()),
-                };
-                b.emit(load, inside)?;
+                b.emit(chain_load(r), inside)?;
                 b.emit(
                     Instruction::with2(
                         Code::Lea_r64_m,
@@ -775,6 +846,7 @@ mod tests {
                 RemoteAddr(0x50_8000),
                 &p,
                 Some(Gpr::Rdi),
+                &[(Gpr::Rsi, 7), (Gpr::Rax, 9)],
                 &targets,
                 RemoteAddr(0x60_1000),
                 RemoteAddr(0x60_1008),

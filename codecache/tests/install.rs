@@ -39,6 +39,35 @@ fn dispatch_trigger_with_many_values_pie_and_non_pie() {
 }
 
 #[test]
+fn dispatch_stub_checks_assumed_registers() {
+    let d = TempDir::new("assumed");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, 0, ITERS);
+    for matching in [true, false] {
+        let t = run_traced(
+            &exe,
+            &d,
+            0,
+            ITERS,
+            Site::DispatchAssumed {
+                values: 10,
+                matching,
+            },
+        );
+        assert_eq!(t.status, ExitStatus::Code(0), "matching {matching}");
+        assert_eq!(t.output, native, "matching {matching}");
+        assert_eq!(t.installed.len(), 1, "matching {matching}");
+        if matching {
+            assert!(t.entries > 0, "never entered with the assumed value right");
+        } else {
+            // The wrong assumed value (specialized on, too) must never be entered: the original code runs.
+            assert_eq!(t.entries, 0, "entered with the assumed register different");
+            assert!(t.fallbacks > 0, "the stub was never reached");
+        }
+    }
+}
+
+#[test]
 fn entry_patch_refused_when_a_branch_targets_the_displaced_bytes() {
     // Non-PIE -O2 `run` (gcc 12) loops back to its second instruction: the entry patch must be refused with a
     // typed error and the program must run unchanged. Other code generation may make the entry patchable.

@@ -206,9 +206,12 @@ fn harness(ip: u64, out: u64, slot: u64) -> (Vec<u8>, usize) {
     (code, pre_len)
 }
 
+/// A stub to patch in: trigger register, its values, assumed registers, enabled word.
+type Patch<'a> = (Gpr, &'a [u64], &'a [(Gpr, u64)], bool);
+
 /// Run the site once with `input` (optionally patched with a stub dispatching on `reg`); returns the
 /// output state and (hit counter, fallback counter).
-fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64], bool)>) -> (Vec<u64>, u64, u64) {
+fn run(input: &[u64; 17], patched: Option<Patch>) -> (Vec<u64>, u64, u64) {
     let buf = Buf::new(4 * PAGE);
     let base = buf.addr();
     let data = base + 3 * PAGE as u64;
@@ -223,7 +226,7 @@ fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64], bool)>) -> (Vec<u64>, u6
     }
     buf.write(0x200 + 3 * PAGE, &input_bytes);
     let site = base + site_off as u64;
-    if let Some((reg, values, enabled)) = patched {
+    if let Some((reg, values, assumed, enabled)) = patched {
         let p = plan_patch(&code, Addr(base), Addr(site), &|_, _| false).expect("patchable");
         assert_eq!(p.len(), 7);
         // The "variant": the same two instructions, then back after the site.
@@ -244,6 +247,7 @@ fn run(input: &[u64; 17], patched: Option<(Gpr, &[u64], bool)>) -> (Vec<u64>, u6
             RemoteAddr(stub_at),
             &p,
             Some(reg),
+            assumed,
             &targets,
             RemoteAddr(counters + 8),
             RemoteAddr(counters + 16),
@@ -296,7 +300,7 @@ fn stub_paths_are_invisible() {
                 let mut inp = input;
                 inp[reg.index()] = inp[reg.index()].wrapping_add(delta);
                 let (native, _, _) = run(&inp, None);
-                let (stubbed, hits, falls) = run(&inp, Some((reg, &values, enabled)));
+                let (stubbed, hits, falls) = run(&inp, Some((reg, &values, &[], enabled)));
                 let rsp = Gpr::Rsp.index();
                 for i in 0..native.len() {
                     if i == rsp {
@@ -311,6 +315,56 @@ fn stub_paths_are_invisible() {
                     (hits, falls),
                     if hit { (1, 0) } else { (0, 1) },
                     "reg {reg}, {n} values"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn assumed_registers_are_checked_invisibly() {
+    for flags in [0x8d5u64 | 0x2, 0x2] {
+        for (reg, n) in [Gpr::Rdi, Gpr::Rax, Gpr::Rcx]
+            .into_iter()
+            .flat_map(|r| [(r, 1u64), (r, 3), (r, 20)])
+        {
+            let mut input = [0u64; 17];
+            for (i, v) in input.iter_mut().enumerate().take(16) {
+                *v = 0x1000_0000_0000_0001u64.wrapping_mul(i as u64 + 3) ^ 0xabcdef;
+            }
+            input[16] = flags;
+            let values: Vec<u64> = (0..n)
+                .map(|k| input[reg.index()].wrapping_add(k * 16))
+                .collect();
+            // rax and rcx are the stub's scratch registers (read back from the stack), r8 an ordinary one.
+            let assumed: Vec<(Gpr, u64)> = [Gpr::Rax, Gpr::Rcx, Gpr::R8, Gpr::Rsi]
+                .into_iter()
+                .filter(|g| *g != reg)
+                .map(|g| (g, input[g.index()]))
+                .collect();
+            // (register to disturb, hit?): nothing, the trigger, then each assumed register in turn.
+            let mut cases: Vec<(Option<Gpr>, bool)> = vec![(None, true), (Some(reg), false)];
+            cases.extend(assumed.iter().map(|(g, _)| (Some(*g), false)));
+            for (disturb, hit) in cases {
+                let mut inp = input;
+                if let Some(g) = disturb {
+                    inp[g.index()] = inp[g.index()].wrapping_add(8);
+                }
+                let (native, _, _) = run(&inp, None);
+                let (stubbed, hits, falls) = run(&inp, Some((reg, &values, &assumed, true)));
+                for i in 0..native.len() {
+                    if i == Gpr::Rsp.index() {
+                        continue;
+                    }
+                    assert_eq!(
+                        native[i], stubbed[i],
+                        "slot {i} differs (reg {reg}, {n} values, disturbed {disturb:?}, flags {flags:#x})"
+                    );
+                }
+                assert_eq!(
+                    (hits, falls),
+                    if hit { (1, 0) } else { (0, 1) },
+                    "reg {reg}, {n} values, disturbed {disturb:?}"
                 );
             }
         }

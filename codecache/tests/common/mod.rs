@@ -102,6 +102,29 @@ pub enum Site {
     Dispatch {
         values: u64,
     },
+    /// Like `Dispatch`, also assuming the jump-table base register (`lea reg,[rip+table]` before the loop) holds
+    /// the table address (`matching`) or another value (every entry must fall back).
+    DispatchAssumed {
+        values: u64,
+        matching: bool,
+    },
+}
+
+/// The register `run` loads its jump-table base into before the loop head at `head` (`lea reg,[rip+t]`), and t.
+fn table_base(tr: &Tracer, pid: Pid, start: Addr, head: Addr) -> (Gpr, u64) {
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+    let mut buf = vec![0u8; (head.0 - start.0) as usize];
+    tr.read_memory(pid, tracer::RemoteAddr(start.0), &mut buf)
+        .expect("read run");
+    let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
+    let mut found = None;
+    while d.can_decode() {
+        let i = d.decode();
+        if i.mnemonic() == Mnemonic::Lea && i.is_ip_rel_memory_operand() {
+            found = Gpr::containing(i.op0_register()).map(|g| (g, i.ip_rel_memory_address()));
+        }
+    }
+    found.expect("no `lea reg,[rip+table]` before the dispatch head of run")
 }
 
 /// The dispatch loop head of `run` and its pc register.
@@ -142,6 +165,7 @@ pub fn install_run(
         let req = codecache::SpecializeRequest {
             trigger: start,
             register: Some(Gpr::Rdi),
+            assumed: Vec::new(),
             values: vec![code],
             region: (start, end),
             constant_pages: vec![Addr(code).page()],
@@ -152,10 +176,17 @@ pub fn install_run(
             .map(|(id, _)| id)
             .map_err(|e| e.to_string());
     }
+    let mut assumed = Vec::new();
     let (trigger, reg, values) = match site {
         Site::Entry | Site::Unconditional | Site::EntryViaHelper => (start, Gpr::Rdi, vec![code]),
         Site::Dispatch { values } => {
             let (a, g) = dispatch_head(tr, pid, start, end);
+            (a, g, (0..values).map(|k| code + 16 * k).collect())
+        }
+        Site::DispatchAssumed { values, matching } => {
+            let (a, g) = dispatch_head(tr, pid, start, end);
+            let (t, table) = table_base(tr, pid, start, a);
+            assumed.push((t, if matching { table } else { table + 8 }));
             (a, g, (0..values).map(|k| code + 16 * k).collect())
         }
     };
@@ -166,6 +197,9 @@ pub fn install_run(
         let mut known = KnownState::default();
         if site != Site::Unconditional {
             known.set_reg(reg, Some(v));
+        }
+        for (g, a) in &assumed {
+            known.set_reg(*g, Some(*a));
         }
         let req = Request {
             entry: trigger,
@@ -195,6 +229,7 @@ pub fn install_run(
             InstallRequest {
                 trigger,
                 register: (site != Site::Unconditional).then_some(reg),
+                assumed,
                 region: (start, end),
                 variants,
                 snapshots,
