@@ -15,7 +15,9 @@ fn specialized(bin: &str, size: &str, extra: &[&str]) -> serde_json::Value {
     let tmp = TempDir::new();
     let report = tmp.join("report.json");
     let report_arg = report.to_str().expect("temp paths are UTF-8");
-    let mut args = vec!["run", "-q", "--window", "0.05", "--report", report_arg];
+    let mut args = vec![
+        "run", "-q", "--rate", "1999", "--window", "0.05", "--report", report_arg,
+    ];
     args.extend_from_slice(extra);
     let traced = run_dynspec(&args, sample(bin), &[size]);
     let what = format!("dynspec {} -- {bin} {size}", args.join(" "));
@@ -182,7 +184,9 @@ fn report_renders_variants_and_timings() {
     let report = tmp.join("r.json");
     let report_arg = report.to_str().expect("UTF-8");
     let out = run_dynspec(
-        &["run", "-q", "--window", "0.05", "--report", report_arg],
+        &[
+            "run", "-q", "--rate", "1999", "--window", "0.05", "--report", report_arg,
+        ],
         sample("interp_switch"),
         &["5000000"],
     );
