@@ -186,6 +186,14 @@ impl ValueStats {
     }
 }
 
+/// Per register at one address: the single value every sample saw, or that samples disagreed.
+#[derive(Default, Debug, Clone, Copy)]
+struct Stable {
+    samples: u64,
+    value: u64,
+    mixed: bool,
+}
+
 /// Everything known about one sampled instruction address.
 struct IpStats {
     samples: u64,
@@ -220,6 +228,9 @@ pub struct Profiler {
     locations: Vec<Location>,
     location_index: HashMap<Location, usize>,
     values: HashMap<(u64, Gpr), ValueStats>,
+    /// Per address: whether each register (by [`Gpr::index`]) held one single value in every sample that saw it
+    /// there, whether or not the instruction reads it (loop invariants such as a bytecode base).
+    stable: HashMap<u64, [Stable; 16]>,
     /// Per (process, instruction address): page -> samples of its loads.
     pages: HashMap<(Pid, u64), HashMap<u64, u64>>,
     /// Per (process, page): samples of stores into it (how busily the program writes a page).
@@ -247,6 +258,7 @@ impl Profiler {
             locations: Vec::new(),
             location_index: HashMap::new(),
             values: HashMap::new(),
+            stable: HashMap::new(),
             pages: HashMap::new(),
             store_pages: HashMap::new(),
             functions: HashMap::new(),
@@ -381,6 +393,20 @@ impl Profiler {
     /// registers in `killed` (overwritten between `addr` and the sampled IP).
     fn record(&mut self, s: &Sample, addr: u64, info: &InsnInfo, killed: u16) {
         let live = |g: Gpr| killed & (1 << g.index()) == 0;
+        let stable = self.stable.entry(addr).or_default();
+        for g in Gpr::ALL {
+            let st = &mut stable[g.index()];
+            if g == Gpr::Rsp || !live(g) || st.mixed {
+                continue;
+            }
+            let v = s.regs[g.index()];
+            if st.samples == 0 {
+                st.value = v;
+            } else if st.value != v {
+                st.mixed = true;
+            }
+            st.samples += 1;
+        }
         for &g in &info.regs_read {
             // The stack pointer differs per call depth and thread: never a useful trigger.
             if g == Gpr::Rsp || !live(g) {
@@ -428,6 +454,22 @@ impl Profiler {
                 pages.insert(page, 1);
             }
         }
+    }
+
+    /// Registers (never rsp) that held one single value in every one of at least `min_samples` samples at
+    /// instruction `addr` (sampled there or attributed to it), with that value.
+    pub fn stable_registers(&self, addr: u64, min_samples: u64) -> Vec<(Gpr, u64)> {
+        let Some(stable) = self.stable.get(&addr) else {
+            return Vec::new();
+        };
+        Gpr::ALL
+            .into_iter()
+            .filter(|g| *g != Gpr::Rsp)
+            .filter_map(|g| {
+                let st = stable[g.index()];
+                (!st.mixed && st.samples >= min_samples.max(1)).then_some((g, st.value))
+            })
+            .collect()
     }
 
     /// Samples of stores into `page` of process `pid` (0 when none was sampled).
@@ -736,6 +778,33 @@ mod tests {
         );
         assert_eq!(r[1].symbol, None);
         assert_eq!(r[1].module, "/bin/y");
+    }
+
+    #[test]
+    fn stable_registers_need_one_value_and_enough_samples() {
+        let mut p = Profiler::new();
+        let mut e = env();
+        // rdi is constant (not read by `mov eax,[rdx]`), rdx varies, rsi changes once, rsp is never reported.
+        let v: Vec<Sample> = (0..30u64)
+            .map(|i| {
+                sample(
+                    0x1010,
+                    &[
+                        (Gpr::Rdi, 0x7000),
+                        (Gpr::Rdx, 0x20000 + (i % 4) * 16),
+                        (Gpr::Rsi, if i == 29 { 1 } else { 0 }),
+                    ],
+                )
+            })
+            .collect();
+        p.ingest(&v, &mut e);
+        let st = p.stable_registers(0x1010, 20);
+        assert!(st.contains(&(Gpr::Rdi, 0x7000)), "{st:?}");
+        assert!(st
+            .iter()
+            .all(|(g, _)| !matches!(g, Gpr::Rdx | Gpr::Rsi | Gpr::Rsp)));
+        assert!(p.stable_registers(0x1010, 31).is_empty());
+        assert!(p.stable_registers(0x1234, 1).is_empty());
     }
 
     #[test]

@@ -35,6 +35,9 @@ const MIN_FOLD_RATIO: f64 = 0.25;
 const MAX_VARIANT_BYTES: usize = 16 * 1024;
 /// Time one planning round may spend specializing (the program runs meanwhile, but a core is busy).
 const PLAN_BUDGET: Duration = Duration::from_millis(1000);
+/// A register is assumed at a mid-function trigger (known to the specializer, checked by the stub) only when
+/// this many samples there saw it, all with one value.
+pub const MIN_ASSUMED_SAMPLES: u64 = 20;
 /// Functions larger than this are not scanned for entry constants.
 const MAX_SCAN_BYTES: u64 = 64 * 1024;
 
@@ -45,6 +48,9 @@ pub struct RegionPlan {
     pub end: Addr,
     pub symbol: Option<String>,
     pub candidates: Vec<TriggerCandidate>,
+    /// Per candidate address: registers the profile saw holding one single value there
+    /// ([`crate::profile::Profiler::stable_registers`]).
+    pub stable: Vec<(Addr, Vec<(Gpr, u64)>)>,
 }
 
 /// What one planning round did.
@@ -168,12 +174,7 @@ impl Runtime {
             return Ok(false);
         }
         // (benefit, candidate, variants, snapshots)
-        type Scored = (
-            f64,
-            TriggerCandidate,
-            Vec<(Option<u64>, Variant)>,
-            Snapshots,
-        );
+        type Scored = (f64, TriggerCandidate, Specialized, Snapshots);
         let mut scored: Vec<Scored> = Vec::new();
         {
             let mut mem =
@@ -192,7 +193,7 @@ impl Runtime {
                     continue;
                 }
                 let (benefit, variants) = specialize_candidate(&mem, r, c, &consts, t0);
-                if benefit > 0.0 && !variants.is_empty() {
+                if benefit > 0.0 && !variants.variants.is_empty() {
                     scored.push((benefit, c.clone(), variants, mem.snapshots()));
                 }
             }
@@ -232,7 +233,7 @@ impl Runtime {
         self.cache
             .stop_all(tr)
             .map_err(|e| format!("cannot stop the target: {e}"))?;
-        let specialized = (|| -> Result<Vec<(Option<u64>, Variant)>, String> {
+        let specialized = (|| -> Result<Specialized, String> {
             let mut mem =
                 TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
             mem.allow(constant.iter().copied());
@@ -245,7 +246,7 @@ impl Runtime {
         })();
         self.specialize_time += t0.elapsed();
         let variants = match specialized {
-            Ok(v) if !v.is_empty() => v,
+            Ok(v) if !v.variants.is_empty() => v,
             Ok(_) => {
                 let _ = tr.resume_all();
                 return Err("nothing worth installing".into());
@@ -266,7 +267,7 @@ impl Runtime {
         tr: &mut Tracer,
         r: &RegionPlan,
         cand: &TriggerCandidate,
-        variants: Vec<(Option<u64>, Variant)>,
+        variants: Specialized,
         snapshots: Snapshots,
     ) -> Result<(), InstallFailure> {
         let t1 = Instant::now();
@@ -289,8 +290,9 @@ impl Runtime {
                     InstallRequest {
                         trigger: cand.address,
                         register: Some(cand.register),
+                        assumed: variants.assumed,
                         region: (r.start, r.end),
-                        variants,
+                        variants: variants.variants,
                         snapshots,
                     },
                 )
@@ -404,16 +406,62 @@ enum InstallFailure {
     Other(String),
 }
 
-/// Specialize the region at `c` for each hot value of its register (plus the entry constants where they hold);
-/// returns the benefit (folded instructions weighted by value frequency) and the variants worth a stub.
+/// The variants of one trigger and the registers (besides the trigger register) they assume.
+struct Specialized {
+    variants: Vec<(Option<u64>, Variant)>,
+    assumed: Vec<(Gpr, u64)>,
+}
+
+/// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an
+/// interpreter's bytecode base, which bytecode jump targets are computed from) and that some instruction of the
+/// region names as an operand (a caller's callee-saved register the region never touches cannot help folding,
+/// and every assumed register costs a compare on each entry), except the trigger register and entry constants
+/// (known without a check). At a function entry the arguments change per call: none.
+fn assumed_for(
+    mem: &dyn Memory,
+    r: &RegionPlan,
+    c: &TriggerCandidate,
+    consts: &[(Gpr, u64, Addr)],
+) -> Vec<(Gpr, u64)> {
+    if c.address == r.start {
+        return Vec::new();
+    }
+    let named = registers_named(mem, r.start, r.end);
+    let mut out: Vec<(Gpr, u64)> = Vec::new();
+    let regs = r
+        .stable
+        .iter()
+        .filter(|(a, _)| *a == c.address)
+        .flat_map(|(_, regs)| regs.iter().copied());
+    for (g, v) in regs {
+        let constant = consts
+            .iter()
+            .any(|(k, _, after)| *k == g && c.address >= *after);
+        let wanted = named & (1 << g.index()) != 0;
+        if wanted
+            && g != Gpr::Rsp
+            && g != c.register
+            && !constant
+            && !out.iter().any(|(h, _)| *h == g)
+        {
+            out.push((g, v));
+        }
+    }
+    out
+}
+
+/// Specialize the region at `c` for each hot value of its register (plus the entry constants where they hold,
+/// and the registers assumed there); returns the benefit (folded instructions weighted by value frequency) and
+/// the variants worth a stub.
 fn specialize_candidate(
     mem: &dyn Memory,
     r: &RegionPlan,
     c: &TriggerCandidate,
     consts: &[(Gpr, u64, Addr)],
     t0: Instant,
-) -> (f64, Vec<(Option<u64>, Variant)>) {
+) -> (f64, Specialized) {
     let opts = Runtime::options(r, c.address);
+    let assumed = assumed_for(mem, r, c, consts);
     let mut benefit = 0.0;
     let mut variants = Vec::new();
     for &(value, samples) in &c.values {
@@ -426,6 +474,9 @@ fn specialize_candidate(
             if c.address >= *after && *g != c.register {
                 known.set_reg(*g, Some(*v));
             }
+        }
+        for (g, v) in &assumed {
+            known.set_reg(*g, Some(*v));
         }
         known.set_reg(c.register, Some(value));
         let req = Request {
@@ -448,7 +499,36 @@ fn specialize_candidate(
         benefit += samples as f64 * st.folded as f64;
         variants.push((Some(value), var));
     }
-    (benefit, variants)
+    (benefit, Specialized { variants, assumed })
+}
+
+/// Bit set (by [`Gpr::index`]) of the registers named explicitly (as an operand, base or index) by some
+/// instruction in `[start, end)`; 0 when the code cannot be read or is larger than [`MAX_SCAN_BYTES`].
+fn registers_named(mem: &dyn Memory, start: Addr, end: Addr) -> u16 {
+    use iced_x86::{Decoder, DecoderOptions, OpKind};
+    let len = end.0.saturating_sub(start.0);
+    if len == 0 || len > MAX_SCAN_BYTES {
+        return 0;
+    }
+    let mut buf = vec![0u8; len as usize];
+    if mem.read(start, &mut buf).is_err() {
+        return 0;
+    }
+    let mut named = 0u16;
+    let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
+    while d.can_decode() {
+        let i = d.decode();
+        let mut regs = vec![i.memory_base(), i.memory_index()];
+        for k in 0..i.op_count() {
+            if i.op_kind(k) == OpKind::Register {
+                regs.push(i.op_register(k));
+            }
+        }
+        for g in regs.into_iter().filter_map(Gpr::containing) {
+            named |= 1 << g.index();
+        }
+    }
+    named
 }
 
 /// Registers a function sets to a constant before anything else can happen and never changes afterwards:

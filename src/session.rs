@@ -810,11 +810,24 @@ impl Session {
             .report_regions()
             .into_iter()
             .filter(|r| r.share >= runtime::MIN_SPECIALIZE_SHARE)
-            .map(|r| RegionPlan {
-                start: specializer::Addr(r.start.0),
-                end: specializer::Addr(r.end.0),
-                symbol: r.symbol.clone(),
-                candidates: runtime::candidates_of(&r.triggers),
+            .map(|r| {
+                let candidates = runtime::candidates_of(&r.triggers);
+                let stable = candidates
+                    .iter()
+                    .map(|c| {
+                        let regs = self
+                            .recent
+                            .stable_registers(c.address.0, runtime::MIN_ASSUMED_SAMPLES);
+                        (c.address, regs)
+                    })
+                    .collect();
+                RegionPlan {
+                    start: specializer::Addr(r.start.0),
+                    end: specializer::Addr(r.end.0),
+                    symbol: r.symbol.clone(),
+                    candidates,
+                    stable,
+                }
             })
             .filter(|r| !r.candidates.is_empty())
             .collect();
