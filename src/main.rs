@@ -36,8 +36,8 @@ struct ProfileOpts {
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
     /// Samples per second of CPU time, per thread (each sample costs the program a timer interrupt: ~1-2% of its
-    /// time at the default on a VM, ~3-5% at 1999).
-    #[arg(long, value_name = "HZ", default_value_t = 999, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    /// time at the default on a VM, ~3% at 999, ~5% at 1999).
+    #[arg(long, value_name = "HZ", default_value_t = 499, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     rate: u64,
     /// Seconds of sampling before the write watch, and seconds of write watching.
     #[arg(long, value_name = "SECS", default_value = "0.3", value_parser = parse_secs)]
