@@ -24,109 +24,26 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use specializer::Addr;
-use tracer::{
-    mapping_at, read_maps, remote_close, remote_mprotect, remote_userfaultfd, Pid, RemoteAddr,
-    Tracer, TracerError,
+use tracer::uffd::{
+    self, writeprotect, UffdMsg, UffdioRange, UffdioRegister, UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_WP, UFFDIO_WAKE, UFFDIO_WRITEPROTECT_IOCTL_BIT, UFFD_EVENT_PAGEFAULT,
+    UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
+    UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
+use tracer::{mapping_at, read_maps, remote_mprotect, Pid, RemoteAddr, Tracer, TracerError};
 
 use crate::CacheError;
 
 const PAGE: u64 = 4096;
 const SEGV_ACCERR: i32 = 2;
-const UFFD_API: u64 = 0xAA;
-const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
-const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
-const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
-const UFFD_FEATURE_THREAD_ID: u64 = 1 << 8;
 /// Mapping changes that replace a page's contents without a write: mremap, madvise(DONTNEED/REMOVE), munmap.
 const EVENTS: u64 = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
-const UFFD_EVENT_REMAP: u8 = 0x14;
-const UFFD_EVENT_REMOVE: u8 = 0x15;
-const UFFD_EVENT_UNMAP: u8 = 0x16;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 /// How long every other thread must have been stopped before a blocked kernel write is let through.
 const KERNEL_WRITE_GRACE: Duration = Duration::from_millis(5);
 
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    flags: u64,
-    address: u64,
-    ptid: u64,
-}
-
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
-
-fn uffd_ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> Result<(), i32> {
-    loop {
-        // SAFETY: `arg` is a live, correctly sized #[repr(C)] struct matching the ioctl's ABI.
-        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
-        if r == 0 {
-            return Ok(());
-        }
-        match errno() {
-            // EAGAIN: the target's memory map is changing; retry.
-            libc::EINTR | libc::EAGAIN => continue,
-            e => return Err(e),
-        }
-    }
-}
-
-fn writeprotect(fd: RawFd, start: u64, len: u64, protect: bool) -> Result<(), i32> {
-    let mut wp = UffdioWriteprotect {
-        range: UffdioRange { start, len },
-        mode: if protect {
-            UFFDIO_WRITEPROTECT_MODE_WP
-        } else {
-            0
-        },
-    };
-    uffd_ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp)
 }
 
 /// State shared with the reader thread.
@@ -354,7 +271,7 @@ fn reader_loop(
                         start: page,
                         len: PAGE,
                     };
-                    let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
+                    let _ = uffd::ioctl(raw, UFFDIO_WAKE, &mut range);
                 }
             }
             if let (Some(m), Ok(s)) = (&mem, shared.lock()) {
@@ -559,7 +476,9 @@ impl GuardSet {
             mode: UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
-        if uffd_ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok() && reg.ioctls & (1 << 0x06) != 0 {
+        if uffd::ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok()
+            && reg.ioctls & UFFDIO_WRITEPROTECT_IOCTL_BIT != 0
+        {
             self.registered.push(range);
             true
         } else {
@@ -767,56 +686,16 @@ impl Drop for GuardSet {
 
 /// Create the userfaultfd inside the target and take it over; Ok(Err(reason)) when unavailable.
 fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<OwnedFd, String>, CacheError> {
-    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    // Not UFFD_USER_MODE_ONLY: kernel writes must fault into us too (needs CAP_SYS_PTRACE or the sysctl).
-    let remote_fd = match remote_userfaultfd(tr, tid, flags) {
-        Ok(fd) => fd,
-        Err(TracerError::RemoteSyscall { errno, .. }) => {
-            return Ok(Err(format!(
-                "userfaultfd failed in the target (errno {errno})"
-            )))
-        }
-        Err(e) => return Err(e.into()),
-    };
-    // SAFETY: pidfd_open with integer arguments.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    let taken = if pidfd < 0 {
-        Err(format!("pidfd_open: errno {}", errno()))
-    } else {
-        // SAFETY: pidfd is a fresh descriptor we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-        // SAFETY: pidfd_getfd with integer arguments.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), remote_fd, 0) };
-        if fd < 0 {
-            Err(format!("pidfd_getfd: errno {}", errno()))
-        } else {
-            // SAFETY: fd is a fresh descriptor we own.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-        }
-    };
-    // The program must never see the descriptor.
-    remote_close(tr, tid, remote_fd)?;
-    let fd = match taken {
-        Ok(fd) => fd,
-        Err(why) => return Ok(Err(why)),
-    };
     let bases = [
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     ];
-    for features in bases.iter().flat_map(|b| [b | UFFD_FEATURE_THREAD_ID, *b]) {
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
-        if uffd_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api).is_ok() {
-            return Ok(Ok(fd));
-        }
-    }
-    Ok(Err(
-        "UFFDIO_API: write-protect faults not supported by this kernel".into(),
-    ))
+    let sets: Vec<u64> = bases
+        .iter()
+        .flat_map(|b| [b | UFFD_FEATURE_THREAD_ID, *b])
+        .collect();
+    // Not UFFD_USER_MODE_ONLY: kernel writes must fault into us too (needs CAP_SYS_PTRACE or the sysctl).
+    Ok(uffd::open_in_target(tr, pid, tid, &sets, false)?.map(|u| u.fd))
 }

@@ -28,6 +28,7 @@ pub mod process;
 pub mod remote;
 pub mod sampler;
 pub mod symbols;
+pub mod uffd;
 pub mod watch;
 
 pub use addr::RemoteAddr;

@@ -30,7 +30,13 @@ use nix::unistd::Pid;
 use crate::addr::PAGE_SIZE;
 use crate::maps::{mapping_at, read_maps, Mapping};
 use crate::process::Tracer;
-use crate::remote::{remote_close, remote_mprotect, remote_userfaultfd};
+use crate::remote::remote_mprotect;
+use crate::uffd::{
+    self, writeprotect, UffdMsg, UffdioRange, UffdioRegister, UFFDIO_REGISTER,
+    UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT_IOCTL_BIT,
+    UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_ASYNC,
+    UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
+};
 use crate::{RemoteAddr, TracerError};
 
 /// What `watch` did per page.
@@ -81,93 +87,8 @@ pub struct WatchResult {
 // userfaultfd ABI (include/uapi/linux/userfaultfd.h).
 /// `si_code` of a SIGSEGV on a present page without the needed permission.
 const SEGV_ACCERR: i32 = 2;
-const UFFD_API: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: i32 = 1;
-const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 /// /proc/PID/pagemap: "pte is uffd-wp write-protected".
 const PM_UFFD_WP: u64 = 1 << 57;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
-const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-/// `struct uffd_msg` (packed, 32 bytes), page-fault view.
-#[repr(C)]
-#[derive(Default, Clone, Copy)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    flags: u64,
-    address: u64,
-    ptid: u64,
-}
-
-fn uffd_ioctl<T>(fd: RawFd, req: libc::c_ulong, arg: &mut T) -> Result<(), Errno> {
-    loop {
-        // SAFETY: `arg` is a live, correctly sized #[repr(C)] struct matching the ioctl's ABI.
-        let r = unsafe { libc::ioctl(fd, req, arg as *mut T) };
-        if r == 0 {
-            return Ok(());
-        }
-        match Errno::last() {
-            // EAGAIN: the target's memory map is changing (mmap/munmap in progress); retry.
-            Errno::EINTR | Errno::EAGAIN => continue,
-            e => return Err(e),
-        }
-    }
-}
-
-/// Set or clear uffd write protection of `[start, start+len)` (clearing wakes threads blocked on it).
-fn writeprotect(fd: RawFd, start: u64, len: u64, protect: bool) -> Result<(), Errno> {
-    let mut wp = UffdioWriteprotect {
-        range: UffdioRange { start, len },
-        mode: if protect {
-            UFFDIO_WRITEPROTECT_MODE_WP
-        } else {
-            0
-        },
-    };
-    uffd_ioctl(fd, UFFDIO_WRITEPROTECT, &mut wp)
-}
 
 /// The userfaultfd side: fd, features, and the reader thread.
 struct Uffd {
@@ -265,7 +186,7 @@ fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<Remote
                         start: page,
                         len: PAGE_SIZE,
                     };
-                    let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
+                    let _ = uffd::ioctl(raw, UFFDIO_WAKE, &mut range);
                 }
             } else {
                 // Not ours (we register write-protect mode only): just wake the thread.
@@ -273,77 +194,10 @@ fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<Remote
                     start: page,
                     len: PAGE_SIZE,
                 };
-                let _ = uffd_ioctl(raw, UFFDIO_WAKE, &mut range);
+                let _ = uffd::ioctl(raw, UFFDIO_WAKE, &mut range);
             }
         }
     }
-}
-
-/// Create the userfaultfd inside the target and take it over. Returns None (with the reason) when unavailable.
-fn open_uffd(
-    tr: &mut Tracer,
-    pid: Pid,
-    tid: Pid,
-    feature_sets: &[u64],
-) -> Result<Result<(OwnedFd, u64, bool), String>, TracerError> {
-    let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
-    let mut user_mode_only = false;
-    // Without UFFD_USER_MODE_ONLY kernel writes are resolved too; it needs privilege
-    // (CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1), so only fall back to it on EPERM.
-    let remote_fd = match remote_userfaultfd(tr, tid, base) {
-        Ok(fd) => fd,
-        Err(TracerError::RemoteSyscall { errno, .. }) if errno == libc::EPERM => {
-            match remote_userfaultfd(tr, tid, base | UFFD_USER_MODE_ONLY) {
-                Ok(fd) => {
-                    user_mode_only = true;
-                    fd
-                }
-                Err(TracerError::RemoteSyscall { errno, .. }) => {
-                    return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(TracerError::RemoteSyscall { errno, .. }) => {
-            return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
-        }
-        Err(e) => return Err(e),
-    };
-    // SAFETY: pidfd_open with integer arguments.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
-    let taken = if pidfd < 0 {
-        Err(format!("pidfd_open: {}", Errno::last()))
-    } else {
-        // SAFETY: pidfd is a fresh fd we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-        // SAFETY: pidfd_getfd with integer arguments.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), remote_fd, 0) };
-        if fd < 0 {
-            Err(format!("pidfd_getfd: {}", Errno::last()))
-        } else {
-            // SAFETY: fd is a fresh fd we own.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-        }
-    };
-    // The target must not keep (or see) the descriptor.
-    remote_close(tr, tid, remote_fd)?;
-    let fd = match taken {
-        Ok(fd) => fd,
-        Err(why) => return Ok(Err(why)),
-    };
-    for &features in feature_sets {
-        let mut api = UffdioApi {
-            api: UFFD_API,
-            features,
-            ioctls: 0,
-        };
-        if uffd_ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api).is_ok() {
-            return Ok(Ok((fd, features, user_mode_only)));
-        }
-    }
-    Ok(Err(
-        "UFFDIO_API: write-protect faults not supported by this kernel".into(),
-    ))
 }
 
 /// Whether the mapping is the main thread's stack.
@@ -417,12 +271,16 @@ impl WriteWatch {
             UFFD_FEATURE_PAGEFAULT_FLAG_WP,
         ];
         let opened = if opts.uffd {
-            open_uffd(tr, pid, tid, &sync_features)?
+            uffd::open_in_target(tr, pid, tid, &sync_features, true)?
         } else {
             Err("disabled by the caller".to_string())
         };
         let (uffd, uffd_unavailable) = match opened {
-            Ok((fd, features, user_mode_only)) => {
+            Ok(uffd::TargetUffd {
+                fd,
+                features,
+                user_mode_only,
+            }) => {
                 // SAFETY: eventfd with integer arguments.
                 let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
                 if efd < 0 {
@@ -453,9 +311,9 @@ impl WriteWatch {
             | UFFD_FEATURE_WP_UNPOPULATED
             | UFFD_FEATURE_PAGEFAULT_FLAG_WP];
         let async_fd = if opts.uffd_async {
-            open_uffd(tr, pid, tid, &async_features)?
+            uffd::open_in_target(tr, pid, tid, &async_features, true)?
                 .ok()
-                .map(|(fd, _, _)| fd)
+                .map(|u| u.fd)
         } else {
             None
         };
@@ -548,7 +406,9 @@ impl WriteWatch {
             mode: UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
-        if uffd_ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok() && reg.ioctls & (1 << 0x06) != 0 {
+        if uffd::ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok()
+            && reg.ioctls & UFFDIO_WRITEPROTECT_IOCTL_BIT != 0
+        {
             registered.push(range);
             true
         } else {
@@ -869,7 +729,7 @@ impl WriteWatch {
                         start: *start,
                         len: end - start,
                     };
-                    let _ = uffd_ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
+                    let _ = uffd::ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
                 }
             }
         }
@@ -885,7 +745,7 @@ impl WriteWatch {
                     start: *start,
                     len: end - start,
                 };
-                let _ = uffd_ioctl(fd, UFFDIO_UNREGISTER, &mut range);
+                let _ = uffd::ioctl(fd, UFFDIO_UNREGISTER, &mut range);
             }
         }
         u.shutdown();
