@@ -61,6 +61,9 @@ pub struct PlanOutcome {
     pub problems: Vec<String>,
 }
 
+/// Where variants may forward stored values: `None` nowhere, else these address ranges (and `rsp` slots).
+type Forwarding = Option<Vec<(Addr, Addr)>>;
+
 /// Per-region bookkeeping.
 #[derive(Debug, Default)]
 struct RegionState {
@@ -84,6 +87,11 @@ pub struct Runtime {
     pub first_install: Option<Instant>,
     /// Added to the cache's variant ids in the report, so ids stay unique across processes and execs.
     id_base: u64,
+    /// Variants may forward stored values (see [`Runtime::forwarding`]); false for good once a second thread
+    /// appeared.
+    forwarding_allowed: bool,
+    /// Live installs whose variants forward stored values.
+    forwarding_installs: BTreeSet<codecache::InstallId>,
 }
 
 impl Runtime {
@@ -102,6 +110,8 @@ impl Runtime {
             install_time: Duration::ZERO,
             first_install: None,
             id_base,
+            forwarding_allowed: true,
+            forwarding_installs: BTreeSet::new(),
         })
     }
 
@@ -150,14 +160,62 @@ impl Runtime {
         out
     }
 
-    fn options(r: &RegionPlan, entry: Addr) -> Options {
+    fn options(forward: &Forwarding) -> Options {
         Options {
-            // Caller-saved scratch registers are free only when the variant is a whole function entered at its start.
-            scratch_registers: entry == r.start && r.symbol.is_some(),
             // Bounds the time one specialization takes (the planner runs several); hot loops fit easily.
             max_code_bytes: MAX_VARIANT_BYTES,
+            forward_stores: forward.is_some(),
+            forward_within: forward.clone(),
             ..Options::default()
         }
+    }
+
+    /// Where the variants planned now may forward stored values (`Options::forward_within`): the process's
+    /// private writable mappings, while it has exactly one thread and has never had another since forwarding
+    /// was first used; `None` otherwise. Another thread (or a process sharing the memory) could write a slot
+    /// between the variant's store and its reuse; signal handlers are covered by [`Runtime::evacuate`].
+    fn forwarding(&self, tr: &Tracer) -> Forwarding {
+        if !self.forwarding_allowed || tr.threads(self.pid).len() != 1 {
+            return None;
+        }
+        let maps = tracer::maps::read_maps(self.pid).ok()?;
+        let ranges: Vec<(Addr, Addr)> = maps
+            .iter()
+            .filter(|m| m.write && !m.shared)
+            .map(|m| (Addr(m.start.0), Addr(m.end.0)))
+            .collect();
+        Some(ranges)
+    }
+
+    /// Whether variants that forward stored values are installed.
+    pub fn forwards(&self) -> bool {
+        !self.forwarding_installs.is_empty()
+    }
+
+    /// Before a signal handler runs on `tid` (stopped): move it out of variants that forward stored values, so
+    /// what the handler writes is seen when the thread continues. Returns whether it was moved.
+    pub fn evacuate(&self, tr: &mut Tracer, tid: Pid) -> Result<bool, CacheError> {
+        if self.forwarding_installs.is_empty() || tr.tgid(tid) != Some(self.pid) {
+            return Ok(false);
+        }
+        self.cache.evacuate(tr, tid, &self.forwarding_installs)
+    }
+
+    /// The process got a second thread (or shares its memory with another process): remove every install whose
+    /// variants forward stored values (threads stopped) and never forward again in this process. The regions
+    /// are planned again without forwarding. Returns how many installs were removed.
+    pub fn drop_forwarding(&mut self, tr: &mut Tracer) -> Result<usize, CacheError> {
+        self.forwarding_allowed = false;
+        let ids = std::mem::take(&mut self.forwarding_installs);
+        for id in &ids {
+            self.cache.uninstall(tr, *id)?;
+        }
+        for st in self.regions.values_mut() {
+            if st.live.is_some_and(|l| ids.contains(&l)) {
+                st.live = None;
+            }
+        }
+        Ok(ids.len())
     }
 
     /// Returns Ok(true) when something was installed, Ok(false) when nothing was worth it.
@@ -168,6 +226,7 @@ impl Runtime {
         constant: &BTreeSet<Addr>,
     ) -> Result<bool, String> {
         let t0 = Instant::now();
+        let forward = self.forwarding(tr);
         let arenas = self.cache.arena_ranges();
         if arenas.iter().any(|(s, e)| r.start.0 < *e && *s < r.end.0) {
             // Our own code: never specialize a variant.
@@ -192,7 +251,7 @@ impl Runtime {
                 if c.address < r.start || c.address >= r.end {
                     continue;
                 }
-                let (benefit, variants) = specialize_candidate(&mem, r, c, &consts, t0);
+                let (benefit, variants) = specialize_candidate(&mem, r, c, &consts, &forward, t0);
                 if benefit > 0.0 && !variants.variants.is_empty() {
                     scored.push((benefit, c.clone(), variants, mem.snapshots()));
                 }
@@ -233,6 +292,7 @@ impl Runtime {
         self.cache
             .stop_all(tr)
             .map_err(|e| format!("cannot stop the target: {e}"))?;
+        let forward = self.forwarding(tr);
         let specialized = (|| -> Result<Specialized, String> {
             let mut mem =
                 TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
@@ -242,7 +302,7 @@ impl Runtime {
             } else {
                 Vec::new()
             };
-            Ok(specialize_candidate(&mem, r, cand, &consts, t0).1)
+            Ok(specialize_candidate(&mem, r, cand, &consts, &forward, t0).1)
         })();
         self.specialize_time += t0.elapsed();
         let variants = match specialized {
@@ -283,6 +343,14 @@ impl Runtime {
                     "a thread could not be stopped; not installing".into(),
                 ));
             }
+            if variants.forwards && tr.threads(pid).len() != 1 {
+                // A thread appeared since planning: its event (handled next) would remove the install anyway.
+                let _ = tr.resume_all();
+                return Err(InstallFailure::Other(
+                    "a thread appeared while specializing; not installing".into(),
+                ));
+            }
+            let forwards = variants.forwards;
             let res = self
                 .cache
                 .install(
@@ -308,6 +376,9 @@ impl Runtime {
             // Resume whatever happened: the program must go on.
             let resumed = tr.resume_all();
             let id = res?;
+            if forwards {
+                self.forwarding_installs.insert(id);
+            }
             resumed.map_err(|e| InstallFailure::Other(format!("cannot resume the target: {e}")))?;
             Ok(id)
         })();
@@ -410,6 +481,8 @@ enum InstallFailure {
 struct Specialized {
     variants: Vec<(Option<u64>, Variant)>,
     assumed: Vec<(Gpr, u64)>,
+    /// Specialized with store forwarding on.
+    forwards: bool,
 }
 
 /// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an
@@ -458,9 +531,10 @@ fn specialize_candidate(
     r: &RegionPlan,
     c: &TriggerCandidate,
     consts: &[(Gpr, u64, Addr)],
+    forward: &Forwarding,
     t0: Instant,
 ) -> (f64, Specialized) {
-    let opts = Runtime::options(r, c.address);
+    let opts = Runtime::options(forward);
     let assumed = assumed_for(mem, r, c, consts);
     let mut benefit = 0.0;
     let mut variants = Vec::new();
@@ -499,7 +573,14 @@ fn specialize_candidate(
         benefit += samples as f64 * st.folded as f64;
         variants.push((Some(value), var));
     }
-    (benefit, Specialized { variants, assumed })
+    (
+        benefit,
+        Specialized {
+            variants,
+            assumed,
+            forwards: forward.is_some(),
+        },
+    )
 }
 
 /// Bit set (by [`Gpr::index`]) of the registers named explicitly (as an operand, base or index) by some

@@ -95,6 +95,15 @@ enum Phase {
     Done,
 }
 
+/// Whether two processes share one address space (`kcmp(KCMP_VM)`); true when that cannot be told (no kcmp), so
+/// callers that need a private address space stay on the safe side.
+fn shares_vm(a: Pid, b: Pid) -> bool {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp takes integer arguments only and reads nothing from our memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
+    r != 1 && r != 2
+}
+
 /// Symbols and mappings of the target, cached per process and refreshed when an address is not covered.
 #[derive(Default)]
 struct CodeMap {
@@ -569,10 +578,23 @@ impl Session {
                     }
                 }
                 let deliver = if claimed { None } else { Some(signal) };
+                if deliver.is_some() && !self.before_handler(tid) {
+                    // Gave up specializing: every thread was stopped; resume them all (the signal is still
+                    // recorded as pending for `tid` and delivered).
+                    self.resume_all_quiet();
+                    return Ok(None);
+                }
                 self.resume_quiet(tid, deliver);
             }
             Event::NewThread { tid, parent } => {
                 self.add_threads(&[tid]);
+                if self.forwarding_in(parent) {
+                    // Both threads are stopped at the event: the new one runs only after the variants that
+                    // assume a single writer are gone.
+                    self.stop_forwarding();
+                    self.resume_all_quiet();
+                    return Ok(None);
+                }
                 self.resume_quiet(tid, None);
                 self.resume_quiet(parent, None);
             }
@@ -590,6 +612,14 @@ impl Session {
                     && !self.tracer.in_vfork(parent);
                 if spec_parent {
                     self.strip_child(child);
+                }
+                // A clone that shares the address space without being a thread (CLONE_VM, not vfork, which
+                // blocks the parent) is another writer of the memory, like a thread.
+                let shared_vm = !self.tracer.in_vfork(parent) && shares_vm(parent_pid, child);
+                if shared_vm && self.forwarding_in(parent) {
+                    self.stop_forwarding();
+                    self.resume_all_quiet();
+                    return Ok(None);
                 }
                 if let Some(w) = self.watch.as_mut().filter(|_| watched_parent) {
                     // A child must not inherit pages we write-protected: restore them before it runs.
@@ -947,6 +977,54 @@ impl Session {
                 self.say(format_args!(
                     "cannot classify a SIGSEGV of thread {tid}: {e}"
                 ));
+                false
+            }
+        }
+    }
+
+    /// Whether `tid`'s process runs variants that forward stored values.
+    fn forwarding_in(&self, tid: Pid) -> bool {
+        let pid = self.tracer.tgid(tid).unwrap_or(tid);
+        self.rt
+            .as_ref()
+            .is_some_and(|rt| rt.pid == pid && rt.forwards())
+    }
+
+    /// A second writer of the specialized process's memory appeared: remove the variants that forward stored
+    /// values (every thread stopped; the caller resumes them) and plan again without forwarding.
+    fn stop_forwarding(&mut self) {
+        if let Err(e) = self.stop_everything() {
+            self.say(format_args!("cannot stop the target: {e}"));
+            self.give_up_specializing();
+            return;
+        }
+        let Some(rt) = self.rt.as_mut() else { return };
+        rt.read_counters(&self.tracer);
+        match rt.drop_forwarding(&mut self.tracer) {
+            Ok(_) => self.after_invalidation(),
+            Err(e) => {
+                self.say(format_args!(
+                    "cannot remove variants for a new thread: {e}; removing every variant"
+                ));
+                self.give_up_specializing();
+            }
+        }
+    }
+
+    /// A signal is about to be delivered to `tid` (stopped): its handler may write memory a variant holds in a
+    /// register, so the thread leaves such a variant first (it re-enters at the next trigger). False when that
+    /// failed and every variant was removed instead (every thread is then stopped).
+    fn before_handler(&mut self, tid: Pid) -> bool {
+        let Some(rt) = self.rt.as_ref() else {
+            return true;
+        };
+        match rt.evacuate(&mut self.tracer, tid) {
+            Ok(_) => true,
+            Err(e) => {
+                self.say(format_args!(
+                    "cannot move thread {tid} out of a variant before its signal handler: {e}; removing every variant"
+                ));
+                self.give_up_specializing();
                 false
             }
         }

@@ -1148,6 +1148,42 @@ impl Cache {
         Ok(count)
     }
 
+    /// Move one stopped thread out of the live variants of `installs` to the matching original instruction
+    /// (deoptimize), leaving every variant installed: the thread re-enters at the next trigger. Used before a
+    /// signal handler runs on a thread whose variant may hold memory values in registers. Returns whether the
+    /// thread was inside one (and moved).
+    pub fn evacuate(
+        &self,
+        tr: &mut Tracer,
+        tid: Pid,
+        installs: &BTreeSet<InstallId>,
+    ) -> Result<bool, CacheError> {
+        let variants: BTreeSet<VariantId> = installs
+            .iter()
+            .filter_map(|i| self.installs.get(i))
+            .flat_map(|i| i.variants.iter().copied())
+            .filter(|v| self.variants.get(v).is_some_and(|v| v.alive))
+            .collect();
+        if variants.is_empty() {
+            return Ok(false);
+        }
+        let mut r = tr.regs(tid)?;
+        // Stubs never hold memory values: only variants are left (no install is passed for stub rollback).
+        let moved = self.relocate(
+            tr,
+            self.pid,
+            tid,
+            &mut r,
+            &variants,
+            &BTreeSet::new(),
+            false,
+        )?;
+        if moved {
+            tr.set_regs(tid, &r)?;
+        }
+        Ok(moved)
+    }
+
     /// Remove one install completely (patch restored, threads moved out, guards released when unused).
     pub fn uninstall(
         &mut self,

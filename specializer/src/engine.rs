@@ -1366,6 +1366,9 @@ impl<'a> Engine<'a> {
         let Some((mi, base, disp)) = Self::plain_qword_mem(st, out) else {
             return Ok(false);
         };
+        if !self.forwardable(st, base, disp) {
+            return Ok(false);
+        }
         let holders: Vec<Gpr> = st
             .facts
             .iter()
@@ -1490,6 +1493,9 @@ impl<'a> Engine<'a> {
         let Some((mi, base, disp)) = Self::plain_qword_mem(st, out) else {
             return;
         };
+        if !self.forwardable(st, base, disp) {
+            return;
+        }
         match out.code() {
             Code::Mov_rm64_r64 if mi == 0 => {
                 let Some(r) = Gpr::containing(out.op_register(1)) else {
@@ -1519,6 +1525,24 @@ impl<'a> Engine<'a> {
             _ => {}
         }
         st.normalize();
+    }
+
+    /// Whether the qword at `[base + disp]` may be forwarded (`Options::forward_within`).
+    fn forwardable(&self, st: &AbsState, base: Gpr, disp: i64) -> bool {
+        let Some(ranges) = &self.opts().forward_within else {
+            return true;
+        };
+        if base == Gpr::Rsp {
+            return true;
+        }
+        let Some(b) = st.get(base) else {
+            return false;
+        };
+        let a = b.wrapping_add(disp as u64);
+        let Some(end) = a.checked_add(8) else {
+            return false;
+        };
+        ranges.iter().any(|(s, e)| s.0 <= a && end <= e.0)
     }
 
     /// A register whose real content is dead: known but not materialized

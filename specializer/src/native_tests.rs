@@ -97,6 +97,20 @@ fn specialize_fn(
     known: &[(Gpr, u64)],
     consts: &[(u64, u64)],
 ) -> (Variant, ExecCode) {
+    let options = Options {
+        forward_stores: true,
+        ..Options::default()
+    };
+    specialize_fn_with(code, len, known, consts, options)
+}
+
+fn specialize_fn_with(
+    code: &ExecCode,
+    len: u64,
+    known: &[(Gpr, u64)],
+    consts: &[(u64, u64)],
+    options: Options,
+) -> (Variant, ExecCode) {
     let mut k = KnownState::default();
     for &(g, v) in known {
         k.set_reg(g, Some(v));
@@ -106,10 +120,7 @@ fn specialize_fn(
         region_start: Addr(code.addr()),
         region_end: Addr(code.addr() + len),
         known: k,
-        options: Options {
-            forward_stores: true,
-            ..Options::default()
-        },
+        options,
     };
     let mem = SelfMemory::new(consts);
     let v = specialize(&req, &mem).expect("specialize");
@@ -485,6 +496,70 @@ fn store_forwarding_keeps_memory_exact() {
         .filter(|l| l.contains(", [rsi+"))
         .count();
     assert!(loads <= 2, "{:?}", v.residual_asm());
+}
+
+#[test]
+fn forward_within_limits_forwarding_to_known_private_slots() {
+    // The same env[] code as above, with env's address known (an assumed register).
+    let code = asm_fn(|a| {
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.imul_3(rax, rax, 3).unwrap();
+        a.mov(qword_ptr(rsi + 8), rax).unwrap();
+        a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
+        a.add(rdx, qword_ptr(rsi)).unwrap();
+        a.mov(qword_ptr(rsi + 16), rdx).unwrap();
+        a.mov(rcx, qword_ptr(rsi + 16)).unwrap();
+        a.xor(qword_ptr(rsi), rcx).unwrap();
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.ret().unwrap();
+    });
+    // env lives at a fixed heap address the variant is specialized for; only raw pointers touch it.
+    let env: *mut [u64; 3] = Box::into_raw(Box::new([7u64, 0, 0]));
+    let at = env as u64;
+    let loads = |v: &Variant| {
+        v.residual_asm()
+            .iter()
+            .filter(|l| l.contains(", [rsi") || l.contains(",[rsi"))
+            .count()
+    };
+    let run = |within: Option<Vec<(Addr, Addr)>>, known: &[(Gpr, u64)]| {
+        let options = Options {
+            forward_stores: true,
+            forward_within: within,
+            ..Options::default()
+        };
+        specialize_fn_with(&code, 64, known, &[], options)
+    };
+    let private = vec![(Addr(at), Addr(at + 24))];
+    let elsewhere = vec![(Addr(at + 4096), Addr(at + 8192))];
+    let cases = [
+        // Known address inside a private range: reloads are forwarded.
+        (Some(private.clone()), vec![(Gpr::Rsi, at)], true),
+        // Known address outside every range (e.g. a MAP_SHARED page): every load stays.
+        (Some(elsewhere), vec![(Gpr::Rsi, at)], false),
+        // Unknown base: where it points is unknown, so nothing is forwarded.
+        (Some(private), vec![], false),
+    ];
+    for (within, known, forwards) in cases {
+        let (v, var) = run(within.clone(), &known);
+        let n = loads(&v);
+        if forwards {
+            assert!(n <= 2, "{within:?}: {:?}", v.residual_asm());
+        } else {
+            assert_eq!(n, 5, "{within:?}: {:?}", v.residual_asm());
+        }
+        let mut e1 = [7u64, 0, 0];
+        let r1 = call2(code.addr(), 0, e1.as_mut_ptr() as u64);
+        // SAFETY: env is a live, exclusively owned allocation; the variant only accesses it during the call.
+        let e2 = unsafe {
+            env.write([7, 0, 0]);
+            let r2 = call2(var.addr(), 0, at);
+            (r2, env.read())
+        };
+        assert_eq!((r1, e1), e2, "{within:?}");
+    }
+    // SAFETY: allocated by Box::into_raw above, not used afterwards.
+    drop(unsafe { Box::from_raw(env) });
 }
 
 /// Debug helper: `SNIPPET_HEX="41 83 e0 03 ..." SNIPPET_KNOWN="rax=0x1,r8=2"` prints the residual code.

@@ -233,6 +233,13 @@ pub struct Options {
     /// iteration). Off by default: the planner turns it on where it knows
     /// the memory is private (e.g. an interpreter's register file).
     pub forward_stores: bool,
+    /// Where `forward_stores` applies. `None`: every plain `[base + disp]`
+    /// qword. `Some(ranges)`: only a slot whose address is known (its base
+    /// register holds a known value) and lies inside one of `ranges`, or a
+    /// slot relative to `rsp` (the thread's own stack). A planner passes the
+    /// target's private writable mappings here, so memory another process
+    /// may share (`MAP_SHARED`) is always re-read.
+    pub forward_within: Option<Vec<(Addr, Addr)>>,
 }
 
 impl Default for Options {
@@ -243,6 +250,7 @@ impl Default for Options {
             chain: None,
             scratch_registers: true,
             forward_stores: false,
+            forward_within: None,
         }
     }
 }
