@@ -149,6 +149,10 @@ pub struct VariantJson {
     pub entries: u64,
     /// Thrown away: a write to one of its guard pages, its process exec'd, or dynspec detached.
     pub invalidated: bool,
+    /// Reloads of memory the variant itself just stored or loaded come from registers: only while the
+    /// process has a single thread (a second one removes such variants) and only for private memory.
+    #[serde(default)]
+    pub forwards_stores: bool,
 }
 
 /// A write to a guarded page and the variants it killed.
@@ -431,7 +435,7 @@ impl Report {
             };
             writeln!(
                 o,
-                "  #{:<3} {} {}: {} bytes, {} folded / {} residual, {} guard page(s), {} entries{}",
+                "  #{:<3} {} {}: {} bytes, {} folded / {} residual, {} guard page(s), {} entries{}{}",
                 v.id,
                 region,
                 trig,
@@ -440,6 +444,7 @@ impl Report {
                 v.residual,
                 v.guard_pages.len(),
                 v.entries,
+                if v.forwards_stores { ", forwards stores" } else { "" },
                 if v.invalidated { ", invalidated" } else { "" }
             )?;
         }

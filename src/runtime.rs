@@ -92,6 +92,8 @@ pub struct Runtime {
     forwarding_allowed: bool,
     /// Live installs whose variants forward stored values.
     forwarding_installs: BTreeSet<codecache::InstallId>,
+    /// Every install that forwarded stored values (for the report).
+    forwarding_ever: BTreeSet<codecache::InstallId>,
 }
 
 impl Runtime {
@@ -112,6 +114,7 @@ impl Runtime {
             id_base,
             forwarding_allowed: true,
             forwarding_installs: BTreeSet::new(),
+            forwarding_ever: BTreeSet::new(),
         })
     }
 
@@ -378,6 +381,7 @@ impl Runtime {
             let id = res?;
             if forwards {
                 self.forwarding_installs.insert(id);
+                self.forwarding_ever.insert(id);
             }
             resumed.map_err(|e| InstallFailure::Other(format!("cannot resume the target: {e}")))?;
             Ok(id)
@@ -458,6 +462,7 @@ impl Runtime {
                 guard_pages: v.guard_pages.iter().map(|p| Hex(p.0)).collect(),
                 entries: self.counters.entries.get(&v.id).copied().unwrap_or(0),
                 invalidated: !v.alive,
+                forwards_stores: self.forwarding_ever.contains(&v.install),
             })
             .collect()
     }
