@@ -16,6 +16,8 @@ use std::sync::OnceLock;
 /// The six status flags (everything but DF), as a bit mask over `Flag as usize`.
 const STATUS: u8 = 0b101_1111;
 const STATUS_FLAGS: [Flag; 6] = [Flag::Cf, Flag::Pf, Flag::Af, Flag::Zf, Flag::Sf, Flag::Of];
+/// Copies of the code at one address and state that differ only in store-forwarding facts (see `link_target`).
+const MAX_FACT_COPIES: u32 = 2;
 
 /// Abstract state: each GPR unknown or known (with a bit telling whether the
 /// real register holds the value), the flags likewise. `fmat == false` means
@@ -459,6 +461,8 @@ struct Engine<'a> {
     /// Label id -> position in `items` of the instruction it names.
     labels: Vec<Option<usize>>,
     key_label: HashMap<(Addr, AbsState), u32>,
+    /// Per fact-free state: how many states with facts have a label.
+    fact_copies: HashMap<(Addr, AbsState), u32>,
     pending: VecDeque<(u32, Addr, AbsState)>,
     /// Per address: how many distinct states were emitted, the distinct
     /// values each register took and the distinct flag states (for widening).
@@ -475,8 +479,6 @@ struct Engine<'a> {
     info: InstructionInfoFactory,
     /// Registers whose value addressed a folded constant load (bit per Gpr).
     static_regs: u16,
-    /// Rotates the choice of scratch register for cached stores.
-    scratch_next: usize,
 }
 
 /// Specialize `req` reading the target through `mem`.
@@ -490,6 +492,7 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         items: Vec::new(),
         labels: Vec::new(),
         key_label: HashMap::new(),
+        fact_copies: HashMap::new(),
         pending: VecDeque::new(),
         seen_at: HashMap::new(),
         exits: Vec::new(),
@@ -503,7 +506,6 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         data_labels: HashMap::new(),
         info: InstructionInfoFactory::new(),
         static_regs: 0,
-        scratch_next: 0,
     };
     // The entry must decode; anything later that does not becomes an exit.
     if e.decode(req.entry).is_none() {
@@ -755,32 +757,70 @@ impl<'a> Engine<'a> {
     }
 
     /// The label for (addr, state), queueing it for emission when new.
+    /// Branch targets carry no store-forwarding facts (a taken branch may be
+    /// a loop's back edge; see `link_target`): facts live only along the
+    /// path being walked, and paths that join share the code after the join.
     fn label_for(&mut self, addr: Addr, st: &AbsState) -> u32 {
         let mut st = st.clone();
+        st.facts.clear();
         self.canonicalize(addr, &mut st);
         if let Some(l) = self.link_target(addr, &mut st) {
             return l;
         }
         let l = self.new_label();
-        self.key_label.insert((addr, st.clone()), l);
+        self.remember(addr, &st, l, true);
         self.pending.push_back((l, addr, st));
         l
     }
 
-    /// The label to link to for (addr, st), if any. A link into code that
-    /// is already emitted may close a loop, and store-forwarding facts must
-    /// not survive a loop back-edge (every iteration re-reads memory at least
-    /// once, so a flag written by a signal handler or another thread is
-    /// seen): such links drop the facts (the real memory is unchanged, so
-    /// forgetting is always correct) and target the fact-free state.
-    fn link_target(&mut self, addr: Addr, st: &mut AbsState) -> Option<u32> {
-        let &l = self.key_label.get(&(addr, st.clone()))?;
-        let placed = self.labels.get(l as usize).copied().flatten().is_some();
-        if st.facts.is_empty() || !placed {
-            return Some(l);
+    /// Record the label of (addr, st); `replace`: over an earlier one.
+    fn remember(&mut self, addr: Addr, st: &AbsState, l: u32, replace: bool) {
+        if replace {
+            self.key_label.insert((addr, st.clone()), l);
+        } else {
+            self.key_label.entry((addr, st.clone())).or_insert(l);
         }
-        st.facts.clear();
-        self.key_label.get(&(addr, st.clone())).copied()
+        if !st.facts.is_empty() {
+            let mut bare = st.clone();
+            bare.facts.clear();
+            *self.fact_copies.entry((addr, bare)).or_default() += 1;
+        }
+    }
+
+    /// The label to link to for (addr, st), if any.
+    ///
+    /// Store-forwarding facts never survive a loop of the variant: a link
+    /// into code already emitted may close a loop, so such a link drops the
+    /// facts and targets the fact-free state (forgetting is always correct:
+    /// the real memory is unchanged). Every iteration therefore re-reads
+    /// memory at least once, and a flag written by a signal handler or
+    /// another thread is seen. A state whose fact-free twin already exists
+    /// with [`MAX_FACT_COPIES`] fact-carrying copies links to the twin too,
+    /// so facts cannot multiply the code.
+    fn link_target(&mut self, addr: Addr, st: &mut AbsState) -> Option<u32> {
+        if let Some(&l) = self.key_label.get(&(addr, st.clone())) {
+            let placed = self.labels.get(l as usize).copied().flatten().is_some();
+            if st.facts.is_empty() || !placed {
+                return Some(l);
+            }
+        }
+        if st.facts.is_empty() {
+            return None;
+        }
+        let mut bare = st.clone();
+        bare.facts.clear();
+        let copies = self.fact_copies.get(&(addr, bare.clone())).copied().unwrap_or(0);
+        let l = self.key_label.get(&(addr, bare)).copied();
+        if l.is_some() && copies >= MAX_FACT_COPIES {
+            st.facts.clear();
+            return l;
+        }
+        // Back edge into placed code with facts: continue fact-free.
+        if self.key_label.contains_key(&(addr, st.clone())) {
+            st.facts.clear();
+            return l;
+        }
+        None
     }
 
     fn exit(
@@ -910,9 +950,9 @@ impl<'a> Engine<'a> {
                 }
                 let l = self.new_label();
                 self.place(l);
-                self.key_label.insert((ip, st.clone()), l);
+                self.remember(ip, &st, l, true);
             } else {
-                self.key_label.entry((ip, st.clone())).or_insert(label);
+                self.remember(ip, &st, label, false);
             }
             let seen = self.seen_at.entry(ip).or_default();
             seen.count += 1;
@@ -1560,18 +1600,24 @@ impl<'a> Engine<'a> {
                 *g != Gpr::Rsp && !avoid.contains(g) && st.get(*g).is_some() && !st.is_mat(*g)
             })
             .collect();
-        // Prefer a register that holds no cached value yet.
-        let free: Vec<Gpr> = cands
+        // The choice depends on the state only, so two walks through the
+        // same code from the same state make the same facts and share code.
+        // Prefer a register that holds no cached value, then one whose slot
+        // another register also holds.
+        let holds = |g: Gpr| st.facts.iter().find(|f| f.2 == g).map(|f| (f.0, f.1));
+        cands
             .iter()
             .copied()
-            .filter(|g| !st.facts.iter().any(|f| f.2 == *g))
-            .collect();
-        let pool = if free.is_empty() { cands } else { free };
-        if pool.is_empty() {
-            return None;
-        }
-        self.scratch_next = self.scratch_next.wrapping_add(1);
-        Some(pool[self.scratch_next % pool.len()])
+            .find(|g| holds(*g).is_none())
+            .or_else(|| {
+                cands.iter().copied().find(|g| {
+                    let slot = holds(*g);
+                    st.facts
+                        .iter()
+                        .any(|f| f.2 != *g && Some((f.0, f.1)) == slot)
+                })
+            })
+            .or_else(|| cands.first().copied())
     }
 
     fn residual_exact(
