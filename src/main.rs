@@ -27,6 +27,14 @@ struct Cli {
     cmd: Command,
 }
 
+/// `--rate` and `--window` defaults with `--profile-only`: sampling lasts the whole run, so it must be cheap.
+const PROFILE_RATE_HZ: u64 = 499;
+const PROFILE_WINDOW: Duration = Duration::from_millis(300);
+/// The same when specializing: sampling stops once variants are installed, so a short dense burst finds the hot
+/// code sooner (about 100 samples per window).
+const SPECIALIZE_RATE_HZ: u64 = 1999;
+const SPECIALIZE_WINDOW: Duration = Duration::from_millis(50);
+
 #[derive(Debug, clap::Args)]
 struct ProfileOpts {
     /// Only profile; do not specialize.
@@ -35,13 +43,16 @@ struct ProfileOpts {
     /// Where to write the report [default: ./dynspec.report.json, the previous one kept as .old].
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
-    /// Samples per second of CPU time, per thread (each sample costs the program a timer interrupt: ~1-2% of its
-    /// time at the default on a VM, ~3% at 999, ~5% at 1999).
-    #[arg(long, value_name = "HZ", default_value_t = 499, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    rate: u64,
-    /// Seconds of sampling before the write watch, and seconds of write watching.
-    #[arg(long, value_name = "SECS", default_value = "0.3", value_parser = parse_secs)]
-    window: Duration,
+    /// Samples per second of CPU time, per thread, while sampling (each sample costs the program a timer
+    /// interrupt: ~1-2% of its time at 499 on a VM, ~5% at 1999) [default: 1999 when specializing, where
+    /// sampling stops once the variants are installed; 499 with --profile-only, which samples the whole run].
+    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    rate: Option<u64>,
+    /// Seconds of sampling before the write watch, and seconds of write watching [default: 0.05 when
+    /// specializing (the sooner variants run, the more they save; guards catch writes the watch missed); 0.3 with
+    /// --profile-only].
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    window: Option<Duration>,
     /// No messages from dynspec itself (errors still go to stderr).
     #[arg(short, long)]
     quiet: bool,
@@ -239,9 +250,14 @@ fn check_report_path(path: &Path) -> anyhow::Result<()> {
 }
 
 fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionConfig {
+    let (rate, window) = if opts.profile_only {
+        (PROFILE_RATE_HZ, PROFILE_WINDOW)
+    } else {
+        (SPECIALIZE_RATE_HZ, SPECIALIZE_WINDOW)
+    };
     SessionConfig {
-        rate_hz: opts.rate,
-        window: opts.window,
+        rate_hz: opts.rate.unwrap_or(rate),
+        window: opts.window.unwrap_or(window),
         quiet: opts.quiet,
         report_path: opts
             .report

@@ -42,12 +42,17 @@ const MAX_FRUITLESS_PLANS: u32 = 2;
 const MIN_PLAN_SAMPLES: u64 = 400;
 /// A written page counts as rarely written when at most 1 in this many samples stores into it.
 const OPTIMISTIC_STORE_SHARE: u64 = 200;
+/// First and longest pause of sampling between planning rounds ([`Phase::Idle`]).
+const IDLE_MIN: Duration = Duration::from_millis(250);
+const IDLE_MAX: Duration = Duration::from_secs(4);
 /// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
 const ID_STRIDE: u64 = 1_000_000;
 /// Most pages the store profile watches.
 const MAX_WATCHED_PAGES: usize = 256;
-/// Sampling windows added while no hot load has been seen (then the store profile is skipped).
-const MAX_SAMPLING_EXTENSIONS: u32 = 20;
+/// Sampling windows added while no hot load has been seen (then the store profile is skipped): at least this
+/// many, and as many as fit in [`MAX_SAMPLING_EXTENSION_TIME`].
+const MIN_SAMPLING_EXTENSIONS: u32 = 20;
+const MAX_SAMPLING_EXTENSION_TIME: Duration = Duration::from_secs(6);
 /// Module lists are re-read at most this often per process when an address is not found in them.
 const MODULE_REFRESH: Duration = Duration::from_millis(10);
 
@@ -91,8 +96,11 @@ enum Phase {
     Watching { until: Instant },
     /// After an invalidation: sample another window, then plan again.
     Resample { until: Instant },
-    /// Profile complete; sampling continues until the end.
+    /// Profile complete, planning under way.
     Done,
+    /// Sampling paused until `until`; then a fresh window and another planning round (hot code that starts
+    /// late, or moves, is found; the pause doubles up to [`IDLE_MAX`] so the cost stays small).
+    Idle { until: Instant },
 }
 
 /// Whether two processes share one address space (`kcmp(KCMP_VM)`); true when that cannot be told (no kcmp), so
@@ -332,6 +340,8 @@ struct Session {
     distrusted: std::collections::BTreeSet<u64>,
     /// Planning rounds so far.
     plans: u32,
+    /// The next [`Phase::Idle`] pause.
+    idle_backoff: Duration,
     /// Specializing, with nothing left to plan: sampling is off (it costs the program a few percent) until an
     /// invalidation or exec calls for a fresh profile.
     sampling_paused: bool,
@@ -406,6 +416,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         optimistic: Default::default(),
         distrusted: Default::default(),
         plans: 0,
+        idle_backoff: IDLE_MIN,
         sampling_paused: false,
     };
     for tid in s.tracer.all_threads() {
@@ -723,7 +734,12 @@ impl Session {
         match self.phase {
             Phase::Sampling { until } if now >= until => {
                 let candidates = self.profiler.candidate_pages(MAX_WATCHED_PAGES);
-                if candidates.is_none() && self.sampling_extensions < MAX_SAMPLING_EXTENSIONS {
+                let max_extensions = (MAX_SAMPLING_EXTENSION_TIME.as_secs_f64()
+                    / self.cfg.window.as_secs_f64().max(1e-3))
+                    as u32;
+                if candidates.is_none()
+                    && self.sampling_extensions < max_extensions.max(MIN_SAMPLING_EXTENSIONS)
+                {
                     // Nothing hot reads memory yet (start-up, or the program was blocked): sample another window
                     // rather than give up on the store profile.
                     self.sampling_extensions += 1;
@@ -767,6 +783,13 @@ impl Session {
             Phase::Resample { until } if now >= until => {
                 self.phase = Phase::Done;
                 self.replan();
+            }
+            Phase::Idle { until } if now >= until => {
+                self.recent = Profiler::new();
+                self.resume_sampling();
+                self.phase = Phase::Resample {
+                    until: now + self.cfg.window,
+                };
             }
             _ => {}
         }
@@ -828,11 +851,23 @@ impl Session {
         }
     }
 
-    /// Plan, specialize and install for the hot regions that have no live variant (bounded per region).
+    /// Plan, specialize and install for the hot regions that have no live variant (bounded per region); then,
+    /// unless another window is due at once, stop sampling until the next periodic look ([`Phase::Idle`]).
     fn replan(&mut self) {
         if !self.cfg.specialize {
             return;
         }
+        self.plan_round();
+        if matches!(self.phase, Phase::Done) {
+            self.pause_sampling();
+            self.phase = Phase::Idle {
+                until: Instant::now() + self.idle_backoff,
+            };
+            self.idle_backoff = (self.idle_backoff * 2).min(IDLE_MAX);
+        }
+    }
+
+    fn plan_round(&mut self) {
         self.ingest();
         let Some(rt) = self.rt.as_mut() else { return };
         let regions: Vec<RegionPlan> = self
@@ -899,8 +934,8 @@ impl Session {
         if let Some(p) = out.problems.first() {
             self.say(p);
         }
-        if matches!(self.phase, Phase::Done) {
-            self.pause_sampling();
+        if out.installed > 0 {
+            self.idle_backoff = IDLE_MIN;
         }
     }
 
@@ -1034,7 +1069,8 @@ impl Session {
     fn after_invalidation(&mut self) {
         self.recent = Profiler::new();
         self.resume_sampling();
-        if matches!(self.phase, Phase::Done) {
+        self.idle_backoff = IDLE_MIN;
+        if matches!(self.phase, Phase::Done | Phase::Idle { .. }) {
             self.phase = Phase::Resample {
                 until: Instant::now() + self.cfg.window,
             };
@@ -1094,7 +1130,10 @@ impl Session {
         }
         let restart = self.cfg.specialize
             && self.rt.is_none()
-            && matches!(self.phase, Phase::Done | Phase::Resample { .. })
+            && matches!(
+                self.phase,
+                Phase::Done | Phase::Resample { .. } | Phase::Idle { .. }
+            )
             && self.restarts < MAX_RESTARTS;
         if restart {
             self.restarts += 1;
