@@ -91,6 +91,9 @@ enum Command {
         /// Print the JSON document instead of the summary.
         #[arg(long)]
         json: bool,
+        /// Print the code of every variant instead of the summary.
+        #[arg(long, conflicts_with = "json")]
+        asm: bool,
     },
     /// Show what the specializer does to a snippet of code.
     Fold(fold::FoldArgs),
@@ -188,11 +191,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let outcome = session::run(Target::Attach(nix::unistd::Pid::from_raw(pid)), &cfg)?;
             Ok(finish(outcome, &cfg))
         }
-        Command::Report { path, json } => {
+        Command::Report { path, json, asm } => {
             let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT));
             let r = Report::load(&path)?;
             if json {
                 println!("{}", r.to_json());
+            } else if asm {
+                print!("{}", r.render_asm());
             } else {
                 print!("{}", r.render());
             }

@@ -153,7 +153,13 @@ pub struct VariantJson {
     /// process has a single thread (a second one removes such variants) and only for private memory.
     #[serde(default)]
     pub forwards_stores: bool,
+    /// The variant's code as emitted, one instruction per line (labels `L<n>:`), at most [`MAX_ASM_LINES`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub asm: Vec<String>,
 }
+
+/// Lines of variant code kept in the report per variant.
+pub const MAX_ASM_LINES: usize = 2000;
 
 /// A write to a guarded page and the variants it killed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -322,6 +328,37 @@ impl Report {
     pub fn render(&self) -> String {
         let mut o = String::new();
         let _ = self.render_into(&mut o);
+        o
+    }
+
+    /// The code of every variant (`dynspec report --asm`).
+    pub fn render_asm(&self) -> String {
+        let mut o = String::new();
+        if self.variants.is_empty() {
+            o.push_str("no variants\n");
+        }
+        for v in &self.variants {
+            let region = v
+                .region
+                .symbol
+                .clone()
+                .unwrap_or_else(|| v.region.start.to_string());
+            let _ = match (&v.trigger, v.value) {
+                (Some(t), Some(val)) => writeln!(
+                    o,
+                    "variant #{} {region} at {} when {} = {}:",
+                    v.id, t.address, t.register, val
+                ),
+                _ => writeln!(o, "variant #{} {region}:", v.id),
+            };
+            if v.asm.is_empty() {
+                o.push_str("  (code not recorded)\n");
+            }
+            for l in &v.asm {
+                let indent = if l.ends_with(':') { "" } else { "  " };
+                let _ = writeln!(o, "{indent}{l}");
+            }
+        }
         o
     }
 

@@ -9,7 +9,9 @@ use nix::unistd::Pid;
 use specializer::{Addr, Gpr, KnownState, Memory, Options, Request, TriggerCandidate, Variant};
 use tracer::Tracer;
 
-use crate::report::{Hex, InvalidationJson, RegionRefJson, TriggerRefJson, VariantJson};
+use crate::report::{
+    Hex, InvalidationJson, RegionRefJson, TriggerRefJson, VariantJson, MAX_ASM_LINES,
+};
 
 /// Regions below this share of the samples are not worth a stub.
 pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;
@@ -94,6 +96,8 @@ pub struct Runtime {
     forwarding_installs: BTreeSet<codecache::InstallId>,
     /// Every install that forwarded stored values (for the report).
     forwarding_ever: BTreeSet<codecache::InstallId>,
+    /// Each installed variant's code listing (for the report).
+    asm: HashMap<codecache::VariantId, Vec<String>>,
 }
 
 impl Runtime {
@@ -115,6 +119,7 @@ impl Runtime {
             forwarding_allowed: true,
             forwarding_installs: BTreeSet::new(),
             forwarding_ever: BTreeSet::new(),
+            asm: HashMap::new(),
         })
     }
 
@@ -354,6 +359,15 @@ impl Runtime {
                 ));
             }
             let forwards = variants.forwards;
+            let listings: Vec<(Option<u64>, Vec<String>)> = variants
+                .variants
+                .iter()
+                .map(|(value, v)| {
+                    let mut l = v.residual_asm();
+                    l.truncate(MAX_ASM_LINES);
+                    (*value, l)
+                })
+                .collect();
             let res = self
                 .cache
                 .install(
@@ -379,6 +393,16 @@ impl Runtime {
             // Resume whatever happened: the program must go on.
             let resumed = tr.resume_all();
             let id = res?;
+            for info in self
+                .cache
+                .variants()
+                .into_iter()
+                .filter(|i| i.install == id)
+            {
+                if let Some((_, l)) = listings.iter().find(|(v, _)| *v == info.value) {
+                    self.asm.insert(info.id, l.clone());
+                }
+            }
             if forwards {
                 self.forwarding_installs.insert(id);
                 self.forwarding_ever.insert(id);
@@ -463,6 +487,7 @@ impl Runtime {
                 entries: self.counters.entries.get(&v.id).copied().unwrap_or(0),
                 invalidated: !v.alive,
                 forwards_stores: self.forwarding_ever.contains(&v.install),
+                asm: self.asm.get(&v.id).cloned().unwrap_or_default(),
             })
             .collect()
     }

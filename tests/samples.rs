@@ -66,6 +66,8 @@ const SIGNALS: Case = Case {
 };
 const NOTHING: Case = case("nothing", "300", &["nothing_sort", "nothing_chase"]);
 const KERNEL_READ: Case = case("kernel_read", "40000", &["kr_scan"]);
+const LATE_THREAD: Case = case("late_thread", "8000000", &["late_run"]);
+const SIG_INTERP: Case = case("sig_interp", "20000000", &["sig_run"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -80,6 +82,8 @@ const ALL: &[&Case] = &[
     &SIGNALS,
     &NOTHING,
     &KERNEL_READ,
+    &LATE_THREAD,
+    &SIG_INTERP,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -178,6 +182,8 @@ sample_tests! {
     signals => super::SIGNALS;
     nothing => super::NOTHING;
     kernel_read => super::KERNEL_READ;
+    late_thread => super::LATE_THREAD;
+    sig_interp => super::SIG_INTERP;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.

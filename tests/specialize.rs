@@ -94,6 +94,19 @@ fn interp_switch_installs_variants() {
         assert!(t[key].is_u64(), "timings.{key}: {t}");
     }
     assert!(t["first_install_ms"].is_u64(), "first_install_ms: {t}");
+    // A single-threaded interpreter: its register file is private memory, so variants forward stores; each
+    // variant's code is in the report.
+    assert!(
+        vs.iter().all(|v| v["forwards_stores"] == true),
+        "single-threaded, yet a variant does not forward stores: {}",
+        brief(&r)
+    );
+    assert!(
+        vs.iter()
+            .all(|v| v["asm"].as_array().is_some_and(|a| !a.is_empty())),
+        "a variant without its code listing: {}",
+        brief(&r)
+    );
 }
 
 #[test]
@@ -144,6 +157,11 @@ fn mt_interp_stays_correct_when_the_shared_bytecode_changes() {
     let r = specialized("mt_interp", "2000000", &[]);
     for v in variants(&r) {
         check_variant_shape(v);
+        // Another thread may write the shared memory between a store and its reuse.
+        assert_eq!(
+            v["forwards_stores"], false,
+            "multithreaded, yet forwarding: {v}"
+        );
     }
 }
 
@@ -200,6 +218,14 @@ fn report_renders_variants_and_timings() {
     assert!(s.contains("variants:"), "{s}");
     assert!(s.contains("timings:"), "{s}");
     assert!(s.contains("first sample to first install"), "{s}");
+    let asm = std::process::Command::new(common::dynspec())
+        .args(["report", "--asm", report_arg])
+        .output()
+        .expect("dynspec report --asm");
+    assert!(asm.status.success(), "{}", text(&asm.stderr));
+    let a = text(&asm.stdout);
+    assert!(a.starts_with("variant #"), "{a}");
+    assert!(a.lines().any(|l| l.starts_with("  mov ")), "{a}");
 }
 
 #[test]
