@@ -809,7 +809,11 @@ impl<'a> Engine<'a> {
         }
         let mut bare = st.clone();
         bare.facts.clear();
-        let copies = self.fact_copies.get(&(addr, bare.clone())).copied().unwrap_or(0);
+        let copies = self
+            .fact_copies
+            .get(&(addr, bare.clone()))
+            .copied()
+            .unwrap_or(0);
         let l = self.key_label.get(&(addr, bare)).copied();
         if l.is_some() && copies >= MAX_FACT_COPIES {
             st.facts.clear();
