@@ -19,6 +19,8 @@ pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;
 pub const MAX_VALUES: usize = 24;
 /// Trigger candidates scored per region (each costs one specialization per hot value).
 const MAX_SCORED: usize = 10;
+/// Hottest values per candidate specialized to score it (the best candidate then gets all its values).
+const SCORE_VALUES: usize = 2;
 /// Candidates tried for installation per region when the best one cannot be patched.
 const MAX_INSTALL_TRIES: usize = 3;
 /// Installs per region over the whole run: after this many invalidations the region is left alone.
@@ -252,6 +254,9 @@ impl Runtime {
             } else {
                 Vec::new()
             };
+            // Score each candidate on its hottest values only, then specialize every hot value of the best one:
+            // most of a planning round's time is specialization, and losers need not be compiled in full.
+            let mut estimates: Vec<(f64, &TriggerCandidate, Specialized)> = Vec::new();
             for c in r.candidates.iter().take(MAX_SCORED) {
                 if t0.elapsed() > PLAN_BUDGET {
                     break;
@@ -259,10 +264,33 @@ impl Runtime {
                 if c.address < r.start || c.address >= r.end {
                     continue;
                 }
-                let (benefit, variants) = specialize_candidate(&mem, r, c, &consts, &forward, t0);
-                if benefit > 0.0 && !variants.variants.is_empty() {
-                    scored.push((benefit, c.clone(), variants, mem.snapshots()));
+                let probe = TriggerCandidate {
+                    values: c.values.iter().take(SCORE_VALUES).copied().collect(),
+                    ..c.clone()
+                };
+                let (benefit, variants) =
+                    specialize_candidate(&mem, r, &probe, &consts, &forward, t0);
+                if benefit <= 0.0 || variants.variants.is_empty() {
+                    continue;
                 }
+                // Extrapolate to all its values by their samples.
+                let probed: u64 = probe.values.iter().map(|v| v.1).sum();
+                let all: u64 = c.values.iter().map(|v| v.1).sum();
+                let estimate = benefit * all as f64 / probed.max(1) as f64;
+                estimates.push((estimate, c, variants));
+            }
+            estimates.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for (i, (estimate, c, mut variants)) in estimates.into_iter().enumerate() {
+                if i == 0 && c.values.len() > SCORE_VALUES {
+                    let rest = TriggerCandidate {
+                        values: c.values.iter().skip(SCORE_VALUES).copied().collect(),
+                        ..c.clone()
+                    };
+                    let (_, more) = specialize_candidate(&mem, r, &rest, &consts, &forward, t0);
+                    variants.variants.extend(more.variants);
+                }
+                // Others keep their probed variants only: a fallback when the best one cannot be installed.
+                scored.push((estimate, c.clone(), variants, mem.snapshots()));
             }
         }
         self.specialize_time += t0.elapsed();
