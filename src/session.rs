@@ -43,8 +43,8 @@ const MIN_PLAN_SAMPLES: u64 = 400;
 /// A written page counts as rarely written when at most 1 in this many samples stores into it.
 const OPTIMISTIC_STORE_SHARE: u64 = 200;
 /// First and longest pause of sampling between planning rounds ([`Phase::Idle`]).
-const IDLE_MIN: Duration = Duration::from_millis(250);
-const IDLE_MAX: Duration = Duration::from_secs(4);
+const IDLE_MIN: Duration = Duration::from_secs(1);
+const IDLE_MAX: Duration = Duration::from_secs(8);
 /// Variant ids of the n-th code cache of the session start at n times this (ids stay unique in the report).
 const ID_STRIDE: u64 = 1_000_000;
 /// Most pages the store profile watches.
