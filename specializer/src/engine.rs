@@ -32,7 +32,8 @@ pub(crate) struct AbsState {
     /// Store forwarding: each (base, disp, reg) says the real qword at
     /// `[base + disp]` equals the real register `reg`. Only real writes
     /// (emitted code) invalidate them; folded writes leave real registers alone.
-    facts: Vec<(Gpr, i64, Gpr)>,
+    /// A `None` base is an absolute address (`disp` alone).
+    facts: Vec<(Option<Gpr>, i64, Gpr)>,
     /// Widening hint, not part of the state's identity: registers whose
     /// value came from constant memory or the entry state (directly or by
     /// folded arithmetic on such values). These take finitely many values.
@@ -132,11 +133,12 @@ impl AbsState {
 
     /// A real write to `g`: forget facts that mention it.
     fn real_write(&mut self, g: Gpr) {
-        self.facts.retain(|f| f.0 != g && f.2 != g);
+        self.facts.retain(|f| f.0 != Some(g) && f.2 != g);
     }
 
-    /// A real memory write of `size` bytes at `[base + disp]` (`None`: anywhere).
-    fn mem_write(&mut self, at: Option<(Gpr, i64, u64)>) {
+    /// A real memory write of `size` bytes at `[base + disp]` (base `None`: the absolute address `disp`; `at`
+    /// `None`: anywhere). Facts on another base may alias it and are dropped.
+    fn mem_write(&mut self, at: Option<(Option<Gpr>, i64, u64)>) {
         match at {
             None => self.facts.clear(),
             Some((b, d, size)) => self.facts.retain(|f| {
@@ -617,7 +619,7 @@ impl<'a> Engine<'a> {
                 }
             }
         }
-        let writes: Vec<Option<(Gpr, i64, u64)>> = info
+        let writes: Vec<Option<(Option<Gpr>, i64, u64)>> = info
             .used_memory()
             .iter()
             .filter(|m| {
@@ -630,18 +632,20 @@ impl<'a> Engine<'a> {
                 )
             })
             .map(|m| {
-                let base = Gpr::containing(m.base());
                 let plain = m.index() == Register::None
                     && !matches!(m.segment(), Register::FS | Register::GS)
                     && m.base() != Register::RIP;
-                match base {
-                    Some(b) if plain => Some((
-                        b,
+                let base = match m.base() {
+                    Register::None => None,
+                    b => Some(Gpr::containing(b)?),
+                };
+                plain.then(|| {
+                    (
+                        base,
                         m.displacement() as i64,
                         m.memory_size().size().max(1) as u64,
-                    )),
-                    _ => None,
-                }
+                    )
+                })
             })
             .collect();
         for w in writes {
@@ -1374,20 +1378,27 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// The plain `[base + disp]` qword operand of `out`, if any: (operand index, base, disp).
-    fn plain_qword_mem(st: &AbsState, out: &Instruction) -> Option<(u32, Gpr, i64)> {
+    /// The plain `[base + disp]` (or absolute `[disp]`, base `None`) qword operand of `out`, if any:
+    /// (operand index, base, disp).
+    fn plain_qword_mem(st: &AbsState, out: &Instruction) -> Option<(u32, Option<Gpr>, i64)> {
         let mi = (0..out.op_count()).find(|&i| out.op_kind(i) == OpKind::Memory)?;
         if out.memory_size().size() != 8
             || out.memory_index() != Register::None
             || matches!(out.memory_segment(), Register::FS | Register::GS)
-            || !out.memory_base().is_gpr64()
         {
             return None;
         }
-        let base = Gpr::containing(out.memory_base())?;
-        if !st.is_real(base) {
-            return None;
-        }
+        let base = match out.memory_base() {
+            Register::None => None,
+            b if b.is_gpr64() => {
+                let g = Gpr::containing(b)?;
+                if !st.is_real(g) {
+                    return None;
+                }
+                Some(g)
+            }
+            _ => return None,
+        };
         Some((mi, base, out.memory_displacement64() as i64))
     }
 
@@ -1549,7 +1560,8 @@ impl<'a> Engine<'a> {
                     return;
                 }
                 st.facts.push((base, disp, r));
-                if let Some(f) = self.next_scratch(&[base, r], st) {
+                let avoid: Vec<Gpr> = base.into_iter().chain([r]).collect();
+                if let Some(f) = self.next_scratch(&avoid, st) {
                     if let Ok(m) = Instruction::with2(Code::Mov_r64_rm64, f.to_iced(), r.to_iced())
                     {
                         // f stays known-unmaterialized: its real content is free.
@@ -1562,7 +1574,7 @@ impl<'a> Engine<'a> {
                 let Some(x) = Gpr::containing(out.op_register(0)) else {
                     return;
                 };
-                if x != base {
+                if Some(x) != base {
                     st.facts.push((base, disp, x));
                 }
             }
@@ -1572,15 +1584,17 @@ impl<'a> Engine<'a> {
     }
 
     /// Whether the qword at `[base + disp]` may be forwarded (`Options::forward_within`).
-    fn forwardable(&self, st: &AbsState, base: Gpr, disp: i64) -> bool {
+    fn forwardable(&self, st: &AbsState, base: Option<Gpr>, disp: i64) -> bool {
         let Some(ranges) = &self.opts().forward_within else {
             return true;
         };
-        if base == Gpr::Rsp {
-            return true;
-        }
-        let Some(b) = st.get(base) else {
-            return false;
+        let b = match base {
+            None => 0,
+            Some(Gpr::Rsp) => return true,
+            Some(g) => match st.get(g) {
+                Some(b) => b,
+                None => return false,
+            },
         };
         let a = b.wrapping_add(disp as u64);
         let Some(end) = a.checked_add(8) else {
