@@ -438,6 +438,37 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         End::Detach | End::Kill(_) => None,
     };
     let outcome = match end {
+        End::Exited(st) if !s.tracer.processes().is_empty() => {
+            // Descendants outlive the program (a daemon, a background job): natively they keep running, so they
+            // do here too, untraced and with everything dynspec changed in them undone.
+            let outcome = if s.attach_mode {
+                Outcome::Detached
+            } else {
+                Outcome::Exited(st)
+            };
+            if let Err(e) = s.stop_everything() {
+                s.say(format_args!("cannot stop the remaining processes: {e}"));
+            }
+            let alive = |s: &Session, pid: Pid| !s.tracer.threads(pid).is_empty();
+            if s.rt.as_ref().is_some_and(|rt| alive(&s, rt.pid)) {
+                if let Err(e) = s.uninstall_everything() {
+                    s.say(format_args!("cannot remove the installed variants: {e}"));
+                }
+            }
+            s.retire_runtime(false);
+            if s.watch_pid.is_some_and(|p| alive(&s, p)) {
+                s.end_watch();
+            } else {
+                s.end_watch_after_exit();
+            }
+            let report = s.build_report(command, attach_pid, exit_status);
+            let Session { tracer, cfg, .. } = s;
+            tracer
+                .detach()
+                .context("cannot detach from the remaining processes")?;
+            report.write(&cfg.report_path)?;
+            return Ok(outcome);
+        }
         End::Exited(st) => {
             // The watch's process is gone: just collect what it saw.
             s.end_watch_after_exit();

@@ -511,3 +511,28 @@ fn work_in_a_child_process_is_profiled_and_watched() {
         "bytecode page reported written: {trigger}"
     );
 }
+
+#[test]
+fn descendants_outliving_the_program_keep_running() {
+    // A background job that outlives its parent (as a daemon does): natively it finishes its work after the
+    // parent exited; under dynspec it must too (detached, not killed with the session).
+    let tmp = TempDir::new();
+    let marker = tmp.join("marker");
+    let report = tmp.join("r.json");
+    let script = format!(
+        "(sleep 0.3; echo done > '{}') & echo parent",
+        marker.display()
+    );
+    for mode in [&["run", "-q"][..], &["run", "-q", "--profile-only"][..]] {
+        let _ = std::fs::remove_file(&marker);
+        let mut args = mode.to_vec();
+        args.extend(["--report", report.to_str().expect("UTF-8 temp path")]);
+        let out = common::run_dynspec(&args, "/bin/sh", &["-c", &script]);
+        assert!(out.status.success(), "{mode:?}: {}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "parent\n", "{mode:?}");
+        wait_until("the background job writes its marker", || {
+            std::fs::read_to_string(&marker).is_ok_and(|s| s == "done\n")
+        });
+        assert!(report.exists(), "{mode:?}: no report");
+    }
+}
