@@ -65,6 +65,15 @@ pub struct PlanOutcome {
     pub problems: Vec<String>,
 }
 
+/// Whether two processes share one address space (`kcmp(KCMP_VM)`); true when that cannot be told (no kcmp), so
+/// callers that need a private address space stay on the safe side.
+pub fn shares_vm(a: Pid, b: Pid) -> bool {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp takes integer arguments only and reads nothing from our memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
+    r != 1 && r != 2
+}
+
 /// Where variants may forward stored values: `None` nowhere, else these address ranges (and `rsp` slots).
 type Forwarding = Option<Vec<(Addr, Addr)>>;
 
@@ -186,6 +195,14 @@ impl Runtime {
     /// between the variant's store and its reuse; signal handlers are covered by [`Runtime::evacuate`].
     fn forwarding(&self, tr: &Tracer) -> Forwarding {
         if !self.forwarding_allowed || tr.threads(self.pid).len() != 1 {
+            return None;
+        }
+        // A process created with CLONE_VM (not a thread, so not counted above) writes the same memory.
+        if tr
+            .processes()
+            .into_iter()
+            .any(|p| p != self.pid && shares_vm(self.pid, p))
+        {
             return None;
         }
         let maps = tracer::maps::read_maps(self.pid).ok()?;

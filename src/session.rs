@@ -103,15 +103,6 @@ enum Phase {
     Idle { until: Instant },
 }
 
-/// Whether two processes share one address space (`kcmp(KCMP_VM)`); true when that cannot be told (no kcmp), so
-/// callers that need a private address space stay on the safe side.
-fn shares_vm(a: Pid, b: Pid) -> bool {
-    const KCMP_VM: libc::c_long = 1;
-    // SAFETY: kcmp takes integer arguments only and reads nothing from our memory.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
-    r != 1 && r != 2
-}
-
 /// Symbols and mappings of the target, cached per process and refreshed when an address is not covered.
 #[derive(Default)]
 struct CodeMap {
@@ -657,7 +648,8 @@ impl Session {
                 }
                 // A clone that shares the address space without being a thread (CLONE_VM, not vfork, which
                 // blocks the parent) is another writer of the memory, like a thread.
-                let shared_vm = !self.tracer.in_vfork(parent) && shares_vm(parent_pid, child);
+                let shared_vm =
+                    !self.tracer.in_vfork(parent) && runtime::shares_vm(parent_pid, child);
                 if shared_vm && self.forwarding_in(parent) {
                     self.stop_forwarding();
                     self.resume_all_quiet();

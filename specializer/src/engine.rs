@@ -619,6 +619,11 @@ impl<'a> Engine<'a> {
                 }
             }
         }
+        let bit_test_reg = matches!(
+            ins.mnemonic(),
+            Mnemonic::Bt | Mnemonic::Bts | Mnemonic::Btr | Mnemonic::Btc
+        ) && ins.op_count() == 2
+            && ins.op1_kind() == OpKind::Register;
         let writes: Vec<Option<(Option<Gpr>, i64, u64)>> = info
             .used_memory()
             .iter()
@@ -632,20 +637,20 @@ impl<'a> Engine<'a> {
                 )
             })
             .map(|m| {
+                // Writes whose extent iced does not give exactly are writes anywhere: bit tests with a register
+                // offset (bit r of the string at m), xsave and friends (size 0), 32-bit addressing (a wrapped
+                // address iced reports as a 64-bit base).
                 let plain = m.index() == Register::None
                     && !matches!(m.segment(), Register::FS | Register::GS)
-                    && m.base() != Register::RIP;
+                    && m.base() != Register::RIP
+                    && m.memory_size().size() > 0
+                    && !(bit_test_reg && m.access() != OpAccess::Read);
                 let base = match m.base() {
                     Register::None => None,
-                    b => Some(Gpr::containing(b)?),
+                    b if b.is_gpr64() => Some(Gpr::containing(b)?),
+                    _ => return None,
                 };
-                plain.then(|| {
-                    (
-                        base,
-                        m.displacement() as i64,
-                        m.memory_size().size().max(1) as u64,
-                    )
-                })
+                plain.then(|| (base, m.displacement() as i64, m.memory_size().size() as u64))
             })
             .collect();
         for w in writes {
@@ -1467,7 +1472,10 @@ impl<'a> Engine<'a> {
                 Instruction::with2(Code::Mov_r64_rm64, x.to_iced(), r.to_iced()).map_err(err)?;
             self.emit(n, ip, st);
             st.set(x, None, false);
-            st.facts.push((base, disp, x));
+            // `mov x, [x + d]` changes the base: x holds the old slot's value, not the new one's.
+            if Some(x) != base {
+                st.facts.push((base, disp, x));
+            }
             st.normalize();
             return Ok(true);
         }
@@ -1527,7 +1535,10 @@ impl<'a> Engine<'a> {
         let r = real_r
             .filter(|r| !mentioned.contains(r))
             .or_else(|| holders.iter().copied().find(|r| !mentioned.contains(r)));
-        if let Some(r) = r {
+        // Bit tests with a register offset address memory beyond the qword (`bt [m], r` reads bit r of the
+        // string at m, `bt reg, r` bit r mod 64): their register form means something else.
+        let bit_test = matches!(mnem, M::Bt | M::Bts | M::Btr | M::Btc);
+        if let (Some(r), false) = (r, bit_test) {
             if out.op_code().op_kind(mi) == iced_x86::OpCodeOperandKind::r64_or_mem {
                 let mut n = *out;
                 n.set_op_kind(mi, OpKind::Register);
@@ -1561,11 +1572,15 @@ impl<'a> Engine<'a> {
                 }
                 st.facts.push((base, disp, r));
                 let avoid: Vec<Gpr> = base.into_iter().chain([r]).collect();
-                if let Some(f) = self.next_scratch(&avoid, st) {
+                // The copy runs after the store: a thread stopped at it continues after the store in the
+                // original code (resuming at the store would write the slot again, over what a signal handler
+                // may have written meanwhile).
+                let after = self.decode(ip).map(|i| Addr(i.next_ip()));
+                if let (Some(f), Some(after)) = (self.next_scratch(&avoid, st), after) {
                     if let Ok(m) = Instruction::with2(Code::Mov_r64_rm64, f.to_iced(), r.to_iced())
                     {
                         // f stays known-unmaterialized: its real content is free.
-                        self.emit(m, ip, st);
+                        self.emit(m, after, st);
                         st.facts.push((base, disp, f));
                     }
                 }

@@ -632,6 +632,113 @@ fn forwarding_works_on_absolute_addresses() {
     unsafe { libc::munmap(page, 4096) };
 }
 
+/// Cases where forwarding must not apply, with env's address unknown (any slot) and known (the session's
+/// `forward_within`). Each runs `code(rdi, env)` natively and specialized and compares result and env.
+fn check_forwarding_cases(code: &ExecCode, arg: u64, init: [u64; 3]) {
+    let env: *mut [u64; 3] = Box::into_raw(Box::new(init));
+    let at = env as u64;
+    for (within, known) in [
+        (None, vec![]),
+        (Some(vec![(Addr(at), Addr(at + 24))]), vec![(Gpr::Rsi, at)]),
+    ] {
+        let options = Options {
+            forward_stores: true,
+            forward_within: within.clone(),
+            ..Options::default()
+        };
+        let (v, var) = specialize_fn_with(code, 64, &known, &[], options);
+        let mut e1 = init;
+        let r1 = call2(code.addr(), arg, e1.as_mut_ptr() as u64);
+        // SAFETY: env is a live, exclusively owned allocation; the variant only accesses it during the call.
+        let e2 = unsafe {
+            env.write(init);
+            let r2 = call2(var.addr(), arg, at);
+            (r2, env.read())
+        };
+        assert_eq!((r1, e1), e2, "{within:?}: {:?}", v.residual_asm());
+    }
+    // SAFETY: allocated by Box::into_raw above, not used afterwards.
+    drop(unsafe { Box::from_raw(env) });
+}
+
+#[test]
+fn bit_test_with_register_offset_writes_beyond_its_qword() {
+    // bts qword [rsi], rdi with rdi = 67 sets bit 3 of [rsi + 8]: the fact for [rsi + 8] must die.
+    let code = asm_fn(|a| {
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.bts(qword_ptr(rsi), rdi).unwrap();
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.ret().unwrap();
+    });
+    check_forwarding_cases(&code, 67, [0, 0, 0]);
+}
+
+#[test]
+fn bit_test_with_register_offset_keeps_its_memory_form() {
+    // bt qword [rsi + 8], rdi with rdi = 64 tests bit 0 of [rsi + 16]; `bt reg, rdi` would test bit 0 of reg.
+    let code = asm_fn(|a| {
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.bt(qword_ptr(rsi + 8), rdi).unwrap();
+        a.setb(al).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.ret().unwrap();
+    });
+    check_forwarding_cases(&code, 64, [0, 0, 1]);
+}
+
+#[test]
+fn forwarded_load_into_its_own_base() {
+    // p = p->next; return p->next (next at +8): after `mov rsi, [rsi + 8]`, [rsi + 8] is another slot.
+    let code = asm_fn(|a| {
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.mov(rsi, qword_ptr(rsi + 8)).unwrap();
+        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
+        a.ret().unwrap();
+    });
+    let mut n1 = [0u64, 0x1234];
+    let n0 = [0u64, n1.as_mut_ptr() as u64];
+    let (v, var) = specialize_fn(&code, 64, &[], &[]);
+    let r1 = call2(code.addr(), 0, n0.as_ptr() as u64);
+    let r2 = call2(var.addr(), 0, n0.as_ptr() as u64);
+    assert_eq!(r1, 0x1234);
+    assert_eq!(r1, r2, "{:?}", v.residual_asm());
+}
+
+#[test]
+fn scratch_copy_after_a_store_deopts_after_the_store() {
+    // A thread stopped between the store and its scratch copy must not run the store again (a signal handler
+    // may have written the slot in between).
+    let code = asm_fn(|a| {
+        a.mov(rcx, 7u64).unwrap(); // folded: rcx known, not materialized -> a scratch candidate
+        a.mov(qword_ptr(rsi), rdx).unwrap();
+        a.mov(rax, qword_ptr(rsi)).unwrap();
+        a.add(rax, rcx).unwrap();
+        a.ret().unwrap();
+    });
+    let (v, _var) = specialize_fn(&code, 64, &[], &[]);
+    let enc = v.encode(Addr(0x10_0000)).expect("encode");
+    let mut d =
+        iced_x86::Decoder::with_ip(64, &enc.code, 0x10_0000, iced_x86::DecoderOptions::NONE);
+    let mut store: Option<u64> = None;
+    let mut copies = 0;
+    for ins in &mut d {
+        let off = (ins.ip() - 0x10_0000) as u32;
+        let e = enc
+            .deopt
+            .iter()
+            .find(|e| e.offset == off)
+            .expect("deopt entry");
+        let text = ins.to_string();
+        if text.starts_with("mov [rsi]") {
+            store = Some(e.original.0);
+        } else if let Some(s) = store.filter(|_| text.starts_with("mov rcx,rdx")) {
+            assert!(e.original.0 > s, "{text} resumes at the store {s:#x}");
+            copies += 1;
+        }
+    }
+    assert!(store.is_some() && copies == 1, "{:?}", v.residual_asm());
+}
+
 /// Debug helper: `SNIPPET_HEX="41 83 e0 03 ..." SNIPPET_KNOWN="rax=0x1,r8=2"` prints the residual code.
 #[test]
 #[ignore]

@@ -1198,8 +1198,10 @@ impl Tracer {
                     return Ok(None);
                 }
                 th.pending = Some(sig);
-                if is_stop_signal(sig) {
-                    // Job control: deliver it; the resulting group-stop is handled above.
+                if sig == libc::SIGSTOP {
+                    // Job control: deliver it; the resulting group-stop is handled above. SIGTSTP, SIGTTIN and
+                    // SIGTTOU may have handlers, so they are reported like any other signal (the caller may have
+                    // to prepare the thread before a handler runs) and the caller delivers them.
                     if !stopping {
                         self.resume(tid, Some(sig))?;
                     }
