@@ -686,6 +686,11 @@ impl Gen {
         }
         options.scratch_registers = self.rng.chance(70);
         options.forward_stores = self.rng.chance(70);
+        if self.rng.chance(30) {
+            // The session's setting: forward only within the (private) scratch buffer and the stack.
+            options.forward_within =
+                Some(vec![(Addr(scratch), Addr(scratch + SCRATCH_LEN as u64))]);
+        }
         let chained = self.rng.chance(20);
         Some(Case {
             ops,
@@ -865,6 +870,8 @@ struct World {
 const CODE_LEN: usize = 4096;
 /// Offset in the code buffer of a second exit stub, the chain target of chained cases.
 const CHAIN_OFF: usize = 3072;
+/// Preferred address of the scratch buffer.
+const LOW_SCRATCH: u64 = 0x3b00_0000;
 /// Size of the scratch buffer.
 const SCRATCH_LEN: usize = 256;
 
@@ -892,7 +899,10 @@ impl World {
         buf.protect(0, BUF_LEN, libc::PROT_READ);
         World {
             deopt_steps: false,
-            scratch: Mapping::anywhere(SCRATCH_LEN),
+            // Below 2 GiB (where free): with its base register known, scratch accesses become absolute `[disp32]`
+            // operands, so forwarding on absolute addresses is exercised as well as on based ones.
+            scratch: Mapping::fixed(LOW_SCRATCH, SCRATCH_LEN)
+                .unwrap_or_else(|| Mapping::anywhere(SCRATCH_LEN)),
             m: Machine::new(),
             code: ExecBuf::anywhere(CODE_LEN),
             variant: ExecBuf::anywhere(64 * 1024),
@@ -1225,7 +1235,7 @@ fn describe(case: &Case, s: u64, buf_addr: u64) -> String {
         out.push_str(&format!("    {l}\n"));
     }
     out.push_str(&format!(
-        "constant buffer {:#x} in {} (index {}), scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, scratch_registers {}, forward_stores {}, fall-through chained: {}\nknown: {}\ninputs:",
+        "constant buffer {:#x} in {} (index {}), scratch buffer in {}, loop counter {}\noptions: max_states_per_address {}, max_code_bytes {}, scratch_registers {}, forward_stores {}, forward_within {:?}, fall-through chained: {}\nknown: {}\ninputs:",
         buf_addr,
         case.rs.base,
         case.rs.ix,
@@ -1235,6 +1245,7 @@ fn describe(case: &Case, s: u64, buf_addr: u64) -> String {
         case.options.max_code_bytes,
         case.options.scratch_registers,
         case.options.forward_stores,
+        case.options.forward_within,
         case.chained,
         specializer::snippet::state_text(&case.known)
     ));
