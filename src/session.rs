@@ -1020,7 +1020,9 @@ impl Session {
         if self.tracer.tgid(tid) != Some(rt.pid) {
             return false;
         }
-        rt.read_counters(&self.tracer);
+        // Entry counts of variants an invalidation may kill, at most COUNTER_REFRESH old: a program that takes
+        // SIGSEGVs of its own by the thousand must not pay a read of every counter for each.
+        rt.refresh_counters(&self.tracer, COUNTER_REFRESH);
         match rt.cache.handle_segv(&mut self.tracer, tid, siginfo) {
             Ok(Some(inv)) => {
                 if self.optimistic.contains(&inv.page.0) {
