@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{dynspec, run_dynspec, run_native, sample, text, TempDir};
+use common::{dynspec, text, TempDir};
 use serde_json::Value;
 use std::process::Command;
 
@@ -21,43 +21,18 @@ const SIG_INTERP_SIZE: u64 = 40_000_000;
 const SIG_ROUND: u64 = 10_000;
 const SIG_FAULTS_PER_ROUND: u64 = 4;
 
-/// Runs `bin size` natively and under `dynspec run -q --rate 1999 --window 0.05 --report F`, asserts that stdout,
-/// stderr and exit status are identical, and returns (native stdout, report, report path holder).
+/// Runs `bin size` natively and under `dynspec run` (see [`common::run_both`]); returns (native stdout, report,
+/// report path holder).
 fn run_both(bin: &str, size: u64) -> (String, Value, TempDir) {
     let size = size.to_string();
-    let native = run_native(sample(bin), &[&size]);
+    let (native, report, tmp) = common::run_both(bin, &[&size], &[]);
     assert!(
         native.status.success(),
         "{bin} {size} natively: {} (stderr: {})",
         native.status,
         text(&native.stderr)
     );
-    let tmp = TempDir::new();
-    let report = tmp.join("report.json");
-    let report_arg = report.to_str().expect("temp paths are UTF-8");
-    let args = [
-        "run", "-q", "--rate", "1999", "--window", "0.05", "--report", report_arg,
-    ];
-    let traced = run_dynspec(&args, sample(bin), &[&size]);
-    let what = format!("dynspec {} -- {bin} {size}", args.join(" "));
-    assert_eq!(
-        traced.status.code(),
-        native.status.code(),
-        "{what}: exit status (stderr: {})",
-        text(&traced.stderr)
-    );
-    assert!(
-        traced.stdout == native.stdout,
-        "{what}: stdout differs from the native run (wrong result under dynspec)\nnative:\n{}\ndynspec:\n{}",
-        text(&native.stdout),
-        text(&traced.stdout)
-    );
-    assert_eq!(text(&traced.stderr), text(&native.stderr), "{what}: stderr");
-    let body = std::fs::read_to_string(&report)
-        .unwrap_or_else(|e| panic!("{what}: report not written: {e}"));
-    let parsed: Value =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: report is not JSON: {e}"));
-    (text(&native.stdout), parsed, tmp)
+    (text(&native.stdout), report, tmp)
 }
 
 fn variants(r: &Value) -> &[Value] {

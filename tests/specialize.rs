@@ -6,36 +6,11 @@
 
 mod common;
 
-use common::{run_dynspec, run_native, sample, text, TempDir};
+use common::{run_dynspec, sample, text, TempDir};
 
-/// Run `bin size` natively and under `dynspec run -q --window 0.05 EXTRA`, check stdout, stderr and status are the
-/// same, and return the report.
+/// Run `bin size` natively and under `dynspec run` (see [`common::run_both`]) and return the report.
 fn specialized(bin: &str, size: &str, extra: &[&str]) -> serde_json::Value {
-    let native = run_native(sample(bin), &[size]);
-    let tmp = TempDir::new();
-    let report = tmp.join("report.json");
-    let report_arg = report.to_str().expect("temp paths are UTF-8");
-    let mut args = vec![
-        "run", "-q", "--rate", "1999", "--window", "0.05", "--report", report_arg,
-    ];
-    args.extend_from_slice(extra);
-    let traced = run_dynspec(&args, sample(bin), &[size]);
-    let what = format!("dynspec {} -- {bin} {size}", args.join(" "));
-    assert_eq!(
-        traced.status.code(),
-        native.status.code(),
-        "{what}: exit status (stderr: {})",
-        text(&traced.stderr)
-    );
-    assert!(
-        traced.stdout == native.stdout,
-        "{what}: stdout differs\nnative:\n{}\ndynspec:\n{}",
-        text(&native.stdout),
-        text(&traced.stdout)
-    );
-    assert_eq!(text(&traced.stderr), text(&native.stderr), "{what}: stderr");
-    let body = std::fs::read_to_string(&report).expect("report written");
-    serde_json::from_str(&body).expect("report is JSON")
+    common::run_both(bin, &[size], extra).1
 }
 
 /// The parts of a report worth showing in a failure message (the whole one is large).

@@ -466,10 +466,10 @@ fn known_index_becomes_displacement() {
     }
 }
 
-#[test]
-fn store_forwarding_keeps_memory_exact() {
-    // env[1] = env[0] * 3; env[2] = env[1] + env[0]; env[0] ^= env[2]; return env[1]
-    let code = asm_fn(|a| {
+/// env[1] = env[0] * 3; env[2] = env[1] + env[0]; env[0] ^= env[2]; return env[1]  (env in rsi): stores and
+/// reloads of the same slots, what store forwarding is for.
+fn env_code() -> ExecCode {
+    asm_fn(|a| {
         a.mov(rax, qword_ptr(rsi)).unwrap();
         a.imul_3(rax, rax, 3).unwrap();
         a.mov(qword_ptr(rsi + 8), rax).unwrap();
@@ -480,7 +480,12 @@ fn store_forwarding_keeps_memory_exact() {
         a.xor(qword_ptr(rsi), rcx).unwrap();
         a.mov(rax, qword_ptr(rsi + 8)).unwrap();
         a.ret().unwrap();
-    });
+    })
+}
+
+#[test]
+fn store_forwarding_keeps_memory_exact() {
+    let code = env_code();
     let (v, var) = specialize_fn(&code, 64, &[(Gpr::Rdi, 0)], &[]);
     for x in [0u64, 5, u64::MAX] {
         let mut e1 = [x, 0, 0];
@@ -501,18 +506,7 @@ fn store_forwarding_keeps_memory_exact() {
 #[test]
 fn forward_within_limits_forwarding_to_known_private_slots() {
     // The same env[] code as above, with env's address known (an assumed register).
-    let code = asm_fn(|a| {
-        a.mov(rax, qword_ptr(rsi)).unwrap();
-        a.imul_3(rax, rax, 3).unwrap();
-        a.mov(qword_ptr(rsi + 8), rax).unwrap();
-        a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
-        a.add(rdx, qword_ptr(rsi)).unwrap();
-        a.mov(qword_ptr(rsi + 16), rdx).unwrap();
-        a.mov(rcx, qword_ptr(rsi + 16)).unwrap();
-        a.xor(qword_ptr(rsi), rcx).unwrap();
-        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
-        a.ret().unwrap();
-    });
+    let code = env_code();
     // env lives at a fixed heap address the variant is specialized for; only raw pointers touch it.
     let env: *mut [u64; 3] = Box::into_raw(Box::new([7u64, 0, 0]));
     let at = env as u64;
@@ -566,18 +560,7 @@ fn forward_within_limits_forwarding_to_known_private_slots() {
 fn forwarding_works_on_absolute_addresses() {
     // With env's address known and below 2 GiB (a non-PIE program's data), `[rsi + d]` becomes the absolute
     // `[d']`; forwarding must still apply, and respect forward_within.
-    let code = asm_fn(|a| {
-        a.mov(rax, qword_ptr(rsi)).unwrap();
-        a.imul_3(rax, rax, 3).unwrap();
-        a.mov(qword_ptr(rsi + 8), rax).unwrap();
-        a.mov(rdx, qword_ptr(rsi + 8)).unwrap();
-        a.add(rdx, qword_ptr(rsi)).unwrap();
-        a.mov(qword_ptr(rsi + 16), rdx).unwrap();
-        a.mov(rcx, qword_ptr(rsi + 16)).unwrap();
-        a.xor(qword_ptr(rsi), rcx).unwrap();
-        a.mov(rax, qword_ptr(rsi + 8)).unwrap();
-        a.ret().unwrap();
-    });
+    let code = env_code();
     // SAFETY: a fresh anonymous mapping at a hint address nobody else uses; MAP_FIXED_NOREPLACE never replaces
     // an existing mapping (the test is skipped if the address is taken).
     let page = unsafe {

@@ -355,3 +355,36 @@ pub fn send_signal(pid: i32, sig: i32) {
         std::io::Error::last_os_error()
     );
 }
+
+/// Runs `bin args` natively and under `dynspec run -q --rate 1999 --window 0.05 --report F EXTRA`, asserts that
+/// stdout, stderr and exit status are byte-identical, and returns (native run, parsed report, the report's dir).
+pub fn run_both(bin: &str, args: &[&str], extra: &[&str]) -> (Output, serde_json::Value, TempDir) {
+    let native = run_native(sample(bin), args);
+    let tmp = TempDir::new();
+    let report = tmp.join("report.json");
+    let report_arg = report.to_str().expect("temp paths are UTF-8");
+    let mut dargs = vec![
+        "run", "-q", "--rate", "1999", "--window", "0.05", "--report", report_arg,
+    ];
+    dargs.extend_from_slice(extra);
+    let traced = run_dynspec(&dargs, sample(bin), args);
+    let what = format!("dynspec {} -- {bin} {}", dargs.join(" "), args.join(" "));
+    assert_eq!(
+        traced.status.code(),
+        native.status.code(),
+        "{what}: exit status (stderr: {})",
+        text(&traced.stderr)
+    );
+    assert!(
+        traced.stdout == native.stdout,
+        "{what}: stdout differs from the native run (wrong result under dynspec)\nnative:\n{}\ndynspec:\n{}",
+        text(&native.stdout),
+        text(&traced.stdout)
+    );
+    assert_eq!(text(&traced.stderr), text(&native.stderr), "{what}: stderr");
+    let body =
+        fs::read_to_string(&report).unwrap_or_else(|e| panic!("{what}: report not written: {e}"));
+    let parsed =
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: report is not JSON: {e}"));
+    (native, parsed, tmp)
+}
