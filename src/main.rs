@@ -314,8 +314,19 @@ fn validate_program(prog: &OsString) -> anyhow::Result<PathBuf> {
     if !is_executable(&path) {
         bail!("{shown} is not executable (permission denied; chmod +x?)");
     }
-    let mut head = [0u8; 20];
-    let n = std::fs::File::open(&path)
+    check_program(&path, &shown, 0)?;
+    Ok(path)
+}
+
+/// Levels of `#!` interpreters the kernel follows (BINPRM_MAX_RECURSION).
+const MAX_INTERPRETER_DEPTH: u32 = 4;
+
+/// `path` is an x86-64 ELF executable, or a script whose `#!` interpreter (in turn) is one: the kernel starts the
+/// interpreter, and dynspec traces and specializes it like any program.
+fn check_program(path: &Path, shown: &str, depth: u32) -> anyhow::Result<()> {
+    // The kernel reads this much for the `#!` line (BINPRM_BUF_SIZE).
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path)
         .and_then(|mut f| {
             let mut n = 0;
             while n < head.len() {
@@ -327,8 +338,30 @@ fn validate_program(prog: &OsString) -> anyhow::Result<PathBuf> {
             Ok(n)
         })
         .with_context(|| format!("cannot read {shown}"))?;
-    check_elf_header(&head[..n]).map_err(|why| anyhow::anyhow!("{shown}: {why}"))?;
-    Ok(path)
+    let head = &head[..n];
+    let Some(line) = head.strip_prefix(b"#!") else {
+        return check_elf_header(head).map_err(|why| anyhow::anyhow!("{shown}: {why}"));
+    };
+    if depth >= MAX_INTERPRETER_DEPTH {
+        bail!("{shown}: too many levels of #! interpreters (the kernel follows {MAX_INTERPRETER_DEPTH})");
+    }
+    let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
+    let interp = line
+        .split(|b| *b == b' ' || *b == b'\t')
+        .find(|w| !w.is_empty())
+        .map(|w| String::from_utf8_lossy(w).into_owned());
+    let Some(interp) = interp else {
+        bail!("{shown}: its #! line names no interpreter — fix the script's first line");
+    };
+    let ip = Path::new(&interp);
+    let what = format!("{shown}'s interpreter {interp}");
+    if !ip.is_file() {
+        bail!("{what} does not exist — fix the script's #! line");
+    }
+    if !is_executable(ip) {
+        bail!("{what} is not executable (permission denied)");
+    }
+    check_program(ip, &what, depth + 1)
 }
 
 fn is_executable(p: &Path) -> bool {
@@ -340,14 +373,8 @@ fn is_executable(p: &Path) -> bool {
     unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
-/// Accept x86-64 little-endian 64-bit ELF executables only (the tracer follows exactly what it starts).
+/// Accept x86-64 little-endian 64-bit ELF executables only.
 fn check_elf_header(h: &[u8]) -> Result<(), String> {
-    if h.starts_with(b"#!") {
-        return Err(
-            "is a script, not an ELF executable: run its interpreter under dynspec instead (e.g. `dynspec run -- sh SCRIPT`)"
-                .into(),
-        );
-    }
     if h.len() < 20 || &h[..4] != b"\x7fELF" {
         return Err("not an ELF executable".into());
     }
@@ -436,9 +463,6 @@ mod tests {
             check_elf_header(b"hello world, this is text").unwrap_err(),
             "not an ELF executable"
         );
-        assert!(check_elf_header(b"#!/bin/sh\n")
-            .unwrap_err()
-            .contains("script"));
         assert!(check_elf_header(b"").is_err());
     }
 

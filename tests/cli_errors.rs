@@ -294,13 +294,48 @@ fn ptrace_permission_denied() {
 }
 
 #[test]
-fn script_is_refused_with_the_fix() {
+fn script_runs_under_its_interpreter() {
+    // As with exec: the kernel starts the #! interpreter, which dynspec traces like any program.
     let t = Tmp::new("script");
     let p = t.path("s.sh");
-    std::fs::write(&p, "#!/bin/sh\necho hi\n").expect("write");
+    std::fs::write(&p, "#!/bin/sh\necho hi \"$1\"\nexit 3\n").expect("write");
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let report = t.path("r.json");
+    let out = run(&[
+        "run",
+        "-q",
+        "--report",
+        report.to_str().expect("utf8"),
+        "--",
+        p.to_str().expect("utf8"),
+        "there",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi there\n");
+}
+
+#[test]
+fn script_with_a_missing_interpreter_is_refused_with_the_fix() {
+    let t = Tmp::new("badscript");
+    let p = t.path("s.sh");
+    std::fs::write(&p, "#!/nonexistent/interp -x\necho hi\n").expect("write");
     std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     let out = run(&["run", "--", p.to_str().expect("utf8")]);
-    assert_one_line_error(&out, &["is a script", "dynspec run -- sh"]);
+    assert_one_line_error(&out, &["/nonexistent/interp", "does not exist", "#! line"]);
+    // An interpreter that is itself not a program dynspec can run: the reason is given for it.
+    let q = t.path("t.sh");
+    std::fs::write(&q, format!("#!{}\n", t.path("data").display())).expect("write");
+    std::fs::write(t.path("data"), "plain text").expect("write");
+    std::fs::set_permissions(t.path("data"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    std::fs::set_permissions(&q, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let out = run(&["run", "--", q.to_str().expect("utf8")]);
+    assert_one_line_error(&out, &["interpreter", "not an ELF executable"]);
 }
 
 #[test]

@@ -24,11 +24,8 @@ pub enum TracerError {
     /// The program exists but cannot be executed.
     #[error("{0} is not executable (it is a directory or lacks execute permission: chmod +x it)")]
     NotExecutable(PathBuf),
-    /// The program is not an ELF file (a script, a text file...).
-    #[error(
-        "{0} is not an ELF executable (scripts are not supported: run the interpreter binary instead, \
-         e.g. `python3 script.py`)"
-    )]
+    /// The program is not an ELF file (a text file, data...), nor a script whose `#!` interpreter is one.
+    #[error("{0} is not an ELF executable (nor a script with a `#!` interpreter line)")]
     NotElf(PathBuf),
     /// The program is ELF but not x86-64.
     #[error("{path} is a {machine} binary; only 64-bit x86-64 ELF programs are supported")]

@@ -375,8 +375,13 @@ fn machine_name(m: u16) -> String {
     }
 }
 
-/// Check that `path` is an executable x86-64 ELF before forking, so errors are clear.
+/// Check that `path` is an executable x86-64 ELF, or a script whose `#!` interpreter (in turn) is one, before
+/// forking, so errors are clear. The kernel follows at most 4 levels of interpreters.
 fn check_program(path: &Path) -> Result<(), TracerError> {
+    check_program_at(path, 0)
+}
+
+fn check_program_at(path: &Path, depth: u32) -> Result<(), TracerError> {
     let md =
         std::fs::metadata(path).map_err(|_| TracerError::ProgramNotFound(path.to_path_buf()))?;
     if !md.is_file() {
@@ -388,7 +393,8 @@ fn check_program(path: &Path) -> Result<(), TracerError> {
     if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
         return Err(TracerError::NotExecutable(path.to_path_buf()));
     }
-    let mut hdr = [0u8; 20];
+    // The kernel reads this much for a `#!` line (BINPRM_BUF_SIZE).
+    let mut hdr = [0u8; 256];
     let mut f =
         File::open(path).map_err(|e| TracerError::io(format!("opening {}", path.display()), e))?;
     let mut n = 0;
@@ -400,7 +406,19 @@ fn check_program(path: &Path) -> Result<(), TracerError> {
             Err(e) => return Err(TracerError::io(format!("reading {}", path.display()), e)),
         }
     }
-    if n < hdr.len() || &hdr[..4] != b"\x7fELF" {
+    if let Some(line) = hdr[..n].strip_prefix(b"#!") {
+        let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
+        let interp = line
+            .split(|b| *b == b' ' || *b == b'\t')
+            .find(|w| !w.is_empty());
+        return match interp {
+            Some(i) if depth < 4 => {
+                check_program_at(Path::new(std::ffi::OsStr::from_bytes(i)), depth + 1)
+            }
+            _ => Err(TracerError::NotElf(path.to_path_buf())),
+        };
+    }
+    if n < 20 || &hdr[..4] != b"\x7fELF" {
         return Err(TracerError::NotElf(path.to_path_buf()));
     }
     let class = hdr[4];

@@ -101,12 +101,33 @@ fn bad_programs_give_clear_errors() {
         other => panic!("expected NotExecutable for a directory, got {other:?}"),
     }
 
+    // A script whose #! interpreter is plain text is refused; one with a real interpreter is started (below).
+    let text = d.path("text");
+    std::fs::write(&text, "just text\n").unwrap();
+    std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o755)).unwrap();
     let script = d.path("script.sh");
-    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::write(&script, format!("#!{}\nexit 0\n", text.display())).unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     match Tracer::spawn(&[script.into_os_string()]) {
         Err(e @ TracerError::NotElf(_)) => assert!(e.to_string().contains("not an ELF")),
         other => panic!("expected NotElf, got {other:?}"),
+    }
+    let good = d.path("good.sh");
+    std::fs::write(&good, "#!/bin/sh\nexit 7\n").unwrap();
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut t =
+        Tracer::spawn(&[good.into_os_string()]).expect("a script with a real interpreter starts");
+    t.resume_all().unwrap();
+    loop {
+        match t.next_event(None).unwrap() {
+            Some(tracer::Event::Exited { status, .. }) => {
+                assert_eq!(status, tracer::ExitStatus::Code(7));
+                break;
+            }
+            Some(tracer::Event::Exec { pid }) => t.resume(pid, None).unwrap(),
+            Some(_) => t.resume_all().unwrap(),
+            None => {}
+        }
     }
 
     // A 32-bit i386 ELF header.
