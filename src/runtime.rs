@@ -640,7 +640,9 @@ fn specialize_candidate(
         };
         let st = &var.stats;
         let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
-        if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO {
+        // A variant that folds no memory read only re-derives what the registers already say (the CPU's
+        // predictors do that well); it pays for its stub and its exits with nothing to show.
+        if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO || st.folded_loads == 0 {
             continue;
         }
         // Folded work x how often the trigger runs with this value (DESIGN: "Trigger choice"): a trigger on
@@ -846,6 +848,68 @@ mod tests {
         assert_eq!(c[0].values.len(), MAX_VALUES.min(10));
         assert_eq!(c[0].values[0], (0x5000, 90));
         assert!(c[0].values.iter().all(|v| v.1 >= MIN_VALUE_SAMPLES));
+    }
+
+    /// Code at 0x1000 and constant data at 0x2000, for planner decisions.
+    struct CodeAndData(Vec<u8>, Vec<u8>);
+
+    impl Memory for CodeAndData {
+        fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), specializer::MemoryError> {
+            let (base, bytes) = if addr.0 >= 0x2000 {
+                (0x2000, &self.1)
+            } else {
+                (0x1000, &self.0)
+            };
+            let off = addr.0.wrapping_sub(base) as usize;
+            match bytes.get(off..off + buf.len()) {
+                Some(b) => {
+                    buf.copy_from_slice(b);
+                    Ok(())
+                }
+                None => Err(specializer::MemoryError::Unreadable(addr)),
+            }
+        }
+        fn is_constant(&self, page: Addr) -> bool {
+            page.0 == 0x2000
+        }
+    }
+
+    /// Specialize `code` for rdi = 0x2000 the way the planner does; how many variants it would install.
+    fn planned_variants(code: Vec<u8>) -> usize {
+        let len = code.len() as u64;
+        let mem = CodeAndData(code, (0..64u8).collect());
+        let c = TriggerCandidate {
+            address: Addr(0x1000),
+            register: Gpr::Rdi,
+            values: vec![(0x2000, 100)],
+        };
+        let r = RegionPlan {
+            start: Addr(0x1000),
+            end: Addr(0x1000 + len),
+            symbol: None,
+            candidates: vec![c.clone()],
+            stable: Vec::new(),
+        };
+        specialize_candidate(&mem, &r, &c, &[], &None, Instant::now())
+            .1
+            .variants
+            .len()
+    }
+
+    #[test]
+    fn variants_that_fold_no_memory_read_are_not_worth_installing() {
+        // 16 x (lea rcx, [rdi+8]; mov rdi, rcx), ret: everything folded is register arithmetic on the trigger.
+        let mut regs_only = Vec::new();
+        for _ in 0..16 {
+            regs_only.extend([0x48, 0x8d, 0x4f, 0x08]); // lea rcx, [rdi+8]
+            regs_only.extend([0x48, 0x89, 0xcf]); // mov rdi, rcx
+        }
+        regs_only.push(0xc3); // ret
+        assert_eq!(planned_variants(regs_only.clone()), 0);
+        // The same with a read of the constant data through the trigger register in front: worth it.
+        let mut with_load = vec![0x48, 0x8b, 0x07]; // mov rax, [rdi]
+        with_load.extend(regs_only);
+        assert_eq!(planned_variants(with_load), 1);
     }
 
     /// Code at 0x1000 for [`entry_constants`].

@@ -1857,6 +1857,11 @@ impl<'a> Engine<'a> {
                 st.fmat = false;
             }
             self.stats.folded += 1;
+            if (0..ins.op_count()).any(|i| ins.op_kind(i) == OpKind::Memory)
+                && ins.mnemonic() != Mnemonic::Lea
+            {
+                self.stats.folded_loads += 1;
+            }
             st.normalize();
             return Ok(());
         }
@@ -1926,10 +1931,12 @@ impl<'a> Engine<'a> {
                 match sem::condition(ins.condition_code(), &st.flags) {
                     Some(true) => {
                         self.stats.folded += 1;
+                        self.stats.folded_branches += 1;
                         return Ok(Next::Continue(taken));
                     }
                     Some(false) => {
                         self.stats.folded += 1;
+                        self.stats.folded_branches += 1;
                     }
                     None => {
                         let reads = flag_mask(ins.rflags_read());
@@ -1958,6 +1965,7 @@ impl<'a> Engine<'a> {
                     let v = self.op_val(st, &ins, 0, 64);
                     if let Some(t) = v {
                         self.stats.folded += 1;
+                        self.stats.folded_branches += 1;
                         return Ok(Next::Continue(Addr(t)));
                     }
                     self.exit(ip, ExitReason::UnknownTarget, st)?;

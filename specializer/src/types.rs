@@ -313,6 +313,10 @@ pub struct Stats {
     pub visited: usize,
     /// Instructions folded away completely.
     pub folded: usize,
+    /// Of those: reads of memory (constant data, the trigger's bytecode) replaced by their values.
+    pub folded_loads: usize,
+    /// Of those: conditional and indirect branches whose outcome or target became known.
+    pub folded_branches: usize,
     /// Instructions emitted (residual, rewritten or materialization).
     pub residual: usize,
     /// Size of the encoded code in bytes (at the last `encode`).
