@@ -181,7 +181,10 @@ fn reg_mut(r: &mut libc::user_regs_struct, g: Gpr) -> &mut u64 {
     }
 }
 
-/// Whether two processes share one address space (`kcmp(KCMP_VM)`; false when kcmp is unavailable).
+/// Whether two processes share one address space (`kcmp(KCMP_VM)`). False when kcmp is unavailable: its one
+/// caller, [`Cache::strip_child`], then strips the child, which is safe either way (stripping a child that shares
+/// our memory only unpatches our code too: slower, still correct), whereas leaving patches in a real fork child,
+/// which has none of our guards, would not be.
 fn shares_memory(a: Pid, b: Pid) -> bool {
     const KCMP_VM: libc::c_long = 1;
     // SAFETY: kcmp with integer arguments only.
