@@ -259,3 +259,28 @@ fn demo_builds_runs_and_points_at_the_report() {
         brief(&r)
     );
 }
+
+#[test]
+fn hot_code_that_starts_late_is_specialized() {
+    // late_start hashes fresh data first (hot, nothing to specialize: ~2 s natively at 30M), and only then runs
+    // its interpreter (~2.4 s). The session plans early, on phase 1 only, then pauses sampling; the interpreter
+    // must be found by a later periodic look and specialized while it runs. The looks are on a wall-clock
+    // schedule (pauses of 1, 2, 4, 8 s), so on a machine much faster or slower than ours phase 2 could fall
+    // between two looks at one size: a second size shifts the phases against the schedule.
+    let mut seen = Vec::new();
+    for size in ["30000000", "45000000"] {
+        let r = specialized("late_start", size, &[]);
+        let entered = variants(&r).iter().any(|v| {
+            v["region"]["symbol"] == "late_interp_run" && v["entries"].as_u64().unwrap_or(0) > 0
+        });
+        if entered {
+            variants(&r).iter().for_each(check_variant_shape);
+            return;
+        }
+        seen.push(format!("size {size}: {}", brief(&r)));
+    }
+    panic!(
+        "no entered variant of late_interp_run, the interpreter that starts late:\n{}",
+        seen.join("\n")
+    );
+}
