@@ -13,11 +13,8 @@
  *      that steers control flow repeats, and it is not an interpreter.
  *   2. interp_switch's demo program (SIZE outer iterations) on late_interp_run,
  *      a copy of interp_run.  Its bytecode is built when phase 2 starts, on a
- *      fresh page of its own that is then sealed read-only (mprotect), as a
- *      loader that verifies and seals its programs would.  Why sealed: the
- *      later looks specialize on read-only memory and on pages the first store
- *      profile saw; a writable page first touched after that profile is not
- *      trusted, so plain heap bytecode would test that limit, not the look.
+ *      fresh writable page of its own that the first store profile never saw
+ *      (a later look must trust it behind a guard to specialize anything).
  *
  * Usage:  late_start [SIZE]     (SIZE = interpreter outer loop iterations)
  *   small size (tests):      1000000   -> stdout in late_start.expected (~0.2 s natively)
@@ -162,15 +159,11 @@ static struct insn *late_program(long size, size_t *n_insns)
         /* 16 */ {OP_MOV, 6, 5, 0},              /* r6 = x */
         /* 17 */ {OP_HALT, 0, 0, 0},
     };
-    /* A fresh mapping of its own (it reuses no page the program wrote before), sealed read-only once written. */
+    /* A fresh writable mapping of its own: it reuses no page the program wrote (or dynspec watched) before. */
     void *mem = mmap(NULL, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED)
         return NULL;
     memcpy(mem, prog, sizeof prog);
-    if (mprotect(mem, PAGE, PROT_READ) != 0) {
-        munmap(mem, PAGE);
-        return NULL;
-    }
     *n_insns = sizeof prog / sizeof prog[0];
     return mem;
 }

@@ -938,6 +938,24 @@ impl Session {
                 }
             }
         }
+        // Pages hot loads read now that the store profile never watched (hot code that started after it): trusted
+        // behind a guard like rarely written pages, unless the samples saw the hot code store into them. The first
+        // write invalidates and distrusts the page.
+        if let Some((pid, pages)) = self.recent.candidate_pages(MAX_WATCHED_PAGES) {
+            if pid == rt.pid {
+                for p in pages {
+                    let watched = self.store.watched.iter().any(|w| w.0 == p.0);
+                    if !watched
+                        && self.recent.store_samples(pid, p.0) == 0
+                        && self.profiler.store_samples(pid, p.0) == 0
+                        && !self.distrusted.contains(&p.0)
+                    {
+                        constant.insert(specializer::Addr(p.0));
+                        self.optimistic.insert(p.0);
+                    }
+                }
+            }
+        }
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         self.plans += 1;
         let worth_retrying = !out.problems.is_empty() || self.recent.total() < MIN_PLAN_SAMPLES;
