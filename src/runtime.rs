@@ -147,6 +147,11 @@ impl Runtime {
         }
     }
 
+    /// Whether the region never had variants installed (hot code new to the planner).
+    pub fn is_new(&self, r: &RegionPlan) -> bool {
+        !self.regions.contains_key(&(r.start.0, r.end.0))
+    }
+
     /// Whether a planning round could install anything for these regions.
     pub fn wants_any(&self, regions: &[RegionPlan]) -> bool {
         regions.iter().any(|r| self.wants(r))
