@@ -140,6 +140,9 @@ pub struct VariantJson {
     /// The trigger value the variant was specialized for (null without a trigger).
     pub value: Option<Hex>,
     pub code_bytes: u64,
+    /// Where the variant's code is in the target (in dynspec's code arena).
+    #[serde(default)]
+    pub code_address: Option<Hex>,
     /// Original instructions folded away / emitted.
     pub folded: u64,
     pub residual: u64,
@@ -343,13 +346,17 @@ impl Report {
                 .symbol
                 .clone()
                 .unwrap_or_else(|| v.region.start.to_string());
+            let code = v
+                .code_address
+                .map(|a| format!(" (code at {a})"))
+                .unwrap_or_default();
             let _ = match (&v.trigger, v.value) {
                 (Some(t), Some(val)) => writeln!(
                     o,
-                    "variant #{} {region} at {} when {} = {}:",
+                    "variant #{} {region} at {} when {} = {}{code}:",
                     v.id, t.address, t.register, val
                 ),
-                _ => writeln!(o, "variant #{} {region}:", v.id),
+                _ => writeln!(o, "variant #{} {region}{code}:", v.id),
             };
             if v.asm.is_empty() {
                 o.push_str("  (code not recorded)\n");

@@ -531,6 +531,7 @@ impl Runtime {
                 }),
                 value: v.value.map(Hex),
                 code_bytes: v.code_bytes as u64,
+                code_address: Some(Hex(v.base.0)),
                 folded: v.folded as u64,
                 residual: v.residual as u64,
                 guard_pages: v.guard_pages.iter().map(|p| Hex(p.0)).collect(),
