@@ -65,13 +65,9 @@ pub struct PlanOutcome {
     pub problems: Vec<String>,
 }
 
-/// Whether two processes share one address space (`kcmp(KCMP_VM)`); true when that cannot be told (no kcmp), so
-/// callers that need a private address space stay on the safe side.
+/// Whether two processes may share one address space: yes when kcmp cannot tell, so forwarding stays off.
 pub fn shares_vm(a: Pid, b: Pid) -> bool {
-    const KCMP_VM: libc::c_long = 1;
-    // SAFETY: kcmp takes integer arguments only and reads nothing from our memory.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
-    r != 1 && r != 2
+    tracer::same_address_space(a, b) != Some(false)
 }
 
 /// Where variants may forward stored values: `None` nowhere, else these address ranges (and `rsp` slots).
@@ -140,7 +136,7 @@ impl Runtime {
     }
 
     /// Regions that may still be (re)specialized.
-    fn wants(&self, r: &RegionPlan) -> bool {
+    pub fn wants(&self, r: &RegionPlan) -> bool {
         match self.regions.get(&(r.start.0, r.end.0)) {
             None => true,
             Some(st) => st.live.is_none() && st.installs < MAX_INSTALLS_PER_REGION,

@@ -942,10 +942,7 @@ impl Session {
         // behind a guard like rarely written pages, unless the samples saw the hot code store into them. The first
         // write invalidates and distrusts the page. Only for hot code the planner has not specialized before: a
         // region planned again after an invalidation keeps to what the store profile and its guards taught.
-        let new_code = regions
-            .iter()
-            .filter(|r| rt.wants_any(std::slice::from_ref(r)))
-            .all(|r| rt.is_new(r));
+        let new_code = regions.iter().filter(|r| rt.wants(r)).all(|r| rt.is_new(r));
         if let Some((pid, pages)) = self
             .recent
             .candidate_pages(MAX_WATCHED_PAGES)

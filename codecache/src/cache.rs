@@ -181,17 +181,6 @@ fn reg_mut(r: &mut libc::user_regs_struct, g: Gpr) -> &mut u64 {
     }
 }
 
-/// Whether two processes share one address space (`kcmp(KCMP_VM)`). False when kcmp is unavailable: its one
-/// caller, [`Cache::strip_child`], then strips the child, which is safe either way (stripping a child that shares
-/// our memory only unpatches our code too: slower, still correct), whereas leaving patches in a real fork child,
-/// which has none of our guards, would not be.
-fn shares_memory(a: Pid, b: Pid) -> bool {
-    const KCMP_VM: libc::c_long = 1;
-    // SAFETY: kcmp with integer arguments only.
-    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
-    r == 0
-}
-
 /// Write the folded registers and flags of `st` into `r`.
 fn apply_state(r: &mut libc::user_regs_struct, st: &KnownState) {
     for g in Gpr::ALL {
@@ -1253,7 +1242,10 @@ impl Cache {
             .tgid(child)
             .ok_or(tracer::TracerError::UnknownThread(child))?;
         assert_all_stopped(tr, child);
-        if shares_memory(self.pid, child) {
+        // Unknown (no kcmp) counts as not shared: stripping a child that shares our memory only unpatches our code
+        // too (slower, still correct), whereas leaving patches in a real fork child, which has none of our guards,
+        // would not be.
+        if tracer::same_address_space(self.pid, child) == Some(true) {
             // vfork (or clone with CLONE_VM): the child runs in our memory, under our guards, until it execs or
             // exits; writing "its" code would unpatch the parent.
             return Ok(());

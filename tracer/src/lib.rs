@@ -33,7 +33,7 @@ pub mod watch;
 
 pub use addr::RemoteAddr;
 pub use error::TracerError;
-pub use maps::{mapping_at, read_maps, Mapping};
+pub use maps::{mapping_at, read_maps, same_address_space, Mapping};
 pub use nix::unistd::Pid;
 pub use process::{Event, ExitStatus, SpawnOptions, Tracer};
 pub use remote::{remote_close, remote_mmap, remote_mprotect, remote_munmap, remote_userfaultfd};

@@ -99,8 +99,36 @@ pub fn mapping_at(maps: &[Mapping], a: RemoteAddr) -> Option<&Mapping> {
     maps.get(i).filter(|m| m.contains(a))
 }
 
+/// Whether two processes share one address space (`kcmp(KCMP_VM)`): `None` when that cannot be told (kcmp is
+/// missing or refused), so each caller picks the answer that is safe for it.
+pub fn same_address_space(a: Pid, b: Pid) -> Option<bool> {
+    const KCMP_VM: libc::c_long = 1;
+    // SAFETY: kcmp takes integer arguments only and reads nothing from our memory.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, a.as_raw(), b.as_raw(), KCMP_VM, 0, 0) };
+    match r {
+        0 => Some(true),
+        1 | 2 => Some(false),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn same_address_space_tells_self_from_a_child() {
+        let me = Pid::this();
+        assert_eq!(same_address_space(me, me), Some(true));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = Pid::from_raw(child.id() as i32);
+        assert_eq!(same_address_space(me, pid), Some(false));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     use super::*;
 
     #[test]
