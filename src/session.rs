@@ -1056,7 +1056,14 @@ impl Session {
                 self.after_invalidation();
                 true
             }
-            Ok(None) => false,
+            Ok(None) => {
+                // A write that faulted on a guard another thread's fault lifted meanwhile: it runs again.
+                if rt.cache.is_stale_segv(&self.tracer, tid, siginfo) {
+                    self.tracer.suppress_signal(tid);
+                    return true;
+                }
+                false
+            }
             Err(e) => {
                 self.say(format_args!(
                     "cannot classify a SIGSEGV of thread {tid}: {e}"

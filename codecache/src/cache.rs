@@ -771,6 +771,13 @@ impl Cache {
         Ok(Some(inv))
     }
 
+    /// A SIGSEGV that is not a guard write ([`Cache::handle_segv`] said `None`) but a write that faulted while an
+    /// mprotect guard was still on and is reported after it was lifted: resume the thread without the signal.
+    /// See [`GuardSet::is_stale_segv`].
+    pub fn is_stale_segv(&mut self, tr: &Tracer, tid: Pid, si: &libc::siginfo_t) -> bool {
+        self.guards.is_stale_segv(tr, tid, si)
+    }
+
     /// A guarded page was (or is being) written: unlink every variant that depends on it (unpatch the stub, or
     /// rebuild it without them), deoptimize threads inside them, redirect return addresses into them, then
     /// release the guard (which lets a blocked write complete). Every thread must be stopped

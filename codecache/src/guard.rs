@@ -92,6 +92,9 @@ pub struct GuardSet {
     unregistrable: Vec<(u64, u64)>,
     /// Pages protected by mprotect, with their original protection.
     mprotected: BTreeMap<u64, i32>,
+    /// Pages whose mprotect guard was lifted, with the threads that already had a stale fault there forgiven
+    /// ([`GuardSet::is_stale_segv`]).
+    lifted: BTreeMap<u64, BTreeSet<i32>>,
     /// Why uffd is unavailable, if it is.
     uffd_unavailable: Option<String>,
 }
@@ -348,6 +351,7 @@ impl GuardSet {
             registered: Vec::new(),
             unregistrable: Vec::new(),
             mprotected: BTreeMap::new(),
+            lifted: BTreeMap::new(),
             uffd_unavailable: None,
         };
         match open_uffd(tr, pid, tid)? {
@@ -550,6 +554,7 @@ impl GuardSet {
         match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig & !libc::PROT_WRITE) {
             Ok(()) => {
                 self.mprotected.insert(page.0, orig);
+                self.lifted.remove(&page.0);
                 Ok(GuardKind::Mprotect)
             }
             Err(TracerError::RemoteSyscall { errno, .. }) => Err(CacheError::Unguardable(
@@ -584,7 +589,10 @@ impl GuardSet {
                 .unwrap_or(false);
             if ours {
                 match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig) {
-                    Ok(()) | Err(TracerError::RemoteSyscall { .. }) => {}
+                    Ok(()) => {
+                        self.lifted.insert(page.0, BTreeSet::new());
+                    }
+                    Err(TracerError::RemoteSyscall { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
             }
@@ -617,6 +625,42 @@ impl GuardSet {
         let addr = unsafe { si.si_addr() } as u64;
         let page = addr & !(PAGE - 1);
         self.mprotected.contains_key(&page).then_some(Addr(page))
+    }
+
+    /// A SIGSEGV (signal-delivery-stop of `tid`) that a thread took writing a page while its mprotect guard was
+    /// still on, reported only after the guard was lifted (several threads wrote the page at once; one fault
+    /// was handled, the others were already queued). True when that is so: the caller resumes the thread
+    /// without the signal and the write runs again. Each thread is forgiven once per lifted page, only while
+    /// the page is writable and the fault is not an instruction fetch, so a fault of the program's own still
+    /// reaches it.
+    pub fn is_stale_segv(&mut self, tr: &Tracer, tid: Pid, si: &libc::siginfo_t) -> bool {
+        if si.si_signo != libc::SIGSEGV
+            || si.si_code != SEGV_ACCERR
+            || tr.tgid(tid) != Some(self.pid)
+        {
+            return false;
+        }
+        // SAFETY: for SIGSEGV the kernel fills si_addr.
+        let page = unsafe { si.si_addr() } as u64 & !(PAGE - 1);
+        let Some(forgiven) = self.lifted.get(&page) else {
+            return false;
+        };
+        if forgiven.contains(&tid.as_raw()) || self.mprotected.contains_key(&page) {
+            return false;
+        }
+        let fetch = tr
+            .regs(tid)
+            .map(|r| r.rip & !(PAGE - 1) == page)
+            .unwrap_or(true);
+        let writable = read_maps(self.pid)
+            .ok()
+            .and_then(|maps| mapping_at(&maps, RemoteAddr(page)).map(|m| m.write))
+            .unwrap_or(false);
+        if fetch || !writable {
+            return false;
+        }
+        self.lifted.entry(page).or_default().insert(tid.as_raw());
+        true
     }
 
     /// Every guarded page.

@@ -194,6 +194,25 @@ fn data_section_page_is_guarded_with_mprotect() {
 }
 
 #[test]
+fn simultaneous_writes_to_an_mprotect_guard_all_complete() {
+    // Four threads write the mprotect-guarded page at once: one SIGSEGV invalidates and lifts the guard, the
+    // others were raised before that and reach dynspec afterwards; they must be resumed, not delivered.
+    let d = TempDir::new("mtdata");
+    let exe = build_interp(&d, &[]);
+    for round in 0..3 {
+        let t = run_traced(&exe, &d, 16, ITERS, Site::Entry);
+        assert_eq!(t.status, ExitStatus::Code(0), "round {round}");
+        assert_eq!(t.output, "bad=0\n", "round {round}");
+        assert!(
+            t.guard_kinds.contains(&codecache::GuardKind::Mprotect),
+            "{:?}",
+            t.guard_kinds
+        );
+        assert!(!t.invalidations.is_empty(), "round {round}");
+    }
+}
+
+#[test]
 fn forked_child_is_stripped_and_runs_original_code() {
     let d = TempDir::new("fork");
     let exe = build_interp(&d, &[]);

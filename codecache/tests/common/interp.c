@@ -16,7 +16,9 @@
  *   madvise(MADV_DONTNEED) (it reads as zeros afterwards: no write ever happens); 14: like 6 (mprotect
  *   guard), and half-way the program takes a SIGSEGV of its own (a store into a read-only page, caught by its
  *   handler), which must reach it unchanged; 15: like 3, but the main thread rewrites the bytecode with
- *   read() from a pipe (a kernel write while the workers run).
+ *   read() from a pipe (a kernel write while the workers run); 16: like 3 with the bytecode in .data (mprotect
+ *   guard), and half-way four more threads write unused words of the bytecode page at the same instant (one
+ *   fault invalidates; the others are already under way and must complete too).
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <setjmp.h>
@@ -112,6 +114,17 @@ static void fill(struct insn *p)
     memcpy(p, prog, sizeof prog);
 }
 
+static atomic_int go;
+
+static void *writer(void *arg)
+{
+    long k = (long)arg;
+    while (!atomic_load(&go))
+        ;
+    code[200 + k].pad = 1;
+    return NULL;
+}
+
 static void *worker(void *arg)
 {
     long id = (long)arg, sum = 0;
@@ -137,7 +150,7 @@ int main(int argc, char **argv)
         code = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (code == MAP_FAILED) return 9;
     } else {
-        code = (mode == 6 || mode == 14) ? data_code : aligned_alloc(4096, 4096);
+        code = (mode == 6 || mode == 14 || mode == 16) ? data_code : aligned_alloc(4096, 4096);
     }
     memset(code, 0, 4096);
     fill(code);
@@ -169,6 +182,20 @@ int main(int argc, char **argv)
             sum += r;
         }
         fprintf(out, "mid=%s sum=%ld\n", mid, sum);
+    } else if (mode == 16) {
+        pthread_t t[2], w[4];
+        for (long k = 0; k < 2; k++)
+            pthread_create(&t[k], NULL, worker, (void *)k);
+        while (atomic_load(&progress) < iters / 2)
+            ;
+        for (long k = 0; k < 4; k++)
+            pthread_create(&w[k], NULL, writer, (void *)k);
+        atomic_store(&go, 1);
+        for (int k = 0; k < 4; k++)
+            pthread_join(w[k], NULL);
+        for (int k = 0; k < 2; k++)
+            pthread_join(t[k], NULL);
+        fprintf(out, "bad=%ld\n", atomic_load(&bad));
     } else if (mode == 3 || mode == 15) {
         pthread_t t[2];
         for (long k = 0; k < 2; k++)

@@ -339,6 +339,14 @@ pub fn run_traced_with(
                         invalidations.push(inv);
                         tr.resume_all().expect("resume");
                     }
+                    // A write that faulted before another thread's fault lifted the guard: it runs again.
+                    None if cache
+                        .as_mut()
+                        .is_some_and(|c| c.is_stale_segv(&tr, tid, &siginfo)) =>
+                    {
+                        tr.suppress_signal(tid);
+                        tr.resume(tid, None).expect("resume");
+                    }
                     None => tr.resume(tid, Some(signal)).expect("resume"),
                 }
             }
