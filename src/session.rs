@@ -306,6 +306,8 @@ struct Session {
     mprotect_pages: std::collections::BTreeSet<RemoteAddr>,
     /// Pages whose protection was just removed: one queued access fault on each is ours, not the program's.
     grace_pages: std::collections::BTreeSet<RemoteAddr>,
+    /// (page, thread) pairs already forgiven a late fault ([`Session::late_watch_fault`]).
+    graced: std::collections::BTreeSet<(RemoteAddr, Pid)>,
     /// How often the sampling phase was extended for lack of candidate pages.
     sampling_extensions: u32,
     /// The process the write watch is on.
@@ -394,6 +396,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         threads_of: HashMap::new(),
         mprotect_pages: Default::default(),
         grace_pages: Default::default(),
+        graced: Default::default(),
         sampling_extensions: 0,
         watch_pid: None,
         rt: None,
@@ -594,7 +597,7 @@ impl Session {
                 }
                 let mut claimed = false;
                 if signal == libc::SIGSEGV && self.watch.is_none() {
-                    claimed = self.late_watch_fault(&siginfo);
+                    claimed = self.late_watch_fault(tid, &siginfo);
                 }
                 if signal == libc::SIGSEGV {
                     if let Some(w) = self.watch.as_mut() {
@@ -819,17 +822,31 @@ impl Session {
     }
 
     /// A SIGSEGV that arrives after the watch ended: if it is an access fault on a page we had write-protected
-    /// with mprotect (queued before the protection was removed), swallow it once: the faulting write re-executes
-    /// and succeeds. Each page gets that grace once, so a later fault of the program's own is delivered.
-    fn late_watch_fault(&mut self, siginfo: &libc::siginfo_t) -> bool {
+    /// with mprotect (queued before the protection was removed), swallow it: the faulting write re-executes and
+    /// succeeds. Each thread gets that grace once per page, only while the page is writable and the fault is not
+    /// an instruction fetch, so a fault of the program's own is delivered.
+    fn late_watch_fault(&mut self, tid: Pid, siginfo: &libc::siginfo_t) -> bool {
         const SEGV_ACCERR: i32 = 2;
         if siginfo.si_code != SEGV_ACCERR || self.grace_pages.is_empty() {
             return false;
         }
         // SAFETY: for SIGSEGV the kernel fills the si_addr member of the fault union; reading it is what the
         // accessor is for.
-        let addr = unsafe { siginfo.si_addr() } as u64;
-        self.grace_pages.remove(&RemoteAddr(addr).page())
+        let page = RemoteAddr(unsafe { siginfo.si_addr() } as u64).page();
+        if !self.grace_pages.contains(&page) || !self.graced.insert((page, tid)) {
+            return false;
+        }
+        let fetch = self
+            .tracer
+            .regs(tid)
+            .map(|r| RemoteAddr(r.rip).page() == page)
+            .unwrap_or(true);
+        let pid = self.tracer.tgid(tid).unwrap_or(tid);
+        let writable = read_maps(pid)
+            .ok()
+            .and_then(|maps| mapping_at(&maps, page).map(|m| m.write))
+            .unwrap_or(false);
+        !fetch && writable
     }
 
     fn say(&self, msg: impl std::fmt::Display) {
