@@ -273,11 +273,18 @@ impl WaitTimer {
         its.it_value.tv_nsec = d.subsec_nanos() as libc::c_long;
         if d.is_zero() {
             its.it_value.tv_nsec = 0;
+        } else {
+            // Keep firing after the first expiry: if it lands between arming and the blocking waitpid (the
+            // thread was preempted), the signal is spent before the wait begins, and only a later one ends it.
+            its.it_interval.tv_nsec = WAIT_TIMER_REPEAT.as_nanos() as libc::c_long;
         }
         // SAFETY: `self.id` is a live timer; `its` is a valid itimerspec.
         unsafe { libc::timer_settime(self.id, 0, &its, std::ptr::null_mut()) };
     }
 }
+
+/// Period of the wait timer after its first expiry (see [`WaitTimer::arm`]).
+const WAIT_TIMER_REPEAT: Duration = Duration::from_millis(1);
 
 impl Drop for WaitTimer {
     fn drop(&mut self) {

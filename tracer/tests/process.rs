@@ -1101,3 +1101,35 @@ fn spawned_program_starts_with_default_sigpipe_and_empty_mask() {
     }
     assert_eq!(status, Some(ExitStatus::Code(0)));
 }
+
+#[test]
+fn timed_waits_always_end_while_the_target_is_quiet() {
+    // A traced process that produces no event (sleeping): every timed wait must come back. With a wait timer
+    // that fired once only, an expiry landing between arming and the blocking waitpid (likely with tiny
+    // timeouts) was lost and the wait blocked until the next child event: forever, here.
+    let mut tr = Tracer::spawn(&[OsString::from("sleep"), OsString::from("30")]).unwrap();
+    tr.resume_all().unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            for _ in 0..600 {
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("a timed wait never returned (lost timer wake-up)");
+            std::process::abort();
+        })
+    };
+    for i in 0..3_000u32 {
+        let t = Duration::from_nanos(u64::from(i % 50) * 100 + 1);
+        assert!(
+            tr.next_event(Some(t)).unwrap().is_none(),
+            "an event from a sleeping process"
+        );
+    }
+    done.store(true, std::sync::atomic::Ordering::Release);
+    watchdog.join().unwrap();
+}
