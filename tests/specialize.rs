@@ -94,7 +94,16 @@ fn bpf_filter_installs_variants() {
 
 #[test]
 fn selfmod_interp_is_invalidated_and_correct() {
-    let r = specialized("selfmod_interp", "15000000", &[]);
+    // The bytecode page is trusted only when the short first profile saw (almost) no store into it; in the rare
+    // run where it saw a few, the next look at the program is a second later: a longer run leaves room for it.
+    let mut r = specialized("selfmod_interp", "15000000", &[]);
+    if invalidations(&r).is_empty() {
+        eprintln!(
+            "no invalidation at 15000000 ({}); trying a longer run",
+            brief(&r)
+        );
+        r = specialized("selfmod_interp", "40000000", &[]);
+    }
     let inv = invalidations(&r);
     assert!(!inv.is_empty(), "no invalidation: {}", brief(&r));
     for i in inv {
