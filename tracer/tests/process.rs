@@ -426,16 +426,21 @@ int main(void) {
 }
 "#;
 
+/// Start `exe` untraced with its stdout in `d/out.txt` (killed when the guard drops).
+fn spawn_logged(d: &TempDir, exe: &std::path::Path) -> (KillOnDrop, std::path::PathBuf) {
+    let out = d.path("out.txt");
+    let child = std::process::Command::new(exe)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .spawn()
+        .unwrap();
+    (KillOnDrop(child), out)
+}
+
 #[test]
 fn attach_then_detach_leaves_the_program_running() {
     let d = TempDir::new("attach");
     let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
-    let out = d.path("out.txt");
-    let child = std::process::Command::new(&exe)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 3);
     let pid = child.pid();
     let tr = Tracer::attach(pid).unwrap();
@@ -462,12 +467,7 @@ fn attach_then_detach_leaves_the_program_running() {
 fn attach_drop_detaches_and_errors_on_self() {
     let d = TempDir::new("attach2");
     let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
-    let out = d.path("out.txt");
-    let child = std::process::Command::new(&exe)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 2);
     {
         let mut tr = Tracer::attach(child.pid()).unwrap();
@@ -881,12 +881,7 @@ fn remote_syscalls_at_new_thread_events() {
 fn attach_to_a_stopped_process_keeps_it_stopped() {
     let d = TempDir::new("attachstopped");
     let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
-    let out = d.path("out.txt");
-    let child = std::process::Command::new(&exe)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 2);
     let pid = child.pid();
     // SAFETY: plain kill of our child.
@@ -944,12 +939,7 @@ int main(void) {
 fn attach_when_the_main_thread_already_exited() {
     let d = TempDir::new("leaderexit");
     let exe = compile(&d, "leaderexit", LEADER_EXIT, &[]);
-    let out = d.path("out.txt");
-    let child = std::process::Command::new(&exe)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .spawn()
-        .unwrap();
-    let mut child = KillOnDrop(child);
+    let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 3);
     let pid = child.pid();
     // Make sure the main thread is gone (a zombie) before attaching.
