@@ -10,7 +10,6 @@ use nix::unistd::Pid;
 use specializer::insn_info::{decode_info, InsnInfo};
 use specializer::{Addr, Gpr};
 use tracer::sampler::Sample;
-use tracer::RemoteAddr;
 
 use crate::report::{Hex, HotRegionJson, TopValueJson, TriggerJson};
 
@@ -40,15 +39,15 @@ pub enum Location {
     Symbol {
         module: String,
         name: String,
-        start: RemoteAddr,
-        end: RemoteAddr,
+        start: Addr,
+        end: Addr,
     },
     /// Inside an executable mapping without a covering symbol (stripped code, JIT code): `start..end` bounds the
     /// mapping so recovered spans never leave it.
     Unsymbolized {
         module: String,
-        start: RemoteAddr,
-        end: RemoteAddr,
+        start: Addr,
+        end: Addr,
     },
     /// Not in any mapping we could read.
     Unknown,
@@ -57,9 +56,9 @@ pub enum Location {
 /// What the profiler needs from the live target.
 pub trait ProfileEnv {
     /// Symbolize `ip` in process `pid`.
-    fn locate(&mut self, pid: Pid, ip: RemoteAddr) -> Location;
+    fn locate(&mut self, pid: Pid, ip: Addr) -> Location;
     /// Read code bytes at `addr`; return how many leading bytes of `buf` were filled (0 if none).
-    fn read_code(&mut self, pid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> usize;
+    fn read_code(&mut self, pid: Pid, addr: Addr, buf: &mut [u8]) -> usize;
 }
 
 /// Instructions looked at before a sampled one (see [`Profiler::ingest`]).
@@ -206,8 +205,8 @@ struct IpStats {
 pub struct HotRegion {
     pub module: String,
     pub symbol: Option<String>,
-    pub start: RemoteAddr,
-    pub end: RemoteAddr,
+    pub start: Addr,
+    pub end: Addr,
     pub samples: u64,
     pub share: f64,
 }
@@ -440,7 +439,7 @@ impl Profiler {
                 // still holds the array's start: its page is the best guess of what the loop reads. A wrong guess
                 // only costs watching one more page.
                 match m.base {
-                    Some(b) => specializer::Addr(m.displacement.wrapping_add(s.regs[b.index()])),
+                    Some(b) => Addr(m.displacement.wrapping_add(s.regs[b.index()])),
                     None => continue,
                 }
             } else {
@@ -520,7 +519,7 @@ impl Profiler {
                     }
                 }
                 Location::Unknown => {
-                    for (s, e, n) in spans(&ips, RemoteAddr(0), RemoteAddr(u64::MAX)) {
+                    for (s, e, n) in spans(&ips, Addr(0), Addr(u64::MAX)) {
                         regions.push(HotRegion {
                             module: "[unknown]".into(),
                             symbol: None,
@@ -552,7 +551,7 @@ impl Profiler {
     /// The process whose hot loads were sampled most (the root's children count too: `sh -c prog` runs the work
     /// in a child) and the pages those loads read, most sampled first, at most `cap`, sorted. None if no hot load
     /// was sampled.
-    pub fn candidate_pages(&self, cap: usize) -> Option<(Pid, Vec<RemoteAddr>)> {
+    pub fn candidate_pages(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
         let regions = self.analysed_regions();
         let mut per_pid: HashMap<Pid, HashMap<u64, u64>> = HashMap::new();
         for (&(pid, ip), pages) in &self.pages {
@@ -569,7 +568,7 @@ impl Profiler {
         let mut v: Vec<(u64, u64)> = counts.into_iter().collect();
         v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         v.truncate(cap);
-        let mut pages: Vec<RemoteAddr> = v.into_iter().map(|(p, _)| RemoteAddr(p)).collect();
+        let mut pages: Vec<Addr> = v.into_iter().map(|(p, _)| Addr(p)).collect();
         pages.sort();
         Some((pid, pages))
     }
@@ -634,9 +633,9 @@ impl Profiler {
 fn decode_window(
     env: &mut dyn ProfileEnv,
     pid: Pid,
-    ip: RemoteAddr,
-    map_start: RemoteAddr,
-    map_end: RemoteAddr,
+    ip: Addr,
+    map_start: Addr,
+    map_end: Addr,
 ) -> Option<LinearFunction> {
     const LEAD_IN: u64 = 256;
     let block = ip.0 & !0xfff;
@@ -646,7 +645,7 @@ fn decode_window(
         return None;
     }
     let mut buf = vec![0u8; (hi - lo) as usize];
-    let n = env.read_code(pid, RemoteAddr(lo), &mut buf);
+    let n = env.read_code(pid, Addr(lo), &mut buf);
     buf.truncate(n);
     (0..16u64)
         .filter(|k| lo + k <= ip.0 && (*k as usize) < buf.len())
@@ -656,7 +655,7 @@ fn decode_window(
 
 /// Split sorted (ip, samples) of code without symbols into spans: 256-byte granules, merging granules separated by
 /// at most one empty granule, clamped to `[lo, hi)`.
-fn spans(ips: &[(u64, u64)], lo: RemoteAddr, hi: RemoteAddr) -> Vec<(RemoteAddr, RemoteAddr, u64)> {
+fn spans(ips: &[(u64, u64)], lo: Addr, hi: Addr) -> Vec<(Addr, Addr, u64)> {
     let mut granules: BTreeMap<u64, u64> = BTreeMap::new();
     for &(ip, n) in ips {
         *granules.entry(ip & !(SPAN_GRANULE - 1)).or_default() += n;
@@ -675,7 +674,7 @@ fn spans(ips: &[(u64, u64)], lo: RemoteAddr, hi: RemoteAddr) -> Vec<(RemoteAddr,
         .map(|(s, e, n)| {
             let s = s.max(lo.0);
             let e = e.min(hi.0).max(s + 1);
-            (RemoteAddr(s), RemoteAddr(e), n)
+            (Addr(s), Addr(e), n)
         })
         .collect()
 }
@@ -690,25 +689,25 @@ mod tests {
     }
 
     impl ProfileEnv for FakeEnv {
-        fn locate(&mut self, _pid: Pid, ip: RemoteAddr) -> Location {
+        fn locate(&mut self, _pid: Pid, ip: Addr) -> Location {
             if (0x1000..0x1100).contains(&ip.0) {
                 Location::Symbol {
                     module: "/bin/x".into(),
                     name: "f".into(),
-                    start: RemoteAddr(0x1000),
-                    end: RemoteAddr(0x1100),
+                    start: Addr(0x1000),
+                    end: Addr(0x1100),
                 }
             } else if (0x5000..0x9000).contains(&ip.0) {
                 Location::Unsymbolized {
                     module: "/bin/y".into(),
-                    start: RemoteAddr(0x5000),
-                    end: RemoteAddr(0x9000),
+                    start: Addr(0x5000),
+                    end: Addr(0x9000),
                 }
             } else {
                 Location::Unknown
             }
         }
-        fn read_code(&mut self, _pid: Pid, ip: RemoteAddr, buf: &mut [u8]) -> usize {
+        fn read_code(&mut self, _pid: Pid, ip: Addr, buf: &mut [u8]) -> usize {
             match self.code.get(&ip.0) {
                 Some(b) => {
                     let n = b.len().min(buf.len());
@@ -729,7 +728,7 @@ mod tests {
         Sample {
             pid: Pid::from_raw(10),
             tid: Pid::from_raw(10),
-            ip: RemoteAddr(ip),
+            ip: Addr(ip),
             regs,
             flags: 0x202,
         }
@@ -766,15 +765,12 @@ mod tests {
         assert_eq!(p.total(), 100);
         assert_eq!(r[0].symbol.as_deref(), Some("f"));
         assert!((r[0].share - 0.8).abs() < 1e-9);
-        assert_eq!(
-            (r[0].start, r[0].end),
-            (RemoteAddr(0x1000), RemoteAddr(0x1100))
-        );
+        assert_eq!((r[0].start, r[0].end), (Addr(0x1000), Addr(0x1100)));
         // 0x5010 and 0x5400 are 4 granules apart: two spans.
         assert_eq!(r.len(), 3);
         assert_eq!(
             (r[1].start, r[1].end, r[1].samples),
-            (RemoteAddr(0x5000), RemoteAddr(0x5100), 15)
+            (Addr(0x5000), Addr(0x5100), 15)
         );
         assert_eq!(r[1].symbol, None);
         assert_eq!(r[1].module, "/bin/y");
@@ -825,7 +821,7 @@ mod tests {
         assert!((t[0].top_values[0].share - 0.25).abs() < 1e-9);
         assert_eq!(
             p.candidate_pages(256),
-            Some((Pid::from_raw(10), vec![RemoteAddr(0x20000)]))
+            Some((Pid::from_raw(10), vec![Addr(0x20000)]))
         );
     }
 
@@ -888,12 +884,12 @@ mod tests {
         p.ingest(&v, &mut e);
         assert_eq!(
             p.candidate_pages(256),
-            Some((Pid::from_raw(11), vec![RemoteAddr(0x50000)]))
+            Some((Pid::from_raw(11), vec![Addr(0x50000)]))
         );
         p.forget_process(Pid::from_raw(11));
         assert_eq!(
             p.candidate_pages(256),
-            Some((Pid::from_raw(10), vec![RemoteAddr(0x30000)]))
+            Some((Pid::from_raw(10), vec![Addr(0x30000)]))
         );
     }
 
@@ -935,7 +931,7 @@ mod tests {
         // The bytecode page is a candidate through the back-attributed loads.
         assert!(p
             .candidate_pages(16)
-            .is_some_and(|(_, v)| v.contains(&RemoteAddr(0x40000))));
+            .is_some_and(|(_, v)| v.contains(&Addr(0x40000))));
     }
 
     #[test]
@@ -952,10 +948,7 @@ mod tests {
             .map(|i| sample(0x1004, &[(Gpr::Rdi, 0x9000), (Gpr::Rcx, 0x7777_0000 + i)]))
             .collect();
         p.ingest(&v, &mut e);
-        assert_eq!(
-            p.candidate_pages(16).map(|x| x.1),
-            Some(vec![RemoteAddr(0x9000)])
-        );
+        assert_eq!(p.candidate_pages(16).map(|x| x.1), Some(vec![Addr(0x9000)]));
     }
 
     #[test]

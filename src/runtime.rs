@@ -210,7 +210,7 @@ impl Runtime {
         let ranges: Vec<(Addr, Addr)> = maps
             .iter()
             .filter(|m| m.write && !m.shared)
-            .map(|m| (Addr(m.start.0), Addr(m.end.0)))
+            .map(|m| (m.start, m.end))
             .collect();
         Some(ranges)
     }

@@ -16,7 +16,7 @@ use tracer::maps::{mapping_at, read_maps, Mapping};
 use tracer::sampler::{Sampler, SamplerConfig, SamplerError};
 use tracer::symbols::{modules, symbolize, Module};
 use tracer::watch::WriteWatch;
-use tracer::RemoteAddr;
+use tracer::Addr;
 use tracer::{Event, ExitStatus, Tracer};
 
 use crate::profile::{Location, ProfileEnv, Profiler};
@@ -161,7 +161,7 @@ struct LiveEnv<'a> {
 }
 
 impl LiveEnv<'_> {
-    fn ensure_modules(&mut self, pid: Pid, a: RemoteAddr) {
+    fn ensure_modules(&mut self, pid: Pid, a: Addr) {
         let stale = match self.code.modules.get(&pid) {
             None => true,
             Some((mods, at)) => symbolize(mods, a).is_none() && at.elapsed() >= MODULE_REFRESH,
@@ -171,7 +171,7 @@ impl LiveEnv<'_> {
         }
     }
 
-    fn ensure_maps(&mut self, pid: Pid, a: RemoteAddr) {
+    fn ensure_maps(&mut self, pid: Pid, a: Addr) {
         let stale = match self.code.maps.get(&pid) {
             None => true,
             Some((maps, at)) => mapping_at(maps, a).is_none() && at.elapsed() >= MODULE_REFRESH,
@@ -183,7 +183,7 @@ impl LiveEnv<'_> {
 
     /// Code of a process that is gone (or memory we cannot read): the bytes of a read-only file mapping are the
     /// file's bytes at the mapping's offset.
-    fn read_from_file(&mut self, pid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> usize {
+    fn read_from_file(&mut self, pid: Pid, addr: Addr, buf: &mut [u8]) -> usize {
         use std::os::unix::fs::FileExt as _;
         let Some((maps, _)) = self.code.maps.get(&pid) else {
             return 0;
@@ -212,7 +212,7 @@ impl LiveEnv<'_> {
 }
 
 impl ProfileEnv for LiveEnv<'_> {
-    fn locate(&mut self, pid: Pid, ip: RemoteAddr) -> Location {
+    fn locate(&mut self, pid: Pid, ip: Addr) -> Location {
         self.ensure_modules(pid, ip);
         if let Some((mods, _)) = self.code.modules.get(&pid) {
             if let Some((m, sym)) = symbolize(mods, ip) {
@@ -253,7 +253,7 @@ impl ProfileEnv for LiveEnv<'_> {
         Location::Unknown
     }
 
-    fn read_code(&mut self, pid: Pid, addr: RemoteAddr, buf: &mut [u8]) -> usize {
+    fn read_code(&mut self, pid: Pid, addr: Addr, buf: &mut [u8]) -> usize {
         if self.tracer.read_memory(pid, addr, buf).is_ok() {
             return buf.len();
         }
@@ -303,11 +303,11 @@ struct Session {
     /// Sampled threads per process, to release their rings when the process exits.
     threads_of: HashMap<Pid, std::collections::BTreeSet<Pid>>,
     /// Pages the running watch protects with mprotect.
-    mprotect_pages: std::collections::BTreeSet<RemoteAddr>,
+    mprotect_pages: std::collections::BTreeSet<Addr>,
     /// Pages whose protection was just removed: one queued access fault on each is ours, not the program's.
-    grace_pages: std::collections::BTreeSet<RemoteAddr>,
+    grace_pages: std::collections::BTreeSet<Addr>,
     /// (page, thread) pairs already forgiven a late fault ([`Session::late_watch_fault`]).
-    graced: std::collections::BTreeSet<(RemoteAddr, Pid)>,
+    graced: std::collections::BTreeSet<(Addr, Pid)>,
     /// How often the sampling phase was extended for lack of candidate pages.
     sampling_extensions: u32,
     /// The process the write watch is on.
@@ -832,14 +832,14 @@ impl Session {
         }
         // SAFETY: for SIGSEGV the kernel fills the si_addr member of the fault union; reading it is what the
         // accessor is for.
-        let page = RemoteAddr(unsafe { siginfo.si_addr() } as u64).page();
+        let page = Addr(unsafe { siginfo.si_addr() } as u64).page();
         if !self.grace_pages.contains(&page) || !self.graced.insert((page, tid)) {
             return false;
         }
         let fetch = self
             .tracer
             .regs(tid)
-            .map(|r| RemoteAddr(r.rip).page() == page)
+            .map(|r| Addr(r.rip).page() == page)
             .unwrap_or(true);
         let pid = self.tracer.tgid(tid).unwrap_or(tid);
         let writable = read_maps(pid)
@@ -927,8 +927,8 @@ impl Session {
                     })
                     .collect();
                 RegionPlan {
-                    start: specializer::Addr(r.start.0),
-                    end: specializer::Addr(r.end.0),
+                    start: Addr(r.start.0),
+                    end: Addr(r.end.0),
                     symbol: r.symbol.clone(),
                     candidates,
                     stable,
@@ -950,7 +950,7 @@ impl Session {
             for p in &self.store.written {
                 let stores = self.profiler.store_samples(rt.pid, p.0);
                 if stores * OPTIMISTIC_STORE_SHARE <= total && !self.distrusted.contains(&p.0) {
-                    constant.insert(specializer::Addr(p.0));
+                    constant.insert(Addr(p.0));
                     self.optimistic.insert(p.0);
                 }
             }
@@ -973,7 +973,7 @@ impl Session {
                         && self.profiler.store_samples(pid, p.0) == 0
                         && !self.distrusted.contains(&p.0)
                     {
-                        constant.insert(specializer::Addr(p.0));
+                        constant.insert(Addr(p.0));
                         self.optimistic.insert(p.0);
                     }
                 }
@@ -1247,7 +1247,7 @@ impl Session {
     }
 
     /// Write-watch `pages` of process `pid` (the one whose hot loads read them).
-    fn start_watch(&mut self, pid: Pid, pages: &[RemoteAddr]) {
+    fn start_watch(&mut self, pid: Pid, pages: &[Addr]) {
         if pages.is_empty() {
             return;
         }
@@ -1319,8 +1319,8 @@ impl Session {
 
     fn record_store(
         &mut self,
-        watched: &std::collections::BTreeSet<RemoteAddr>,
-        written: &std::collections::BTreeSet<RemoteAddr>,
+        watched: &std::collections::BTreeSet<Addr>,
+        written: &std::collections::BTreeSet<Addr>,
         read_only: usize,
     ) {
         self.store.watched = watched.iter().map(|a| Hex(a.0)).collect();

@@ -1,7 +1,7 @@
 //! Code arenas: r-x memory within +-2 GB of a module's text, written only through /proc/PID/mem (W^X).
 
 use specializer::Addr;
-use tracer::{read_maps, remote_mmap, Mapping, Pid, RemoteAddr, Tracer};
+use tracer::{read_maps, remote_mmap, Mapping, Pid, Tracer};
 
 use crate::CacheError;
 
@@ -21,11 +21,11 @@ const MAP_FIXED_NOREPLACE: i32 = 0x100000;
 #[derive(Debug, Clone)]
 pub struct Arena {
     /// Text range of the module this arena serves (`jmp rel32` must reach it both ways).
-    pub text: (RemoteAddr, RemoteAddr),
+    pub text: (Addr, Addr),
     /// `[start, end)` of the r-x code mapping.
-    pub code: (RemoteAddr, RemoteAddr),
+    pub code: (Addr, Addr),
     /// `[start, end)` of the rw- counter mapping.
-    pub counters: (RemoteAddr, RemoteAddr),
+    pub counters: (Addr, Addr),
     next_code: u64,
     next_counter: u64,
 }
@@ -80,7 +80,7 @@ impl Arena {
     /// `tid` for the remote mmaps. Writes the syscall gadget and registers it with the tracer.
     pub fn create(tr: &mut Tracer, pid: Pid, tid: Pid, near: Addr) -> Result<Arena, CacheError> {
         let maps = read_maps(pid)?;
-        let m = tracer::mapping_at(&maps, RemoteAddr(near.0))
+        let m = tracer::mapping_at(&maps, near)
             .filter(|m| m.exec)
             .ok_or(CacheError::NotCode(near))?;
         // The whole text of the module: every executable mapping of the same file.
@@ -97,7 +97,7 @@ impl Arena {
         let code = remote_mmap(
             tr,
             tid,
-            RemoteAddr(place),
+            Addr(place),
             CODE_SIZE,
             libc::PROT_READ | libc::PROT_EXEC,
             flags,
@@ -112,7 +112,7 @@ impl Arena {
         let counters = match remote_mmap(
             tr,
             tid,
-            RemoteAddr(place + CODE_SIZE),
+            Addr(place + CODE_SIZE),
             COUNTER_SIZE,
             libc::PROT_READ | libc::PROT_WRITE,
             flags,
@@ -129,7 +129,7 @@ impl Arena {
             }
         };
         let mut a = Arena {
-            text: (RemoteAddr(ts), RemoteAddr(te)),
+            text: (Addr(ts), Addr(te)),
             code: (code, code.offset(CODE_SIZE)),
             counters: (counters, counters.offset(COUNTER_SIZE)),
             next_code: code.0,
@@ -147,33 +147,33 @@ impl Arena {
     }
 
     /// Whether `[a, a+len)` lies in the code mapping.
-    pub fn contains_code(&self, a: RemoteAddr, len: u64) -> bool {
+    pub fn contains_code(&self, a: Addr, len: u64) -> bool {
         self.code.0 <= a && a.0.saturating_add(len) <= self.code.1 .0
     }
 
     /// Where the next allocation (16-byte aligned) would start.
-    pub fn cursor(&self) -> RemoteAddr {
-        RemoteAddr((self.next_code + 15) & !15)
+    pub fn cursor(&self) -> Addr {
+        Addr((self.next_code + 15) & !15)
     }
 
     /// Bump-allocate `len` bytes of code at [`Arena::cursor`].
-    pub fn alloc(&mut self, len: usize) -> Result<RemoteAddr, CacheError> {
+    pub fn alloc(&mut self, len: usize) -> Result<Addr, CacheError> {
         let start = self.cursor().0;
         let end = start.saturating_add(len as u64);
         if end > self.code.1 .0 {
-            return Err(CacheError::ArenaFull(Addr(self.code.0 .0), len));
+            return Err(CacheError::ArenaFull(self.code.0, len));
         }
         self.next_code = end;
-        Ok(RemoteAddr(start))
+        Ok(Addr(start))
     }
 
     /// Allocate one zeroed u64 counter, alone on its cache line (threads entering different variants do not
     /// share a line).
-    pub fn alloc_counter(&mut self) -> Result<RemoteAddr, CacheError> {
+    pub fn alloc_counter(&mut self) -> Result<Addr, CacheError> {
         if self.next_counter + COUNTER_STRIDE > self.counters.1 .0 {
-            return Err(CacheError::ArenaFull(Addr(self.counters.0 .0), 8));
+            return Err(CacheError::ArenaFull(self.counters.0, 8));
         }
-        let c = RemoteAddr(self.next_counter);
+        let c = Addr(self.next_counter);
         self.next_counter += COUNTER_STRIDE;
         Ok(c)
     }
@@ -197,7 +197,7 @@ pub fn publish(
     tr: &Tracer,
     pid: Pid,
     arenas: &[Arena],
-    addr: RemoteAddr,
+    addr: Addr,
     bytes: &[u8],
 ) -> Result<(), CacheError> {
     assert!(
@@ -229,8 +229,8 @@ mod tests {
 
     fn map(s: u64, e: u64) -> Mapping {
         Mapping {
-            start: RemoteAddr(s),
-            end: RemoteAddr(e),
+            start: Addr(s),
+            end: Addr(e),
             read: true,
             write: false,
             exec: true,

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use specializer::{Addr, DeoptEntry, Flag, Gpr, KnownState, Variant};
-use tracer::{mapping_at, read_maps, Pid, RemoteAddr, Tracer};
+use tracer::{mapping_at, read_maps, Pid, Tracer};
 
 use crate::arena::{publish, Arena};
 use crate::guard::{GuardKind, GuardSet};
@@ -96,15 +96,15 @@ pub struct Invalidation {
 struct LiveVariant {
     install: InstallId,
     value: Option<u64>,
-    base: RemoteAddr,
+    base: Addr,
     len: usize,
     deopt: Vec<DeoptEntry>,
     /// (return site in the variant, original return address) of residual calls.
-    ret_sites: Vec<(RemoteAddr, Addr)>,
+    ret_sites: Vec<(Addr, Addr)>,
     exit_targets: Vec<Addr>,
     guard_pages: Vec<Addr>,
     guard_kinds: Vec<(Addr, GuardKind)>,
-    counter: RemoteAddr,
+    counter: Addr,
     folded: usize,
     residual: usize,
     alive: bool,
@@ -130,7 +130,7 @@ struct Installed {
     stubs: Vec<Stub>,
     patched: bool,
     variants: Vec<VariantId>,
-    fallback_counter: RemoteAddr,
+    fallback_counter: Addr,
 }
 
 /// The code cache of one process.
@@ -283,7 +283,7 @@ impl Cache {
 
     /// Read original code (patches overlaid with the bytes they replaced).
     fn read_original(&self, tr: &Tracer, a: Addr, buf: &mut [u8]) -> Result<(), CacheError> {
-        tr.read_memory(self.pid, RemoteAddr(a.0), buf)?;
+        tr.read_memory(self.pid, a, buf)?;
         let end = a.0 + buf.len() as u64;
         for i in self.installs.values().filter(|i| i.patched) {
             for (k, b) in i.patch.original.iter().enumerate() {
@@ -368,7 +368,7 @@ impl Cache {
         // Patch-site analysis on the original code of the region.
         let mut region = vec![0u8; (req.region.1 .0 - req.region.0 .0) as usize];
         self.read_original(tr, req.region.0, &mut region)?;
-        let reader = |a: Addr, b: &mut [u8]| tr.read_memory(self.pid, RemoteAddr(a.0), b).is_ok();
+        let reader = |a: Addr, b: &mut [u8]| tr.read_memory(self.pid, a, b).is_ok();
         let patch = plan_patch(&region, req.region.0, t, &reader)?;
         // No live variant may exit into the new displaced bytes, and no new variant into any active patch.
         for v in self.variants.values().filter(|v| v.alive) {
@@ -428,7 +428,7 @@ impl Cache {
                 continue;
             }
             let mut now = vec![0u8; snap.len()];
-            if tr.read_memory(self.pid, RemoteAddr(p.0), &mut now).is_err() || &now != snap {
+            if tr.read_memory(self.pid, *p, &mut now).is_err() || &now != snap {
                 self.release_unused(tr, Some(tid), &newly)?;
                 return Err(CacheError::Unguardable(
                     *p,
@@ -458,7 +458,7 @@ impl Cache {
         let mut placed = Vec::new();
         for (value, var) in &req.variants {
             let base = self.arenas[ai].cursor();
-            let enc = var.encode(Addr(base.0))?;
+            let enc = var.encode(base)?;
             let at = self.arenas[ai].alloc(enc.code.len())?;
             debug_assert_eq!(at, base);
             let ret_sites = self.return_sites(tr, base, &enc.code, &enc.deopt)?;
@@ -470,7 +470,7 @@ impl Cache {
             .iter()
             .map(|(v, _, enc, _, c)| StubTarget {
                 value: *v,
-                entry: RemoteAddr(enc.base.0),
+                entry: enc.base,
                 counter: *c,
             })
             .collect();
@@ -490,13 +490,7 @@ impl Cache {
         )?;
         let linked = (|| {
             for (_, _, enc, _, _) in &placed {
-                publish(
-                    tr,
-                    self.pid,
-                    &self.arenas,
-                    RemoteAddr(enc.base.0),
-                    &enc.code,
-                )?;
+                publish(tr, self.pid, &self.arenas, enc.base, &enc.code)?;
             }
             // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
             self.check_threads_outside(tr, &patch)?;
@@ -515,7 +509,7 @@ impl Cache {
                 LiveVariant {
                     install,
                     value,
-                    base: RemoteAddr(enc.base.0),
+                    base: enc.base,
                     len: enc.code.len(),
                     deopt: enc.deopt,
                     ret_sites,
@@ -562,7 +556,7 @@ impl Cache {
         reg: Option<Gpr>,
         assumed: &[(Gpr, u64)],
         targets: &[StubTarget],
-        fallback_counter: RemoteAddr,
+        fallback_counter: Addr,
         pages: &BTreeSet<Addr>,
     ) -> Result<Stub, CacheError> {
         let enabled = self.arenas[ai].alloc_counter()?;
@@ -605,21 +599,21 @@ impl Cache {
         tr: &Tracer,
         pid: Pid,
         patch: &PatchSite,
-        stub: RemoteAddr,
+        stub: Addr,
     ) -> Result<(), CacheError> {
         assert_all_stopped(tr, pid);
         let j = jmp_rel32(patch.site.0, stub.0)
             .ok_or_else(|| CacheError::unpatchable(patch.site, "stub out of rel32 reach"))?;
         let mut bytes = vec![0xcc; patch.len()];
         bytes[..PATCH_LEN].copy_from_slice(&j);
-        tr.write_memory(pid, RemoteAddr(patch.site.0), &bytes)?;
+        tr.write_memory(pid, patch.site, &bytes)?;
         Ok(())
     }
 
     /// Restore the exact original bytes of a patch in process `pid`.
     fn write_unpatch(&self, tr: &Tracer, pid: Pid, patch: &PatchSite) -> Result<(), CacheError> {
         assert_all_stopped(tr, pid);
-        tr.write_memory(pid, RemoteAddr(patch.site.0), &patch.original)?;
+        tr.write_memory(pid, patch.site, &patch.original)?;
         Ok(())
     }
 
@@ -627,10 +621,10 @@ impl Cache {
     fn return_sites(
         &self,
         tr: &Tracer,
-        base: RemoteAddr,
+        base: Addr,
         code: &[u8],
         deopt: &[DeoptEntry],
-    ) -> Result<Vec<(RemoteAddr, Addr)>, CacheError> {
+    ) -> Result<Vec<(Addr, Addr)>, CacheError> {
         let mut out = Vec::new();
         for d in deopt {
             let off = d.offset as usize;
@@ -657,7 +651,7 @@ impl Cache {
                     d.original
                 )));
             }
-            out.push((RemoteAddr(ins.next_ip()), Addr(oi.next_ip())));
+            out.push((Addr(ins.next_ip()), Addr(oi.next_ip())));
         }
         out.sort();
         out.dedup();
@@ -711,7 +705,7 @@ impl Cache {
                     trigger: i.trigger,
                     register: i.register,
                     value: v.value,
-                    base: Addr(v.base.0),
+                    base: v.base,
                     code_bytes: v.len,
                     folded: v.folded,
                     residual: v.residual,
@@ -979,19 +973,19 @@ impl Cache {
             } => {
                 let mut q = [0u8; 8];
                 if let Some(o) = rax_at {
-                    tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                    tr.read_memory(pid, Addr(r.rsp + o), &mut q)?;
                     r.rax = u64::from_le_bytes(q);
                 }
                 if let Some(o) = rcx_at {
-                    tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                    tr.read_memory(pid, Addr(r.rsp + o), &mut q)?;
                     r.rcx = u64::from_le_bytes(q);
                 }
                 if let Some(o) = flags_at {
-                    tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                    tr.read_memory(pid, Addr(r.rsp + o), &mut q)?;
                     r.eflags = u64::from_le_bytes(q);
                 }
                 if let Some(o) = lahf_at {
-                    tr.read_memory(pid, RemoteAddr(r.rsp + o), &mut q)?;
+                    tr.read_memory(pid, Addr(r.rsp + o), &mut q)?;
                     r.eflags = crate::stub::apply_lahf(r.eflags, u64::from_le_bytes(q));
                 }
                 r.rsp += rsp_adj;
@@ -1043,12 +1037,12 @@ impl Cache {
         let mut fixed = 0;
         for tid in tr.threads(pid) {
             let rsp = tr.regs(tid)?.rsp & !7;
-            let Some(m) = mapping_at(&maps, RemoteAddr(rsp)) else {
+            let Some(m) = mapping_at(&maps, Addr(rsp)) else {
                 continue;
             };
             let end = m.end.0.min(rsp.saturating_add(STACK_SCAN_LIMIT));
             let mut buf = vec![0u8; (end - rsp) as usize];
-            if tr.read_memory(pid, RemoteAddr(rsp), &mut buf).is_err() {
+            if tr.read_memory(pid, Addr(rsp), &mut buf).is_err() {
                 continue;
             }
             let q = |i: usize| -> u64 {
@@ -1080,7 +1074,7 @@ impl Cache {
                     r.rbx, r.rdx, r.rax, r.rcx, r.rsp, r.rip, r.eflags,
                 ];
                 let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
-                tr.write_memory(pid, RemoteAddr(rsp + 8 * g as u64), &bytes)?;
+                tr.write_memory(pid, Addr(rsp + 8 * g as u64), &bytes)?;
                 fixed += 1;
             }
         }
@@ -1125,7 +1119,7 @@ impl Cache {
         let maps = read_maps(pid)?;
         for tid in tr.threads(pid) {
             let rsp = tr.regs(tid)?.rsp & !7;
-            let Some(m) = mapping_at(&maps, RemoteAddr(rsp)) else {
+            let Some(m) = mapping_at(&maps, Addr(rsp)) else {
                 continue;
             };
             let end = m.end.0.min(rsp.saturating_add(STACK_SCAN_LIMIT));
@@ -1133,11 +1127,11 @@ impl Cache {
             while at < end {
                 let n = (end - at).min(64 << 10) as usize;
                 let mut buf = vec![0u8; n];
-                tr.read_memory(pid, RemoteAddr(at), &mut buf)?;
+                tr.read_memory(pid, Addr(at), &mut buf)?;
                 for (i, q) in buf.chunks_exact(8).enumerate() {
                     let val = u64::from_le_bytes(q.try_into().expect("8 bytes"));
                     if let Some(orig) = scan.get(&val) {
-                        tr.write_memory(pid, RemoteAddr(at + 8 * i as u64), &orig.to_le_bytes())?;
+                        tr.write_memory(pid, Addr(at + 8 * i as u64), &orig.to_le_bytes())?;
                         count += 1;
                     }
                 }
@@ -1272,7 +1266,7 @@ impl Cache {
         self.redirect_returns(tr, child, &live)?;
         let tid = stopped_thread(tr, child)?;
         for (p, prot) in self.guards.mprotected() {
-            match tracer::remote_mprotect(tr, tid, RemoteAddr(p.0), 4096, prot) {
+            match tracer::remote_mprotect(tr, tid, p, 4096, prot) {
                 Ok(()) | Err(tracer::TracerError::RemoteSyscall { .. }) => {}
                 Err(e) => return Err(e.into()),
             }

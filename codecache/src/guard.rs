@@ -31,7 +31,7 @@ use tracer::uffd::{
     UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
-use tracer::{mapping_at, read_maps, remote_mprotect, Pid, RemoteAddr, Tracer, TracerError};
+use tracer::{mapping_at, read_maps, remote_mprotect, Pid, Tracer, TracerError};
 
 use crate::CacheError;
 
@@ -400,7 +400,7 @@ impl GuardSet {
     }
 
     /// Register the enabled word of a stub whose variants rely on `pages` (see [`crate::stub::build_stub`]).
-    pub(crate) fn register_stub_flag(&self, word: RemoteAddr, pages: &BTreeSet<Addr>) {
+    pub(crate) fn register_stub_flag(&self, word: Addr, pages: &BTreeSet<Addr>) {
         if let Ok(mut s) = self.shared.lock() {
             s.stub_flags
                 .insert(word.0, pages.iter().map(|p| p.page().0).collect());
@@ -408,7 +408,7 @@ impl GuardSet {
     }
 
     /// Forget a stub's enabled word (its stub is no longer patched in).
-    pub(crate) fn unregister_stub_flag(&self, word: RemoteAddr) {
+    pub(crate) fn unregister_stub_flag(&self, word: Addr) {
         if let Ok(mut s) = self.shared.lock() {
             s.stub_flags.remove(&word.0);
         }
@@ -517,7 +517,7 @@ impl GuardSet {
             });
         }
         let maps = read_maps(self.pid)?;
-        let m = mapping_at(&maps, RemoteAddr(page.0))
+        let m = mapping_at(&maps, page)
             .ok_or_else(|| CacheError::Unguardable(page, "not mapped".into()))?;
         if !m.write {
             if m.is_pseudo()
@@ -551,7 +551,7 @@ impl GuardSet {
             ));
         }
         let orig = m.prot();
-        match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig & !libc::PROT_WRITE) {
+        match remote_mprotect(tr, tid, page, PAGE, orig & !libc::PROT_WRITE) {
             Ok(()) => {
                 self.mprotected.insert(page.0, orig);
                 self.lifted.remove(&page.0);
@@ -583,12 +583,11 @@ impl GuardSet {
             let ours = read_maps(self.pid)
                 .ok()
                 .and_then(|maps| {
-                    mapping_at(&maps, RemoteAddr(page.0))
-                        .map(|m| m.prot() == orig & !libc::PROT_WRITE)
+                    mapping_at(&maps, page).map(|m| m.prot() == orig & !libc::PROT_WRITE)
                 })
                 .unwrap_or(false);
             if ours {
-                match remote_mprotect(tr, tid, RemoteAddr(page.0), PAGE, orig) {
+                match remote_mprotect(tr, tid, page, PAGE, orig) {
                     Ok(()) => {
                         self.lifted.insert(page.0, BTreeSet::new());
                     }
@@ -654,7 +653,7 @@ impl GuardSet {
             .unwrap_or(true);
         let writable = read_maps(self.pid)
             .ok()
-            .and_then(|maps| mapping_at(&maps, RemoteAddr(page)).map(|m| m.write))
+            .and_then(|maps| mapping_at(&maps, Addr(page)).map(|m| m.write))
             .unwrap_or(false);
         if fetch || !writable {
             return false;

@@ -4,7 +4,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use specializer::{Addr, Memory, MemoryError, PAGE_SIZE};
-use tracer::{mapping_at, read_maps, Mapping, Pid, RemoteAddr, Tracer};
+use tracer::{mapping_at, read_maps, Mapping, Pid, Tracer};
 
 use crate::CacheError;
 
@@ -71,7 +71,7 @@ impl<'a> TargetMemory<'a> {
 impl Memory for TargetMemory<'_> {
     fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.tr
-            .read_memory(self.pid, RemoteAddr(addr.0), buf)
+            .read_memory(self.pid, addr, buf)
             .map_err(|_| MemoryError::Unreadable(addr))?;
         let end = addr.0.saturating_add(buf.len() as u64);
         for (at, orig) in &self.overlay {
@@ -90,7 +90,7 @@ impl Memory for TargetMemory<'_> {
         if self.in_arena(page.0) {
             return false;
         }
-        let Some(m) = mapping_at(&self.maps, RemoteAddr(page.0)) else {
+        let Some(m) = mapping_at(&self.maps, page) else {
             return false;
         };
         if !m.write {
@@ -107,11 +107,7 @@ impl Memory for TargetMemory<'_> {
         let mut snap = self.snapshots.borrow_mut();
         if let std::collections::btree_map::Entry::Vacant(slot) = snap.entry(page) {
             let mut buf = vec![0u8; PAGE_SIZE as usize];
-            if self
-                .tr
-                .read_memory(self.pid, RemoteAddr(page.0), &mut buf)
-                .is_err()
-            {
+            if self.tr.read_memory(self.pid, page, &mut buf).is_err() {
                 return false;
             }
             slot.insert(buf);

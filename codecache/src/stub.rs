@@ -6,7 +6,6 @@ use iced_x86::{
     InstructionBlock, MemoryOperand, Mnemonic, OpKind, Register,
 };
 use specializer::{Addr, Gpr};
-use tracer::RemoteAddr;
 
 use crate::CacheError;
 
@@ -224,23 +223,23 @@ pub enum Rollback {
 pub struct StubTarget {
     /// Trigger value (None: unconditional entry).
     pub value: Option<u64>,
-    pub entry: RemoteAddr,
-    pub counter: RemoteAddr,
+    pub entry: Addr,
+    pub counter: Addr,
 }
 
 /// An encoded dispatch stub.
 #[derive(Debug, Clone)]
 pub struct Stub {
-    pub base: RemoteAddr,
+    pub base: Addr,
     /// Where the patch jumps (after the `jmp fallback` trampoline at `base`).
-    pub entry: RemoteAddr,
+    pub entry: Addr,
     /// The u64 the stub checks first: zero sends every entry to the fall-back path.
-    pub enabled: RemoteAddr,
+    pub enabled: Addr,
     pub code: Vec<u8>,
     /// (offset, rollback) per instruction, sorted by offset.
     pub rollback: Vec<(u32, Rollback)>,
     /// Original address -> address of its relocated copy in the fall-back path.
-    pub relocated: Vec<(Addr, RemoteAddr)>,
+    pub relocated: Vec<(Addr, Addr)>,
 }
 
 impl Stub {
@@ -259,7 +258,7 @@ impl Stub {
     }
 
     /// The relocated copy of original instruction `a` (a displaced instruction), if any.
-    pub fn relocated_of(&self, a: Addr) -> Option<RemoteAddr> {
+    pub fn relocated_of(&self, a: Addr) -> Option<Addr> {
         self.relocated
             .iter()
             .find(|(o, _)| *o == a)
@@ -353,7 +352,7 @@ fn chain_load(g: Gpr) -> Result<Instruction, iced_x86::IcedError> {
     }
 }
 
-fn rip_mem(a: RemoteAddr) -> MemoryOperand {
+fn rip_mem(a: Addr) -> MemoryOperand {
     MemoryOperand::with_base_displ(Register::RIP, a.0 as i64)
 }
 
@@ -387,13 +386,13 @@ fn rip_mem(a: RemoteAddr) -> MemoryOperand {
 /// form, flag-free: `mov rax,-v; mov rcx,A; lea rcx,[rcx+rax]; jrcxz ok; jmp fallback; ok:`. Binary-search
 /// form (flags already saved): `mov rcx,v; cmp A,rcx; jne fallback`.
 pub fn build_stub(
-    base: RemoteAddr,
+    base: Addr,
     patch: &PatchSite,
     reg: Option<Gpr>,
     assumed: &[(Gpr, u64)],
     targets: &[StubTarget],
-    fallback_counter: RemoteAddr,
-    enabled: RemoteAddr,
+    fallback_counter: Addr,
+    enabled: Addr,
 ) -> Result<Stub, CacheError> {
     if reg == Some(Gpr::Rsp) {
         return Err(CacheError::BadRequest(
@@ -545,7 +544,7 @@ pub fn build_stub(
         }
     }
     // Leaving: count, restore, jump. `inside` holds before the first instruction.
-    let leave = |b: &mut Builder, counter: RemoteAddr| -> Result<(), CacheError> {
+    let leave = |b: &mut Builder, counter: Addr| -> Result<(), CacheError> {
         if tree {
             let flags_saved = ttl(rz + 16, Some(8), None, Some(0));
             let rax_saved = tt(rz + 16, Some(8), None, None);
@@ -838,18 +837,18 @@ mod tests {
             let targets: Vec<StubTarget> = (0..n)
                 .map(|i| StubTarget {
                     value: Some(i * 3),
-                    entry: RemoteAddr(0x50_0000 + i * 0x100),
-                    counter: RemoteAddr(0x60_0000 + i * 8),
+                    entry: Addr(0x50_0000 + i * 0x100),
+                    counter: Addr(0x60_0000 + i * 8),
                 })
                 .collect();
             let s = build_stub(
-                RemoteAddr(0x50_8000),
+                Addr(0x50_8000),
                 &p,
                 Some(Gpr::Rdi),
                 &[(Gpr::Rsi, 7), (Gpr::Rax, 9)],
                 &targets,
-                RemoteAddr(0x60_1000),
-                RemoteAddr(0x60_1008),
+                Addr(0x60_1000),
+                Addr(0x60_1008),
             )
             .unwrap();
             assert!(s.rollback_at(0x50_8000).is_some());

@@ -6,7 +6,6 @@ use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand, Register,
 };
 use specializer::{Addr, Gpr};
-use tracer::RemoteAddr;
 
 const PAGE: usize = 4096;
 /// State layout: regs[16] in Gpr order, flags at 128, red zone qwords at 136 (16 of them), rsp slot at 264.
@@ -238,19 +237,19 @@ fn run(input: &[u64; 17], patched: Option<Patch>) -> (Vec<u64>, u64, u64) {
             .iter()
             .map(|&value| StubTarget {
                 value: Some(value),
-                entry: RemoteAddr(variant),
-                counter: RemoteAddr(counters),
+                entry: Addr(variant),
+                counter: Addr(counters),
             })
             .collect();
         let stub_at = base + 0x1000;
         let stub = build_stub(
-            RemoteAddr(stub_at),
+            Addr(stub_at),
             &p,
             Some(reg),
             assumed,
             &targets,
-            RemoteAddr(counters + 8),
-            RemoteAddr(counters + 16),
+            Addr(counters + 8),
+            Addr(counters + 16),
         )
         .expect("stub");
         buf.write(0x1000, &stub.code);

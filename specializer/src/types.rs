@@ -3,33 +3,7 @@
 
 use std::fmt;
 
-/// An address in the target's address space (never a local pointer).
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Addr(pub u64);
-
-/// Size of a page in the target; guards and constant-memory decisions are per page.
-pub const PAGE_SIZE: u64 = 4096;
-
-impl Addr {
-    pub fn page(self) -> Addr {
-        Addr(self.0 & !(PAGE_SIZE - 1))
-    }
-    pub fn offset(self, delta: u64) -> Addr {
-        Addr(self.0.wrapping_add(delta))
-    }
-}
-
-impl fmt::Debug for Addr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
-
-impl fmt::Display for Addr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:#x}", self.0)
-    }
-}
+pub use addr::{Addr, PAGE_SIZE};
 
 /// Why a read through [`Memory`] failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -31,7 +31,7 @@ pub mod symbols;
 pub mod uffd;
 pub mod watch;
 
-pub use addr::RemoteAddr;
+pub use addr::Addr;
 pub use error::TracerError;
 pub use maps::{mapping_at, read_maps, same_address_space, Mapping};
 pub use nix::unistd::Pid;

@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use nix::unistd::Pid;
 
-use crate::{RemoteAddr, TracerError};
+use crate::{Addr, TracerError};
 
 /// One line of /proc/PID/maps.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
-    pub start: RemoteAddr,
-    pub end: RemoteAddr,
+    pub start: Addr,
+    pub end: Addr,
     pub read: bool,
     pub write: bool,
     pub exec: bool,
@@ -23,7 +23,7 @@ pub struct Mapping {
 
 impl Mapping {
     /// Whether `a` lies in `[start, end)`.
-    pub fn contains(&self, a: RemoteAddr) -> bool {
+    pub fn contains(&self, a: Addr) -> bool {
         self.start <= a && a < self.end
     }
 
@@ -69,8 +69,8 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
         ))
     };
     Some(Mapping {
-        start: RemoteAddr(u64::from_str_radix(s, 16).ok()?),
-        end: RemoteAddr(u64::from_str_radix(e, 16).ok()?),
+        start: Addr(u64::from_str_radix(s, 16).ok()?),
+        end: Addr(u64::from_str_radix(e, 16).ok()?),
         read: perms[0] == b'r',
         write: perms[1] == b'w',
         exec: perms[2] == b'x',
@@ -94,7 +94,7 @@ pub fn read_maps(pid: Pid) -> Result<Vec<Mapping>, TracerError> {
 }
 
 /// The mapping containing `a` (maps must be sorted, as `read_maps` returns them).
-pub fn mapping_at(maps: &[Mapping], a: RemoteAddr) -> Option<&Mapping> {
+pub fn mapping_at(maps: &[Mapping], a: Addr) -> Option<&Mapping> {
     let i = maps.partition_point(|m| m.end <= a);
     maps.get(i).filter(|m| m.contains(a))
 }
@@ -134,8 +134,8 @@ mod tests {
     #[test]
     fn parses_lines() {
         let m = parse_line("7f0000001000-7f0000003000 r-xp 00002000 08:01 1234                       /usr/lib/libc.so.6").unwrap();
-        assert_eq!(m.start, RemoteAddr(0x7f0000001000));
-        assert_eq!(m.end, RemoteAddr(0x7f0000003000));
+        assert_eq!(m.start, Addr(0x7f0000001000));
+        assert_eq!(m.end, Addr(0x7f0000003000));
         assert!(m.read && !m.write && m.exec && !m.shared);
         assert_eq!(m.offset, 0x2000);
         assert_eq!(m.inode, 1234);
@@ -153,7 +153,7 @@ mod tests {
         let maps = vec![m.clone(), h.clone()];
         let mut sorted = maps;
         sorted.sort_by_key(|m| m.start);
-        assert_eq!(mapping_at(&sorted, RemoteAddr(0x01000010)), Some(&h));
-        assert!(mapping_at(&sorted, RemoteAddr(0x5)).is_none());
+        assert_eq!(mapping_at(&sorted, Addr(0x01000010)), Some(&h));
+        assert!(mapping_at(&sorted, Addr(0x5)).is_none());
     }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 pub use nix::unistd::Pid;
 
-use crate::{RemoteAddr, TracerError};
+use crate::{Addr, TracerError};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +163,7 @@ struct Thread {
 struct Proc {
     threads: BTreeSet<Pid>,
     /// Address of a `syscall` instruction used to inject system calls.
-    gadget: Option<RemoteAddr>,
+    gadget: Option<Addr>,
     /// The leader had already exited (zombie) when we attached, so it is not traced: the process' exit is
     /// reported when its last traced thread exits, with that thread's status (the group exit status).
     untraced_leader: bool,
@@ -1294,12 +1294,7 @@ impl Tracer {
     }
 
     /// Read target memory through /proc/PID/mem. Short reads are errors.
-    pub fn read_memory(
-        &self,
-        pid: Pid,
-        addr: RemoteAddr,
-        buf: &mut [u8],
-    ) -> Result<(), TracerError> {
+    pub fn read_memory(&self, pid: Pid, addr: Addr, buf: &mut [u8]) -> Result<(), TracerError> {
         let tgid = self.mem_file(pid)?;
         let mem = self.mem.borrow();
         let f = &mem[&tgid];
@@ -1324,7 +1319,7 @@ impl Tracer {
     }
 
     /// Write target memory through /proc/PID/mem (works on read-only code pages).
-    pub fn write_memory(&self, pid: Pid, addr: RemoteAddr, data: &[u8]) -> Result<(), TracerError> {
+    pub fn write_memory(&self, pid: Pid, addr: Addr, data: &[u8]) -> Result<(), TracerError> {
         let tgid = self.mem_file(pid)?;
         let mem = self.mem.borrow();
         let f = &mem[&tgid];
@@ -1367,7 +1362,7 @@ impl Tracer {
 
     /// Use `addr` (a `syscall` instruction in executable memory of `pid`, e.g. in a code-cache arena) for later
     /// injected system calls.
-    pub fn set_syscall_gadget(&mut self, pid: Pid, addr: RemoteAddr) {
+    pub fn set_syscall_gadget(&mut self, pid: Pid, addr: Addr) {
         if let Some(tgid) = self.tgid(pid) {
             if let Some(p) = self.procs.get_mut(&tgid) {
                 p.gadget = Some(addr);
@@ -1377,7 +1372,7 @@ impl Tracer {
 
     /// Find (and cache) a `syscall` instruction in the process' executable memory: the vDSO first (the program
     /// never changes it), then any other executable mapping.
-    fn gadget(&mut self, tgid: Pid) -> Result<RemoteAddr, TracerError> {
+    fn gadget(&mut self, tgid: Pid) -> Result<Addr, TracerError> {
         if let Some(g) = self.procs.get(&tgid).and_then(|p| p.gadget) {
             // Cheap check that it still is a `syscall` (the memory may have been unmapped or rewritten).
             let mut b = [0u8; 2];
@@ -1515,7 +1510,7 @@ impl Tracer {
         Ok(ret)
     }
 
-    fn step_syscall(&mut self, tid: Pid, gadget: RemoteAddr) -> Result<i64, TracerError> {
+    fn step_syscall(&mut self, tid: Pid, gadget: Addr) -> Result<i64, TracerError> {
         let mut deferred: Vec<i32> = Vec::new();
         let mut stray = 0;
         pt(libc::PTRACE_SINGLESTEP, tid, 0, 0)

@@ -3,20 +3,20 @@
 use nix::unistd::Pid;
 
 use crate::process::Tracer;
-use crate::{RemoteAddr, TracerError};
+use crate::{Addr, TracerError};
 
 /// `mmap(addr, len, prot, flags, fd, off)` inside the target; returns the mapped address.
 #[allow(clippy::too_many_arguments)]
 pub fn remote_mmap(
     tr: &mut Tracer,
     tid: Pid,
-    addr: RemoteAddr,
+    addr: Addr,
     len: u64,
     prot: i32,
     flags: i32,
     fd: i32,
     off: u64,
-) -> Result<RemoteAddr, TracerError> {
+) -> Result<Addr, TracerError> {
     let r = tr.remote_syscall(
         tid,
         libc::SYS_mmap,
@@ -29,14 +29,14 @@ pub fn remote_mmap(
             off,
         ],
     )?;
-    Ok(RemoteAddr(r as u64))
+    Ok(Addr(r as u64))
 }
 
 /// `mprotect(addr, len, prot)` inside the target.
 pub fn remote_mprotect(
     tr: &mut Tracer,
     tid: Pid,
-    addr: RemoteAddr,
+    addr: Addr,
     len: u64,
     prot: i32,
 ) -> Result<(), TracerError> {
@@ -45,12 +45,7 @@ pub fn remote_mprotect(
 }
 
 /// `munmap(addr, len)` inside the target.
-pub fn remote_munmap(
-    tr: &mut Tracer,
-    tid: Pid,
-    addr: RemoteAddr,
-    len: u64,
-) -> Result<(), TracerError> {
+pub fn remote_munmap(tr: &mut Tracer, tid: Pid, addr: Addr, len: u64) -> Result<(), TracerError> {
     tr.remote_syscall(tid, libc::SYS_munmap, [addr.0, len, 0, 0, 0, 0])?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 use memmap2::{MmapOptions, MmapRaw};
 use nix::unistd::Pid;
 
-use crate::RemoteAddr;
+use crate::Addr;
 
 /// Why sampling could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ pub struct Sample {
     /// The sampled thread.
     pub tid: Pid,
     /// Instruction pointer: the next instruction the thread would execute.
-    pub ip: RemoteAddr,
+    pub ip: Addr,
     /// General-purpose registers in x86 encoding order (the order of `specializer::Gpr`):
     /// rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8, r9, r10, r11, r12, r13, r14, r15.
     pub regs: [u64; 16],
@@ -412,7 +412,7 @@ fn parse_sample(b: &[u8]) -> Option<Sample> {
     Some(Sample {
         pid: Pid::from_raw(pid),
         tid: Pid::from_raw(tid),
-        ip: RemoteAddr(ip),
+        ip: Addr(ip),
         regs,
         flags: at(PR_FLAGS),
     })
@@ -604,7 +604,7 @@ mod tests {
             *v = 100 + i as u64;
         }
         let s = parse_sample(&fake_record(0x401000, 7, 8, &vals)).expect("parses");
-        assert_eq!(s.ip, RemoteAddr(0x401000));
+        assert_eq!(s.ip, Addr(0x401000));
         assert_eq!(s.pid, Pid::from_raw(7));
         assert_eq!(s.tid, Pid::from_raw(8));
         let at = |n: &str| 100 + names.iter().position(|x| *x == n).unwrap() as u64;

@@ -10,14 +10,14 @@ use goblin::elf::Elf;
 use nix::unistd::Pid;
 
 use crate::maps::{read_maps, Mapping};
-use crate::{RemoteAddr, TracerError};
+use crate::{Addr, TracerError};
 
 /// A function symbol at absolute runtime addresses `[start, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Symbol {
     pub name: String,
-    pub start: RemoteAddr,
-    pub end: RemoteAddr,
+    pub start: Addr,
+    pub end: Addr,
 }
 
 /// One loaded ELF file (executable or shared library).
@@ -25,17 +25,17 @@ pub struct Symbol {
 pub struct Module {
     pub path: PathBuf,
     /// Load bias: runtime address = ELF virtual address + base (0 for non-PIE executables).
-    pub base: RemoteAddr,
+    pub base: Addr,
     /// Lowest and highest addresses mapped from this file.
-    pub start: RemoteAddr,
-    pub end: RemoteAddr,
+    pub start: Addr,
+    pub end: Addr,
     /// FUNC symbols from .symtab and .dynsym, sorted by start; empty for a stripped file.
     pub symbols: Vec<Symbol>,
 }
 
 impl Module {
     /// The symbol containing `a`, if any.
-    pub fn symbol_at(&self, a: RemoteAddr) -> Option<&Symbol> {
+    pub fn symbol_at(&self, a: Addr) -> Option<&Symbol> {
         let i = self.symbols.partition_point(|s| s.start <= a);
         let s = self.symbols.get(i.checked_sub(1)?)?;
         (a < s.end).then_some(s)
@@ -185,14 +185,14 @@ pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
                 };
                 Symbol {
                     name: name.clone(),
-                    start: RemoteAddr(start),
-                    end: RemoteAddr(end),
+                    start: Addr(start),
+                    end: Addr(end),
                 }
             })
             .collect();
         out.push(Module {
             path,
-            base: RemoteAddr(bias),
+            base: Addr(bias),
             start: first.start,
             end: last.end,
             symbols,
@@ -242,14 +242,14 @@ fn vdso_module(pid: Pid, maps: &[Mapping]) -> Option<Module> {
             let start = vaddr.wrapping_add(bias);
             Symbol {
                 name: name.clone(),
-                start: RemoteAddr(start),
-                end: RemoteAddr(start.wrapping_add((*size).max(1))),
+                start: Addr(start),
+                end: Addr(start.wrapping_add((*size).max(1))),
             }
         })
         .collect();
     Some(Module {
         path: PathBuf::from("[vdso]"),
-        base: RemoteAddr(bias),
+        base: Addr(bias),
         start: m.start,
         end: m.end,
         symbols,
@@ -257,7 +257,7 @@ fn vdso_module(pid: Pid, maps: &[Mapping]) -> Option<Module> {
 }
 
 /// The module containing `a`, and the function symbol containing it if known.
-pub fn symbolize(modules: &[Module], a: RemoteAddr) -> Option<(&Module, Option<&Symbol>)> {
+pub fn symbolize(modules: &[Module], a: Addr) -> Option<(&Module, Option<&Symbol>)> {
     let m = modules.iter().find(|m| m.start <= a && a < m.end)?;
     Some((m, m.symbol_at(a)))
 }
@@ -294,29 +294,29 @@ mod tests {
     fn symbol_lookup() {
         let m = Module {
             path: PathBuf::from("/x"),
-            base: RemoteAddr(0x1000),
-            start: RemoteAddr(0x1000),
-            end: RemoteAddr(0x3000),
+            base: Addr(0x1000),
+            start: Addr(0x1000),
+            end: Addr(0x3000),
             symbols: vec![
                 Symbol {
                     name: "a".into(),
-                    start: RemoteAddr(0x1100),
-                    end: RemoteAddr(0x1200),
+                    start: Addr(0x1100),
+                    end: Addr(0x1200),
                 },
                 Symbol {
                     name: "b".into(),
-                    start: RemoteAddr(0x1300),
-                    end: RemoteAddr(0x1310),
+                    start: Addr(0x1300),
+                    end: Addr(0x1310),
                 },
             ],
         };
-        assert_eq!(m.symbol_at(RemoteAddr(0x1100)).unwrap().name, "a");
-        assert_eq!(m.symbol_at(RemoteAddr(0x11ff)).unwrap().name, "a");
-        assert!(m.symbol_at(RemoteAddr(0x1200)).is_none());
-        assert!(m.symbol_at(RemoteAddr(0x10ff)).is_none());
-        assert_eq!(m.symbol("b").unwrap().start, RemoteAddr(0x1300));
+        assert_eq!(m.symbol_at(Addr(0x1100)).unwrap().name, "a");
+        assert_eq!(m.symbol_at(Addr(0x11ff)).unwrap().name, "a");
+        assert!(m.symbol_at(Addr(0x1200)).is_none());
+        assert!(m.symbol_at(Addr(0x10ff)).is_none());
+        assert_eq!(m.symbol("b").unwrap().start, Addr(0x1300));
         let mods = vec![m];
-        assert!(symbolize(&mods, RemoteAddr(0x2fff)).is_some_and(|(_, s)| s.is_none()));
-        assert!(symbolize(&mods, RemoteAddr(0x3000)).is_none());
+        assert!(symbolize(&mods, Addr(0x2fff)).is_some_and(|(_, s)| s.is_none()));
+        assert!(symbolize(&mods, Addr(0x3000)).is_none());
     }
 }

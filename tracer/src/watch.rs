@@ -37,22 +37,22 @@ use crate::uffd::{
     UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_ASYNC,
     UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
-use crate::{RemoteAddr, TracerError};
+use crate::{Addr, TracerError};
 
 /// What `watch` did per page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatchSummary {
     /// Watched with userfaultfd write-protect (kernel writes included).
-    pub uffd: Vec<RemoteAddr>,
+    pub uffd: Vec<Addr>,
     /// The subset of `uffd` watched in asynchronous mode (file-backed private or shared memory): writes are
     /// never blocked and are read back from /proc/PID/pagemap.
-    pub uffd_async: Vec<RemoteAddr>,
+    pub uffd_async: Vec<Addr>,
     /// Watched by removing write permission (SIGSEGV on write, see `handle_segv`).
-    pub mprotect: Vec<RemoteAddr>,
+    pub mprotect: Vec<Addr>,
     /// In a read-only mapping: constant without a watch.
-    pub read_only: Vec<RemoteAddr>,
+    pub read_only: Vec<Addr>,
     /// Not mapped, or in a mapping that cannot be watched (`[vvar]`, `[vsyscall]`, protection failed).
-    pub skipped: Vec<RemoteAddr>,
+    pub skipped: Vec<Addr>,
 }
 
 /// Which mechanisms a [`WriteWatch`] may use; both default to true. The mprotect fallback is always allowed.
@@ -77,11 +77,11 @@ impl Default for WatchOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct WatchResult {
     /// Every page that was watched (uffd or mprotect).
-    pub watched: BTreeSet<RemoteAddr>,
+    pub watched: BTreeSet<Addr>,
     /// Watched pages written during the window.
-    pub written: BTreeSet<RemoteAddr>,
+    pub written: BTreeSet<Addr>,
     /// Pages found in read-only mappings.
-    pub read_only: BTreeSet<RemoteAddr>,
+    pub read_only: BTreeSet<Addr>,
 }
 
 // userfaultfd ABI (include/uapi/linux/userfaultfd.h).
@@ -120,7 +120,7 @@ impl Uffd {
 }
 
 /// The reader thread: resolve write-protect faults by recording and unprotecting the page.
-fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<RemoteAddr>>>) {
+fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<Addr>>>) {
     let raw = fd.as_raw_fd();
     loop {
         let mut fds = [
@@ -178,7 +178,7 @@ fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<Remote
             let page = msg.address & !(PAGE_SIZE - 1);
             if msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
                 if let Ok(mut w) = written.lock() {
-                    w.insert(RemoteAddr(page));
+                    w.insert(Addr(page));
                 }
                 // Unprotect the page: this also wakes the faulting thread (user or kernel write).
                 if writeprotect(raw, page, PAGE_SIZE, false).is_err() {
@@ -218,22 +218,22 @@ pub struct WriteWatch {
     registered: Vec<(u64, u64)>,
     /// VMA ranges uffd refused.
     unregistrable: Vec<(u64, u64)>,
-    uffd_pages: BTreeSet<RemoteAddr>,
+    uffd_pages: BTreeSet<Addr>,
     /// Asynchronous-mode uffd for memory sync uffd cannot register (file-backed private `.data`, shared memory):
     /// the kernel resolves every write itself (never EFAULT, never blocks) and clears the page's uffd-wp bit,
     /// which /proc/PID/pagemap shows.
     async_fd: Option<OwnedFd>,
     async_registered: Vec<(u64, u64)>,
     async_unregistrable: Vec<(u64, u64)>,
-    async_pages: BTreeSet<RemoteAddr>,
+    async_pages: BTreeSet<Addr>,
     /// Last async-mode written set read from pagemap (kept for when the process is gone).
-    async_written: Mutex<BTreeSet<RemoteAddr>>,
+    async_written: Mutex<BTreeSet<Addr>>,
     /// Pages currently write-protected by mprotect, with their original protection.
-    mprotected: BTreeMap<RemoteAddr, i32>,
+    mprotected: BTreeMap<Addr, i32>,
     /// Every page ever watched with mprotect.
-    mprotect_pages: BTreeSet<RemoteAddr>,
-    read_only: BTreeSet<RemoteAddr>,
-    written: Arc<Mutex<BTreeSet<RemoteAddr>>>,
+    mprotect_pages: BTreeSet<Addr>,
+    read_only: BTreeSet<Addr>,
+    written: Arc<Mutex<BTreeSet<Addr>>>,
     /// False once the process exec'd or exited: its memory (and our protections) are gone.
     alive: bool,
 }
@@ -431,7 +431,7 @@ impl WriteWatch {
     }
 
     /// Refresh and return the async-mode pages written so far (from /proc/PID/pagemap's uffd-wp bit).
-    fn async_written(&self) -> BTreeSet<RemoteAddr> {
+    fn async_written(&self) -> BTreeSet<Addr> {
         let mut cache = match self.async_written.lock() {
             Ok(c) => c,
             Err(p) => p.into_inner(),
@@ -462,11 +462,7 @@ impl WriteWatch {
     }
 
     /// Write-protect these pages (threads stopped). Returns what was done per page.
-    pub fn watch(
-        &mut self,
-        tr: &mut Tracer,
-        pages: &[RemoteAddr],
-    ) -> Result<WatchSummary, TracerError> {
+    pub fn watch(&mut self, tr: &mut Tracer, pages: &[Addr]) -> Result<WatchSummary, TracerError> {
         let mut sum = WatchSummary::default();
         if !self.alive {
             sum.skipped = pages.to_vec();
@@ -601,7 +597,7 @@ impl WriteWatch {
         }
         // SAFETY: for SIGSEGV the kernel fills si_addr.
         let addr = unsafe { siginfo.si_addr() } as u64;
-        let page = RemoteAddr(addr).page();
+        let page = Addr(addr).page();
         if let Some(orig) = self.mprotected.get(&page).copied() {
             remote_mprotect(tr, tid, page, PAGE_SIZE, orig)?;
             self.mprotected.remove(&page);
@@ -624,15 +620,15 @@ impl WriteWatch {
     }
 
     /// Pages written so far.
-    pub fn written(&self) -> BTreeSet<RemoteAddr> {
+    pub fn written(&self) -> BTreeSet<Addr> {
         let mut w = self.written.lock().map(|w| w.clone()).unwrap_or_default();
         w.extend(self.async_written());
         w
     }
 
     /// Pages watched so far (uffd, async uffd and mprotect).
-    pub fn watched(&self) -> BTreeSet<RemoteAddr> {
-        let mut w: BTreeSet<RemoteAddr> = self
+    pub fn watched(&self) -> BTreeSet<Addr> {
+        let mut w: BTreeSet<Addr> = self
             .uffd_pages
             .union(&self.mprotect_pages)
             .copied()
@@ -642,7 +638,7 @@ impl WriteWatch {
     }
 
     /// Pages found in read-only mappings.
-    pub fn read_only(&self) -> BTreeSet<RemoteAddr> {
+    pub fn read_only(&self) -> BTreeSet<Addr> {
         self.read_only.clone()
     }
 
@@ -652,7 +648,7 @@ impl WriteWatch {
         if !self.alive {
             return Ok(());
         }
-        let pages: Vec<(RemoteAddr, i32)> = self.mprotected.iter().map(|(p, o)| (*p, *o)).collect();
+        let pages: Vec<(Addr, i32)> = self.mprotected.iter().map(|(p, o)| (*p, *o)).collect();
         for (page, orig) in pages {
             match remote_mprotect(tr, child, page, PAGE_SIZE, orig) {
                 Ok(()) | Err(TracerError::RemoteSyscall { .. }) => {}
@@ -682,8 +678,7 @@ impl WriteWatch {
         let mut first_err = None;
         if self.alive && !self.mprotected.is_empty() {
             let maps = read_maps(self.pid);
-            let pages: Vec<(RemoteAddr, i32)> =
-                self.mprotected.iter().map(|(p, o)| (*p, *o)).collect();
+            let pages: Vec<(Addr, i32)> = self.mprotected.iter().map(|(p, o)| (*p, *o)).collect();
             for (page, orig) in pages {
                 // Only undo our own change: if the program re-protected the page meanwhile, leave it.
                 let ours = match &maps {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use tracer::{
-    mapping_at, read_maps, remote_mmap, remote_mprotect, remote_munmap, Event, ExitStatus, Pid,
-    RemoteAddr, Tracer, TracerError,
+    mapping_at, read_maps, remote_mmap, remote_mprotect, remote_munmap, Addr, Event, ExitStatus,
+    Pid, Tracer, TracerError,
 };
 
 const EXIT_ARG: &str = r#"
@@ -453,8 +453,7 @@ fn attach_then_detach_leaves_the_program_running() {
     }
     let mut word = [0u8; 8];
     let regs = tr.regs(pid).unwrap();
-    tr.read_memory(pid, RemoteAddr(regs.rsp), &mut word)
-        .unwrap();
+    tr.read_memory(pid, Addr(regs.rsp), &mut word).unwrap();
     tr.detach().unwrap();
     let status = child.0.wait().unwrap();
     assert_eq!(status.code(), Some(0));
@@ -574,7 +573,7 @@ fn stripped_binary_has_a_module_without_symbols() {
     assert!(m.symbols.iter().all(|s| s.name != "answer"));
     let regs = tr.regs(tr.root()).unwrap();
     // The entry point of a stripped program still belongs to some module (ld.so at exec time).
-    assert!(tracer::symbolize(&mods, RemoteAddr(regs.rip)).is_some());
+    assert!(tracer::symbolize(&mods, Addr(regs.rip)).is_some());
     assert_eq!(
         run_loop(&mut tr, |_, _| None).status,
         Some(ExitStatus::Code(1))
@@ -588,10 +587,10 @@ fn memory_errors_are_typed() {
     let tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let mut buf = [0u8; 16];
     assert!(matches!(
-        tr.read_memory(tr.root(), RemoteAddr(8), &mut buf),
+        tr.read_memory(tr.root(), Addr(8), &mut buf),
         Err(TracerError::ShortAccess { done: 0, .. })
     ));
-    assert!(tr.write_memory(tr.root(), RemoteAddr(8), &buf).is_err());
+    assert!(tr.write_memory(tr.root(), Addr(8), &buf).is_err());
 }
 
 #[test]
@@ -613,7 +612,7 @@ fn remote_mmap_mprotect_munmap() {
     let a = remote_mmap(
         &mut tr,
         pid,
-        RemoteAddr(0),
+        Addr(0),
         8192,
         libc::PROT_READ | libc::PROT_WRITE,
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
@@ -644,7 +643,7 @@ fn remote_mmap_mprotect_munmap() {
         tr.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap(),
         pid.as_raw() as i64
     );
-    let code = RemoteAddr(before.rip); // the entry point: not a syscall instruction
+    let code = Addr(before.rip); // the entry point: not a syscall instruction
     tr.set_syscall_gadget(pid, code);
     assert_eq!(
         tr.remote_syscall(pid, libc::SYS_getpid, [0; 6]).unwrap(),
@@ -708,7 +707,7 @@ fn remote_syscall_inside_a_blocked_syscall_restarts_it() {
     let a = remote_mmap(
         &mut tr,
         pid,
-        RemoteAddr(0),
+        Addr(0),
         4096,
         libc::PROT_READ,
         libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,

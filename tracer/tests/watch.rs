@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use tracer::{Event, ExitStatus, Pid, RemoteAddr, Tracer, WatchOptions, WriteWatch};
+use tracer::{Addr, Event, ExitStatus, Pid, Tracer, WatchOptions, WriteWatch};
 
 const WATCH_PROG: &str = r#"
 #include <setjmp.h>
@@ -55,11 +55,11 @@ int main(int c, char **v) {
 }
 "#;
 
-fn read_addrs(path: &std::path::Path) -> Vec<RemoteAddr> {
+fn read_addrs(path: &std::path::Path) -> Vec<Addr> {
     std::fs::read_to_string(path)
         .unwrap()
         .split_whitespace()
-        .map(|s| RemoteAddr(u64::from_str_radix(s, 16).unwrap()))
+        .map(|s| Addr(u64::from_str_radix(s, 16).unwrap()))
         .collect()
 }
 
@@ -79,10 +79,10 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     let root = tr.root();
     let mut watch: Option<WriteWatch> = None;
     let mut stage = 0;
-    let mut heap = RemoteAddr(0);
-    let mut data = RemoteAddr(0);
-    let mut fresh = RemoteAddr(0);
-    let mut stack = RemoteAddr(0);
+    let mut heap = Addr(0);
+    let mut data = Addr(0);
+    let mut fresh = Addr(0);
+    let mut stack = Addr(0);
     let mut result = None;
     let mut own_segvs = 0;
     let mut handled_segvs = 0;
@@ -104,13 +104,13 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                 let regs = tr.regs(*tid).unwrap();
                 let heap_pages = vec![heap, heap.offset(4096), heap.offset(8192), fresh];
                 let data_pages = vec![data, data.offset(4096)];
-                let pages: Vec<RemoteAddr> = heap_pages
+                let pages: Vec<Addr> = heap_pages
                     .iter()
                     .chain(&data_pages)
                     .copied()
-                    .chain([RemoteAddr(regs.rip), RemoteAddr(8), RemoteAddr(regs.rsp)])
+                    .chain([Addr(regs.rip), Addr(8), Addr(regs.rsp)])
                     .collect();
-                stack = RemoteAddr(regs.rsp).page();
+                stack = Addr(regs.rsp).page();
                 let sum = w.watch(tr, &pages).unwrap();
                 let mut want_uffd = Vec::new();
                 let mut want_async = Vec::new();
@@ -126,7 +126,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                     }
                 }
                 // The stack: sync uffd resolves the kernel's signal-frame writes; mprotect would kill the program.
-                let mut want_skipped = vec![RemoteAddr(0)];
+                let mut want_skipped = vec![Addr(0)];
                 if heap_via == Via::Mprotect {
                     want_skipped.push(stack);
                 } else {
@@ -135,7 +135,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
                 assert_eq!(sum.uffd, want_uffd);
                 assert_eq!(sum.uffd_async, want_async);
                 assert_eq!(sum.mprotect, want_mprotect);
-                assert_eq!(sum.read_only, vec![RemoteAddr(regs.rip).page()]);
+                assert_eq!(sum.read_only, vec![Addr(regs.rip).page()]);
                 assert_eq!(sum.skipped, want_skipped);
                 let n_watched = if heap_via == Via::Mprotect { 6 } else { 7 };
                 assert_eq!(w.watched().len(), n_watched);
@@ -192,8 +192,7 @@ fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
     if flags.contains('k') {
         expect_written.push(data);
     }
-    let expect_written: std::collections::BTreeSet<RemoteAddr> =
-        expect_written.into_iter().collect();
+    let expect_written: std::collections::BTreeSet<Addr> = expect_written.into_iter().collect();
     assert_eq!(r.written, expect_written);
     assert_eq!(
         r.watched.len(),
@@ -421,7 +420,7 @@ fn exec_drops_the_watch() {
                     let mut w = watch.take().unwrap();
                     w.on_exec(*pid);
                     // Nothing to watch in the new program, nothing to restore.
-                    assert!(w.watch(tr, &[RemoteAddr(0x1000)]).unwrap().skipped.len() == 1);
+                    assert!(w.watch(tr, &[Addr(0x1000)]).unwrap().skipped.len() == 1);
                     result = Some(w.finish(tr).unwrap());
                 }
                 _ => {}

@@ -114,8 +114,7 @@ pub enum Site {
 fn table_base(tr: &Tracer, pid: Pid, start: Addr, head: Addr) -> (Gpr, u64) {
     use iced_x86::{Decoder, DecoderOptions, Mnemonic};
     let mut buf = vec![0u8; (head.0 - start.0) as usize];
-    tr.read_memory(pid, tracer::RemoteAddr(start.0), &mut buf)
-        .expect("read run");
+    tr.read_memory(pid, start, &mut buf).expect("read run");
     let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
     let mut found = None;
     while d.can_decode() {
@@ -131,8 +130,7 @@ fn table_base(tr: &Tracer, pid: Pid, start: Addr, head: Addr) -> (Gpr, u64) {
 fn dispatch_head(tr: &Tracer, pid: Pid, start: Addr, end: Addr) -> (Addr, Gpr) {
     use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind};
     let mut buf = vec![0u8; (end.0 - start.0) as usize];
-    tr.read_memory(pid, tracer::RemoteAddr(start.0), &mut buf)
-        .expect("read run");
+    tr.read_memory(pid, start, &mut buf).expect("read run");
     let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
     while d.can_decode() {
         let i = d.decode();
@@ -160,7 +158,7 @@ pub fn install_run(
         .iter()
         .find_map(|m| m.symbol("run").cloned())
         .expect("symbol run");
-    let (start, end) = (Addr(sym.start.0), Addr(sym.end.0));
+    let (start, end) = (sym.start, sym.end);
     if site == Site::EntryViaHelper {
         let req = codecache::SpecializeRequest {
             trigger: start,
@@ -405,9 +403,7 @@ pub fn run_traced_with(
                     c.strip_child(&mut tr, child).expect("strip_child");
                     let ok = c.patched_bytes().iter().all(|(a, orig)| {
                         let mut b = vec![0u8; orig.len()];
-                        tr.read_memory(child, tracer::RemoteAddr(a.0), &mut b)
-                            .is_ok()
-                            && &b == orig
+                        tr.read_memory(child, *a, &mut b).is_ok() && &b == orig
                     });
                     children_stripped.push(ok && !c.patched_bytes().is_empty());
                 }
