@@ -1,13 +1,5 @@
 //! dynspec: the command-line tool. Drives tracer, specializer and codecache.
 
-mod bench;
-mod fold;
-mod profile;
-mod report;
-mod runtime;
-mod session;
-mod signals;
-
 use std::ffi::OsString;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -16,8 +8,9 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
-use crate::report::{Report, DEFAULT_REPORT};
-use crate::session::{Outcome, SessionConfig, Target};
+use dynspec::report::{Report, DEFAULT_REPORT};
+use dynspec::session::{Outcome, SessionConfig, Target};
+use dynspec::{bench, fold, session, signals};
 
 /// Make unmodified x86-64 Linux programs faster while they run (profiling and specialization).
 #[derive(Debug, Parser)]

@@ -574,8 +574,8 @@ impl Profiler {
     }
 
     /// Trigger candidates of one region, best first.
-    fn triggers(&self, region: &HotRegion) -> Vec<TriggerJson> {
-        let mut cands: Vec<(f64, TriggerJson)> = Vec::new();
+    fn triggers(&self, region: &HotRegion) -> Vec<TriggerProfile> {
+        let mut cands: Vec<(f64, TriggerProfile)> = Vec::new();
         for (&(ip, reg), vs) in &self.values {
             if !region.contains(ip) || vs.samples < 2 {
                 continue;
@@ -586,44 +586,97 @@ impl Profiler {
             if distinct > PREDICTABLE_DISTINCT {
                 score *= PREDICTABLE_DISTINCT as f64 / distinct as f64;
             }
-            let trig = TriggerJson {
-                address: Hex(ip),
-                register: reg.name().to_string(),
+            let trig = TriggerProfile {
+                address: Addr(ip),
+                register: reg,
                 samples: vs.samples,
                 distinct,
                 coverage,
-                top_values: top
-                    .into_iter()
-                    .map(|(v, c)| TopValueJson {
-                        value: Hex(v),
-                        share: c as f64 / vs.samples as f64,
-                    })
-                    .collect(),
+                top_values: top,
             };
             cands.push((score, trig));
         }
         cands.sort_by(|a, b| {
             b.0.total_cmp(&a.0)
                 .then(a.1.address.cmp(&b.1.address))
-                .then(a.1.register.cmp(&b.1.register))
+                .then(a.1.register.name().cmp(b.1.register.name()))
         });
         cands.into_iter().take(MAX_TRIGGERS).map(|c| c.1).collect()
     }
 
-    /// Hot regions for the report, the analysed ones with their trigger candidates.
-    pub fn report_regions(&self) -> Vec<HotRegionJson> {
+    /// The analysed hot regions with their trigger candidates (best first): what the planner reads.
+    pub fn region_profiles(&self) -> Vec<RegionProfile> {
         self.analysed_regions()
             .into_iter()
-            .map(|r| HotRegionJson {
+            .map(|r| RegionProfile {
                 triggers: self.triggers(&r),
-                module: r.module,
-                symbol: r.symbol,
-                start: Hex(r.start.0),
-                end: Hex(r.end.0),
-                samples: r.samples,
-                share: r.share,
+                region: r,
             })
             .collect()
+    }
+
+    /// Hot regions for the report, the analysed ones with their trigger candidates.
+    pub fn report_regions(&self) -> Vec<HotRegionJson> {
+        self.region_profiles()
+            .into_iter()
+            .map(RegionProfile::to_json)
+            .collect()
+    }
+}
+
+/// The value profile of one (instruction, register) pair: a trigger candidate as the samples show it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TriggerProfile {
+    pub address: Addr,
+    pub register: Gpr,
+    /// Samples of the register at the address.
+    pub samples: u64,
+    /// Distinct values seen (a lower bound once saturated).
+    pub distinct: u64,
+    /// Share of the samples the top values cover.
+    pub coverage: f64,
+    /// (value, samples), most frequent first, at most [`TOP_K`].
+    pub top_values: Vec<(u64, u64)>,
+}
+
+/// A hot region and its trigger candidates, best first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegionProfile {
+    pub region: HotRegion,
+    pub triggers: Vec<TriggerProfile>,
+}
+
+impl RegionProfile {
+    /// The report's view.
+    pub fn to_json(self) -> HotRegionJson {
+        let r = self.region;
+        HotRegionJson {
+            triggers: self
+                .triggers
+                .into_iter()
+                .map(|t| TriggerJson {
+                    address: Hex(t.address.0),
+                    register: t.register.name().to_string(),
+                    samples: t.samples,
+                    distinct: t.distinct,
+                    coverage: t.coverage,
+                    top_values: t
+                        .top_values
+                        .iter()
+                        .map(|&(v, c)| TopValueJson {
+                            value: Hex(v),
+                            share: c as f64 / t.samples as f64,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            module: r.module,
+            symbol: r.symbol,
+            start: Hex(r.start.0),
+            end: Hex(r.end.0),
+            samples: r.samples,
+            share: r.share,
+        }
     }
 }
 

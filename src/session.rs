@@ -12,20 +12,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use nix::unistd::Pid;
-use tracer::maps::{mapping_at, read_maps, Mapping};
 use tracer::sampler::{Sampler, SamplerConfig, SamplerError};
-use tracer::symbols::{modules, symbolize, Module};
-use tracer::watch::WriteWatch;
 use tracer::Addr;
 use tracer::{Event, ExitStatus, Tracer};
 
-use crate::profile::{Location, ProfileEnv, Profiler};
+use crate::codemap::{CodeMap, LiveEnv};
+use crate::install::{self, Installer};
+use crate::plan;
+use crate::profile::Profiler;
 use crate::report::{
-    ExitStatusJson, Hex, InvalidationJson, MethodCounts, Report, StoreProfileJson, Timings,
-    VariantJson, REPORT_VERSION,
+    ExitStatusJson, InvalidationJson, Report, Timings, VariantJson, REPORT_VERSION,
 };
-use crate::runtime::{self, RegionPlan, Runtime};
 use crate::signals;
+use crate::store_profile::{PageTrust, StoreProfile, TrustInputs};
 
 /// How long one `next_event` wait may block: bounds the latency of phase changes and signal handling.
 const EVENT_POLL: Duration = Duration::from_millis(20);
@@ -40,8 +39,6 @@ const MAX_FRUITLESS_PLANS: u32 = 2;
 /// A planning round on fewer samples than this that installs nothing is retried after another window; with more,
 /// a fruitless round is final (unless an install failed): re-planning costs the program sampling overhead.
 const MIN_PLAN_SAMPLES: u64 = 400;
-/// A written page counts as rarely written when at most 1 in this many samples stores into it.
-const OPTIMISTIC_STORE_SHARE: u64 = 200;
 /// First and longest pause of sampling between planning rounds ([`Phase::Idle`]).
 const IDLE_MIN: Duration = Duration::from_secs(1);
 const IDLE_MAX: Duration = Duration::from_secs(8);
@@ -53,8 +50,6 @@ const MAX_WATCHED_PAGES: usize = 256;
 /// many, and as many as fit in [`MAX_SAMPLING_EXTENSION_TIME`].
 const MIN_SAMPLING_EXTENSIONS: u32 = 20;
 const MAX_SAMPLING_EXTENSION_TIME: Duration = Duration::from_secs(6);
-/// Module lists are re-read at most this often per process when an address is not found in them.
-const MODULE_REFRESH: Duration = Duration::from_millis(10);
 
 /// What to trace.
 pub enum Target {
@@ -103,181 +98,13 @@ enum Phase {
     Idle { until: Instant },
 }
 
-/// Symbols and mappings of the target, cached per process and refreshed when an address is not covered.
+/// What the report keeps of code caches whose process exec'd or exited (or that dynspec gave up on).
 #[derive(Default)]
-struct CodeMap {
-    modules: HashMap<Pid, (Vec<Module>, Instant)>,
-    maps: HashMap<Pid, (Vec<Mapping>, Instant)>,
-}
-
-impl CodeMap {
-    fn forget(&mut self, pid: Pid) {
-        self.modules.remove(&pid);
-        self.maps.remove(&pid);
-    }
-
-    /// Re-read the modules of `pid`; if that fails (the process is gone) keep what we had.
-    fn refresh_modules(&mut self, pid: Pid) {
-        match modules(pid) {
-            Ok(mods) => {
-                self.modules.insert(pid, (mods, Instant::now()));
-            }
-            Err(_) => {
-                self.modules
-                    .entry(pid)
-                    .or_insert_with(|| (Vec::new(), Instant::now()))
-                    .1 = Instant::now();
-            }
-        }
-    }
-
-    /// Re-read the mappings of `pid`; if that fails keep what we had.
-    fn refresh_maps(&mut self, pid: Pid) {
-        match read_maps(pid) {
-            Ok(maps) => {
-                self.maps.insert(pid, (maps, Instant::now()));
-            }
-            Err(_) => {
-                self.maps
-                    .entry(pid)
-                    .or_insert_with(|| (Vec::new(), Instant::now()))
-                    .1 = Instant::now();
-            }
-        }
-    }
-
-    /// Read symbols and mappings now, while the process is stopped and alive: a short-lived program may be gone
-    /// before its first samples are analysed.
-    fn preload(&mut self, pid: Pid) {
-        self.refresh_modules(pid);
-        self.refresh_maps(pid);
-    }
-}
-
-/// [`ProfileEnv`] over the live target.
-struct LiveEnv<'a> {
-    tracer: &'a Tracer,
-    code: &'a mut CodeMap,
-}
-
-impl LiveEnv<'_> {
-    fn ensure_modules(&mut self, pid: Pid, a: Addr) {
-        let stale = match self.code.modules.get(&pid) {
-            None => true,
-            Some((mods, at)) => symbolize(mods, a).is_none() && at.elapsed() >= MODULE_REFRESH,
-        };
-        if stale {
-            self.code.refresh_modules(pid);
-        }
-    }
-
-    fn ensure_maps(&mut self, pid: Pid, a: Addr) {
-        let stale = match self.code.maps.get(&pid) {
-            None => true,
-            Some((maps, at)) => mapping_at(maps, a).is_none() && at.elapsed() >= MODULE_REFRESH,
-        };
-        if stale {
-            self.code.refresh_maps(pid);
-        }
-    }
-
-    /// Code of a process that is gone (or memory we cannot read): the bytes of a read-only file mapping are the
-    /// file's bytes at the mapping's offset.
-    fn read_from_file(&mut self, pid: Pid, addr: Addr, buf: &mut [u8]) -> usize {
-        use std::os::unix::fs::FileExt as _;
-        let Some((maps, _)) = self.code.maps.get(&pid) else {
-            return 0;
-        };
-        let Some(m) = mapping_at(maps, addr) else {
-            return 0;
-        };
-        if m.write || !m.is_file() || m.is_pseudo() {
-            return 0;
-        }
-        let Some(path) = &m.path else { return 0 };
-        let avail = (m.end.0 - addr.0).min(buf.len() as u64) as usize;
-        let off = m.offset + (addr.0 - m.start.0);
-        let Ok(f) = std::fs::File::open(path) else {
-            return 0;
-        };
-        let mut done = 0;
-        while done < avail {
-            match f.read_at(&mut buf[done..avail], off + done as u64) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => done += n,
-            }
-        }
-        done
-    }
-}
-
-impl ProfileEnv for LiveEnv<'_> {
-    fn locate(&mut self, pid: Pid, ip: Addr) -> Location {
-        self.ensure_modules(pid, ip);
-        if let Some((mods, _)) = self.code.modules.get(&pid) {
-            if let Some((m, sym)) = symbolize(mods, ip) {
-                let module = m.path.display().to_string();
-                return match sym {
-                    Some(s) => Location::Symbol {
-                        module,
-                        name: s.name.clone(),
-                        start: s.start,
-                        end: if s.end > s.start {
-                            s.end
-                        } else {
-                            s.start.offset(1)
-                        },
-                    },
-                    None => Location::Unsymbolized {
-                        module,
-                        start: m.start,
-                        end: m.end,
-                    },
-                };
-            }
-        }
-        self.ensure_maps(pid, ip);
-        if let Some((maps, _)) = self.code.maps.get(&pid) {
-            if let Some(m) = mapping_at(maps, ip) {
-                let module = match &m.path {
-                    Some(p) => p.display().to_string(),
-                    None => "[anon]".to_string(),
-                };
-                return Location::Unsymbolized {
-                    module,
-                    start: m.start,
-                    end: m.end,
-                };
-            }
-        }
-        Location::Unknown
-    }
-
-    fn read_code(&mut self, pid: Pid, addr: Addr, buf: &mut [u8]) -> usize {
-        if self.tracer.read_memory(pid, addr, buf).is_ok() {
-            return buf.len();
-        }
-        // Part of the range is unmapped (an instruction right before a guard page, a symbol size that runs past
-        // the mapping): read page by page and keep the readable prefix.
-        let page = tracer::addr::PAGE_SIZE as usize;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = addr.offset(done as u64);
-            let chunk = (page - (at.0 as usize % page)).min(buf.len() - done);
-            if self
-                .tracer
-                .read_memory(pid, at, &mut buf[done..done + chunk])
-                .is_err()
-            {
-                break;
-            }
-            done += chunk;
-        }
-        if done == 0 {
-            return self.read_from_file(pid, addr, buf);
-        }
-        done
-    }
+struct Retired {
+    variants: Vec<VariantJson>,
+    invalidations: Vec<InvalidationJson>,
+    specialize_time: Duration,
+    install_time: Duration,
 }
 
 /// The state of one session.
@@ -292,8 +119,10 @@ struct Session {
     code: CodeMap,
     root: Pid,
     phase: Phase,
-    watch: Option<WriteWatch>,
-    store: StoreProfileJson,
+    /// The write watch and what it saw.
+    store: StoreProfile,
+    /// Which pages planning trusts as constant.
+    trust: PageTrust,
     start: Instant,
     profile_done: Option<Instant>,
     attach_mode: bool,
@@ -302,23 +131,12 @@ struct Session {
     handled_interrupts: u32,
     /// Sampled threads per process, to release their rings when the process exits.
     threads_of: HashMap<Pid, std::collections::BTreeSet<Pid>>,
-    /// Pages the running watch protects with mprotect.
-    mprotect_pages: std::collections::BTreeSet<Addr>,
-    /// Pages whose protection was just removed: one queued access fault on each is ours, not the program's.
-    grace_pages: std::collections::BTreeSet<Addr>,
-    /// (page, thread) pairs already forgiven a late fault ([`Session::late_watch_fault`]).
-    graced: std::collections::BTreeSet<(Addr, Pid)>,
     /// How often the sampling phase was extended for lack of candidate pages.
     sampling_extensions: u32,
-    /// The process the write watch is on.
-    watch_pid: Option<Pid>,
     /// The code cache of the specialized process (none with --profile-only or before the first plan).
-    rt: Option<Runtime>,
-    /// Variants and invalidations of code caches whose process exec'd or exited.
-    retired_variants: Vec<VariantJson>,
-    retired_invalidations: Vec<InvalidationJson>,
-    /// Specialize / install time of retired caches.
-    retired_times: (Duration, Duration),
+    rt: Option<Installer>,
+    /// Records of code caches whose process exec'd or exited.
+    retired: Retired,
     /// Code caches created so far (for unique variant ids).
     generations: u64,
     /// Profiling restarts after exec.
@@ -327,10 +145,6 @@ struct Session {
     first_sample_at: Option<Instant>,
     /// When the first variant was installed.
     first_install_at: Option<Instant>,
-    /// Pages specialized on although the store profile saw them written (see `replan`).
-    optimistic: std::collections::BTreeSet<u64>,
-    /// Optimistic pages that were then written: never specialized on again.
-    distrusted: std::collections::BTreeSet<u64>,
     /// Planning rounds so far.
     plans: u32,
     /// The next [`Phase::Idle`] pause.
@@ -376,8 +190,8 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         phase: Phase::Sampling {
             until: start + cfg.window,
         },
-        watch: None,
-        store: StoreProfileJson::default(),
+        store: StoreProfile::default(),
+        trust: PageTrust::default(),
         start,
         profile_done: None,
         attach_mode: attach_pid.is_some(),
@@ -394,21 +208,13 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         },
         handled_interrupts: 0,
         threads_of: HashMap::new(),
-        mprotect_pages: Default::default(),
-        grace_pages: Default::default(),
-        graced: Default::default(),
         sampling_extensions: 0,
-        watch_pid: None,
         rt: None,
-        retired_variants: Vec::new(),
-        retired_invalidations: Vec::new(),
-        retired_times: (Duration::ZERO, Duration::ZERO),
+        retired: Retired::default(),
         generations: 0,
         restarts: 0,
         first_sample_at: None,
         first_install_at: None,
-        optimistic: Default::default(),
-        distrusted: Default::default(),
         plans: 0,
         idle_backoff: IDLE_MIN,
         sampling_paused: false,
@@ -427,12 +233,14 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     let end = s.event_loop()?;
     s.ingest();
     let exit_status = match &end {
-        End::Exited(ExitStatus::Code(c)) => Some(ExitStatusJson::Code(*c)),
-        End::Exited(ExitStatus::Signaled { signal, .. }) => Some(ExitStatusJson::Signal(*signal)),
-        End::Detach | End::Kill(_) => None,
+        Outcome::Exited(ExitStatus::Code(c)) => Some(ExitStatusJson::Code(*c)),
+        Outcome::Exited(ExitStatus::Signaled { signal, .. }) => {
+            Some(ExitStatusJson::Signal(*signal))
+        }
+        Outcome::Detached | Outcome::Interrupted(_) => None,
     };
     let outcome = match end {
-        End::Exited(st) if !s.tracer.processes().is_empty() => {
+        Outcome::Exited(st) if !s.tracer.processes().is_empty() => {
             // Descendants outlive the program (a daemon, a background job): natively they keep running, so they
             // do here too, untraced and with everything dynspec changed in them undone.
             let outcome = if s.attach_mode {
@@ -450,7 +258,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
                 }
             }
             s.retire_runtime(false);
-            if s.watch_pid.is_some_and(|p| alive(&s, p)) {
+            if s.store.pid().is_some_and(|p| alive(&s, p)) {
                 s.end_watch();
             } else {
                 s.end_watch_after_exit();
@@ -463,7 +271,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             report.write(&cfg.report_path)?;
             return Ok(outcome);
         }
-        End::Exited(st) => {
+        Outcome::Exited(st) => {
             // The watch's process is gone: just collect what it saw.
             s.end_watch_after_exit();
             s.retire_runtime(false);
@@ -473,7 +281,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
                 Outcome::Exited(st)
             }
         }
-        End::Detach => {
+        Outcome::Detached => {
             match s.rt.as_ref() {
                 Some(rt) => rt
                     .cache
@@ -491,7 +299,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             report.write(&cfg.report_path)?;
             return Ok(Outcome::Detached);
         }
-        End::Kill(code) => {
+        Outcome::Interrupted(code) => {
             // Stop it now; dropping the tracer at the end reaps it (spawned targets are killed on drop).
             for pid in s.tracer.processes() {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
@@ -503,14 +311,6 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     s.build_report(command, attach_pid, exit_status)
         .write(&s.cfg.report_path)?;
     Ok(outcome)
-}
-
-/// Why the loop ended.
-enum End {
-    Exited(ExitStatus),
-    Detach,
-    /// Kill the target, then exit with this code.
-    Kill(i32),
 }
 
 impl Session {
@@ -552,14 +352,14 @@ impl Session {
         }
     }
 
-    fn event_loop(&mut self) -> Result<End> {
+    fn event_loop(&mut self) -> Result<Outcome> {
         loop {
             if let Some(end) = self.check_interrupts()? {
                 return Ok(end);
             }
             if let Some(limit) = self.cfg.attach_for {
                 if self.attach_mode && self.start.elapsed() >= limit {
-                    return Ok(End::Detach);
+                    return Ok(Outcome::Detached);
                 }
             }
             self.poll_guards();
@@ -583,7 +383,7 @@ impl Session {
         }
     }
 
-    fn handle_event(&mut self, ev: Event) -> Result<Option<End>> {
+    fn handle_event(&mut self, ev: Event) -> Result<Option<Outcome>> {
         match ev {
             Event::Signal {
                 tid,
@@ -595,24 +395,17 @@ impl Session {
                     self.resume_all_quiet();
                     return Ok(None);
                 }
-                let mut claimed = false;
-                if signal == libc::SIGSEGV && self.watch.is_none() {
-                    claimed = self.late_watch_fault(tid, &siginfo);
-                }
-                if signal == libc::SIGSEGV {
-                    if let Some(w) = self.watch.as_mut() {
-                        claimed = match w.handle_segv(&mut self.tracer, tid, &siginfo) {
-                            Ok(c) => c,
-                            Err(e) => {
-                                // Deliver it: the program's own handler (or default action) is the safe choice.
-                                if !self.cfg.quiet {
-                                    eprintln!("dynspec: warning: cannot classify a SIGSEGV of thread {tid}: {e}");
-                                }
-                                false
-                            }
-                        };
-                    }
-                }
+                let claimed = signal == libc::SIGSEGV
+                    && match self.store.claims_segv(&mut self.tracer, tid, &siginfo) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            // Deliver it: the program's own handler (or default action) is the safe choice.
+                            self.warn(format_args!(
+                                "cannot classify a SIGSEGV of thread {tid}: {e:#}"
+                            ));
+                            false
+                        }
+                    };
                 let deliver = if claimed { None } else { Some(signal) };
                 if deliver.is_some() && !self.before_handler(tid) {
                     // Gave up specializing: every thread was stopped; resume them all (the signal is still
@@ -642,8 +435,7 @@ impl Session {
                 // Only a fork of the watched process inherits its protections; another process' child has a
                 // different address space and must not be touched.
                 // A vfork child shares the parent's memory: "restoring" its pages would end the parent's watch.
-                let watched_parent =
-                    self.watch_pid == Some(parent_pid) && !self.tracer.in_vfork(parent);
+                let watched_parent = !self.tracer.in_vfork(parent);
                 let spec_parent = self.rt.as_ref().is_some_and(|r| r.pid == parent_pid)
                     && !self.tracer.in_vfork(parent);
                 if spec_parent {
@@ -652,18 +444,18 @@ impl Session {
                 // A clone that shares the address space without being a thread (CLONE_VM, not vfork, which
                 // blocks the parent) is another writer of the memory, like a thread.
                 let shared_vm =
-                    !self.tracer.in_vfork(parent) && runtime::shares_vm(parent_pid, child);
+                    !self.tracer.in_vfork(parent) && install::shares_vm(parent_pid, child);
                 if shared_vm && self.forwarding_in(parent) {
                     self.stop_forwarding();
                     self.resume_all_quiet();
                     return Ok(None);
                 }
-                if let Some(w) = self.watch.as_mut().filter(|_| watched_parent) {
+                if watched_parent {
                     // A child must not inherit pages we write-protected: restore them before it runs.
-                    if let Err(e) = w.on_fork(&mut self.tracer, child) {
-                        if !self.cfg.quiet {
-                            eprintln!("dynspec: warning: cannot restore watched pages in child {child}: {e}");
-                        }
+                    if let Err(e) = self.store.on_fork(&mut self.tracer, parent_pid, child) {
+                        self.warn(format_args!(
+                            "cannot restore watched pages in child {child}: {e:#}"
+                        ));
                     }
                 }
                 for t in tids {
@@ -672,9 +464,7 @@ impl Session {
                 self.resume_quiet(parent, None);
             }
             Event::Exec { pid } => {
-                if let Some(w) = self.watch.as_mut() {
-                    w.on_exec(pid);
-                }
+                self.store.on_exec(pid);
                 self.on_exec(pid);
                 // Samples of the old image first, while its symbols are cached.
                 self.ingest();
@@ -694,7 +484,7 @@ impl Session {
             }
             Event::Exited { pid, status } => {
                 if pid == self.root {
-                    return Ok(Some(End::Exited(status)));
+                    return Ok(Some(Outcome::Exited(status)));
                 }
                 // Release the rings (fds, memory) of a finished child: fork-heavy programs would pile them up.
                 for tid in self.threads_of.remove(&pid).unwrap_or_default() {
@@ -702,7 +492,7 @@ impl Session {
                 }
                 // Analyse its last samples while its symbols and mappings are still cached, then forget it.
                 self.ingest();
-                if self.watch_pid == Some(pid) {
+                if self.store.pid() == Some(pid) {
                     self.end_watch_after_exit();
                 }
                 if self.rt.as_ref().is_some_and(|r| r.pid == pid) {
@@ -729,14 +519,14 @@ impl Session {
         }
     }
 
-    fn check_interrupts(&mut self) -> Result<Option<End>> {
+    fn check_interrupts(&mut self) -> Result<Option<Outcome>> {
         let irq = signals::interrupts();
         if irq.count == self.handled_interrupts {
             return Ok(None);
         }
         self.handled_interrupts = irq.count;
         if self.attach_mode {
-            return Ok(Some(End::Detach));
+            return Ok(Some(Outcome::Detached));
         }
         // Run mode: the terminal's Ctrl-C reached the target too. A signal sent to dynspec alone (kill) is
         // passed on, as a wrapper would. A second request ends profiling and kills the target.
@@ -744,7 +534,7 @@ impl Session {
             if !self.cfg.quiet {
                 eprintln!("dynspec: interrupted again; killing the target");
             }
-            return Ok(Some(End::Kill(128 + irq.last_signal)));
+            return Ok(Some(Outcome::Interrupted(128 + irq.last_signal)));
         }
         if irq.last_from_user || irq.last_signal == libc::SIGTERM {
             let _ = nix::sys::signal::kill(
@@ -784,7 +574,7 @@ impl Session {
                 };
             }
             Phase::Watching { until } if now >= until => {
-                let watched = self.watch.is_some();
+                let watched = self.store.is_watching();
                 let wants_cache = self.cfg.specialize && self.rt.is_none();
                 if watched || wants_cache {
                     match self.stop_everything() {
@@ -821,38 +611,14 @@ impl Session {
         }
     }
 
-    /// A SIGSEGV that arrives after the watch ended: if it is an access fault on a page we had write-protected
-    /// with mprotect (queued before the protection was removed), swallow it: the faulting write re-executes and
-    /// succeeds. Each thread gets that grace once per page, only while the page is writable and the fault is not
-    /// an instruction fetch, so a fault of the program's own is delivered.
-    fn late_watch_fault(&mut self, tid: Pid, siginfo: &libc::siginfo_t) -> bool {
-        const SEGV_ACCERR: i32 = 2;
-        if siginfo.si_code != SEGV_ACCERR || self.grace_pages.is_empty() {
-            return false;
-        }
-        // SAFETY: for SIGSEGV the kernel fills the si_addr member of the fault union; reading it is what the
-        // accessor is for.
-        let page = Addr(unsafe { siginfo.si_addr() } as u64).page();
-        if !self.grace_pages.contains(&page) || !self.graced.insert((page, tid)) {
-            return false;
-        }
-        let fetch = self
-            .tracer
-            .regs(tid)
-            .map(|r| Addr(r.rip).page() == page)
-            .unwrap_or(true);
-        let pid = self.tracer.tgid(tid).unwrap_or(tid);
-        let writable = read_maps(pid)
-            .ok()
-            .and_then(|maps| mapping_at(&maps, page).map(|m| m.write))
-            .unwrap_or(false);
-        !fetch && writable
-    }
-
     fn say(&self, msg: impl std::fmt::Display) {
         if !self.cfg.quiet {
             eprintln!("dynspec: {msg}");
         }
+    }
+
+    fn warn(&self, msg: impl std::fmt::Display) {
+        self.say(format_args!("warning: {msg}"));
     }
 
     /// Stop every thread (through the code cache while one exists: it must see faults during the stop).
@@ -867,7 +633,7 @@ impl Session {
     /// Create the code cache for the process the profile points at (threads stopped).
     fn start_runtime(&mut self) {
         let alive = |p: Pid| !self.tracer.threads(p).is_empty();
-        let pid = match self.watch_pid.filter(|p| alive(*p)) {
+        let pid = match self.store.pid().filter(|p| alive(*p)) {
             Some(p) => p,
             None => self
                 .profiler
@@ -880,7 +646,7 @@ impl Session {
             return;
         }
         let base = (self.generations + 1) * ID_STRIDE;
-        match Runtime::new(&mut self.tracer, pid, base) {
+        match Installer::new(&mut self.tracer, pid, base) {
             Ok(rt) => {
                 self.generations += 1;
                 self.rt = Some(rt);
@@ -910,75 +676,31 @@ impl Session {
     fn plan_round(&mut self) {
         self.ingest();
         let Some(rt) = self.rt.as_mut() else { return };
-        let regions: Vec<RegionPlan> = self
-            .recent
-            .report_regions()
-            .into_iter()
-            .filter(|r| r.share >= runtime::MIN_SPECIALIZE_SHARE)
-            .map(|r| {
-                let candidates = runtime::candidates_of(&r.triggers);
-                let stable = candidates
-                    .iter()
-                    .map(|c| {
-                        let regs = self
-                            .recent
-                            .stable_registers(c.address.0, runtime::MIN_ASSUMED_SAMPLES);
-                        (c.address, regs)
-                    })
-                    .collect();
-                RegionPlan {
-                    start: Addr(r.start.0),
-                    end: Addr(r.end.0),
-                    symbol: r.symbol.clone(),
-                    candidates,
-                    stable,
-                }
-            })
-            .filter(|r| !r.candidates.is_empty())
-            .collect();
+        let recent = &self.recent;
+        let regions = plan::regions_to_plan(recent.region_profiles(), |a| {
+            recent.stable_registers(a.0, plan::MIN_ASSUMED_SAMPLES)
+        });
         if !rt.wants_any(&regions) {
             return;
         }
-        // The store profile is about the watched process only.
-        let mut constant = Default::default();
-        if self.watch_pid == Some(rt.pid) {
-            constant = runtime::constant_pages(&self.store.watched, &self.store.written);
-            // Optimism: a page the window saw written, but into which the hot code hardly ever stores (a
-            // bytecode patched now and then, configuration changed once), is specialized on behind a guard; the
-            // first write throws the variants away and the page is not trusted again.
-            let total = self.profiler.total();
-            for p in &self.store.written {
-                let stores = self.profiler.store_samples(rt.pid, p.0);
-                if stores * OPTIMISTIC_STORE_SHARE <= total && !self.distrusted.contains(&p.0) {
-                    constant.insert(Addr(p.0));
-                    self.optimistic.insert(p.0);
-                }
-            }
-        }
-        // Pages hot loads read now that the store profile never watched (hot code that started after it): trusted
-        // behind a guard like rarely written pages, unless the samples saw the hot code store into them. The first
-        // write invalidates and distrusts the page. Only for hot code the planner has not specialized before: a
-        // region planned again after an invalidation keeps to what the store profile and its guards taught.
+        // Pages hot loads read now, for hot code the planner has not specialized before (see PageTrust).
         let new_code = regions.iter().filter(|r| rt.wants(r)).all(|r| rt.is_new(r));
-        if let Some((pid, pages)) = self
-            .recent
-            .candidate_pages(MAX_WATCHED_PAGES)
-            .filter(|_| new_code)
-        {
-            if pid == rt.pid {
-                for p in pages {
-                    let watched = self.store.watched.iter().any(|w| w.0 == p.0);
-                    if !watched
-                        && self.recent.store_samples(pid, p.0) == 0
-                        && self.profiler.store_samples(pid, p.0) == 0
-                        && !self.distrusted.contains(&p.0)
-                    {
-                        constant.insert(Addr(p.0));
-                        self.optimistic.insert(p.0);
-                    }
-                }
-            }
-        }
+        let new_hot_pages = match self.recent.candidate_pages(MAX_WATCHED_PAGES) {
+            Some((pid, pages)) if new_code && pid == rt.pid => pages,
+            _ => Vec::new(),
+        };
+        let pid = rt.pid;
+        let (profiler, recent) = (&self.profiler, &self.recent);
+        let constant = self.trust.trusted(&TrustInputs {
+            // The store profile is about the watched process only.
+            store: (self.store.pid() == Some(pid))
+                .then(|| (self.store.watched(), self.store.written())),
+            ever_watched: self.store.watched(),
+            total_samples: profiler.total(),
+            store_samples: &|p| profiler.store_samples(pid, p.0),
+            recent_store_samples: &|p| recent.store_samples(pid, p.0),
+            new_hot_pages: &new_hot_pages,
+        });
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         self.plans += 1;
         let worth_retrying = !out.problems.is_empty() || self.recent.total() < MIN_PLAN_SAMPLES;
@@ -1037,9 +759,7 @@ impl Session {
             Ok(invs) => {
                 rt.record_invalidations(&invs, self.start);
                 for i in &invs {
-                    if self.optimistic.contains(&i.page.0) {
-                        self.distrusted.insert(i.page.0);
-                    }
+                    self.trust.invalidated(i.page);
                 }
                 self.after_invalidation();
             }
@@ -1066,9 +786,7 @@ impl Session {
         rt.refresh_counters(&self.tracer, COUNTER_REFRESH);
         match rt.cache.handle_segv(&mut self.tracer, tid, siginfo) {
             Ok(Some(inv)) => {
-                if self.optimistic.contains(&inv.page.0) {
-                    self.distrusted.insert(inv.page.0);
-                }
+                self.trust.invalidated(inv.page);
                 rt.record_invalidations(&[inv], self.start);
                 self.after_invalidation();
                 true
@@ -1228,10 +946,10 @@ impl Session {
                 v.invalidated = true;
             }
         }
-        self.retired_variants.extend(vs);
-        self.retired_invalidations.extend(rt.invalidations_json());
-        self.retired_times.0 += rt.specialize_time;
-        self.retired_times.1 += rt.install_time;
+        self.retired.variants.extend(vs);
+        self.retired.invalidations.extend(rt.invalidations_json());
+        self.retired.specialize_time += rt.specialize_time;
+        self.retired.install_time += rt.install_time;
         if let (Some(t), None) = (rt.first_install, self.first_install_at) {
             self.first_install_at = Some(t);
         }
@@ -1252,85 +970,37 @@ impl Session {
             return;
         }
         if let Err(e) = self.tracer.stop_all() {
-            if !self.cfg.quiet {
-                eprintln!("dynspec: warning: cannot stop the target for the write watch: {e}");
-            }
+            self.warn(format_args!(
+                "cannot stop the target for the write watch: {e}"
+            ));
             return;
         }
-        let result = (|| -> Result<WriteWatch> {
-            let tid = *self
-                .tracer
-                .threads(pid)
-                .first()
-                .ok_or_else(|| anyhow::anyhow!("process {pid} has no threads left"))?;
-            let mut w = WriteWatch::new(&mut self.tracer, pid, tid)?;
-            let summary = w.watch(&mut self.tracer, pages)?;
-            self.store.method = MethodCounts {
-                uffd: summary.uffd.len() as u64,
-                mprotect: summary.mprotect.len() as u64,
-            };
-            self.mprotect_pages = summary.mprotect.iter().copied().collect();
-            self.store.pages_read_only = summary.read_only.len() as u64;
-            Ok(w)
-        })();
-        match result {
-            Ok(w) => {
-                self.watch = Some(w);
-                self.watch_pid = Some(pid);
-            }
-            Err(e) => {
-                if !self.cfg.quiet {
-                    eprintln!("dynspec: warning: write watch unavailable, no store profile: {e:#}");
-                }
-            }
+        if let Err(e) = self.store.start(&mut self.tracer, pid, pages) {
+            self.warn(format_args!(
+                "write watch unavailable, no store profile: {e:#}"
+            ));
         }
         self.resume_all_quiet();
     }
 
     /// Threads must be stopped.
     fn end_watch(&mut self) {
-        let Some(w) = self.watch.take() else { return };
-        // A write fault on a page we protected may already be queued (seen while stopping the threads); once the
-        // protection is gone it must not reach the program. See `late_watch_fault`.
-        self.grace_pages = std::mem::take(&mut self.mprotect_pages);
-        let watched = w.watched();
-        let written = w.written();
-        match w.finish(&mut self.tracer) {
-            Ok(res) => self.record_store(&res.watched, &res.written, res.read_only.len()),
-            Err(e) => {
-                if !self.cfg.quiet {
-                    eprintln!("dynspec: warning: cannot remove the write watch cleanly: {e}");
-                }
-                self.record_store(&watched, &written, self.store.pages_read_only as usize);
-            }
+        if !self.store.is_watching() {
+            return;
         }
+        if let Err(e) = self.store.end(&mut self.tracer) {
+            self.warn(format_args!("cannot remove the write watch cleanly: {e:#}"));
+        }
+        self.profile_done.get_or_insert_with(Instant::now);
     }
 
     /// The watched process is gone: no protection to remove, only results to keep.
     fn end_watch_after_exit(&mut self) {
-        let Some(w) = self.watch.take() else { return };
-        let watched = w.watched();
-        let written = w.written();
-        let ro = self.store.pages_read_only as usize;
-        // Dropping the watch closes its fds and joins its thread; the process' memory is gone with it.
-        drop(w);
-        self.record_store(&watched, &written, ro);
-    }
-
-    fn record_store(
-        &mut self,
-        watched: &std::collections::BTreeSet<Addr>,
-        written: &std::collections::BTreeSet<Addr>,
-        read_only: usize,
-    ) {
-        self.store.watched = watched.iter().map(|a| Hex(a.0)).collect();
-        self.store.written = written.iter().map(|a| Hex(a.0)).collect();
-        self.store.pages_watched = watched.len() as u64;
-        self.store.pages_written = written.len() as u64;
-        self.store.pages_read_only = read_only as u64;
-        if self.profile_done.is_none() {
-            self.profile_done = Some(Instant::now());
+        if !self.store.is_watching() {
+            return;
         }
+        self.store.end_after_exit();
+        self.profile_done.get_or_insert_with(Instant::now);
     }
 
     fn show_progress(&mut self) {
@@ -1356,9 +1026,9 @@ impl Session {
             .map(|t| t - self.start)
             .unwrap_or(duration)
             .as_millis() as u64;
-        let mut variants = self.retired_variants.clone();
-        let mut invalidations = self.retired_invalidations.clone();
-        let (mut spec, mut inst) = self.retired_times;
+        let mut variants = self.retired.variants.clone();
+        let mut invalidations = self.retired.invalidations.clone();
+        let (mut spec, mut inst) = (self.retired.specialize_time, self.retired.install_time);
         if let Some(rt) = self.rt.as_ref() {
             variants.extend(rt.variants_json());
             invalidations.extend(rt.invalidations_json());
@@ -1380,7 +1050,7 @@ impl Session {
             rate_hz: self.sampler.rate_hz(),
             duration_ms: duration.as_millis() as u64,
             hot_regions: self.profiler.report_regions(),
-            store_profile: self.store.clone(),
+            store_profile: self.store.to_json(),
             timings: Timings {
                 profile_ms,
                 specialize_ms: spec.as_millis() as u64,

@@ -1,0 +1,467 @@
+//! Installing: carry a plan out in the target. Compile the chosen candidates' variants, install them behind a
+//! dispatch stub with the world stopped, and keep the records (variants, invalidations, timings) the report shows.
+//!
+//! What to specialize is decided in [`crate::plan`]; this module owns the code cache of the specialized process
+//! and everything that touches it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use codecache::{Cache, CacheError, Counters, InstallRequest, Invalidation, TargetMemory};
+use nix::unistd::Pid;
+use specializer::Addr;
+use tracer::Tracer;
+
+use crate::plan::{
+    self, Forwarding, RegionHistory, RegionPlan, Scored, Specialized, TriggerCandidate,
+};
+use crate::report::{
+    Hex, InvalidationJson, RegionRefJson, TriggerRefJson, VariantJson, MAX_ASM_LINES,
+};
+
+/// What one planning round did.
+#[derive(Debug, Default)]
+pub struct PlanOutcome {
+    pub installed: usize,
+    /// One line per thing that went wrong (the code is left alone in each case).
+    pub problems: Vec<String>,
+}
+
+/// Whether two processes may share one address space: yes when kcmp cannot tell, so forwarding stays off.
+pub fn shares_vm(a: Pid, b: Pid) -> bool {
+    tracer::same_address_space(a, b) != Some(false)
+}
+
+/// Per-region bookkeeping.
+#[derive(Debug, Default)]
+struct RegionState {
+    installs: u32,
+    live: Option<codecache::InstallId>,
+}
+
+impl RegionState {
+    fn history(&self) -> RegionHistory {
+        RegionHistory {
+            installs: self.installs,
+            live: self.live.is_some(),
+        }
+    }
+}
+
+/// The code cache of the specialized process and everything the report needs from it.
+pub struct Installer {
+    pub cache: Cache,
+    pub pid: Pid,
+    regions: HashMap<(Addr, Addr), RegionState>,
+    symbols: HashMap<(Addr, Addr), Option<String>>,
+    /// Invalidations so far, with their time since the session started.
+    invalidations: Vec<InvalidationJson>,
+    /// Last counters read from the target (the process may be gone when the report is written).
+    counters: Counters,
+    last_counters: Option<Instant>,
+    pub specialize_time: Duration,
+    pub install_time: Duration,
+    pub first_install: Option<Instant>,
+    /// Added to the cache's variant ids in the report, so ids stay unique across processes and execs.
+    id_base: u64,
+    /// Variants may forward stored values (see [`Installer::forwarding`]); false for good once a second thread
+    /// appeared.
+    forwarding_allowed: bool,
+    /// Live installs whose variants forward stored values.
+    forwarding_installs: BTreeSet<codecache::InstallId>,
+    /// Every install that forwarded stored values (for the report).
+    forwarding_ever: BTreeSet<codecache::InstallId>,
+    /// Each installed variant's code listing (for the report).
+    asm: HashMap<codecache::VariantId, Vec<String>>,
+}
+
+impl Installer {
+    /// A runtime for `pid`; its threads must be stopped (the guard set is created inside the target).
+    pub fn new(tr: &mut Tracer, pid: Pid, id_base: u64) -> Result<Installer, CacheError> {
+        let cache = Cache::new(tr, pid)?;
+        Ok(Installer {
+            pid: cache.pid(),
+            cache,
+            regions: HashMap::new(),
+            symbols: HashMap::new(),
+            invalidations: Vec::new(),
+            counters: Counters::default(),
+            last_counters: None,
+            specialize_time: Duration::ZERO,
+            install_time: Duration::ZERO,
+            first_install: None,
+            id_base,
+            forwarding_allowed: true,
+            forwarding_installs: BTreeSet::new(),
+            forwarding_ever: BTreeSet::new(),
+            asm: HashMap::new(),
+        })
+    }
+
+    /// Whether any variant is installed and alive.
+    pub fn has_live(&self) -> bool {
+        self.regions.values().any(|r| r.live.is_some())
+    }
+
+    /// Regions that may still be (re)specialized.
+    pub fn wants(&self, r: &RegionPlan) -> bool {
+        plan::wants(
+            self.regions
+                .get(&(r.start, r.end))
+                .map(RegionState::history)
+                .as_ref(),
+        )
+    }
+
+    /// Whether the region never had variants installed (hot code new to the planner).
+    pub fn is_new(&self, r: &RegionPlan) -> bool {
+        !self.regions.contains_key(&(r.start, r.end))
+    }
+
+    /// Whether a planning round could install anything for these regions.
+    pub fn wants_any(&self, regions: &[RegionPlan]) -> bool {
+        regions.iter().any(|r| self.wants(r))
+    }
+
+    /// Score the candidates of every region that wants a stub, specialize the best trigger's hot values and
+    /// install them. Threads run while specializing (the install compares page snapshots); they are stopped only
+    /// for the install. Failures are reported in the outcome and leave the program's code unchanged.
+    pub fn plan_and_install(
+        &mut self,
+        tr: &mut Tracer,
+        regions: &[RegionPlan],
+        constant: &BTreeSet<Addr>,
+    ) -> PlanOutcome {
+        let mut out = PlanOutcome::default();
+        for r in regions {
+            if !self.wants(r) {
+                continue;
+            }
+            self.symbols.insert((r.start, r.end), r.symbol.clone());
+            match self.plan_region(tr, r, constant) {
+                Ok(true) => out.installed += 1,
+                Ok(false) => {}
+                Err(e) => out.problems.push(format!(
+                    "not specializing {}: {e}",
+                    r.symbol.clone().unwrap_or_else(|| r.start.to_string())
+                )),
+            }
+        }
+        out
+    }
+
+    /// Where the variants planned now may forward stored values (`Options::forward_within`): the process's
+    /// private writable mappings, while it has exactly one thread and has never had another since forwarding
+    /// was first used; `None` otherwise. Another thread (or a process sharing the memory) could write a slot
+    /// between the variant's store and its reuse; signal handlers are covered by [`Installer::evacuate`].
+    fn forwarding(&self, tr: &Tracer) -> Forwarding {
+        if !self.forwarding_allowed || tr.threads(self.pid).len() != 1 {
+            return None;
+        }
+        // A process created with CLONE_VM (not a thread, so not counted above) writes the same memory.
+        if tr
+            .processes()
+            .into_iter()
+            .any(|p| p != self.pid && shares_vm(self.pid, p))
+        {
+            return None;
+        }
+        let maps = tracer::maps::read_maps(self.pid).ok()?;
+        let ranges: Vec<(Addr, Addr)> = maps
+            .iter()
+            .filter(|m| m.write && !m.shared)
+            .map(|m| (m.start, m.end))
+            .collect();
+        Some(ranges)
+    }
+
+    /// Whether variants that forward stored values are installed.
+    pub fn forwards(&self) -> bool {
+        !self.forwarding_installs.is_empty()
+    }
+
+    /// Before a signal handler runs on `tid` (stopped): move it out of variants that forward stored values, so
+    /// what the handler writes is seen when the thread continues. Returns whether it was moved.
+    pub fn evacuate(&self, tr: &mut Tracer, tid: Pid) -> Result<bool, CacheError> {
+        if self.forwarding_installs.is_empty() || tr.tgid(tid) != Some(self.pid) {
+            return Ok(false);
+        }
+        self.cache.evacuate(tr, tid, &self.forwarding_installs)
+    }
+
+    /// The process got a second thread (or shares its memory with another process): remove every install whose
+    /// variants forward stored values (threads stopped) and never forward again in this process. The regions
+    /// are planned again without forwarding. Returns how many installs were removed.
+    pub fn drop_forwarding(&mut self, tr: &mut Tracer) -> Result<usize, CacheError> {
+        self.forwarding_allowed = false;
+        let ids = std::mem::take(&mut self.forwarding_installs);
+        for id in &ids {
+            self.cache.uninstall(tr, *id)?;
+        }
+        for st in self.regions.values_mut() {
+            if st.live.is_some_and(|l| ids.contains(&l)) {
+                st.live = None;
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Returns Ok(true) when something was installed, Ok(false) when nothing was worth it.
+    fn plan_region(
+        &mut self,
+        tr: &mut Tracer,
+        r: &RegionPlan,
+        constant: &BTreeSet<Addr>,
+    ) -> Result<bool, String> {
+        let t0 = Instant::now();
+        let forward = self.forwarding(tr);
+        let arenas = self.cache.arena_ranges();
+        if arenas.iter().any(|(s, e)| r.start.0 < *e && *s < r.end.0) {
+            // Our own code: never specialize a variant.
+            return Ok(false);
+        }
+        let (scored, snapshots) = {
+            let mut mem =
+                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
+            mem.allow(constant.iter().copied());
+            let scored = plan::score_region(&mem, r, &forward, t0);
+            (scored, mem.snapshots())
+        };
+        self.specialize_time += t0.elapsed();
+        if scored.is_empty() {
+            return Ok(false);
+        }
+        let mut last_err = String::new();
+        for Scored {
+            candidate: cand,
+            specialized: variants,
+            ..
+        } in scored.into_iter().take(plan::MAX_INSTALL_TRIES)
+        {
+            match self.install_candidate(tr, r, &cand, variants, snapshots.clone()) {
+                Ok(()) => return Ok(true),
+                Err(InstallFailure::Changed(e)) => {
+                    // A page changed between reading and guarding it (it is being written right now): specialize
+                    // again with the threads stopped, so the guard covers exactly what was read.
+                    match self.install_stopped(tr, r, &cand, constant) {
+                        Ok(()) => return Ok(true),
+                        Err(e2) => last_err = format!("{e}; stopped retry: {e2}"),
+                    }
+                }
+                Err(InstallFailure::Other(e)) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Stop the threads, specialize `cand` and install it before they run again (no snapshot needed).
+    fn install_stopped(
+        &mut self,
+        tr: &mut Tracer,
+        r: &RegionPlan,
+        cand: &TriggerCandidate,
+        constant: &BTreeSet<Addr>,
+    ) -> Result<(), String> {
+        let t0 = Instant::now();
+        self.cache
+            .stop_all(tr)
+            .map_err(|e| format!("cannot stop the target: {e}"))?;
+        let forward = self.forwarding(tr);
+        let specialized = (|| -> Result<Specialized, String> {
+            let mut mem =
+                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
+            mem.allow(constant.iter().copied());
+            let consts = plan::region_constants(&mem, r);
+            Ok(plan::specialize_candidate(&mem, r, cand, &consts, &forward, t0).1)
+        })();
+        self.specialize_time += t0.elapsed();
+        let variants = match specialized {
+            Ok(v) if !v.variants.is_empty() => v,
+            Ok(_) => {
+                let _ = tr.resume_all();
+                return Err("nothing worth installing".into());
+            }
+            Err(e) => {
+                let _ = tr.resume_all();
+                return Err(e);
+            }
+        };
+        self.install_candidate(tr, r, cand, variants, Snapshots::new())
+            .map_err(|e| match e {
+                InstallFailure::Changed(s) | InstallFailure::Other(s) => s,
+            })
+    }
+
+    fn install_candidate(
+        &mut self,
+        tr: &mut Tracer,
+        r: &RegionPlan,
+        cand: &TriggerCandidate,
+        variants: Specialized,
+        snapshots: Snapshots,
+    ) -> Result<(), InstallFailure> {
+        let t1 = Instant::now();
+        let result = (|| -> Result<codecache::InstallId, InstallFailure> {
+            self.cache
+                .stop_all(tr)
+                .map_err(|e| InstallFailure::Other(format!("cannot stop the target: {e}")))?;
+            // Cache::install asserts this (invariant 6); a thread that is exiting may slip through stop_all.
+            let pid = self.pid;
+            if !tr.threads(pid).iter().all(|t| tr.is_stopped(*t)) {
+                let _ = tr.resume_all();
+                return Err(InstallFailure::Other(
+                    "a thread could not be stopped; not installing".into(),
+                ));
+            }
+            if variants.forwards && tr.threads(pid).len() != 1 {
+                // A thread appeared since planning: its event (handled next) would remove the install anyway.
+                let _ = tr.resume_all();
+                return Err(InstallFailure::Other(
+                    "a thread appeared while specializing; not installing".into(),
+                ));
+            }
+            let forwards = variants.forwards;
+            let listings: Vec<(Option<u64>, Vec<String>)> = variants
+                .variants
+                .iter()
+                .map(|(value, v)| {
+                    let mut l = v.residual_asm();
+                    l.truncate(MAX_ASM_LINES);
+                    (*value, l)
+                })
+                .collect();
+            let res = self
+                .cache
+                .install(
+                    tr,
+                    InstallRequest {
+                        trigger: cand.address,
+                        register: Some(cand.register),
+                        assumed: variants.assumed,
+                        region: (r.start, r.end),
+                        variants: variants.variants,
+                        snapshots,
+                    },
+                )
+                .map_err(|e| {
+                    let msg = format!("install at {}: {e}", cand.address);
+                    match e {
+                        CacheError::Unguardable(..) if msg.contains("changed") => {
+                            InstallFailure::Changed(msg)
+                        }
+                        _ => InstallFailure::Other(msg),
+                    }
+                });
+            // Resume whatever happened: the program must go on.
+            let resumed = tr.resume_all();
+            let id = res?;
+            for info in self
+                .cache
+                .variants()
+                .into_iter()
+                .filter(|i| i.install == id)
+            {
+                if let Some((_, l)) = listings.iter().find(|(v, _)| *v == info.value) {
+                    self.asm.insert(info.id, l.clone());
+                }
+            }
+            if forwards {
+                self.forwarding_installs.insert(id);
+                self.forwarding_ever.insert(id);
+            }
+            resumed.map_err(|e| InstallFailure::Other(format!("cannot resume the target: {e}")))?;
+            Ok(id)
+        })();
+        self.install_time += t1.elapsed();
+        let id = result?;
+        let st = self.regions.entry((r.start, r.end)).or_default();
+        st.installs += 1;
+        st.live = Some(id);
+        self.first_install.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Record invalidations (the regions whose variants all died may be specialized again).
+    pub fn record_invalidations(&mut self, invs: &[Invalidation], since: Instant) {
+        let ms = since.elapsed().as_millis() as u64;
+        for inv in invs {
+            self.invalidations.push(InvalidationJson {
+                page: Hex(inv.page.0),
+                time_ms: ms,
+                variants: inv.variants.iter().map(|v| self.id_base + v.0).collect(),
+            });
+        }
+        let infos = self.cache.variants();
+        for st in self.regions.values_mut() {
+            if let Some(id) = st.live {
+                if !infos.iter().any(|v| v.install == id && v.alive) {
+                    st.live = None;
+                }
+            }
+        }
+    }
+
+    /// Read the entry counters now and then (they are gone with the process).
+    pub fn refresh_counters(&mut self, tr: &Tracer, every: Duration) {
+        if self.cache.variants().is_empty() {
+            return;
+        }
+        if self.last_counters.is_some_and(|t| t.elapsed() < every) {
+            return;
+        }
+        if let Ok(c) = self.cache.counters(tr) {
+            self.counters = c;
+        }
+        self.last_counters = Some(Instant::now());
+    }
+
+    /// Read the counters right away (before uninstalling or forgetting).
+    pub fn read_counters(&mut self, tr: &Tracer) {
+        self.last_counters = None;
+        self.refresh_counters(tr, Duration::ZERO);
+    }
+
+    /// The report's view of every variant installed so far.
+    pub fn variants_json(&self) -> Vec<VariantJson> {
+        self.cache
+            .variants()
+            .into_iter()
+            .map(|v| VariantJson {
+                id: self.id_base + v.id.0,
+                region: RegionRefJson {
+                    start: Hex(v.region.0 .0),
+                    end: Hex(v.region.1 .0),
+                    symbol: self.symbols.get(&v.region).cloned().flatten(),
+                },
+                trigger: v.register.map(|g| TriggerRefJson {
+                    address: Hex(v.trigger.0),
+                    register: g.name().to_string(),
+                }),
+                value: v.value.map(Hex),
+                code_bytes: v.code_bytes as u64,
+                code_address: Some(Hex(v.base.0)),
+                folded: v.folded as u64,
+                residual: v.residual as u64,
+                guard_pages: v.guard_pages.iter().map(|p| Hex(p.0)).collect(),
+                entries: self.counters.entries.get(&v.id).copied().unwrap_or(0),
+                invalidated: !v.alive,
+                forwards_stores: self.forwarding_ever.contains(&v.install),
+                asm: self.asm.get(&v.id).cloned().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// Invalidations so far.
+    pub fn invalidations_json(&self) -> Vec<InvalidationJson> {
+        self.invalidations.clone()
+    }
+}
+
+type Snapshots = std::collections::BTreeMap<Addr, Vec<u8>>;
+
+/// Why an install did not happen.
+enum InstallFailure {
+    /// A page changed between specializing and guarding: worth retrying with the threads stopped.
+    Changed(String),
+    Other(String),
+}

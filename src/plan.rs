@@ -1,0 +1,356 @@
+//! Planning: hot regions and their value profiles in, what to specialize out.
+//!
+//! Every decision here is a pure function of typed inputs (the profile's [`RegionProfile`]s, the pages trusted
+//! as constant, a [`Memory`] to read code and data through), so each is unit-tested without a live process. The
+//! installer ([`crate::install`]) only carries the chosen plan out.
+//!
+//! The trigger choice follows the 2003 algorithm (ARCHITECTURE.md, "Planning"): for each candidate trigger and
+//! its hottest values, run the specializer and count what it folds; benefit = folded work x sample frequency;
+//! the best candidate gets a variant for each of its hot values.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use crate::x86::{entry_constants, registers_named};
+use specializer::{Addr, Gpr, KnownState, Memory, Options, Request, Stats, Variant};
+
+use crate::profile::{RegionProfile, TriggerProfile};
+
+/// Regions below this share of the samples are not worth a stub.
+pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;
+/// Hot values specialized per trigger (one variant each).
+pub const MAX_VALUES: usize = 24;
+/// Trigger candidates scored per region (each costs one specialization per hot value).
+pub const MAX_SCORED: usize = 10;
+/// Hottest values per candidate specialized to score it (the best candidate then gets all its values).
+pub const SCORE_VALUES: usize = 2;
+/// Candidates tried for installation per region when the best one cannot be patched.
+pub const MAX_INSTALL_TRIES: usize = 3;
+/// Installs per region over the whole run: after this many invalidations the region is left alone.
+pub const MAX_INSTALLS_PER_REGION: u32 = 4;
+/// A value must cover at least this share of its candidate's samples to get a variant of its own.
+pub const MIN_VALUE_SHARE: f64 = 0.01;
+/// Samples a value needs to count as hot.
+pub const MIN_VALUE_SAMPLES: u64 = 3;
+/// The hot values given variants must cover at least this share of a trigger's samples.
+pub const MIN_COVERAGE: f64 = 0.5;
+/// A variant must fold at least this many instructions to pay for its dispatch stub...
+pub const MIN_FOLDED: usize = 12;
+/// ...and at least this share of what it visits: entering a variant that folds little costs more than it saves.
+pub const MIN_FOLD_RATIO: f64 = 0.25;
+/// Code size cap per variant.
+pub const MAX_VARIANT_BYTES: usize = 16 * 1024;
+/// Time one planning round may spend specializing (the program runs meanwhile, but a core is busy).
+pub const PLAN_BUDGET: Duration = Duration::from_millis(1000);
+/// A register is assumed at a mid-function trigger (known to the specializer, checked by the stub) only when
+/// this many samples there saw it, all with one value.
+pub const MIN_ASSUMED_SAMPLES: u64 = 20;
+
+/// A candidate trigger: a register read at `address` and its hot values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TriggerCandidate {
+    pub address: Addr,
+    pub register: Gpr,
+    /// (value, samples), hottest first.
+    pub values: Vec<(u64, u64)>,
+}
+
+/// A hot region and its trigger candidates (best first, from the value profile).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegionPlan {
+    pub start: Addr,
+    pub end: Addr,
+    pub symbol: Option<String>,
+    pub candidates: Vec<TriggerCandidate>,
+    /// Per candidate address: registers the profile saw holding one single value there
+    /// ([`crate::profile::Profiler::stable_registers`]).
+    pub stable: Vec<(Addr, Vec<(Gpr, u64)>)>,
+}
+
+/// Where variants may forward stored values: `None` nowhere, else these address ranges (and `rsp` slots).
+pub type Forwarding = Option<Vec<(Addr, Addr)>>;
+
+/// Trigger candidates from a region's value profile: hot values as (value, samples), rare values dropped, at most
+/// [`MAX_VALUES`]; candidates whose hot values cover too little of their samples are dropped.
+pub fn candidates_of(triggers: &[TriggerProfile]) -> Vec<TriggerCandidate> {
+    triggers
+        .iter()
+        .filter(|t| t.register != Gpr::Rsp && t.samples > 0)
+        .filter_map(|t| {
+            // A value seen only once or twice is noise (a random number), not a hot value.
+            let values: Vec<(u64, u64)> = t
+                .top_values
+                .iter()
+                .filter(|&&(_, c)| {
+                    c as f64 / t.samples as f64 >= MIN_VALUE_SHARE && c >= MIN_VALUE_SAMPLES
+                })
+                .take(MAX_VALUES)
+                .copied()
+                .collect();
+            // The stub falls back for every other value: a trigger whose hot values cover little is not one.
+            let covered: f64 = values
+                .iter()
+                .map(|&(_, c)| c as f64 / t.samples as f64)
+                .sum();
+            if values.is_empty() || covered < MIN_COVERAGE {
+                return None;
+            }
+            Some(TriggerCandidate {
+                address: t.address,
+                register: t.register,
+                values,
+            })
+        })
+        .collect()
+}
+
+/// The regions worth planning: at least [`MIN_SPECIALIZE_SHARE`] of the samples and one trigger candidate.
+/// `stable(address)` gives the registers the profile saw holding one value at a candidate's address.
+pub fn regions_to_plan(
+    profiles: Vec<RegionProfile>,
+    stable: impl Fn(Addr) -> Vec<(Gpr, u64)>,
+) -> Vec<RegionPlan> {
+    profiles
+        .into_iter()
+        .filter(|p| p.region.share >= MIN_SPECIALIZE_SHARE)
+        .map(|p| {
+            let candidates = candidates_of(&p.triggers);
+            let stable = candidates
+                .iter()
+                .map(|c| (c.address, stable(c.address)))
+                .collect();
+            RegionPlan {
+                start: p.region.start,
+                end: p.region.end,
+                symbol: p.region.symbol,
+                candidates,
+                stable,
+            }
+        })
+        .filter(|r| !r.candidates.is_empty())
+        .collect()
+}
+
+/// What the installer remembers about a region across planning rounds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RegionHistory {
+    /// Installs so far (each one was later invalidated, unless it is `live`).
+    pub installs: u32,
+    /// Whether variants of the region are installed and alive.
+    pub live: bool,
+}
+
+/// Whether a region may be (re)specialized: never specialized, or its variants died and it has installs left.
+pub fn wants(history: Option<&RegionHistory>) -> bool {
+    match history {
+        None => true,
+        Some(h) => !h.live && h.installs < MAX_INSTALLS_PER_REGION,
+    }
+}
+
+/// Specializer options for a variant planned now.
+pub fn options(forward: &Forwarding) -> Options {
+    Options {
+        // Bounds the time one specialization takes (the planner runs several); hot loops fit easily.
+        max_code_bytes: MAX_VARIANT_BYTES,
+        forward_stores: forward.is_some(),
+        forward_within: forward.clone(),
+        ..Options::default()
+    }
+}
+
+/// Whether a variant folds enough to pay for its stub and its exits. One that folds no memory read only re-derives
+/// what the registers already say (the CPU's predictors do that well): it pays with nothing to show.
+pub fn worth_a_stub(st: &Stats) -> bool {
+    let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
+    st.folded >= MIN_FOLDED && ratio >= MIN_FOLD_RATIO && st.folded_loads > 0
+}
+
+/// The variants of one trigger and the registers (besides the trigger register) they assume.
+#[derive(Debug)]
+pub struct Specialized {
+    pub variants: Vec<(Option<u64>, Variant)>,
+    pub assumed: Vec<(Gpr, u64)>,
+    /// Specialized with store forwarding on.
+    pub forwards: bool,
+}
+
+/// A scored candidate: its estimated benefit (over all its hot values) and the variants compiled so far.
+#[derive(Debug)]
+pub struct Scored {
+    pub estimate: f64,
+    pub candidate: TriggerCandidate,
+    pub specialized: Specialized,
+}
+
+/// Registers a function sets to a constant at its entry (see [`entry_constants`]); only for real functions
+/// (symbols), whose entry is known.
+pub fn region_constants(mem: &dyn Memory, r: &RegionPlan) -> Vec<(Gpr, u64, Addr)> {
+    if r.symbol.is_some() {
+        entry_constants(mem, r.start, r.end)
+    } else {
+        Vec::new()
+    }
+}
+
+/// Score each candidate of `r` on its hottest values, then specialize every hot value of the best one (most of a
+/// planning round's time is specialization, and losers need not be compiled in full). Best first; candidates that
+/// fold nothing worth a stub are left out. Stops scoring once `t0` is [`PLAN_BUDGET`] old.
+pub fn score_region(
+    mem: &dyn Memory,
+    r: &RegionPlan,
+    forward: &Forwarding,
+    t0: Instant,
+) -> Vec<Scored> {
+    let consts = region_constants(mem, r);
+    let mut estimates: Vec<(f64, &TriggerCandidate, Specialized)> = Vec::new();
+    for c in r.candidates.iter().take(MAX_SCORED) {
+        if t0.elapsed() > PLAN_BUDGET {
+            break;
+        }
+        if c.address < r.start || c.address >= r.end {
+            continue;
+        }
+        let probe = TriggerCandidate {
+            values: c.values.iter().take(SCORE_VALUES).copied().collect(),
+            ..c.clone()
+        };
+        let (benefit, variants) = specialize_candidate(mem, r, &probe, &consts, forward, t0);
+        if benefit <= 0.0 || variants.variants.is_empty() {
+            continue;
+        }
+        // Extrapolate to all its values by their samples.
+        let probed: u64 = probe.values.iter().map(|v| v.1).sum();
+        let all: u64 = c.values.iter().map(|v| v.1).sum();
+        let estimate = benefit * all as f64 / probed.max(1) as f64;
+        estimates.push((estimate, c, variants));
+    }
+    estimates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut scored = Vec::new();
+    for (i, (estimate, c, mut variants)) in estimates.into_iter().enumerate() {
+        if i == 0 && c.values.len() > SCORE_VALUES {
+            let rest = TriggerCandidate {
+                values: c.values.iter().skip(SCORE_VALUES).copied().collect(),
+                ..c.clone()
+            };
+            let (_, more) = specialize_candidate(mem, r, &rest, &consts, forward, t0);
+            variants.variants.extend(more.variants);
+        }
+        // Others keep their probed variants only: a fallback when the best one cannot be installed.
+        scored.push(Scored {
+            estimate,
+            candidate: c.clone(),
+            specialized: variants,
+        });
+    }
+    scored
+}
+
+/// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an
+/// interpreter's bytecode base, which bytecode jump targets are computed from) and that some instruction of the
+/// region names as an operand (a caller's callee-saved register the region never touches cannot help folding,
+/// and every assumed register costs a compare on each entry), except the trigger register and entry constants
+/// (known without a check). At a function entry the arguments change per call: none.
+pub fn assumed_for(
+    mem: &dyn Memory,
+    r: &RegionPlan,
+    c: &TriggerCandidate,
+    consts: &[(Gpr, u64, Addr)],
+) -> Vec<(Gpr, u64)> {
+    if c.address == r.start {
+        return Vec::new();
+    }
+    let named = registers_named(mem, r.start, r.end);
+    let mut out: Vec<(Gpr, u64)> = Vec::new();
+    let regs = r
+        .stable
+        .iter()
+        .filter(|(a, _)| *a == c.address)
+        .flat_map(|(_, regs)| regs.iter().copied());
+    for (g, v) in regs {
+        let constant = consts
+            .iter()
+            .any(|(k, _, after)| *k == g && c.address >= *after);
+        let wanted = named & (1 << g.index()) != 0;
+        if wanted
+            && g != Gpr::Rsp
+            && g != c.register
+            && !constant
+            && !out.iter().any(|(h, _)| *h == g)
+        {
+            out.push((g, v));
+        }
+    }
+    out
+}
+
+/// Specialize the region at `c` for each hot value of its register (plus the entry constants where they hold,
+/// and the registers assumed there); returns the benefit (folded instructions weighted by value frequency) and
+/// the variants worth a stub.
+pub fn specialize_candidate(
+    mem: &dyn Memory,
+    r: &RegionPlan,
+    c: &TriggerCandidate,
+    consts: &[(Gpr, u64, Addr)],
+    forward: &Forwarding,
+    t0: Instant,
+) -> (f64, Specialized) {
+    let opts = options(forward);
+    let assumed = assumed_for(mem, r, c, consts);
+    let mut benefit = 0.0;
+    let mut variants = Vec::new();
+    for &(value, samples) in &c.values {
+        if t0.elapsed() > PLAN_BUDGET {
+            break;
+        }
+        let mut known = KnownState::default();
+        for (g, v, after) in consts {
+            // Only where every path from the entry has executed the defining instruction.
+            if c.address >= *after && *g != c.register {
+                known.set_reg(*g, Some(*v));
+            }
+        }
+        for (g, v) in &assumed {
+            known.set_reg(*g, Some(*v));
+        }
+        known.set_reg(c.register, Some(value));
+        let req = Request {
+            entry: c.address,
+            region_start: r.start,
+            region_end: r.end,
+            known,
+            options: opts.clone(),
+        };
+        let Ok(var) = specializer::specialize(&req, mem) else {
+            continue;
+        };
+        if !worth_a_stub(&var.stats) {
+            continue;
+        }
+        // Folded work x how often the trigger runs with this value (ARCHITECTURE.md, "Planning"): a trigger on
+        // the loop head beats one on a rarely taken path that folds as much.
+        benefit += samples as f64 * var.stats.folded as f64;
+        variants.push((Some(value), var));
+    }
+    (
+        benefit,
+        Specialized {
+            variants,
+            assumed,
+            forwards: forward.is_some(),
+        },
+    )
+}
+
+/// Pages the store profile saw watched but never written: constant as long as they are guarded.
+pub fn constant_pages(watched: &BTreeSet<Addr>, written: &BTreeSet<Addr>) -> BTreeSet<Addr> {
+    watched
+        .iter()
+        .filter(|p| !written.contains(p))
+        .map(|p| p.page())
+        .collect()
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

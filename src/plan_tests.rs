@@ -1,0 +1,304 @@
+//! Planner decisions, from a profile to a plan, without a live process.
+
+use super::*;
+use crate::profile::{HotRegion, Location, ProfileEnv, Profiler};
+use nix::unistd::Pid;
+use specializer::MemoryError;
+use tracer::sampler::Sample;
+
+/// Code at 0x1000 and constant data at 0x2000 (64 bytes 0, 1, 2, ...): a target for planner decisions.
+struct CodeAndData(Vec<u8>, Vec<u8>);
+
+impl Memory for CodeAndData {
+    fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let (base, bytes) = if addr.0 >= 0x2000 {
+            (0x2000, &self.1)
+        } else {
+            (0x1000, &self.0)
+        };
+        let off = addr.0.wrapping_sub(base) as usize;
+        match bytes.get(off..off + buf.len()) {
+            Some(b) => {
+                buf.copy_from_slice(b);
+                Ok(())
+            }
+            None => Err(MemoryError::Unreadable(addr)),
+        }
+    }
+    fn is_constant(&self, page: Addr) -> bool {
+        page.0 == 0x2000
+    }
+}
+
+impl ProfileEnv for CodeAndData {
+    fn locate(&mut self, _pid: Pid, ip: Addr) -> Location {
+        if ip.0 >= 0x1000 && ip.0 < 0x1000 + self.0.len() as u64 {
+            Location::Symbol {
+                module: "/bin/interp".into(),
+                name: "run".into(),
+                start: Addr(0x1000),
+                end: Addr(0x1000 + self.0.len() as u64),
+            }
+        } else {
+            Location::Unknown
+        }
+    }
+    fn read_code(&mut self, _pid: Pid, addr: Addr, buf: &mut [u8]) -> usize {
+        let off = addr.0.wrapping_sub(0x1000) as usize;
+        let avail = self.0.len().saturating_sub(off).min(buf.len());
+        if off < self.0.len() {
+            buf[..avail].copy_from_slice(&self.0[off..off + avail]);
+        }
+        avail
+    }
+}
+
+/// 16 x (lea rcx, [rdi+8]; mov rdi, rcx), ret: everything folded is register arithmetic on rdi.
+fn registers_only() -> Vec<u8> {
+    let mut code = Vec::new();
+    for _ in 0..16 {
+        code.extend([0x48, 0x8d, 0x4f, 0x08]); // lea rcx, [rdi+8]
+        code.extend([0x48, 0x89, 0xcf]); // mov rdi, rcx
+    }
+    code.push(0xc3); // ret
+    code
+}
+
+/// `mov rax, [rdi]` (a load through the trigger from constant data) in front of [`registers_only`].
+fn load_then_registers() -> Vec<u8> {
+    let mut code = vec![0x48, 0x8b, 0x07]; // mov rax, [rdi]
+    code.extend(registers_only());
+    code
+}
+
+fn data() -> Vec<u8> {
+    (0..64u8).collect()
+}
+
+fn region_of(code: &[u8], candidates: Vec<TriggerCandidate>) -> RegionPlan {
+    RegionPlan {
+        start: Addr(0x1000),
+        end: Addr(0x1000 + code.len() as u64),
+        symbol: Some("run".into()),
+        candidates,
+        stable: Vec::new(),
+    }
+}
+
+fn rdi_at_entry(values: Vec<(u64, u64)>) -> TriggerCandidate {
+    TriggerCandidate {
+        address: Addr(0x1000),
+        register: Gpr::Rdi,
+        values,
+    }
+}
+
+fn trigger(register: Gpr, samples: u64, top_values: Vec<(u64, u64)>) -> TriggerProfile {
+    TriggerProfile {
+        address: Addr(0x1000),
+        register,
+        samples,
+        distinct: top_values.len() as u64,
+        coverage: top_values.iter().map(|v| v.1).sum::<u64>() as f64 / samples as f64,
+        top_values,
+    }
+}
+
+#[test]
+fn candidates_keep_hot_values_and_drop_noise() {
+    // Ten values with 90 samples each and ten seen once: the rare ones are noise.
+    let mut top: Vec<(u64, u64)> = (0..10).map(|i| (0x5000 + i, 90)).collect();
+    top.extend((10..20).map(|i| (0x5000 + i, 1)));
+    let c = candidates_of(&[trigger(Gpr::Rax, 910, top)]);
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].register, Gpr::Rax);
+    assert_eq!(c[0].values.len(), 10);
+    assert_eq!(c[0].values[0], (0x5000, 90));
+    assert!(c[0].values.iter().all(|v| v.1 >= MIN_VALUE_SAMPLES));
+}
+
+#[test]
+fn candidates_cap_their_values() {
+    let top: Vec<(u64, u64)> = (0..40).map(|i| (i, 25)).collect();
+    let c = candidates_of(&[trigger(Gpr::Rcx, 1000, top)]);
+    assert_eq!(c[0].values.len(), MAX_VALUES);
+}
+
+#[test]
+fn triggers_whose_hot_values_cover_little_are_not_candidates() {
+    // 4 hot values cover 40% of the samples; the stub would fall back most of the time.
+    let top: Vec<(u64, u64)> = (0..4).map(|i| (i, 100)).collect();
+    assert!(candidates_of(&[trigger(Gpr::Rcx, 1000, top)]).is_empty());
+    // The stack pointer is never a trigger.
+    assert!(candidates_of(&[trigger(Gpr::Rsp, 100, vec![(0x7fff_0000, 100)])]).is_empty());
+}
+
+#[test]
+fn regions_to_plan_need_a_share_and_a_candidate() {
+    let region = |start: u64, share: f64| HotRegion {
+        module: "/bin/x".into(),
+        symbol: None,
+        start: Addr(start),
+        end: Addr(start + 0x100),
+        samples: (share * 1000.0) as u64,
+        share,
+    };
+    let good = trigger(Gpr::Rdi, 100, vec![(0x2000, 100)]);
+    let profiles = vec![
+        RegionProfile {
+            region: region(0x1000, 0.5),
+            triggers: vec![good.clone()],
+        },
+        // Too cold for a stub.
+        RegionProfile {
+            region: region(0x3000, MIN_SPECIALIZE_SHARE / 2.0),
+            triggers: vec![good],
+        },
+        // Hot, but no predictable value.
+        RegionProfile {
+            region: region(0x4000, 0.4),
+            triggers: Vec::new(),
+        },
+    ];
+    let plans = regions_to_plan(profiles, |a| vec![(Gpr::Rbx, a.0)]);
+    assert_eq!(plans.len(), 1);
+    assert_eq!(plans[0].start, Addr(0x1000));
+    assert_eq!(plans[0].candidates[0].register, Gpr::Rdi);
+    assert_eq!(
+        plans[0].stable,
+        vec![(Addr(0x1000), vec![(Gpr::Rbx, 0x1000)])]
+    );
+}
+
+#[test]
+fn a_region_is_planned_again_only_while_it_has_installs_left() {
+    assert!(wants(None));
+    let live = RegionHistory {
+        installs: 1,
+        live: true,
+    };
+    assert!(!wants(Some(&live)), "live variants are not replaced");
+    let invalidated = RegionHistory {
+        installs: 1,
+        live: false,
+    };
+    assert!(wants(Some(&invalidated)));
+    let exhausted = RegionHistory {
+        installs: MAX_INSTALLS_PER_REGION,
+        live: false,
+    };
+    assert!(!wants(Some(&exhausted)));
+}
+
+#[test]
+fn variants_that_fold_no_memory_read_are_not_worth_installing() {
+    let planned = |code: Vec<u8>| {
+        let c = rdi_at_entry(vec![(0x2000, 100)]);
+        let r = region_of(&code, vec![c.clone()]);
+        let mem = CodeAndData(code, data());
+        specialize_candidate(&mem, &r, &c, &[], &None, Instant::now())
+            .1
+            .variants
+            .len()
+    };
+    assert_eq!(planned(registers_only()), 0);
+    // The same with a read of the constant data through the trigger register in front: worth it.
+    assert_eq!(planned(load_then_registers()), 1);
+}
+
+#[test]
+fn the_best_candidate_comes_first_and_gets_all_its_hot_values() {
+    let code = load_then_registers();
+    // rdi folds the load and everything after it; rax is overwritten by the first instruction: folds nothing.
+    let rdi = rdi_at_entry(vec![(0x2000, 50), (0x2008, 30), (0x2010, 20)]);
+    let rax = TriggerCandidate {
+        register: Gpr::Rax,
+        ..rdi_at_entry(vec![(7, 90), (8, 10)])
+    };
+    // A candidate outside the region is ignored.
+    let outside = TriggerCandidate {
+        address: Addr(0x9000),
+        ..rdi.clone()
+    };
+    let r = region_of(&code, vec![rax, outside, rdi.clone()]);
+    let mem = CodeAndData(code, data());
+    let scored = score_region(&mem, &r, &None, Instant::now());
+    assert_eq!(scored.len(), 1, "only rdi folds anything worth a stub");
+    assert_eq!(scored[0].candidate, rdi);
+    // Scored on its two hottest values, then specialized for all three.
+    let values: Vec<Option<u64>> = scored[0].specialized.variants.iter().map(|v| v.0).collect();
+    assert_eq!(values, vec![Some(0x2000), Some(0x2008), Some(0x2010)]);
+    assert!(scored[0].estimate > 0.0);
+}
+
+#[test]
+fn nothing_is_assumed_at_a_function_entry_and_only_named_registers_mid_function() {
+    let code = load_then_registers();
+    let mem = CodeAndData(code.clone(), data());
+    let entry = rdi_at_entry(vec![(0x2000, 100)]);
+    let mid = TriggerCandidate {
+        address: Addr(0x1003),
+        ..entry.clone()
+    };
+    let mut r = region_of(&code, vec![entry.clone(), mid.clone()]);
+    // rbx is never named by the region; rcx is; rdi is the trigger itself.
+    let stable = vec![(Gpr::Rbx, 1), (Gpr::Rcx, 2), (Gpr::Rdi, 0x2000)];
+    r.stable = vec![(Addr(0x1000), stable.clone()), (Addr(0x1003), stable)];
+    assert!(assumed_for(&mem, &r, &entry, &[]).is_empty());
+    assert_eq!(assumed_for(&mem, &r, &mid, &[]), vec![(Gpr::Rcx, 2)]);
+    // An entry constant is known without a check: not assumed.
+    let consts = [(Gpr::Rcx, 2, Addr(0x1000))];
+    assert!(assumed_for(&mem, &r, &mid, &consts).is_empty());
+}
+
+#[test]
+fn constant_pages_are_watched_minus_written() {
+    let set = |v: &[u64]| v.iter().map(|&p| Addr(p)).collect::<BTreeSet<Addr>>();
+    let c = constant_pages(&set(&[0x1000, 0x2000, 0x3000]), &set(&[0x2000]));
+    assert_eq!(c, set(&[0x1000, 0x3000]));
+}
+
+fn sample(ip: u64, rdi: u64, noise: u64) -> Sample {
+    let mut regs = [0u64; 16];
+    regs[Gpr::Rsp.index()] = 0x7fff_0000;
+    regs[Gpr::Rdi.index()] = rdi;
+    regs[Gpr::Rax.index()] = noise;
+    Sample {
+        pid: Pid::from_raw(10),
+        tid: Pid::from_raw(10),
+        ip: Addr(ip),
+        regs,
+        flags: 0x202,
+    }
+}
+
+/// Profile in, plan out: samples of an interpreter-like function whose loads go through rdi (two hot values)
+/// become a plan whose best trigger is rdi, with a variant per hot value.
+#[test]
+fn samples_become_a_plan() {
+    let mut mem = CodeAndData(load_then_registers(), data());
+    let mut p = Profiler::new();
+    let samples: Vec<Sample> = (0..400u64)
+        .map(|i| {
+            let rdi = if i % 4 == 0 { 0x2008 } else { 0x2000 };
+            // rax is overwritten right there: random values.
+            sample(0x1000, rdi, i.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        })
+        .collect();
+    p.ingest(&samples, &mut mem);
+    let plans = regions_to_plan(p.region_profiles(), |a| {
+        p.stable_registers(a.0, MIN_ASSUMED_SAMPLES)
+    });
+    assert_eq!(plans.len(), 1);
+    let r = &plans[0];
+    assert_eq!((r.start, r.symbol.as_deref()), (Addr(0x1000), Some("run")));
+    let scored = score_region(&mem, r, &None, Instant::now());
+    let best = &scored[0];
+    assert_eq!(best.candidate.register, Gpr::Rdi);
+    assert_eq!(best.candidate.values, vec![(0x2000, 300), (0x2008, 100)]);
+    assert_eq!(best.specialized.variants.len(), 2);
+    // The variants relied on the bytecode page and nothing else.
+    for (_, v) in &best.specialized.variants {
+        assert_eq!(v.guard_pages, vec![Addr(0x2000)]);
+    }
+}
