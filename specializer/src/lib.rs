@@ -36,13 +36,11 @@ mod engine;
 pub mod insn_info;
 #[cfg(test)]
 mod native_tests;
-mod score;
 mod sem;
 pub mod snippet;
 mod types;
 mod variant;
 
 pub use engine::{modelled_mnemonics, specialize};
-pub use score::{score_trigger, TriggerCandidate, TriggerScore, ValueScore};
 pub use types::*;
 pub use variant::{Encoded, Variant};
