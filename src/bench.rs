@@ -1,7 +1,7 @@
 //! `dynspec bench` and `dynspec demo`: native and specialized runs side by side, checked equal, timed.
 
 use std::ffi::{OsStr, OsString};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -56,27 +56,16 @@ fn describe(o: &Output) -> String {
 }
 
 /// A private temporary directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Result<Scratch> {
-        let base = std::env::temp_dir();
-        for k in 0..100u32 {
-            let p = base.join(format!("dynspec-{tag}-{}-{k}", std::process::id()));
-            match std::fs::create_dir(&p) {
-                Ok(()) => return Ok(Scratch(p)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(e).with_context(|| format!("cannot create {}", p.display())),
-            }
-        }
-        bail!("cannot create a temporary directory in {}", base.display())
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn scratch(tag: &str) -> Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(&format!("dynspec-{tag}-"))
+        .tempdir()
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory in {}",
+                std::env::temp_dir().display()
+            )
+        })
 }
 
 /// Medians of `n` alternated native / `dynspec run -q` runs of `argv` (outputs checked equal).
@@ -146,8 +135,8 @@ pub fn bench(argv: &[OsString], n: u32, report: &Path, progress: bool) -> Result
 
 /// `dynspec bench`.
 pub fn run_bench(argv: &[OsString], n: u32, quiet: bool) -> Result<()> {
-    let dir = Scratch::new("bench")?;
-    let r = bench(argv, n, &dir.0.join("report.json"), !quiet)?;
+    let dir = scratch("bench")?;
+    let r = bench(argv, n, &dir.path().join("report.json"), !quiet)?;
     println!(
         "native median {:.3} s, dynspec median {:.3} s, speedup {:.2}x",
         r.native,
@@ -159,10 +148,10 @@ pub fn run_bench(argv: &[OsString], n: u32, quiet: bool) -> Result<()> {
 
 /// `dynspec demo`: build the bundled switch interpreter, run it natively and under dynspec.
 pub fn run_demo(report: &Path) -> Result<()> {
-    let dir = Scratch::new("demo")?;
-    let src = dir.0.join("interp_switch.c");
+    let dir = scratch("demo")?;
+    let src = dir.path().join("interp_switch.c");
     std::fs::write(&src, DEMO_SOURCE).context("cannot write the demo source")?;
-    let exe = dir.0.join("interp_switch");
+    let exe = dir.path().join("interp_switch");
     let st = Command::new("gcc")
         .args(["-O2", "-g", "-pthread", "-o"])
         .arg(&exe)

@@ -8,7 +8,6 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -184,47 +183,32 @@ pub fn wait_with_limit(child: &mut Child, limit: Duration) -> Option<ExitStatus>
     }
 }
 
-/// A directory under the system temp dir, deleted with its contents on drop.
-pub struct TempDir {
-    path: PathBuf,
-}
+/// A directory under the system temp dir, deleted with its contents on drop (the `tempfile` crate's).
+pub struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     /// Creates a fresh, uniquely named directory.
     pub fn new() -> TempDir {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "dynspec-test-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
+        let d = tempfile::Builder::new()
+            .prefix("dynspec-test-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("create a temporary directory: {e}"));
+        TempDir(d)
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.0.path()
     }
 
     /// `self.path()/name`.
     pub fn join(&self, name: &str) -> PathBuf {
-        self.path.join(name)
+        self.0.path().join(name)
     }
 }
 
 impl Default for TempDir {
     fn default() -> Self {
         TempDir::new()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
