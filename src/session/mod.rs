@@ -78,7 +78,7 @@ pub struct SessionConfig {
 /// How the session ended.
 #[derive(Debug)]
 pub enum Outcome {
-    /// The root process exited (run mode): pass its status on.
+    /// The root process exited: in run mode pass its status on (in attach mode the session reports `Detached`).
     Exited(ExitStatus),
     /// Attach mode: detached, the process keeps running.
     Detached,
@@ -86,7 +86,8 @@ pub enum Outcome {
     Interrupted(i32),
 }
 
-/// Where the store profile is.
+/// Where the session is in its cycle: sampling, write-watching, planning (and installing), idle between
+/// periodic looks, or resampling after an invalidation. Each timed phase ends at `until`; `advance_phase` moves on.
 enum Phase {
     /// Sampling only, until the first window elapses.
     Sampling { until: Instant },
