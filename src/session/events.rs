@@ -103,19 +103,13 @@ impl Session {
                 self.resume_quiet(pid, None);
             }
             Event::ThreadExited { tid } => {
-                self.sampler.remove_thread(tid);
-                for set in self.threads_of.values_mut() {
-                    set.remove(&tid);
-                }
+                self.sampling.thread_exited(tid);
             }
             Event::Exited { pid, status } => {
                 if pid == self.root {
                     return Ok(Some(Outcome::Exited(status)));
                 }
-                // Release the rings (fds, memory) of a finished child: fork-heavy programs would pile them up.
-                for tid in self.threads_of.remove(&pid).unwrap_or_default() {
-                    self.sampler.remove_thread(tid);
-                }
+                self.sampling.process_exited(pid);
                 // Analyse its last samples while its symbols and mappings are still cached, then forget it.
                 self.ingest();
                 if self.store.pid() == Some(pid) {

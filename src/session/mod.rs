@@ -4,7 +4,6 @@
 //! The loop is a small state machine on a clock (`Phase`): sample, write-watch, then (unless `--profile-only`)
 //! plan + specialize + install; after an invalidation, sample another window and plan again (bounded per region).
 
-use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
@@ -12,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use nix::unistd::Pid;
-use tracer::sampler::{Sampler, SamplerConfig, SamplerError};
+use tracer::sampler::{Sampler, SamplerConfig};
 use tracer::Addr;
 use tracer::{ExitStatus, Tracer};
 
@@ -26,8 +25,11 @@ use crate::report::{
 use crate::signals;
 
 mod events;
+mod sampling;
 mod specialize;
+
 use crate::store_profile::{PageTrust, StoreProfile};
+use sampling::Sampling;
 
 /// How long one `next_event` wait may block: bounds the latency of phase changes and signal handling.
 const EVENT_POLL: Duration = Duration::from_millis(20);
@@ -115,7 +117,7 @@ struct Retired {
 struct Session {
     cfg: SessionConfig,
     tracer: Tracer,
-    sampler: Sampler,
+    sampling: Sampling,
     profiler: Profiler,
     /// Samples since the last invalidation (or since the start): what planning looks at, so a re-plan sees the
     /// program's current behaviour, not the one that just changed.
@@ -130,11 +132,8 @@ struct Session {
     start: Instant,
     profile_done: Option<Instant>,
     attach_mode: bool,
-    warned_sampler: bool,
     progress: Option<Instant>,
     handled_interrupts: u32,
-    /// Sampled threads per process, to release their rings when the process exits.
-    threads_of: HashMap<Pid, std::collections::BTreeSet<Pid>>,
     /// How often the sampling phase was extended for lack of candidate pages.
     sampling_extensions: u32,
     /// The code cache of the specialized process (none with --profile-only or before the first plan).
@@ -153,9 +152,6 @@ struct Session {
     plans: u32,
     /// The next [`Phase::Idle`] pause.
     idle_backoff: Duration,
-    /// Specializing, with nothing left to plan: sampling is off (it costs the program a few percent) until an
-    /// invalidation or exec calls for a fresh profile.
-    sampling_paused: bool,
 }
 
 /// Run a whole session and write its report.
@@ -186,7 +182,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     let mut s = Session {
         cfg: cfg.clone(),
         tracer,
-        sampler,
+        sampling: Sampling::new(sampler),
         profiler: Profiler::new(),
         recent: Profiler::new(),
         code,
@@ -199,7 +195,6 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         start,
         profile_done: None,
         attach_mode: attach_pid.is_some(),
-        warned_sampler: false,
         // A live progress line needs a terminal; in run mode the program shares it, so only draw when its stdout
         // goes elsewhere (its output would otherwise land in the middle of our line).
         progress: if !cfg.quiet
@@ -211,7 +206,6 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             None
         },
         handled_interrupts: 0,
-        threads_of: HashMap::new(),
         sampling_extensions: 0,
         rt: None,
         retired: Retired::default(),
@@ -221,17 +215,12 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         first_install_at: None,
         plans: 0,
         idle_backoff: IDLE_MIN,
-        sampling_paused: false,
     };
     for tid in s.tracer.all_threads() {
-        match s.sampler.add_thread(tid) {
-            Ok(()) => {
-                s.threads_of.entry(root).or_default().insert(tid);
-            }
-            Err(SamplerError::ThreadGone { .. }) => {}
-            // At the start a refusal is fatal and explained (perf_event_paranoid, CAP_PERFMON, mlock limits).
-            Err(e) => return Err(e).with_context(|| format!("cannot sample PID {root}")),
-        }
+        // At the start a refusal is fatal and explained (perf_event_paranoid, CAP_PERFMON, mlock limits).
+        s.sampling
+            .add(tid, root)
+            .with_context(|| format!("cannot sample PID {root}"))?;
     }
     s.tracer.resume_all().context("cannot resume the target")?;
     let end = s.event_loop()?;
@@ -319,7 +308,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
 
 impl Session {
     fn ingest(&mut self) {
-        let samples = self.sampler.take_samples();
+        let samples = self.sampling.take_samples();
         if samples.is_empty() {
             return;
         }
@@ -335,25 +324,8 @@ impl Session {
     }
 
     fn add_threads(&mut self, tids: &[Pid]) {
-        if self.sampling_paused {
-            return;
-        }
-        for &tid in tids {
-            match self.sampler.add_thread(tid) {
-                Ok(()) => {
-                    let tgid = self.tracer.tgid(tid).unwrap_or(tid);
-                    self.threads_of.entry(tgid).or_default().insert(tid);
-                }
-                Err(SamplerError::ThreadGone { .. }) => {}
-                Err(e) => {
-                    // Losing one thread's samples is not worth stopping the program for; say it once.
-                    if !self.warned_sampler && !self.cfg.quiet {
-                        eprintln!("dynspec: warning: cannot sample thread {tid}: {e}");
-                    }
-                    self.warned_sampler = true;
-                }
-            }
-        }
+        self.sampling
+            .add_threads(&self.tracer, tids, self.cfg.quiet);
     }
 
     fn event_loop(&mut self) -> Result<Outcome> {
@@ -571,8 +543,8 @@ impl Session {
             pid,
             exit_status,
             samples: self.profiler.total(),
-            lost_samples: self.sampler.lost(),
-            rate_hz: self.sampler.rate_hz(),
+            lost_samples: self.sampling.lost(),
+            rate_hz: self.sampling.rate_hz(),
             duration_ms: duration.as_millis() as u64,
             hot_regions: self.profiler.report_regions(),
             store_profile: self.store.to_json(),

@@ -122,22 +122,19 @@ impl Session {
 
     /// Stop sampling (specializing mode, nothing left to plan).
     pub(super) fn pause_sampling(&mut self) {
-        if self.sampling_paused {
+        if self.sampling.is_paused() {
             return;
         }
         self.ingest();
-        for tid in self.sampler.threads() {
-            self.sampler.remove_thread(tid);
-        }
-        self.sampling_paused = true;
+        self.sampling.pause();
     }
 
     /// Sample every thread again (a re-profile is due).
     pub(super) fn resume_sampling(&mut self) {
-        if !self.sampling_paused {
+        if !self.sampling.is_paused() {
             return;
         }
-        self.sampling_paused = false;
+        self.sampling.unpause();
         let tids = self.tracer.all_threads();
         self.add_threads(&tids);
     }
