@@ -20,7 +20,7 @@
 //!   the register holding it, within one loop iteration of the variant; this
 //!   assumes no concurrent writer to that memory in between.
 //!
-//! How (see `engine.rs`): a worklist over (original address, abstract
+//! How (see `engine/`): a worklist over (original address, abstract
 //! state). The state holds each GPR as unknown or known (and whether the
 //! real register holds it), the status flags likewise (folded flags are
 //! rebuilt with `cmp byte [data], imm8` plus `stc`/`clc` when needed), and
