@@ -104,6 +104,43 @@ enum Phase {
     Idle { until: Instant },
 }
 
+/// When things happened in a session, for the report's timings.
+struct Timeline {
+    start: Instant,
+    /// When the store profile ended (the profile was complete).
+    profile_done: Option<Instant>,
+    first_sample: Option<Instant>,
+    first_install: Option<Instant>,
+}
+
+impl Timeline {
+    fn new(start: Instant) -> Timeline {
+        Timeline {
+            start,
+            profile_done: None,
+            first_sample: None,
+            first_install: None,
+        }
+    }
+
+    /// The report's timings, given the time spent specializing and installing.
+    fn timings(&self, specialize: Duration, install: Duration) -> Timings {
+        let profile = self
+            .profile_done
+            .map(|t| t - self.start)
+            .unwrap_or_else(|| self.start.elapsed());
+        Timings {
+            profile_ms: profile.as_millis() as u64,
+            specialize_ms: specialize.as_millis() as u64,
+            install_ms: install.as_millis() as u64,
+            first_install_ms: match (self.first_sample, self.first_install) {
+                (Some(a), Some(b)) => Some(b.saturating_duration_since(a).as_millis() as u64),
+                _ => None,
+            },
+        }
+    }
+}
+
 /// What the report keeps of code caches whose process exec'd or exited (or that dynspec gave up on).
 #[derive(Default)]
 struct Retired {
@@ -129,8 +166,8 @@ struct Session {
     store: StoreProfile,
     /// Which pages planning trusts as constant.
     trust: PageTrust,
-    start: Instant,
-    profile_done: Option<Instant>,
+    /// When things happened (the report's timings).
+    time: Timeline,
     attach_mode: bool,
     progress: Option<Instant>,
     handled_interrupts: u32,
@@ -144,10 +181,6 @@ struct Session {
     generations: u64,
     /// Profiling restarts after exec.
     restarts: u32,
-    /// When the first sample arrived.
-    first_sample_at: Option<Instant>,
-    /// When the first variant was installed.
-    first_install_at: Option<Instant>,
     /// Planning rounds so far.
     plans: u32,
     /// The next [`Phase::Idle`] pause.
@@ -192,8 +225,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         },
         store: StoreProfile::default(),
         trust: PageTrust::default(),
-        start,
-        profile_done: None,
+        time: Timeline::new(start),
         attach_mode: attach_pid.is_some(),
         // A live progress line needs a terminal; in run mode the program shares it, so only draw when its stdout
         // goes elsewhere (its output would otherwise land in the middle of our line).
@@ -211,8 +243,6 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         retired: Retired::default(),
         generations: 0,
         restarts: 0,
-        first_sample_at: None,
-        first_install_at: None,
         plans: 0,
         idle_backoff: IDLE_MIN,
     };
@@ -312,7 +342,7 @@ impl Session {
         if samples.is_empty() {
             return;
         }
-        self.first_sample_at.get_or_insert_with(Instant::now);
+        self.time.first_sample.get_or_insert_with(Instant::now);
         let mut env = LiveEnv {
             tracer: &self.tracer,
             code: &mut self.code,
@@ -334,7 +364,7 @@ impl Session {
                 return Ok(end);
             }
             if let Some(limit) = self.cfg.attach_for {
-                if self.attach_mode && self.start.elapsed() >= limit {
+                if self.attach_mode && self.time.start.elapsed() >= limit {
                     return Ok(Outcome::Detached);
                 }
             }
@@ -432,7 +462,7 @@ impl Session {
                         }
                     }
                 }
-                self.profile_done = Some(Instant::now());
+                self.time.profile_done = Some(Instant::now());
                 self.phase = Phase::Done;
                 self.replan();
             }
@@ -488,7 +518,7 @@ impl Session {
         if let Err(e) = self.store.end(&mut self.tracer) {
             self.warn(format_args!("cannot remove the write watch cleanly: {e:#}"));
         }
-        self.profile_done.get_or_insert_with(Instant::now);
+        self.time.profile_done.get_or_insert_with(Instant::now);
     }
 
     /// The watched process is gone: no protection to remove, only results to keep.
@@ -497,7 +527,7 @@ impl Session {
             return;
         }
         self.store.end_after_exit();
-        self.profile_done.get_or_insert_with(Instant::now);
+        self.time.profile_done.get_or_insert_with(Instant::now);
     }
 
     fn show_progress(&mut self) {
@@ -517,12 +547,6 @@ impl Session {
         if self.progress.is_some() {
             eprint!("\r\x1b[K");
         }
-        let duration = self.start.elapsed();
-        let profile_ms = self
-            .profile_done
-            .map(|t| t - self.start)
-            .unwrap_or(duration)
-            .as_millis() as u64;
         let mut variants = self.retired.variants.clone();
         let mut invalidations = self.retired.invalidations.clone();
         let (mut spec, mut inst) = (self.retired.specialize_time, self.retired.install_time);
@@ -533,10 +557,6 @@ impl Session {
             inst += rt.install_time;
         }
         invalidations.sort_by_key(|i| i.time_ms);
-        let first_install_ms = match (self.first_sample_at, self.first_install_at) {
-            (Some(a), Some(b)) => Some(b.saturating_duration_since(a).as_millis() as u64),
-            _ => None,
-        };
         Report {
             version: REPORT_VERSION,
             command,
@@ -545,15 +565,10 @@ impl Session {
             samples: self.profiler.total(),
             lost_samples: self.sampling.lost(),
             rate_hz: self.sampling.rate_hz(),
-            duration_ms: duration.as_millis() as u64,
+            duration_ms: self.time.start.elapsed().as_millis() as u64,
             hot_regions: self.profiler.report_regions(),
             store_profile: self.store.to_json(),
-            timings: Timings {
-                profile_ms,
-                specialize_ms: spec.as_millis() as u64,
-                install_ms: inst.as_millis() as u64,
-                first_install_ms,
-            },
+            timings: self.time.timings(spec, inst),
             variants,
             invalidations,
         }

@@ -109,8 +109,8 @@ impl Session {
                 until: Instant::now() + self.cfg.window,
             };
         }
-        if let (Some(t), None) = (rt.first_install, self.first_install_at) {
-            self.first_install_at = Some(t);
+        if let (Some(t), None) = (rt.first_install, self.time.first_install) {
+            self.time.first_install = Some(t);
         }
         if let Some(p) = out.problems.first() {
             self.say(p);
@@ -149,7 +149,7 @@ impl Session {
         rt.read_counters(&self.tracer);
         match rt.cache.handle_guard_faults(&mut self.tracer) {
             Ok(invs) => {
-                rt.record_invalidations(&invs, self.start);
+                rt.record_invalidations(&invs, self.time.start);
                 for i in &invs {
                     self.trust.invalidated(i.page);
                 }
@@ -179,7 +179,7 @@ impl Session {
         match rt.cache.handle_segv(&mut self.tracer, tid, siginfo) {
             Ok(Some(inv)) => {
                 self.trust.invalidated(inv.page);
-                rt.record_invalidations(&[inv], self.start);
+                rt.record_invalidations(&[inv], self.time.start);
                 self.after_invalidation();
                 true
             }
@@ -342,8 +342,8 @@ impl Session {
         self.retired.invalidations.extend(rt.invalidations_json());
         self.retired.specialize_time += rt.specialize_time;
         self.retired.install_time += rt.install_time;
-        if let (Some(t), None) = (rt.first_install, self.first_install_at) {
-            self.first_install_at = Some(t);
+        if let (Some(t), None) = (rt.first_install, self.time.first_install) {
+            self.time.first_install = Some(t);
         }
         rt.cache.forget();
     }
