@@ -50,6 +50,7 @@
 
 mod common;
 
+use common::rng::Rng;
 use common::{Cpu, Machine, Mapping};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic};
 use specializer::snippet::{self, Folded, Snippet, DEFAULT_AT};
@@ -639,13 +640,6 @@ fn auto_native(s: &Snippet) -> bool {
     true
 }
 
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
-}
-
 /// One native run: the original's and the variant's outputs from the same inputs.
 struct NativePair {
     input: Cpu,
@@ -738,11 +732,11 @@ fn run_native(case: &Case, f: &Folded, m: &Machine) -> Result<Vec<NativePair>, S
         v
     };
     let mut outs = Vec::new();
-    let mut seed = 0x9e3779b97f4a7c15u64 ^ s.code.len() as u64;
+    let mut rng = Rng(0x9e3779b97f4a7c15u64 ^ s.code.len() as u64);
     for _ in 0..3 {
         let mut input = Cpu::default();
         for g in Gpr::ALL {
-            input.regs[g.index()] = s.known.reg(g).unwrap_or_else(|| xorshift(&mut seed));
+            input.regs[g.index()] = s.known.reg(g).unwrap_or_else(|| rng.next());
         }
         for (g, v) in &case.input {
             input.regs[g.index()] = *v;
@@ -751,7 +745,7 @@ fn run_native(case: &Case, f: &Folded, m: &Machine) -> Result<Vec<NativePair>, S
             input.regs[Gpr::Rsp.index()] = m.stack_top();
         }
         for f in Flag::ALL {
-            let v = s.known.flag(f).unwrap_or(xorshift(&mut seed) & 1 == 1);
+            let v = s.known.flag(f).unwrap_or(rng.next() & 1 == 1);
             input.set_flag(f, v);
         }
         let desc = format!("{}: {:?}", case.path.display(), s);
