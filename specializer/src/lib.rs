@@ -32,6 +32,7 @@
 //! up to a hard bound. Residual instructions get known operands as
 //! immediates/displacements and are re-encoded with iced's `BlockEncoder`.
 
+pub mod analysis;
 mod engine;
 pub mod insn_info;
 #[cfg(test)]

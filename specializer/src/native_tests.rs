@@ -394,6 +394,8 @@ fn bpf_filter_differential() {
     let exec = ExecCode::build(1 << 20, |base| v.encode(Addr(base)).expect("encode").code);
     // SAFETY: the variant follows the same ABI as bpf_run.
     let var: BpfRun = unsafe { std::mem::transmute(exec.addr() as *const u8) };
+    // Seed of the sample's own xorshift64 (bpf_demo_packet, in C), not a Rust-side generator: the
+    // tests' one Rng is tests/common/rng.rs, which this unit-test module does not need.
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
     let mut pool = vec![[0u8; 128]; 512];
     let mut lens = vec![0u32; 512];

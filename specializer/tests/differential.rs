@@ -11,6 +11,7 @@
 mod common;
 
 use common::native_lib::{specialize_function, SampleLib, Specialized};
+use common::rng::Rng;
 use common::{Cpu, Machine, Mapping, SelfMemory};
 use specializer::{Addr, Flag, Gpr, Memory, Options};
 
@@ -84,19 +85,6 @@ impl Program {
     }
     fn range(&self) -> (u64, u64) {
         (self.map.addr, self.map.end())
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
     }
 }
 

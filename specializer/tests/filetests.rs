@@ -13,7 +13,7 @@
 //! expect rbx: unknown
 //! expect residual has: add rax, rcx   ; some residual line equals this (whitespace-normalized)
 //! expect residual lacks: add          ; no residual line has this mnemonic
-//! expect residual:                    ; exact listing: the indented lines that follow
+//! expect residual:                    ; residual lines exactly (normalized): the indented lines that follow
 //!   add rax, rcx
 //! expect exits: 1                     ; number of exits
 //! expect exit 0x1000040: rax=0x5 zf=1 ; an exit to this target with these known values
@@ -27,7 +27,19 @@
 //! scratch: 0x400000 0x100             ; writable memory for native runs (not constant)
 //! input: rbx=0x400000                 ; value for native runs, unknown to the specializer
 //! ignore: stack                       ; don't compare the stack after running the variant
+//! expect-exact:                       ; the whole listing, exactly (below)
+//!     mov eax, 0x5
+//!     jmp 0x1000007
+//!   exit 0x1000007 left_region fall-through: rax=0x5
 //! ```
+//! `expect-exact:` pins the whole output: the indented lines after it must equal, line for line
+//! (surrounding whitespace trimmed, nothing else: no `;` comments inside the block), the residual
+//! code as `Variant::residual_asm` prints it (labels `L0:` at two spaces, data `db`, instructions
+//! at four) followed by one `exit TARGET REASON[ fall-through]: STATE` line per exit. Every case
+//! must have one, and the runner writes it: `DYNSPEC_BLESS=1 cargo test -p specializer --test
+//! filetests` rewrites (or appends) each file's block with the current output instead of failing
+//! on it; every other check still applies. A mismatch is reported at the file line of the first
+//! differing line, with the lines around it.
 //! `code:` lines are produced from `asm:` lines by `assemble.py` (GNU as);
 //! expected values are written by hand and cross-checked natively: the snippet
 //! runs at its address (pages mapped with MAP_FIXED_NOREPLACE) from the known
@@ -38,6 +50,7 @@
 
 mod common;
 
+use common::rng::Rng;
 use common::{Cpu, Machine, Mapping};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic};
 use specializer::snippet::{self, Folded, Snippet, DEFAULT_AT};
@@ -111,6 +124,19 @@ struct Case {
     /// Skip comparing the stack after running the variant (a residual `call`
     /// pushes the variant's return address, by design).
     ignore_stack: bool,
+    /// The `expect-exact:` block, if any.
+    exact: Option<ExactBlock>,
+}
+
+/// An `expect-exact:` block: the listing expected line for line.
+#[derive(Debug)]
+struct ExactBlock {
+    /// 0-based index of the `expect-exact:` line in the file.
+    marker: usize,
+    /// One past the block's last line (0-based).
+    end: usize,
+    /// The expected lines, whitespace-trimmed.
+    lines: Vec<String>,
 }
 
 /// Normalize an asm line for comparison: lower case, single spaces, no space
@@ -168,6 +194,7 @@ fn parse_case(path: &Path) -> Result<Case, String> {
     let mut budget = None;
     let mut input = Vec::new();
     let mut ignore_stack = false;
+    let mut exact = None;
     let lines: Vec<&str> = text.lines().collect();
     let mut i = 0;
     while i < lines.len() {
@@ -176,6 +203,27 @@ fn parse_case(path: &Path) -> Result<Case, String> {
         let line = lines[i].split(';').next().unwrap_or("").trim();
         i += 1;
         if line.is_empty() {
+            continue;
+        }
+        if line == "expect-exact:" {
+            // Verbatim: following indented lines, no comments.
+            let marker = i - 1;
+            let mut v = Vec::new();
+            while i < lines.len()
+                && lines[i].starts_with([' ', '\t'])
+                && !lines[i].trim().is_empty()
+            {
+                v.push(lines[i].trim().to_string());
+                i += 1;
+            }
+            if exact.is_some() {
+                return Err(err("a second expect-exact: block".into()));
+            }
+            exact = Some(ExactBlock {
+                marker,
+                end: i,
+                lines: v,
+            });
             continue;
         }
         let (key, rest) = line
@@ -328,6 +376,7 @@ fn parse_case(path: &Path) -> Result<Case, String> {
         scratch,
         input,
         ignore_stack,
+        exact,
     })
 }
 
@@ -434,6 +483,111 @@ fn check_expectations(case: &Case, f: &Folded, fails: &mut Vec<String>) {
     }
 }
 
+/// The listing `expect-exact:` pins: the residual code as [`specializer::Variant::residual_asm`]
+/// prints it (labels at two spaces, instructions at four), then one line per exit.
+fn exact_listing(f: &Folded) -> Vec<String> {
+    let mut v: Vec<String> = f
+        .residual
+        .iter()
+        .map(|l| {
+            if l.ends_with(':') {
+                format!("  {l}")
+            } else {
+                format!("    {l}")
+            }
+        })
+        .collect();
+    for e in &f.variant.exits {
+        let ft = if e.target == f.end {
+            " fall-through"
+        } else {
+            ""
+        };
+        v.push(format!(
+            "  exit {} {}{ft}: {}",
+            e.target,
+            snippet::reason_name(e.reason),
+            snippet::state_text(&e.state)
+        ));
+    }
+    v
+}
+
+/// Whether `DYNSPEC_BLESS=1`: rewrite `expect-exact:` blocks instead of failing on them.
+fn blessing() -> bool {
+    std::env::var("DYNSPEC_BLESS").is_ok_and(|v| v == "1")
+}
+
+/// Compare the `expect-exact:` block with the listing; report the first mismatch as a small diff
+/// at the file line where it is.
+fn check_exact(case: &Case, got: &[String], fails: &mut Vec<String>) {
+    let p = case.path.display();
+    let Some(b) = &case.exact else {
+        fails.push(format!(
+            "{p}: no expect-exact: block (DYNSPEC_BLESS=1 cargo test -p specializer --test filetests writes it)"
+        ));
+        return;
+    };
+    let got: Vec<&str> = got.iter().map(|l| l.trim()).collect();
+    let Some(k) = (0..b.lines.len().max(got.len()))
+        .find(|&k| b.lines.get(k).map(String::as_str) != got.get(k).copied())
+    else {
+        return;
+    };
+    // File line of the first mismatch: the block's k-th line, or the line after the block.
+    let lno = b.marker + 2 + k;
+    let mut d = format!(
+        "{p}:{lno}: expect-exact: listing differs at its line {} (expected {} lines, got {}):",
+        k + 1,
+        b.lines.len(),
+        got.len()
+    );
+    if k > 0 {
+        d.push_str(&format!("\n      {}", got[k - 1]));
+    }
+    match b.lines.get(k) {
+        Some(l) => d.push_str(&format!("\n    - {l}")),
+        None => d.push_str("\n    - (end of block)"),
+    }
+    match got.get(k) {
+        Some(l) => d.push_str(&format!("\n    + {l}")),
+        None => d.push_str("\n    + (end of listing)"),
+    }
+    if let Some(l) = got.get(k + 1) {
+        d.push_str(&format!("\n      {l}"));
+    }
+    d.push_str("\n    (DYNSPEC_BLESS=1 cargo test -p specializer --test filetests accepts the current listing)");
+    fails.push(d);
+}
+
+/// Rewrite (or append) the case's `expect-exact:` block with `got`; whether the file changed.
+/// The file is replaced atomically: other tests read the files concurrently.
+fn bless(case: &Case, got: &[String]) -> std::io::Result<bool> {
+    let text = std::fs::read_to_string(&case.path)?;
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    // The marker line (and a comment on it) stays.
+    let marker = case
+        .exact
+        .as_ref()
+        .map_or_else(|| "expect-exact:".to_string(), |b| lines[b.marker].clone());
+    let mut block = vec![marker];
+    block.extend(got.iter().cloned());
+    match &case.exact {
+        Some(b) => {
+            lines.splice(b.marker..b.end, block);
+        }
+        None => lines.extend(block),
+    }
+    let new = lines.join("\n") + "\n";
+    if new == text {
+        return Ok(false);
+    }
+    let tmp = case.path.with_extension("fold.bless-tmp");
+    std::fs::write(&tmp, new)?;
+    std::fs::rename(&tmp, &case.path)?;
+    Ok(true)
+}
+
 /// The variant encodes (at an address far from the code, so branches and
 /// RIP-relative operands are relocated) and its deopt map covers every
 /// reachable instruction boundary.
@@ -484,13 +638,6 @@ fn auto_native(s: &Snippet) -> bool {
         }
     }
     true
-}
-
-fn xorshift(s: &mut u64) -> u64 {
-    *s ^= *s << 13;
-    *s ^= *s >> 7;
-    *s ^= *s << 17;
-    *s
 }
 
 /// One native run: the original's and the variant's outputs from the same inputs.
@@ -585,11 +732,11 @@ fn run_native(case: &Case, f: &Folded, m: &Machine) -> Result<Vec<NativePair>, S
         v
     };
     let mut outs = Vec::new();
-    let mut seed = 0x9e3779b97f4a7c15u64 ^ s.code.len() as u64;
+    let mut rng = Rng(0x9e3779b97f4a7c15u64 ^ s.code.len() as u64);
     for _ in 0..3 {
         let mut input = Cpu::default();
         for g in Gpr::ALL {
-            input.regs[g.index()] = s.known.reg(g).unwrap_or_else(|| xorshift(&mut seed));
+            input.regs[g.index()] = s.known.reg(g).unwrap_or_else(|| rng.next());
         }
         for (g, v) in &case.input {
             input.regs[g.index()] = *v;
@@ -598,7 +745,7 @@ fn run_native(case: &Case, f: &Folded, m: &Machine) -> Result<Vec<NativePair>, S
             input.regs[Gpr::Rsp.index()] = m.stack_top();
         }
         for f in Flag::ALL {
-            let v = s.known.flag(f).unwrap_or(xorshift(&mut seed) & 1 == 1);
+            let v = s.known.flag(f).unwrap_or(rng.next() & 1 == 1);
             input.set_flag(f, v);
         }
         let desc = format!("{}: {:?}", case.path.display(), s);
@@ -752,6 +899,7 @@ fn filetests() {
     let paths = filetest_paths();
     assert!(!paths.is_empty(), "no filetests found");
     let mut native_runs = 0;
+    let mut blessed = 0;
     for p in &paths {
         let case = match parse_case(p) {
             Ok(c) => c,
@@ -768,6 +916,15 @@ fn filetests() {
             }
         };
         let before = fails.len();
+        let listing = exact_listing(&f);
+        if blessing() {
+            match bless(&case, &listing) {
+                Ok(changed) => blessed += usize::from(changed),
+                Err(e) => fails.push(format!("{}: bless failed: {e}", p.display())),
+            }
+        } else {
+            check_exact(&case, &listing, &mut fails);
+        }
         check_expectations(&case, &f, &mut fails);
         check_encoding(&case, &f, &mut fails);
         if check_native(&case, &f, &m, &mut fails) {
@@ -782,6 +939,9 @@ fn filetests() {
         paths.len(),
         native_runs
     );
+    if blessing() {
+        eprintln!("filetests: DYNSPEC_BLESS=1 rewrote the expect-exact: block of {blessed} files");
+    }
     if !fails.is_empty() {
         panic!("{} filetest failures:\n{}", fails.len(), fails.join("\n"));
     }

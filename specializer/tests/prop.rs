@@ -22,6 +22,7 @@
 
 mod common;
 
+use common::rng::Rng;
 use common::{hex, Cpu, ExecBuf, Machine, Mapping};
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand,
@@ -75,58 +76,6 @@ struct Res {
 impl Res {
     fn has(&self, g: Gpr) -> bool {
         g == self.base || g == self.sbase || g == self.lc || g == self.ix
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
-    fn pick<T: Copy>(&mut self, v: &[T]) -> T {
-        v[self.below(v.len())]
-    }
-    /// A value biased toward boundaries.
-    fn value(&mut self) -> u64 {
-        let specials = [
-            0,
-            1,
-            2,
-            u64::MAX,
-            0x7f,
-            0x80,
-            0xff,
-            0x7fff,
-            0x8000,
-            0xffff,
-            0x7fff_ffff,
-            0x8000_0000,
-            0xffff_ffff,
-            0x1_0000_0000,
-            0x7fff_ffff_ffff_ffff,
-            0x8000_0000_0000_0000,
-        ];
-        match self.below(4) {
-            0 => self.pick(&specials),
-            1 => self
-                .pick(&specials)
-                .wrapping_add(self.below(5) as u64)
-                .wrapping_sub(2),
-            2 => self.below(64) as u64,
-            _ => self.next(),
-        }
     }
 }
 
@@ -212,7 +161,7 @@ fn reg_of(g: Gpr, width: u32) -> Register {
 impl Gen {
     fn new(seed: u64, codes: Arc<HashMap<String, Code>>) -> Gen {
         Gen {
-            rng: Rng(seed | 1),
+            rng: Rng::new(seed),
             codes,
         }
     }

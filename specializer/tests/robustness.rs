@@ -1,20 +1,10 @@
 //! Robustness: arbitrary bytes as code (valid or not, any instruction set extension), with random known state, constant memory and budgets, never make the specializer (or encoding its result) panic.
 
+mod common;
+
+use common::rng::Rng;
 use specializer::snippet::Snippet;
 use specializer::{Addr, Flag, Gpr, Options};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
 
 #[test]
 fn random_bytes_never_panic() {

@@ -19,7 +19,7 @@
 
 use super::state::{flag_mask, AbsState};
 use super::{fits_i32, Engine};
-use crate::{Addr, Gpr, SpecializeError};
+use crate::{analysis, Addr, Gpr, SpecializeError};
 use iced_x86::{Code, FlowControl, Instruction, Mnemonic, OpAccess, OpKind, Register};
 
 impl Engine<'_> {
@@ -35,17 +35,10 @@ impl Engine<'_> {
             return;
         }
         let info = self.info.info(ins);
-        for u in info.used_registers() {
-            if matches!(
-                u.access(),
-                OpAccess::Write
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadWrite
-                    | OpAccess::ReadCondWrite
-            ) {
-                if let Some(g) = Gpr::containing(u.register()) {
-                    st.real_write(g);
-                }
+        let written = analysis::written_gprs_of(info);
+        for g in Gpr::ALL {
+            if written & (1 << g.index()) != 0 {
+                st.real_write(g);
             }
         }
         let bit_test_reg = matches!(

@@ -2,7 +2,7 @@
 
 use super::state::{flag_mask, AbsState, STATUS, STATUS_FLAGS};
 use super::{fits_i32, Engine};
-use crate::{Addr, Flag, Gpr, KnownState, SpecializeError};
+use crate::{analysis, Addr, Flag, Gpr, KnownState, SpecializeError};
 use iced_x86::{Code, Instruction, Mnemonic, OpAccess, OpKind, Register};
 
 impl Engine<'_> {
@@ -214,14 +214,14 @@ impl Engine<'_> {
             let live = self.live_flags(ip) | reads_f;
             self.mat_flags(live, ip, st)?;
         }
-        let mut written: Vec<Gpr> = Vec::new();
-        let used: Vec<(Register, OpAccess)> = self
-            .info
-            .info(out)
+        let info = self.info.info(out);
+        let written = analysis::written_gprs_of(info);
+        let used: Vec<(Register, OpAccess)> = info
             .used_registers()
             .iter()
             .map(|u| (u.register(), u.access()))
             .collect();
+        // Registers it reads or writes only partly (the rest stays) must really hold their values.
         for (r, acc) in used {
             let Some(g) = Gpr::containing(r) else {
                 continue;
@@ -235,22 +235,16 @@ impl Engine<'_> {
             {
                 self.mat_reg(g, ip, st);
             }
-            if matches!(
-                acc,
-                OpAccess::Write
-                    | OpAccess::CondWrite
-                    | OpAccess::ReadWrite
-                    | OpAccess::ReadCondWrite
-            ) {
-                written.push(g);
-            }
         }
         match folded {
             Some(f) => self.emit_folded(*out, ip, f, st),
             None => self.emit(*out, ip, st),
         }
-        for g in written {
-            st.set(g, None, false);
+        // Whatever it may write (partly or conditionally too) is unknown after it.
+        for g in Gpr::ALL {
+            if written & (1 << g.index()) != 0 {
+                st.set(g, None, false);
+            }
         }
         if writes_f & STATUS != 0 {
             if !st.fmat {

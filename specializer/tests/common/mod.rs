@@ -765,3 +765,4 @@ pub fn reachable_boundaries(code: &[u8], base: u64) -> Vec<u64> {
 }
 
 pub mod native_lib;
+pub mod rng;

@@ -1,9 +1,22 @@
 #!/usr/bin/env python3
 """Generates the filetests (*.fold with asm: lines); then run `python3 assemble.py *.fold`.
 Expected values here are computed by hand (setcc/cmovcc/jcc from the condition table below);
-the runner cross-checks them against the CPU."""
+the runner cross-checks them against the CPU. A file's `expect-exact:` block is written by the
+runner (DYNSPEC_BLESS=1), not here: regenerating keeps the existing one."""
 import os
 D=os.path.dirname(os.path.abspath(__file__))
+def exact_block(path):
+    """The `expect-exact:` block of an existing file (marker and its indented lines), or []."""
+    try:
+        lines=open(path).read().splitlines()
+    except FileNotFoundError:
+        return []
+    for i,l in enumerate(lines):
+        if l.split(';')[0].strip()=='expect-exact:':
+            j=i+1
+            while j<len(lines) and lines[j].startswith((' ','\t')) and lines[j].strip(): j+=1
+            return lines[i:j]
+    return []
 def case(name, title, asm, set_='', flag='', mem=(), expects=(), extra=()):
     L=[f'; test: {title}']
     for a in asm: L.append(f'asm: {a}')
@@ -13,7 +26,9 @@ def case(name, title, asm, set_='', flag='', mem=(), expects=(), extra=()):
     for e in extra: L.append(e)
     for e in expects:
         L.append(e if e.startswith('expect') else f'expect {e}')
-    open(os.path.join(D, name+'.fold'),'w').write('\n'.join(L)+'\n')
+    path=os.path.join(D, name+'.fold')
+    L+=exact_block(path)
+    open(path,'w').write('\n'.join(L)+'\n')
 
 def ex(**kw):
     return [f'{k}: {v}' for k,v in kw.items()]
