@@ -23,4 +23,3 @@ pub mod report;
 pub mod session;
 pub mod signals;
 pub mod store_profile;
-mod x86;

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use crate::x86::{entry_constants, registers_named};
+use specializer::analysis::{entry_constants, registers_named};
 use specializer::{Addr, Gpr, KnownState, Memory, Options, Request, Stats, Variant};
 
 use crate::profile::{RegionProfile, TriggerProfile};

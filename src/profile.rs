@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use nix::unistd::Pid;
+use specializer::analysis::LinearFunction;
 use specializer::insn_info::{decode_info, InsnInfo};
 use specializer::{Addr, Gpr};
 use tracer::sampler::Sample;
@@ -65,82 +66,6 @@ pub trait ProfileEnv {
 pub const BACK_WINDOW: usize = 6;
 /// Functions larger than this are not decoded for back-attribution.
 const MAX_FUNCTION_BYTES: u64 = 64 * 1024;
-
-/// One instruction of a linearly decoded function.
-struct LinearInsn {
-    addr: u64,
-    info: Arc<InsnInfo>,
-    /// GPRs this instruction may write (bit per `Gpr` index).
-    writes: u16,
-    /// Control may continue to the next instruction (not jmp/ret/call/int).
-    falls_through: bool,
-    /// Some direct branch of the function targets this instruction.
-    is_target: bool,
-}
-
-/// A function decoded once, front to back, so samples can be attributed to the instructions just before them.
-struct LinearFunction {
-    insns: Vec<LinearInsn>,
-}
-
-pub(crate) fn written_gprs(ins: &iced_x86::Instruction) -> u16 {
-    use iced_x86::{InstructionInfoFactory, OpAccess};
-    let mut fac = InstructionInfoFactory::new();
-    let mut mask = 0u16;
-    for u in fac.info(ins).used_registers() {
-        if matches!(
-            u.access(),
-            OpAccess::Write | OpAccess::CondWrite | OpAccess::ReadWrite | OpAccess::ReadCondWrite
-        ) {
-            if let Some(g) = Gpr::containing(u.register()) {
-                mask |= 1 << g.index();
-            }
-        }
-    }
-    mask
-}
-
-impl LinearFunction {
-    fn decode(bytes: &[u8], start: u64) -> LinearFunction {
-        use iced_x86::{FlowControl, OpKind};
-        let mut insns = Vec::new();
-        let mut targets = std::collections::HashSet::new();
-        let mut off = 0usize;
-        while off < bytes.len() {
-            let Some(info) = decode_info(&bytes[off..], Addr(start + off as u64)) else {
-                break; // data or padding we cannot decode: the rest is not attributed
-            };
-            if info.len == 0 {
-                break;
-            }
-            let ins = &info.instruction;
-            let fc = ins.flow_control();
-            if matches!(
-                fc,
-                FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch
-            ) && ins.op_count() > 0
-                && matches!(ins.op0_kind(), OpKind::NearBranch64)
-            {
-                targets.insert(ins.near_branch_target());
-            }
-            let falls_through = matches!(fc, FlowControl::Next | FlowControl::ConditionalBranch);
-            let writes = written_gprs(ins);
-            let len = info.len;
-            insns.push(LinearInsn {
-                addr: start + off as u64,
-                info: Arc::new(info),
-                writes,
-                falls_through,
-                is_target: false,
-            });
-            off += len;
-        }
-        for i in &mut insns {
-            i.is_target = targets.contains(&i.addr);
-        }
-        LinearFunction { insns }
-    }
-}
 
 /// Per (address, register) value histogram.
 #[derive(Default, Debug)]
