@@ -192,7 +192,7 @@ impl StoreProfile {
 pub struct TrustInputs<'a> {
     /// The store profile, when it was taken on this process: pages watched and written in the window.
     pub store: Option<(&'a BTreeSet<Addr>, &'a BTreeSet<Addr>)>,
-    /// Every page the store profile watched (of any process: a page it watched is never "unwatched").
+    /// The pages the (last) store profile watched, of whichever process: such a page is not "never watched".
     pub ever_watched: &'a BTreeSet<Addr>,
     /// Samples over the whole run, and samples of stores into a page over the whole run.
     pub total_samples: u64,

@@ -27,7 +27,7 @@ impl Session {
                         Err(e) => {
                             // Deliver it: the program's own handler (or default action) is the safe choice.
                             self.warn(format_args!(
-                                "cannot classify a SIGSEGV of thread {tid}: {e:#}"
+                                "cannot classify a SIGSEGV of thread {tid}: {e}"
                             ));
                             false
                         }
@@ -80,7 +80,7 @@ impl Session {
                     // A child must not inherit pages we write-protected: restore them before it runs.
                     if let Err(e) = self.store.on_fork(&mut self.tracer, parent_pid, child) {
                         self.warn(format_args!(
-                            "cannot restore watched pages in child {child}: {e:#}"
+                            "cannot restore watched pages in child {child}: {e}"
                         ));
                     }
                 }

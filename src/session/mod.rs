@@ -123,12 +123,10 @@ impl Timeline {
         }
     }
 
-    /// The report's timings, given the time spent specializing and installing.
-    fn timings(&self, specialize: Duration, install: Duration) -> Timings {
-        let profile = self
-            .profile_done
-            .map(|t| t - self.start)
-            .unwrap_or_else(|| self.start.elapsed());
+    /// The report's timings at `now` (the session's duration so far), given the time spent specializing and
+    /// installing. A profile that never completed lasted the whole session.
+    fn timings(&self, now: Duration, specialize: Duration, install: Duration) -> Timings {
+        let profile = self.profile_done.map(|t| t - self.start).unwrap_or(now);
         Timings {
             profile_ms: profile.as_millis() as u64,
             specialize_ms: specialize.as_millis() as u64,
@@ -516,7 +514,7 @@ impl Session {
             return;
         }
         if let Err(e) = self.store.end(&mut self.tracer) {
-            self.warn(format_args!("cannot remove the write watch cleanly: {e:#}"));
+            self.warn(format_args!("cannot remove the write watch cleanly: {e}"));
         }
         self.time.profile_done.get_or_insert_with(Instant::now);
     }
@@ -547,6 +545,7 @@ impl Session {
         if self.progress.is_some() {
             eprint!("\r\x1b[K");
         }
+        let duration = self.time.start.elapsed();
         let mut variants = self.retired.variants.clone();
         let mut invalidations = self.retired.invalidations.clone();
         let (mut spec, mut inst) = (self.retired.specialize_time, self.retired.install_time);
@@ -565,10 +564,10 @@ impl Session {
             samples: self.profiler.total(),
             lost_samples: self.sampling.lost(),
             rate_hz: self.sampling.rate_hz(),
-            duration_ms: self.time.start.elapsed().as_millis() as u64,
+            duration_ms: duration.as_millis() as u64,
             hot_regions: self.profiler.report_regions(),
             store_profile: self.store.to_json(),
-            timings: self.time.timings(spec, inst),
+            timings: self.time.timings(duration, spec, inst),
             variants,
             invalidations,
         }

@@ -77,7 +77,7 @@ impl Sampling {
         self.paused
     }
 
-    /// Stop sampling every thread (take the last samples first).
+    /// Stop sampling every thread. Samples still buffered are lost: take them first.
     pub(super) fn pause(&mut self) {
         for tid in self.sampler.threads() {
             self.sampler.remove_thread(tid);
