@@ -134,6 +134,24 @@ struct Installed {
 }
 
 /// The code cache of one process.
+///
+/// # Stopped threads
+/// Installing, invalidating, uninstalling and stripping a fork child need "every thread stopped": each thread
+/// of the process is in a ptrace-stop, or is *parked in vfork*. `Tracer::stop_all` leaves a thread that waits
+/// in `vfork` (also `posix_spawn`, `system()`: clone with CLONE_VFORK) running, since it cannot reach a
+/// ptrace-stop until its child execs or exits. Such a thread counts as stopped because
+/// - it is in the kernel and cannot run user code: when its child lets it go it reports
+///   `PTRACE_EVENT_VFORK_DONE` (a ptrace-stop) before returning to user space, and stays there until resumed;
+/// - its user RIP (read from /proc/PID/task/TID/syscall) follows the `syscall` instruction that entered vfork,
+///   which is never strictly inside a patch's displaced bytes (`plan_patch` refuses system calls there) nor in
+///   generated code (variants exit before a system call; stubs have none);
+/// - the only thing that cannot be done to it is changing its registers, and it is never where that is needed.
+///
+/// Its stack (RSP from the same file) is scanned for return addresses into dead variants and signal frames like
+/// every other thread's. Any other running thread, a parked thread whose position cannot be read, or one found
+/// inside generated code or displaced bytes makes the operation fail with [`CacheError::NotStopped`] before it
+/// changes anything. Limit: the threads of a vfork *child* (they run in this process's memory until they exec
+/// or exit) are not examined, as before.
 #[derive(Debug)]
 pub struct Cache {
     pid: Pid,
@@ -146,18 +164,78 @@ pub struct Cache {
     next_id: u64,
 }
 
+/// A stopped thread of `pid` for remote system calls: one not in vfork if there is one (a thread stopped at its
+/// vfork event cannot run them), else any stopped thread.
 fn stopped_thread(tr: &Tracer, pid: Pid) -> Result<Pid, CacheError> {
-    tr.threads(pid)
+    let stopped: Vec<Pid> = tr
+        .threads(pid)
         .into_iter()
-        .find(|t| tr.is_stopped(*t))
+        .filter(|t| tr.is_stopped(*t))
+        .collect();
+    stopped
+        .iter()
+        .find(|t| !tr.in_vfork(**t))
+        .or(stopped.first())
+        .copied()
         .ok_or(CacheError::Tracer(tracer::TracerError::NotStopped(pid)))
 }
 
-fn assert_all_stopped(tr: &Tracer, pid: Pid) {
-    assert!(
-        tr.threads(pid).iter().all(|t| tr.is_stopped(*t)),
-        "every thread of {pid} must be stopped"
-    );
+/// A thread that `Tracer::stop_all` leaves running because it waits in `vfork` for its child (see [`World`]).
+#[derive(Clone, Copy, Debug)]
+struct Parked {
+    tid: Pid,
+    /// Its user RIP and RSP, from /proc/PID/task/TID/syscall.
+    rip: u64,
+    rsp: u64,
+}
+
+/// Proof that every thread of one process is stopped (see the "Stopped threads" section of [`Cache`]): each is
+/// in a ptrace-stop, or parked in `vfork` at a known position outside generated code. Every operation that
+/// writes a patch site or moves threads takes one, made by [`Cache::stopped_world`] before anything changes.
+struct World {
+    pid: Pid,
+    parked: Vec<Parked>,
+}
+
+impl World {
+    fn parked(&self, tid: Pid) -> Option<&Parked> {
+        self.parked.iter().find(|p| p.tid == tid)
+    }
+
+    /// (tid, rip, rsp) of every thread: registers of stopped threads, the /proc position of parked ones.
+    fn positions(&self, tr: &Tracer) -> Result<Vec<(Pid, u64, u64)>, CacheError> {
+        tr.threads(self.pid)
+            .into_iter()
+            .map(|tid| match self.parked(tid) {
+                Some(p) => Ok((tid, p.rip, p.rsp)),
+                None => tr
+                    .regs(tid)
+                    .map(|r| (tid, r.rip, r.rsp))
+                    .map_err(Into::into),
+            })
+            .collect()
+    }
+}
+
+/// The user (rsp, rip) of a thread blocked in a vfork-like system call (vfork, clone, clone3), read from
+/// /proc/PID/task/TID/syscall (`nr args... sp pc` while blocked in a system call); None otherwise.
+fn vfork_position(pid: Pid, tid: Pid) -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
+    parse_vfork_position(&text)
+}
+
+/// [`vfork_position`] of the text of a /proc/PID/task/TID/syscall file.
+fn parse_vfork_position(text: &str) -> Option<(u64, u64)> {
+    let fields: Vec<&str> = text.split_whitespace().collect();
+    let nr: i64 = fields.first()?.parse().ok()?;
+    if !matches!(nr, libc::SYS_vfork | libc::SYS_clone | libc::SYS_clone3) || fields.len() < 3 {
+        return None;
+    }
+    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
+    Some((
+        hex(fields[fields.len() - 2])?,
+        hex(fields[fields.len() - 1])?,
+    ))
 }
 
 fn reg_mut(r: &mut libc::user_regs_struct, g: Gpr) -> &mut u64 {
@@ -263,6 +341,40 @@ impl Cache {
             .collect()
     }
 
+    /// Check that every thread of `pid` (this process, or a fork child being stripped) is stopped: in a
+    /// ptrace-stop, or parked in `vfork` outside generated code and outside every active patch's displaced bytes.
+    /// Else [`CacheError::NotStopped`] names the first thread that is not.
+    fn stopped_world(&self, tr: &Tracer, pid: Pid) -> Result<World, CacheError> {
+        let mut parked = Vec::new();
+        for tid in tr.threads(pid) {
+            if tr.is_stopped(tid) {
+                continue;
+            }
+            let not_stopped = CacheError::NotStopped { tid: tid.as_raw() };
+            if !tr.in_vfork(tid) {
+                return Err(not_stopped);
+            }
+            let Some((rsp, rip)) = vfork_position(pid, tid) else {
+                return Err(not_stopped);
+            };
+            // Never so for a thread that entered vfork with a `syscall` instruction (generated code has none and
+            // displaced bytes never hold one); checked because its registers cannot be changed.
+            let generated = self
+                .arenas
+                .iter()
+                .any(|a| rip >= a.code.0 .0 && rip < a.code.1 .0);
+            let displaced = self
+                .installs
+                .values()
+                .any(|i| i.patched && i.patch.strictly_inside(rip));
+            if generated || displaced {
+                return Err(not_stopped);
+            }
+            parked.push(Parked { tid, rip, rsp });
+        }
+        Ok(World { pid, parked })
+    }
+
     fn new_id(&mut self) -> u64 {
         self.next_id += 1;
         self.next_id
@@ -320,7 +432,7 @@ impl Cache {
         tr: &mut Tracer,
         req: InstallRequest,
     ) -> Result<InstallId, CacheError> {
-        assert_all_stopped(tr, self.pid);
+        let world = self.stopped_world(tr, self.pid)?;
         let tid = stopped_thread(tr, self.pid)?;
         let t = req.trigger;
         if req.variants.is_empty() {
@@ -436,7 +548,7 @@ impl Cache {
                 ));
             }
         }
-        match self.install_code(tr, &req, patch, ai, &kinds) {
+        match self.install_code(tr, &world, &req, patch, ai, &kinds) {
             Ok(id) => Ok(id),
             Err(e) => {
                 self.release_unused(tr, Some(tid), &newly)?;
@@ -448,6 +560,7 @@ impl Cache {
     fn install_code(
         &mut self,
         tr: &mut Tracer,
+        world: &World,
         req: &InstallRequest,
         patch: PatchSite,
         ai: usize,
@@ -493,8 +606,8 @@ impl Cache {
                 publish(tr, self.pid, &self.arenas, enc.base, &enc.code)?;
             }
             // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
-            self.check_threads_outside(tr, &patch)?;
-            self.write_patch(tr, self.pid, &patch, stub.entry)
+            self.check_threads_outside(tr, world, &patch)?;
+            self.write_patch(tr, world, &patch, stub.entry)
         })();
         if let Err(e) = linked {
             self.guards.unregister_stub_flag(stub.enabled);
@@ -579,9 +692,13 @@ impl Cache {
         Ok(stub)
     }
 
-    fn check_threads_outside(&self, tr: &Tracer, patch: &PatchSite) -> Result<(), CacheError> {
-        for tid in tr.threads(self.pid) {
-            let rip = tr.regs(tid)?.rip;
+    fn check_threads_outside(
+        &self,
+        tr: &Tracer,
+        world: &World,
+        patch: &PatchSite,
+    ) -> Result<(), CacheError> {
+        for (tid, rip, _) in world.positions(tr)? {
             if patch.strictly_inside(rip) {
                 return Err(CacheError::ThreadInsidePatch {
                     tid: tid.as_raw(),
@@ -593,27 +710,30 @@ impl Cache {
         Ok(())
     }
 
-    /// Write `jmp stub` at the site (padding the rest of the displaced bytes with int3) in process `pid`.
+    /// Write `jmp stub` at the site (padding the rest of the displaced bytes with int3) in the stopped process.
     fn write_patch(
         &self,
         tr: &Tracer,
-        pid: Pid,
+        world: &World,
         patch: &PatchSite,
         stub: Addr,
     ) -> Result<(), CacheError> {
-        assert_all_stopped(tr, pid);
         let j = jmp_rel32(patch.site.0, stub.0)
             .ok_or_else(|| CacheError::unpatchable(patch.site, "stub out of rel32 reach"))?;
         let mut bytes = vec![0xcc; patch.len()];
         bytes[..PATCH_LEN].copy_from_slice(&j);
-        tr.write_memory(pid, patch.site, &bytes)?;
+        tr.write_memory(world.pid, patch.site, &bytes)?;
         Ok(())
     }
 
-    /// Restore the exact original bytes of a patch in process `pid`.
-    fn write_unpatch(&self, tr: &Tracer, pid: Pid, patch: &PatchSite) -> Result<(), CacheError> {
-        assert_all_stopped(tr, pid);
-        tr.write_memory(pid, patch.site, &patch.original)?;
+    /// Restore the exact original bytes of a patch in the stopped process.
+    fn write_unpatch(
+        &self,
+        tr: &Tracer,
+        world: &World,
+        patch: &PatchSite,
+    ) -> Result<(), CacheError> {
+        tr.write_memory(world.pid, patch.site, &patch.original)?;
         Ok(())
     }
 
@@ -777,7 +897,7 @@ impl Cache {
     /// release the guard (which lets a blocked write complete). Every thread must be stopped
     /// ([`Cache::stop_all`]). A page invalidated [`MAX_INVALIDATIONS_PER_PAGE`] times is never guarded again.
     pub fn invalidate(&mut self, tr: &mut Tracer, page: Addr) -> Result<Invalidation, CacheError> {
-        assert_all_stopped(tr, self.pid);
+        let world = self.stopped_world(tr, self.pid)?;
         let page = page.page();
         // Only an mprotect guard needs a thread (for the remote mprotect); uffd guards do not.
         let tid = stopped_thread(tr, self.pid).ok();
@@ -797,7 +917,7 @@ impl Cache {
                 self.never_guard.insert(page);
             }
         }
-        let (threads_moved, returns_redirected) = self.unlink(tr, &dead)?;
+        let (threads_moved, returns_redirected) = self.unlink(tr, &world, &dead)?;
         // The written page and every page only the dead variants needed.
         let mut pages: Vec<Addr> = vec![page];
         for id in &dead {
@@ -820,6 +940,7 @@ impl Cache {
     fn unlink(
         &mut self,
         tr: &mut Tracer,
+        world: &World,
         dead: &BTreeSet<VariantId>,
     ) -> Result<(usize, usize), CacheError> {
         if dead.is_empty() {
@@ -836,7 +957,7 @@ impl Cache {
             if remaining.is_empty() {
                 let inst = &self.installs[id];
                 if inst.patched {
-                    self.write_unpatch(tr, self.pid, &inst.patch)?;
+                    self.write_unpatch(tr, world, &inst.patch)?;
                 }
                 if let Some(w) = inst.stubs.last().map(|s| s.enabled) {
                     self.guards.unregister_stub_flag(w);
@@ -870,7 +991,7 @@ impl Cache {
                     .flat_map(|v| self.variants[v].guard_pages.iter().copied())
                     .collect();
                 let stub = self.place_stub(tr, ai, &patch, reg, &assumed, &targets, fc, &pages)?;
-                self.write_patch(tr, self.pid, &patch, stub.entry)?;
+                self.write_patch(tr, world, &patch, stub.entry)?;
                 if let Some(w) = old {
                     self.guards.unregister_stub_flag(w);
                 }
@@ -884,8 +1005,8 @@ impl Cache {
                 v.alive = false;
             }
         }
-        let moved = self.move_threads(tr, self.pid, dead, &affected, false)?;
-        let redirected = self.redirect_returns(tr, self.pid, dead)?;
+        let moved = self.move_threads(tr, world, dead, &affected, false)?;
+        let redirected = self.redirect_returns(tr, world, dead)?;
         Ok((moved, redirected))
     }
 
@@ -895,20 +1016,25 @@ impl Cache {
     fn move_threads(
         &self,
         tr: &mut Tracer,
-        pid: Pid,
+        world: &World,
         dead: &BTreeSet<VariantId>,
         installs: &BTreeSet<InstallId>,
         child: bool,
     ) -> Result<usize, CacheError> {
+        let pid = world.pid;
         let mut moved = 0;
         for tid in tr.threads(pid) {
+            if world.parked(tid).is_some() {
+                // Outside generated code (checked by `stopped_world`): nothing to move.
+                continue;
+            }
             let mut r = tr.regs(tid)?;
             if self.relocate(tr, pid, tid, &mut r, dead, installs, child)? {
                 tr.set_regs(tid, &r)?;
                 moved += 1;
             }
         }
-        moved += self.fix_sigframes(tr, pid, dead, installs, child)?;
+        moved += self.fix_sigframes(tr, world, dead, installs, child)?;
         Ok(moved)
     }
 
@@ -1009,7 +1135,7 @@ impl Cache {
     fn fix_sigframes(
         &self,
         tr: &mut Tracer,
-        pid: Pid,
+        world: &World,
         dead: &BTreeSet<VariantId>,
         installs: &BTreeSet<InstallId>,
         child: bool,
@@ -1033,10 +1159,11 @@ impl Cache {
             return Ok(0);
         }
         let in_dead = |a: u64| ranges.iter().any(|(s, e)| a >= *s && a < *e);
+        let pid = world.pid;
         let maps = read_maps(pid)?;
         let mut fixed = 0;
-        for tid in tr.threads(pid) {
-            let rsp = tr.regs(tid)?.rsp & !7;
+        for (tid, _, rsp) in world.positions(tr)? {
+            let rsp = rsp & !7;
             let Some(m) = mapping_at(&maps, Addr(rsp)) else {
                 continue;
             };
@@ -1088,9 +1215,10 @@ impl Cache {
     fn redirect_returns(
         &self,
         tr: &mut Tracer,
-        pid: Pid,
+        world: &World,
         dead: &BTreeSet<VariantId>,
     ) -> Result<usize, CacheError> {
+        let pid = world.pid;
         let mut count = 0;
         let mut scan: BTreeMap<u64, u64> = BTreeMap::new();
         for d in dead {
@@ -1117,8 +1245,8 @@ impl Cache {
             return Ok(count);
         }
         let maps = read_maps(pid)?;
-        for tid in tr.threads(pid) {
-            let rsp = tr.regs(tid)?.rsp & !7;
+        for (_, _, rsp) in world.positions(tr)? {
+            let rsp = rsp & !7;
             let Some(m) = mapping_at(&maps, Addr(rsp)) else {
                 continue;
             };
@@ -1183,7 +1311,7 @@ impl Cache {
         tr: &mut Tracer,
         id: InstallId,
     ) -> Result<Vec<VariantId>, CacheError> {
-        assert_all_stopped(tr, self.pid);
+        let world = self.stopped_world(tr, self.pid)?;
         // Only an mprotect guard needs a thread (for the remote mprotect); uffd guards do not.
         let tid = stopped_thread(tr, self.pid).ok();
         let Some(inst) = self.installs.get(&id) else {
@@ -1196,7 +1324,7 @@ impl Cache {
             .filter(|v| self.variants[v].alive)
             .collect();
         if inst.patched {
-            self.write_unpatch(tr, self.pid, &inst.patch)?;
+            self.write_unpatch(tr, &world, &inst.patch)?;
         }
         if let Some(w) = inst.stubs.last().map(|s| s.enabled) {
             self.guards.unregister_stub_flag(w);
@@ -1209,8 +1337,8 @@ impl Cache {
                 v.alive = false;
             }
         }
-        self.move_threads(tr, self.pid, &dead, &BTreeSet::from([id]), false)?;
-        self.redirect_returns(tr, self.pid, &dead)?;
+        self.move_threads(tr, &world, &dead, &BTreeSet::from([id]), false)?;
+        self.redirect_returns(tr, &world, &dead)?;
         let pages: Vec<Addr> = dead
             .iter()
             .flat_map(|d| self.variants[d].guard_pages.clone())
@@ -1224,7 +1352,8 @@ impl Cache {
     /// enters, and the syscall gadget the tracer may still use); a return address or signal frame that still
     /// points into a dead variant finds valid code there.
     pub fn uninstall_all(&mut self, tr: &mut Tracer) -> Result<(), CacheError> {
-        assert_all_stopped(tr, self.pid);
+        // Checked before the first uninstall, so that a running thread changes nothing.
+        self.stopped_world(tr, self.pid)?;
         let ids: Vec<InstallId> = self.installs.keys().copied().collect();
         for id in ids {
             self.uninstall(tr, id)?;
@@ -1242,7 +1371,7 @@ impl Cache {
         let child = tr
             .tgid(child)
             .ok_or(tracer::TracerError::UnknownThread(child))?;
-        assert_all_stopped(tr, child);
+        let world = self.stopped_world(tr, child)?;
         // Unknown (no kcmp) counts as not shared: stripping a child that shares our memory only unpatches our code
         // too (slower, still correct), whereas leaving patches in a real fork child, which has none of our guards,
         // would not be.
@@ -1253,7 +1382,7 @@ impl Cache {
         }
         let all_installs: BTreeSet<InstallId> = self.installs.keys().copied().collect();
         for i in self.installs.values().filter(|i| i.patched) {
-            self.write_unpatch(tr, child, &i.patch)?;
+            self.write_unpatch(tr, &world, &i.patch)?;
         }
         let live: BTreeSet<VariantId> = self
             .variants
@@ -1262,8 +1391,8 @@ impl Cache {
             .map(|(id, _)| *id)
             .collect();
         // Deoptimize as if every install were gone (in the child, it is).
-        self.move_threads(tr, child, &live, &all_installs, true)?;
-        self.redirect_returns(tr, child, &live)?;
+        self.move_threads(tr, &world, &live, &all_installs, true)?;
+        self.redirect_returns(tr, &world, &live)?;
         let tid = stopped_thread(tr, child)?;
         for (p, prot) in self.guards.mprotected() {
             match tracer::remote_mprotect(tr, tid, p, 4096, prot) {
@@ -1365,5 +1494,29 @@ impl Cache {
             },
         )?;
         Ok((id, failed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_vfork_position;
+
+    #[test]
+    fn vfork_position_only_inside_a_vfork_like_system_call() {
+        // As read from a thread waiting in vfork (58): nr, six arguments, sp, pc.
+        let waiting = "58 0x56119b69d7b7 0x7fbf719ace9b 0x0 0x7fbf719c4850 0x0 0x0 0x7fbf719ace90 0x7fbf71a853b8\n";
+        assert_eq!(
+            parse_vfork_position(waiting),
+            Some((0x7fbf719ace90, 0x7fbf71a853b8))
+        );
+        let clone3 = "435 0x7ffd0 0x58 0x0 0x0 0x0 0x0 0x7ffc0 0x7f00123\n";
+        assert_eq!(parse_vfork_position(clone3), Some((0x7ffc0, 0x7f00123)));
+        // Another system call (read), a thread blocked outside one, a running thread.
+        assert_eq!(
+            parse_vfork_position("0 0x3 0x7f 0x1 0x0 0x0 0x0 0x7ffe 0x7f01\n"),
+            None
+        );
+        assert_eq!(parse_vfork_position("-1 0x7ffe 0x7f01\n"), None);
+        assert_eq!(parse_vfork_position("running\n"), None);
     }
 }

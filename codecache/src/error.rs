@@ -44,6 +44,10 @@ pub enum CacheError {
     /// A stopped thread's position inside generated code could not be mapped back to the original code.
     #[error("thread {tid} at {rip} inside generated code has no deoptimization point")]
     NoDeoptPoint { tid: i32, rip: Addr },
+    /// A thread of the process is running: it is neither in a ptrace-stop nor parked in `vfork` outside
+    /// generated code (see [`crate::Cache`], "Stopped threads"). Nothing was changed; stop the threads and retry.
+    #[error("thread {tid} is not stopped (every thread must be stopped, or waiting in vfork outside generated code)")]
+    NotStopped { tid: i32 },
     /// A local system call (userfaultfd handling) failed.
     #[error("{op} failed: {errno}")]
     Os { op: String, errno: i32 },
