@@ -385,6 +385,10 @@ fn rip_mem(a: Addr) -> MemoryOperand {
 /// right after the enabled word and before any trigger compare; a mismatch goes to the fall-back path. Chain
 /// form, flag-free: `mov rax,-v; mov rcx,A; lea rcx,[rcx+rax]; jrcxz ok; jmp fallback; ok:`. Binary-search
 /// form (flags already saved): `mov rcx,v; cmp A,rcx; jne fallback`.
+///
+/// In emission order (methods of the private `StubGen`): trampoline, `prologue`, `enabled_check`,
+/// `assumed_checks`, the dispatch (`enter` / `compare_chain` / `binary_search`), `fallback_path`, the binary
+/// search's hit paths, then `encode`.
 pub fn build_stub(
     base: Addr,
     patch: &PatchSite,
@@ -394,6 +398,40 @@ pub fn build_stub(
     fallback_counter: Addr,
     enabled: Addr,
 ) -> Result<Stub, CacheError> {
+    check_stub_request(reg, assumed, targets)?;
+    let mut g = StubGen::new(targets.len());
+    // Trampoline for the rel8 `jrcxz` of the enabled check (a thread is "inside" when it gets here).
+    let off_label = g.b.label();
+    g.b.bind(off_label);
+    g.b.emit(
+        Instruction::with_branch(Code::Jmp_rel32_64, g.fallback),
+        g.inside,
+    )?;
+    let entry_index = g.b.items.len();
+    g.prologue()?;
+    g.enabled_check(enabled, off_label)?;
+    g.assumed_checks(assumed)?;
+    match reg {
+        None => g.enter(&targets[0], None)?,
+        Some(r) if !g.tree => g.compare_chain(r, targets)?,
+        Some(r) => g.binary_search(r, targets)?,
+    }
+    let first_displaced = g.fallback_path(patch, fallback_counter)?;
+    if g.tree {
+        for (i, t) in targets.iter().enumerate() {
+            g.enter(t, Some(g.hits[i]))?;
+        }
+    }
+    g.encode(base, patch, entry_index, first_displaced, enabled)
+}
+
+/// Refuse what the stub cannot express: rsp as a compared register, a register checked twice, values that do
+/// not match the presence of a trigger register.
+fn check_stub_request(
+    reg: Option<Gpr>,
+    assumed: &[(Gpr, u64)],
+    targets: &[StubTarget],
+) -> Result<(), CacheError> {
     if reg == Some(Gpr::Rsp) {
         return Err(CacheError::BadRequest(
             "rsp cannot be a trigger register".into(),
@@ -421,131 +459,250 @@ pub fn build_stub(
             "with a trigger register every variant needs a value".into(),
         ));
     }
-    let mut b = Builder {
-        items: Vec::new(),
-        next_label: 0,
-        pending: None,
-    };
-    let rz = RED_ZONE;
-    let sp_minus = MemoryOperand::with_base_displ(Register::RSP, -rz);
-    let sp_plus = MemoryOperand::with_base_displ(Register::RSP, rz);
-    let fallback = b.label();
-    let hits: Vec<u64> = (0..targets.len()).map(|_| b.label()).collect();
-    let tree = targets.len() > CHAIN_MAX && has_lahf();
-    // What the stack holds after the prologue, and how to leave: (rollback inside, exit sequence).
-    // Chain/unconditional: [rsp] = rax, [rsp+8] = rcx (chain) ; tree: [rsp] = S, [rsp+8] = flags.
-    let inside = if tree {
-        // [rsp] = rcx, [rsp+8] = flags (lahf/seto), [rsp+16] = rax.
-        ttl(rz + 24, Some(16), Some(0), Some(8))
-    } else {
-        tt(rz + 16, Some(0), Some(8), None)
-    };
-    // Trampoline for the rel8 `jrcxz` of the enabled check (a thread is "inside" when it gets here).
-    let off_label = b.label();
-    b.bind(off_label);
-    b.emit(
-        Instruction::with_branch(Code::Jmp_rel32_64, fallback),
-        inside,
-    )?;
-    let entry_index = b.items.len();
-    // Prologue.
-    b.emit(
-        Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_minus),
-        tt(0, None, None, None),
-    )?;
-    if tree {
-        b.emit(
-            Instruction::with1(Code::Push_r64, Register::RAX),
-            tt(rz, None, None, None),
-        )?;
-        b.emit(
-            Ok(Instruction::with(Code::Lahf)),
-            tt(rz + 8, Some(0), None, None),
-        )?;
-        b.emit(
-            Instruction::with1(Code::Seto_rm8, Register::AL),
-            tt(rz + 8, Some(0), None, None),
-        )?;
-        b.emit(
-            Instruction::with1(Code::Push_r64, Register::RAX),
-            tt(rz + 8, Some(0), None, None),
-        )?;
-        b.emit(
-            Instruction::with1(Code::Push_r64, Register::RCX),
-            tt(rz + 16, Some(8), None, None),
-        )?;
-    } else {
-        b.emit(
-            Instruction::with1(Code::Push_r64, Register::RCX),
-            tt(rz, None, None, None),
-        )?;
-        b.emit(
-            Instruction::with1(Code::Push_r64, Register::RAX),
-            tt(rz + 8, None, Some(0), None),
-        )?;
-    }
-    // A zero enabled word (written by the guard reader thread the moment a guarded page may change) sends
-    // every new entry to the original code, before the tracer thread has unlinked anything.
-    b.emit(
-        Instruction::with2(Code::Mov_r64_rm64, Register::RCX, rip_mem(enabled)),
-        inside,
-    )?;
-    b.emit(
-        Instruction::with_branch(Code::Jrcxz_rel8_64, off_label),
-        inside,
-    )?;
-    // Assumed registers: checked once for every variant, before the trigger value.
-    for (g, v) in assumed {
-        if tree {
-            b.emit(
-                Instruction::with2(Code::Mov_r64_imm64, Register::RCX, *v),
-                inside,
-            )?;
-            // rax and rcx hold stub values: compare with the program's, saved on the stack.
-            let cmp = match g {
-                Gpr::Rax => Instruction::with2(
-                    Code::Cmp_rm64_r64,
-                    MemoryOperand::with_base_displ(Register::RSP, 16),
-                    Register::RCX,
-                ),
-                Gpr::Rcx => Instruction::with2(
-                    Code::Cmp_rm64_r64,
-                    MemoryOperand::with_base_displ(Register::RSP, 0),
-                    Register::RCX,
-                ),
-                g => Instruction::with2(Code::Cmp_rm64_r64, g.to_iced(), Register::RCX),
-            };
-            b.emit(cmp, inside)?;
-            b.emit(
-                Instruction::with_branch(Code::Jne_rel32_64, fallback),
-                inside,
-            )?;
+    Ok(())
+}
+
+/// One stub being emitted: the instructions so far, its shared labels, and which form it takes.
+struct StubGen {
+    b: Builder,
+    /// Binary search (flags saved) rather than the flag-free chain.
+    tree: bool,
+    /// Label of the fall-back path.
+    fallback: u64,
+    /// Label of each target's hit path (the leave sequence and jump to its entry).
+    hits: Vec<u64>,
+    /// Rollback of a thread anywhere between the prologue and the leave sequences. Stack after the prologue:
+    /// chain/unconditional `[rsp]` = rax, `[rsp+8]` = rcx; tree `[rsp]` = rcx, `[rsp+8]` = flags (lahf/seto),
+    /// `[rsp+16]` = rax.
+    inside: Rollback,
+}
+
+impl StubGen {
+    /// Labels in a fixed order (fall-back, then one per target), so that the emitted code is reproducible.
+    fn new(n_targets: usize) -> StubGen {
+        let mut b = Builder {
+            items: Vec::new(),
+            next_label: 0,
+            pending: None,
+        };
+        let fallback = b.label();
+        let hits: Vec<u64> = (0..n_targets).map(|_| b.label()).collect();
+        let tree = n_targets > CHAIN_MAX && has_lahf();
+        let rz = RED_ZONE;
+        let inside = if tree {
+            ttl(rz + 24, Some(16), Some(0), Some(8))
         } else {
-            let ok = b.label();
-            b.emit(
-                Instruction::with2(Code::Mov_r64_imm64, Register::RAX, v.wrapping_neg()),
-                inside,
-            )?;
-            b.emit(chain_load(*g), inside)?;
-            b.emit(
-                Instruction::with2(
-                    Code::Lea_r64_m,
-                    Register::RCX,
-                    MemoryOperand::with_base_index(Register::RCX, Register::RAX),
-                ),
-                inside,
-            )?;
-            b.emit(Instruction::with_branch(Code::Jrcxz_rel8_64, ok), inside)?;
-            b.emit(
-                Instruction::with_branch(Code::Jmp_rel32_64, fallback),
-                inside,
-            )?;
-            b.bind(ok);
+            tt(rz + 16, Some(0), Some(8), None)
+        };
+        StubGen {
+            b,
+            tree,
+            fallback,
+            hits,
+            inside,
         }
     }
-    // Leaving: count, restore, jump. `inside` holds before the first instruction.
-    let leave = |b: &mut Builder, counter: Addr| -> Result<(), CacheError> {
-        if tree {
+
+    /// Step over the red zone, then save the scratch registers (and, for the binary search, the flags the
+    /// cheap way: `push rax; lahf; seto al; push rax; push rcx`), so nothing of the program's is disturbed.
+    fn prologue(&mut self) -> Result<(), CacheError> {
+        let rz = RED_ZONE;
+        let b = &mut self.b;
+        b.emit(
+            Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RSP,
+                MemoryOperand::with_base_displ(Register::RSP, -rz),
+            ),
+            tt(0, None, None, None),
+        )?;
+        if self.tree {
+            b.emit(
+                Instruction::with1(Code::Push_r64, Register::RAX),
+                tt(rz, None, None, None),
+            )?;
+            b.emit(
+                Ok(Instruction::with(Code::Lahf)),
+                tt(rz + 8, Some(0), None, None),
+            )?;
+            b.emit(
+                Instruction::with1(Code::Seto_rm8, Register::AL),
+                tt(rz + 8, Some(0), None, None),
+            )?;
+            b.emit(
+                Instruction::with1(Code::Push_r64, Register::RAX),
+                tt(rz + 8, Some(0), None, None),
+            )?;
+            b.emit(
+                Instruction::with1(Code::Push_r64, Register::RCX),
+                tt(rz + 16, Some(8), None, None),
+            )?;
+        } else {
+            b.emit(
+                Instruction::with1(Code::Push_r64, Register::RCX),
+                tt(rz, None, None, None),
+            )?;
+            b.emit(
+                Instruction::with1(Code::Push_r64, Register::RAX),
+                tt(rz + 8, None, Some(0), None),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// A zero enabled word (written by the guard reader thread the moment a guarded page may change) sends
+    /// every new entry to the original code, before the tracer thread has unlinked anything.
+    fn enabled_check(&mut self, enabled: Addr, off_label: u64) -> Result<(), CacheError> {
+        self.b.emit(
+            Instruction::with2(Code::Mov_r64_rm64, Register::RCX, rip_mem(enabled)),
+            self.inside,
+        )?;
+        self.b.emit(
+            Instruction::with_branch(Code::Jrcxz_rel8_64, off_label),
+            self.inside,
+        )
+    }
+
+    /// Assumed registers hold for every variant: checked once, before the trigger value; a mismatch falls back.
+    fn assumed_checks(&mut self, assumed: &[(Gpr, u64)]) -> Result<(), CacheError> {
+        for (g, v) in assumed {
+            if self.tree {
+                self.b.emit(
+                    Instruction::with2(Code::Mov_r64_imm64, Register::RCX, *v),
+                    self.inside,
+                )?;
+                self.b.emit(tree_cmp(*g), self.inside)?;
+                self.b.emit(
+                    Instruction::with_branch(Code::Jne_rel32_64, self.fallback),
+                    self.inside,
+                )?;
+            } else {
+                let ok = self.b.label();
+                self.chain_compare(*g, *v, ok)?;
+                self.b.emit(
+                    Instruction::with_branch(Code::Jmp_rel32_64, self.fallback),
+                    self.inside,
+                )?;
+                self.b.bind(ok);
+            }
+        }
+        Ok(())
+    }
+
+    /// Flag-free equality test of `g` against `v` (`mov rax,-v; mov rcx,G; lea rcx,[rcx+rax]; jrcxz equal`).
+    fn chain_compare(&mut self, g: Gpr, v: u64, equal: u64) -> Result<(), CacheError> {
+        let inside = self.inside;
+        self.b.emit(
+            Instruction::with2(Code::Mov_r64_imm64, Register::RAX, v.wrapping_neg()),
+            inside,
+        )?;
+        self.b.emit(chain_load(g), inside)?;
+        self.b.emit(
+            Instruction::with2(
+                Code::Lea_r64_m,
+                Register::RCX,
+                MemoryOperand::with_base_index(Register::RCX, Register::RAX),
+            ),
+            inside,
+        )?;
+        self.b
+            .emit(Instruction::with_branch(Code::Jrcxz_rel8_64, equal), inside)
+    }
+
+    /// Up to [`CHAIN_MAX`] values: one compare per value, each hit path right after its compare so that the
+    /// rel8 `jrcxz` always reaches it; the last miss goes to the fall-back path.
+    fn compare_chain(&mut self, r: Gpr, targets: &[StubTarget]) -> Result<(), CacheError> {
+        let checks: Vec<u64> = (0..targets.len()).map(|_| self.b.label()).collect();
+        for (i, t) in targets.iter().enumerate() {
+            if i > 0 {
+                self.b.bind(checks[i]);
+            }
+            self.chain_compare(r, t.value.unwrap_or(0), self.hits[i])?;
+            let next = checks.get(i + 1).copied().unwrap_or(self.fallback);
+            self.b.emit(
+                Instruction::with_branch(Code::Jmp_rel32_64, next),
+                self.inside,
+            )?;
+            self.enter(t, Some(self.hits[i]))?;
+        }
+        Ok(())
+    }
+
+    /// More values (flags saved): a binary search with `cmp`/`je`/`ja`/`jb` over the sorted values, each
+    /// subtree ending in an unconditional transfer; the hit paths are emitted after the fall-back path.
+    fn binary_search(&mut self, r: Gpr, targets: &[StubTarget]) -> Result<(), CacheError> {
+        let (inside, fallback) = (self.inside, self.fallback);
+        let mut values: Vec<(u64, usize)> = targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.value.map(|v| (v, i)))
+            .collect();
+        values.sort();
+        // Pending subtrees [lo, hi), with the label of their first instruction (None: emitted right here).
+        let mut work: Vec<(usize, usize, Option<u64>)> = vec![(0, values.len(), None)];
+        let b = &mut self.b;
+        while let Some((lo, hi, label)) = work.pop() {
+            if let Some(l) = label {
+                b.bind(l);
+            }
+            if lo >= hi {
+                b.emit(
+                    Instruction::with_branch(Code::Jmp_rel32_64, fallback),
+                    inside,
+                )?;
+                continue;
+            }
+            let mid = (lo + hi) / 2;
+            let (v, ti) = values[mid];
+            b.emit(
+                Instruction::with2(Code::Mov_r64_imm64, Register::RCX, v),
+                inside,
+            )?;
+            b.emit(tree_cmp(r), inside)?;
+            b.emit(
+                Instruction::with_branch(Code::Je_rel32_64, self.hits[ti]),
+                inside,
+            )?;
+            match (lo < mid, mid + 1 < hi) {
+                (true, true) => {
+                    let l_right = b.label();
+                    b.emit(Instruction::with_branch(Code::Ja_rel32_64, l_right), inside)?;
+                    work.push((mid + 1, hi, Some(l_right)));
+                    work.push((lo, mid, None));
+                }
+                (true, false) => {
+                    b.emit(
+                        Instruction::with_branch(Code::Ja_rel32_64, fallback),
+                        inside,
+                    )?;
+                    work.push((lo, mid, None));
+                }
+                (false, true) => {
+                    b.emit(
+                        Instruction::with_branch(Code::Jb_rel32_64, fallback),
+                        inside,
+                    )?;
+                    work.push((mid + 1, hi, None));
+                }
+                (false, false) => {
+                    b.emit(
+                        Instruction::with_branch(Code::Jmp_rel32_64, fallback),
+                        inside,
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaving: count the entry (without `lock`: an approximate count is fine, a locked one serializes), then
+    /// restore the scratch registers (and flags: `add al,0x7f; sahf` puts OF back, then the rest) and step back
+    /// over the red zone. `inside` holds before the first instruction.
+    fn leave(&mut self, counter: Addr) -> Result<(), CacheError> {
+        let rz = RED_ZONE;
+        let inside = self.inside;
+        let b = &mut self.b;
+        if self.tree {
             let flags_saved = ttl(rz + 16, Some(8), None, Some(0));
             let rax_saved = tt(rz + 16, Some(8), None, None);
             b.emit(Instruction::with1(Code::Inc_rm64, rip_mem(counter)), inside)?;
@@ -579,8 +736,8 @@ pub fn build_stub(
                 ),
                 tt(rz + 16, None, None, None),
             )?;
-            return Ok(());
         } else {
+            // Flag-free increment: mov/lea/mov instead of `inc`.
             b.emit(
                 Instruction::with2(Code::Mov_r64_rm64, Register::RAX, rip_mem(counter)),
                 inside,
@@ -602,193 +759,123 @@ pub fn build_stub(
                 Instruction::with1(Code::Pop_r64, Register::RCX),
                 tt(rz + 8, None, Some(0), None),
             )?;
+            b.emit(
+                Instruction::with2(
+                    Code::Lea_r64_m,
+                    Register::RSP,
+                    MemoryOperand::with_base_displ(Register::RSP, rz),
+                ),
+                tt(rz, None, None, None),
+            )?;
         }
-        b.emit(
-            Instruction::with2(Code::Lea_r64_m, Register::RSP, sp_plus),
-            tt(rz, None, None, None),
-        )?;
         Ok(())
-    };
-    match reg {
-        None => {
-            leave(&mut b, targets[0].counter)?;
-            b.emit(
-                Instruction::with_branch(Code::Jmp_rel32_64, targets[0].entry.0),
-                tt(0, None, None, None),
-            )?;
+    }
+
+    /// A hit path (at `label`, if given): leave through the target's counter, then jump to its variant.
+    fn enter(&mut self, t: &StubTarget, label: Option<u64>) -> Result<(), CacheError> {
+        if let Some(l) = label {
+            self.b.bind(l);
         }
-        Some(r) if !tree => {
-            // Each hit path follows its compare, so the rel8 `jrcxz` always reaches it.
-            let checks: Vec<u64> = (0..targets.len()).map(|_| b.label()).collect();
-            for (i, t) in targets.iter().enumerate() {
-                if i > 0 {
-                    b.bind(checks[i]);
-                }
-                let v = t.value.unwrap_or(0);
-                b.emit(
-                    Instruction::with2(Code::Mov_r64_imm64, Register::RAX, v.wrapping_neg()),
-                    inside,
-                )?;
-                b.emit(chain_load(r), inside)?;
-                b.emit(
-                    Instruction::with2(
-                        Code::Lea_r64_m,
-                        Register::RCX,
-                        MemoryOperand::with_base_index(Register::RCX, Register::RAX),
-                    ),
-                    inside,
-                )?;
-                b.emit(
-                    Instruction::with_branch(Code::Jrcxz_rel8_64, hits[i]),
-                    inside,
-                )?;
-                let next = checks.get(i + 1).copied().unwrap_or(fallback);
-                b.emit(Instruction::with_branch(Code::Jmp_rel32_64, next), inside)?;
-                b.bind(hits[i]);
-                leave(&mut b, t.counter)?;
-                b.emit(
-                    Instruction::with_branch(Code::Jmp_rel32_64, t.entry.0),
-                    tt(0, None, None, None),
-                )?;
+        self.leave(t.counter)?;
+        self.b.emit(
+            Instruction::with_branch(Code::Jmp_rel32_64, t.entry.0),
+            tt(0, None, None, None),
+        )
+    }
+
+    /// The fall-back path (no value matched, an assumed register differs, or the stub is disabled): leave, run
+    /// the displaced original instructions (relocated by the block encoder), jump back after the patch.
+    /// Returns the index of the first displaced instruction.
+    fn fallback_path(
+        &mut self,
+        patch: &PatchSite,
+        fallback_counter: Addr,
+    ) -> Result<usize, CacheError> {
+        self.b.bind(self.fallback);
+        self.leave(fallback_counter)?;
+        let first_displaced = self.b.items.len();
+        for ins in &patch.displaced {
+            self.b.items.push((*ins, Rollback::At(Addr(ins.ip()))));
+        }
+        let resume = patch.site.0 + patch.len() as u64;
+        self.b.emit(
+            Instruction::with_branch(Code::Jmp_rel32_64, resume),
+            Rollback::At(Addr(resume)),
+        )?;
+        Ok(first_displaced)
+    }
+
+    /// Encode at `base` and map each instruction's rollback state (and each displaced instruction) to its final
+    /// offset: the block encoder may lengthen branches, so offsets are known only now.
+    fn encode(
+        self,
+        base: Addr,
+        patch: &PatchSite,
+        entry_index: usize,
+        first_displaced: usize,
+        enabled: Addr,
+    ) -> Result<Stub, CacheError> {
+        let items = self.b.items;
+        let instrs: Vec<Instruction> = items.iter().map(|(i, _)| *i).collect();
+        let res = BlockEncoder::encode(
+            64,
+            InstructionBlock::new(&instrs, base.0),
+            BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
+        )
+        .map_err(|e| CacheError::Encode(e.to_string()))?;
+        let mut rollback = Vec::new();
+        let mut relocated = Vec::new();
+        for (i, (_, rb)) in items.iter().enumerate() {
+            let off = res
+                .new_instruction_offsets
+                .get(i)
+                .copied()
+                .unwrap_or(u32::MAX);
+            if off == u32::MAX {
+                // Rewritten into several instructions (target out of rel32 reach): no boundary to map.
+                continue;
             }
-        }
-        Some(r) => {
-            let s = Register::RCX;
-            let mut values: Vec<(u64, usize)> = targets
-                .iter()
-                .enumerate()
-                .filter_map(|(i, t)| t.value.map(|v| (v, i)))
-                .collect();
-            values.sort();
-            // Binary search over [lo, hi); each subtree ends in an unconditional transfer.
-            let mut work: Vec<(usize, usize, Option<u64>)> = vec![(0, values.len(), None)];
-            while let Some((lo, hi, label)) = work.pop() {
-                if let Some(l) = label {
-                    b.bind(l);
-                }
-                if lo >= hi {
-                    b.emit(
-                        Instruction::with_branch(Code::Jmp_rel32_64, fallback),
-                        inside,
-                    )?;
-                    continue;
-                }
-                let mid = (lo + hi) / 2;
-                let (v, ti) = values[mid];
-                b.emit(Instruction::with2(Code::Mov_r64_imm64, s, v), inside)?;
-                // rax and rcx hold stub values: compare with the program's, saved on the stack.
-                let cmp = match r {
-                    Gpr::Rax => Instruction::with2(
-                        Code::Cmp_rm64_r64,
-                        MemoryOperand::with_base_displ(Register::RSP, 16),
-                        s,
-                    ),
-                    Gpr::Rcx => Instruction::with2(
-                        Code::Cmp_rm64_r64,
-                        MemoryOperand::with_base_displ(Register::RSP, 0),
-                        s,
-                    ),
-                    g => Instruction::with2(Code::Cmp_rm64_r64, g.to_iced(), s),
-                };
-                b.emit(cmp, inside)?;
-                b.emit(
-                    Instruction::with_branch(Code::Je_rel32_64, hits[ti]),
-                    inside,
-                )?;
-                match (lo < mid, mid + 1 < hi) {
-                    (true, true) => {
-                        let l_right = b.label();
-                        b.emit(Instruction::with_branch(Code::Ja_rel32_64, l_right), inside)?;
-                        work.push((mid + 1, hi, Some(l_right)));
-                        work.push((lo, mid, None));
-                    }
-                    (true, false) => {
-                        b.emit(
-                            Instruction::with_branch(Code::Ja_rel32_64, fallback),
-                            inside,
-                        )?;
-                        work.push((lo, mid, None));
-                    }
-                    (false, true) => {
-                        b.emit(
-                            Instruction::with_branch(Code::Jb_rel32_64, fallback),
-                            inside,
-                        )?;
-                        work.push((mid + 1, hi, None));
-                    }
-                    (false, false) => {
-                        b.emit(
-                            Instruction::with_branch(Code::Jmp_rel32_64, fallback),
-                            inside,
-                        )?;
-                    }
+            rollback.push((off, *rb));
+            if (first_displaced..first_displaced + patch.displaced.len()).contains(&i) {
+                if let Rollback::At(a) = rb {
+                    relocated.push((*a, base.offset(off as u64)));
                 }
             }
         }
-    }
-    // Fall-back path: no value matched, or the stub is disabled.
-    b.bind(fallback);
-    leave(&mut b, fallback_counter)?;
-    let first_displaced = b.items.len();
-    for ins in &patch.displaced {
-        b.items.push((*ins, Rollback::At(Addr(ins.ip()))));
-    }
-    let resume = patch.site.0 + patch.len() as u64;
-    b.emit(
-        Instruction::with_branch(Code::Jmp_rel32_64, resume),
-        Rollback::At(Addr(resume)),
-    )?;
-    if tree {
-        for (i, t) in targets.iter().enumerate() {
-            b.bind(hits[i]);
-            leave(&mut b, t.counter)?;
-            b.emit(
-                Instruction::with_branch(Code::Jmp_rel32_64, t.entry.0),
-                tt(0, None, None, None),
-            )?;
-        }
-    }
-    let instrs: Vec<Instruction> = b.items.iter().map(|(i, _)| *i).collect();
-    let res = BlockEncoder::encode(
-        64,
-        InstructionBlock::new(&instrs, base.0),
-        BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
-    )
-    .map_err(|e| CacheError::Encode(e.to_string()))?;
-    let mut rollback = Vec::new();
-    let mut relocated = Vec::new();
-    for (i, (_, rb)) in b.items.iter().enumerate() {
-        let off = res
+        rollback.sort_by_key(|(o, _)| *o);
+        let entry_off = res
             .new_instruction_offsets
-            .get(i)
+            .get(entry_index)
             .copied()
-            .unwrap_or(u32::MAX);
-        if off == u32::MAX {
-            // Rewritten into several instructions (target out of rel32 reach): no boundary to map.
-            continue;
-        }
-        rollback.push((off, *rb));
-        if (first_displaced..first_displaced + patch.displaced.len()).contains(&i) {
-            if let Rollback::At(a) = rb {
-                relocated.push((*a, base.offset(off as u64)));
-            }
-        }
+            .filter(|o| *o != u32::MAX)
+            .ok_or_else(|| CacheError::Encode("stub entry has no offset".into()))?;
+        Ok(Stub {
+            entry: base.offset(entry_off as u64),
+            enabled,
+            base,
+            code: res.code_buffer,
+            rollback,
+            relocated,
+        })
     }
-    rollback.sort_by_key(|(o, _)| *o);
-    let entry_off = res
-        .new_instruction_offsets
-        .get(entry_index)
-        .copied()
-        .filter(|o| *o != u32::MAX)
-        .ok_or_else(|| CacheError::Encode("stub entry has no offset".into()))?;
-    Ok(Stub {
-        entry: base.offset(entry_off as u64),
-        enabled,
-        base,
-        code: res.code_buffer,
-        rollback,
-        relocated,
-    })
+}
+
+/// Binary-search form: `cmp G,rcx` against the program's value of `g`; rax and rcx hold stub values there, so
+/// theirs are compared in their stack slots.
+fn tree_cmp(g: Gpr) -> Result<Instruction, iced_x86::IcedError> {
+    match g {
+        Gpr::Rax => Instruction::with2(
+            Code::Cmp_rm64_r64,
+            MemoryOperand::with_base_displ(Register::RSP, 16),
+            Register::RCX,
+        ),
+        Gpr::Rcx => Instruction::with2(
+            Code::Cmp_rm64_r64,
+            MemoryOperand::with_base_displ(Register::RSP, 0),
+            Register::RCX,
+        ),
+        g => Instruction::with2(Code::Cmp_rm64_r64, g.to_iced(), Register::RCX),
+    }
 }
 
 #[cfg(test)]
