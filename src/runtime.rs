@@ -430,9 +430,7 @@ impl Runtime {
                 .map_err(|e| {
                     let msg = format!("install at {}: {e}", cand.address);
                     match e {
-                        CacheError::Unguardable(..) if msg.contains("changed") => {
-                            InstallFailure::Changed(msg)
-                        }
+                        CacheError::PageChanged { .. } => InstallFailure::Changed(msg),
                         _ => InstallFailure::Other(msg),
                     }
                 });

@@ -7,6 +7,7 @@ use specializer::{Addr, DeoptEntry, Flag, Gpr, KnownState, Variant};
 use tracer::{mapping_at, read_maps, Pid, Tracer};
 
 use crate::arena::{publish, Arena};
+use crate::error::{BadRequestReason, UnguardableReason, UnpatchableReason};
 use crate::guard::{GuardKind, GuardSet};
 use crate::stub::{
     build_stub, jmp_rel32, plan_patch, PatchSite, Rollback, Stub, StubTarget, PATCH_LEN,
@@ -436,23 +437,23 @@ impl Cache {
         let tid = stopped_thread(tr, self.pid)?;
         let t = req.trigger;
         if req.variants.is_empty() {
-            return Err(CacheError::BadRequest("no variants".into()));
+            return Err(CacheError::BadRequest(BadRequestReason::NoVariants));
         }
         let mut seen = BTreeSet::new();
         for (v, var) in &req.variants {
             if var.entry != t {
-                return Err(CacheError::BadRequest(format!(
-                    "variant entry {} is not the trigger {t}",
-                    var.entry
-                )));
+                return Err(CacheError::BadRequest(BadRequestReason::EntryNotTrigger {
+                    entry: var.entry,
+                    trigger: t,
+                }));
             }
             if v.is_some() != req.register.is_some() {
                 return Err(CacheError::BadRequest(
-                    "values must be given exactly when a trigger register is".into(),
+                    BadRequestReason::ValuesWithoutRegister,
                 ));
             }
             if !seen.insert(*v) {
-                return Err(CacheError::BadRequest("duplicate trigger value".into()));
+                return Err(CacheError::BadRequest(BadRequestReason::DuplicateValue));
             }
         }
         for (i, (g, _)) in req.assumed.iter().enumerate() {
@@ -460,14 +461,12 @@ impl Cache {
                 || Some(*g) == req.register
                 || req.assumed[..i].iter().any(|(h, _)| h == g)
             {
-                return Err(CacheError::BadRequest(format!(
-                    "bad assumed register {g:?} (rsp, the trigger register, or given twice)"
-                )));
+                return Err(CacheError::BadRequest(BadRequestReason::BadAssumed(*g)));
             }
         }
         if req.region.0 > t || req.region.1 <= t || req.region.1 .0 - req.region.0 .0 > 16 << 20 {
             return Err(CacheError::BadRequest(
-                "the region must contain the trigger".into(),
+                BadRequestReason::RegionWithoutTrigger,
             ));
         }
         for i in self.installs.values() {
@@ -487,7 +486,7 @@ impl Cache {
             if v.exit_targets.iter().any(|e| patch.strictly_inside(e.0)) {
                 return Err(CacheError::unpatchable(
                     t,
-                    "an installed variant exits into the displaced bytes",
+                    UnpatchableReason::LiveVariantExitsInto,
                 ));
             }
         }
@@ -501,13 +500,16 @@ impl Cache {
                 {
                     return Err(CacheError::unpatchable(
                         t,
-                        format!("a variant exits to {} inside patched bytes", e.target),
+                        UnpatchableReason::VariantExitsIntoPatch(e.target),
                     ));
                 }
             }
             for p in &var.guard_pages {
                 if self.never_guard(*p) {
-                    return Err(CacheError::Unguardable(*p, "invalidated too often".into()));
+                    return Err(CacheError::Unguardable(
+                        *p,
+                        UnguardableReason::InvalidatedTooOften,
+                    ));
                 }
             }
         }
@@ -542,10 +544,7 @@ impl Cache {
             let mut now = vec![0u8; snap.len()];
             if tr.read_memory(self.pid, *p, &mut now).is_err() || &now != snap {
                 self.release_unused(tr, Some(tid), &newly)?;
-                return Err(CacheError::Unguardable(
-                    *p,
-                    "changed since it was specialized on".into(),
-                ));
+                return Err(CacheError::PageChanged { page: *p });
             }
         }
         match self.install_code(tr, &world, &req, patch, ai, &kinds) {
@@ -718,8 +717,9 @@ impl Cache {
         patch: &PatchSite,
         stub: Addr,
     ) -> Result<(), CacheError> {
-        let j = jmp_rel32(patch.site.0, stub.0)
-            .ok_or_else(|| CacheError::unpatchable(patch.site, "stub out of rel32 reach"))?;
+        let j = jmp_rel32(patch.site.0, stub.0).ok_or_else(|| {
+            CacheError::unpatchable(patch.site, UnpatchableReason::StubOutOfReach)
+        })?;
         let mut bytes = vec![0xcc; patch.len()];
         bytes[..PATCH_LEN].copy_from_slice(&j);
         tr.write_memory(world.pid, patch.site, &bytes)?;
@@ -766,10 +766,10 @@ impl Cache {
                 oi.flow_control(),
                 FlowControl::Call | FlowControl::IndirectCall
             ) {
-                return Err(CacheError::BadRequest(format!(
-                    "the call at variant offset {off:#x} does not map to an original call ({})",
-                    d.original
-                )));
+                return Err(CacheError::BadRequest(BadRequestReason::CallNotMapped {
+                    offset: off,
+                    original: d.original,
+                }));
             }
             out.push((Addr(ins.next_ip()), Addr(oi.next_ip())));
         }
@@ -1474,13 +1474,12 @@ impl Cache {
         let snapshots = mem.snapshots();
         drop(mem);
         if variants.is_empty() {
-            let why = failed
-                .first()
-                .map(|(_, e)| e.to_string())
-                .unwrap_or_else(|| "no values".into());
-            return Err(CacheError::BadRequest(format!(
-                "nothing specialized: {why}"
-            )));
+            // Why the first value failed, or no values at all.
+            return Err(failed
+                .into_iter()
+                .next()
+                .map(|(_, e)| CacheError::Specialize(e))
+                .unwrap_or(CacheError::BadRequest(BadRequestReason::NoVariants)));
         }
         let id = self.install(
             tr,

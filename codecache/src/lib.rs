@@ -37,6 +37,6 @@ pub use cache::{
     Cache, Counters, InstallId, InstallRequest, Invalidation, SpecializeRequest, VariantId,
     VariantInfo, MAX_INVALIDATIONS_PER_PAGE,
 };
-pub use error::CacheError;
+pub use error::{BadRequestReason, CacheError, UnguardableReason, UnpatchableReason};
 pub use guard::{GuardKind, GuardSet};
 pub use memory::TargetMemory;

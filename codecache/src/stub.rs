@@ -7,6 +7,7 @@ use iced_x86::{
 };
 use specializer::{Addr, Gpr};
 
+use crate::error::{BadRequestReason, UnpatchableReason};
 use crate::CacheError;
 
 /// Length of the patch: `jmp rel32`.
@@ -72,7 +73,7 @@ pub fn plan_patch(
     if site.0 < region_start.0 || site.0 >= region_end {
         return Err(CacheError::unpatchable(
             site,
-            "site outside the given region",
+            UnpatchableReason::OutsideRegion,
         ));
     }
     let off = (site.0 - region_start.0) as usize;
@@ -83,12 +84,15 @@ pub fn plan_patch(
         if !dec.can_decode() {
             return Err(CacheError::unpatchable(
                 site,
-                "region ends inside the patch",
+                UnpatchableReason::RegionEndsInsidePatch,
             ));
         }
         let ins = dec.decode();
         if ins.is_invalid() {
-            return Err(CacheError::unpatchable(site, "undecodable instruction"));
+            return Err(CacheError::unpatchable(
+                site,
+                UnpatchableReason::Undecodable,
+            ));
         }
         match ins.mnemonic() {
             Mnemonic::Syscall
@@ -100,7 +104,7 @@ pub fn plan_patch(
             | Mnemonic::Ud2 => {
                 return Err(CacheError::unpatchable(
                     site,
-                    format!("{:?} in the displaced bytes", ins.mnemonic()),
+                    UnpatchableReason::TrapInDisplaced(ins.mnemonic()),
                 ))
             }
             _ => {}
@@ -114,7 +118,7 @@ pub fn plan_patch(
             other => {
                 return Err(CacheError::unpatchable(
                     site,
-                    format!("{other:?} instruction in the displaced bytes"),
+                    UnpatchableReason::FlowInDisplaced(other),
                 ))
             }
         }
@@ -145,7 +149,7 @@ pub fn plan_patch(
             {
                 return Err(CacheError::unpatchable(
                     site,
-                    format!("the branch at {:#x} targets the displaced bytes", ins.ip()),
+                    UnpatchableReason::BranchIntoDisplaced(Addr(ins.ip())),
                 ));
             }
         }
@@ -165,7 +169,7 @@ pub fn plan_patch(
                     if ps.strictly_inside(t) {
                         return Err(CacheError::unpatchable(
                             site,
-                            format!("a jump table at {table:#x} targets the displaced bytes"),
+                            UnpatchableReason::JumpTableIntoDisplaced(Addr(table)),
                         ));
                     }
                 }
@@ -190,7 +194,7 @@ pub fn plan_patch(
                 if ps.strictly_inside(t) {
                     return Err(CacheError::unpatchable(
                         site,
-                        format!("a jump table at {table:#x} targets the displaced bytes"),
+                        UnpatchableReason::JumpTableIntoDisplaced(Addr(table)),
                     ));
                 }
             }
@@ -291,7 +295,7 @@ impl Builder {
         r: Result<Instruction, iced_x86::IcedError>,
         rb: Rollback,
     ) -> Result<(), CacheError> {
-        let mut ins = r.map_err(|e| CacheError::Encode(e.to_string()))?;
+        let mut ins = r.map_err(CacheError::Encode)?;
         if let Some(l) = self.pending.take() {
             ins.set_ip(l);
         }
@@ -433,31 +437,23 @@ fn check_stub_request(
     targets: &[StubTarget],
 ) -> Result<(), CacheError> {
     if reg == Some(Gpr::Rsp) {
-        return Err(CacheError::BadRequest(
-            "rsp cannot be a trigger register".into(),
-        ));
+        return Err(CacheError::BadRequest(BadRequestReason::RspTrigger));
     }
     for (i, (g, _)) in assumed.iter().enumerate() {
         if *g == Gpr::Rsp {
-            return Err(CacheError::BadRequest(
-                "rsp cannot be an assumed register".into(),
-            ));
+            return Err(CacheError::BadRequest(BadRequestReason::RspAssumed));
         }
         if Some(*g) == reg || assumed[..i].iter().any(|(h, _)| h == g) {
-            return Err(CacheError::BadRequest(format!(
-                "{g:?} is assumed twice or is also the trigger register"
-            )));
+            return Err(CacheError::BadRequest(BadRequestReason::AssumedTwice(*g)));
         }
     }
     if reg.is_none() && (targets.len() != 1 || targets[0].value.is_some()) {
         return Err(CacheError::BadRequest(
-            "without a trigger register there must be exactly one variant, with no value".into(),
+            BadRequestReason::UnconditionalNotSingle,
         ));
     }
     if reg.is_some() && targets.iter().any(|t| t.value.is_none()) {
-        return Err(CacheError::BadRequest(
-            "with a trigger register every variant needs a value".into(),
-        ));
+        return Err(CacheError::BadRequest(BadRequestReason::ValueMissing));
     }
     Ok(())
 }
@@ -822,7 +818,7 @@ impl StubGen {
             InstructionBlock::new(&instrs, base.0),
             BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS,
         )
-        .map_err(|e| CacheError::Encode(e.to_string()))?;
+        .map_err(CacheError::Encode)?;
         let mut rollback = Vec::new();
         let mut relocated = Vec::new();
         for (i, (_, rb)) in items.iter().enumerate() {
@@ -848,7 +844,7 @@ impl StubGen {
             .get(entry_index)
             .copied()
             .filter(|o| *o != u32::MAX)
-            .ok_or_else(|| CacheError::Encode("stub entry has no offset".into()))?;
+            .ok_or(CacheError::StubEntryLost)?;
         Ok(Stub {
             entry: base.offset(entry_off as u64),
             enabled,
@@ -905,15 +901,32 @@ mod tests {
         // 0x1000: mov eax,[rdi] ; 0x1002: add rdi,4 ; jne 0x1002
         let code = [0x8b, 0x07, 0x48, 0x83, 0xc7, 0x04, 0x75, 0xfa];
         let e = plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).unwrap_err();
-        assert!(matches!(e, CacheError::Unpatchable { .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                CacheError::Unpatchable {
+                    reason: UnpatchableReason::BranchIntoDisplaced(Addr(0x1006)),
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 
     #[test]
     fn refuses_syscall_and_calls() {
-        let code = [0x0f, 0x05, 0x90, 0x90, 0x90, 0x90];
-        assert!(plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).is_err());
-        let code = [0xe8, 0, 0, 0, 0, 0x90];
-        assert!(plan_patch(&code, Addr(0x1000), Addr(0x1000), &no_read).is_err());
+        let reason = |code: &[u8]| match plan_patch(code, Addr(0x1000), Addr(0x1000), &no_read) {
+            Err(CacheError::Unpatchable { reason, .. }) => Some(reason),
+            _ => None,
+        };
+        assert_eq!(
+            reason(&[0x0f, 0x05, 0x90, 0x90, 0x90, 0x90]),
+            Some(UnpatchableReason::TrapInDisplaced(Mnemonic::Syscall))
+        );
+        assert_eq!(
+            reason(&[0xe8, 0, 0, 0, 0, 0x90]),
+            Some(UnpatchableReason::FlowInDisplaced(FlowControl::Call))
+        );
     }
 
     #[test]
