@@ -34,8 +34,8 @@ mod memory;
 pub mod stub;
 
 pub use cache::{
-    Cache, Counters, InstallId, InstallRequest, Invalidation, SpecializeRequest, VariantId,
-    VariantInfo, MAX_INVALIDATIONS_PER_PAGE,
+    Cache, Counters, InstallId, InstallRequest, Invalidation, VariantId, VariantInfo,
+    MAX_INVALIDATIONS_PER_PAGE,
 };
 pub use error::{BadRequestReason, CacheError, UnguardableReason, UnpatchableReason};
 pub use guard::{GuardKind, GuardSet};

@@ -1,5 +1,5 @@
 /* Test target for codecache: a small bytecode interpreter whose bytecode lives in its own heap page.
- * Usage: interp MODE ITERS OUT PTRFILE
+ * Usage: interp MODE ITERS OUT PTRFILE   (the tests name each MODE: `Mode` in tests/common/mod.rs)
  *   MODE 0: plain; 1: the program rewrites one bytecode operand half-way (user write into the guarded page);
  *   2: half-way, read() from a pipe fills the bytecode page (kernel write); 3: two worker threads run the
  *   interpreter while the main thread rewrites the bytecode; each result is checked against a reference;
