@@ -137,7 +137,7 @@ pub enum UnguardableReason {
     InvalidatedTooOften,
     #[error("not mapped")]
     NotMapped,
-    /// [vvar] and other read-only pseudo mappings the kernel changes.
+    /// `[vvar]` and other read-only pseudo mappings the kernel changes.
     #[error("kernel-managed mapping")]
     KernelManaged,
     #[error("shared mapping (other processes may write it)")]
