@@ -31,6 +31,7 @@ mod cache;
 mod error;
 pub mod guard;
 mod memory;
+mod parked;
 pub mod stub;
 
 pub use cache::{

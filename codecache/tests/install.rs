@@ -165,6 +165,30 @@ fn write_from_a_callee_of_the_variant_redirects_its_return() {
 }
 
 #[test]
+fn write_while_another_thread_waits_in_vfork() {
+    // The callee's write is handled while another thread waits in vfork, which no ptrace-stop reaches: the
+    // invalidation (return site rewritten in the arena, threads moved) goes ahead without stopping it.
+    let d = temp_dir("vforkwait");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, Mode::WriteFromCalleeDuringVfork, ITERS);
+    let t = run_traced(
+        &exe,
+        &d,
+        Mode::WriteFromCalleeDuringVfork,
+        ITERS,
+        Site::Entry,
+    );
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert_eq!(t.invalidations.len(), 1, "{:?}", t.invalidations);
+    assert!(
+        t.invalidations[0].returns_redirected >= 1,
+        "the writer's return address points into the variant: {:?}",
+        t.invalidations
+    );
+}
+
+#[test]
 fn writer_inside_the_variant_is_deoptimized() {
     let d = temp_dir("store");
     let exe = build_interp(&d, &[]);

@@ -11,6 +11,7 @@ use tracer::{Pid, Tracer};
 
 use crate::arena::Arena;
 use crate::guard::{GuardKind, GuardSet};
+use crate::parked::{parked_threads, Parked};
 use crate::stub::{PatchSite, Stub};
 use crate::CacheError;
 
@@ -142,10 +143,11 @@ struct Installed {
 /// The code cache of one process.
 ///
 /// # Stopped threads
-/// Installing, invalidating, uninstalling and stripping a fork child need "every thread stopped": each thread
-/// of the process is in a ptrace-stop, or is *parked in vfork*. `Tracer::stop_all` leaves a thread that waits
-/// in `vfork` (also `posix_spawn`, `system()`: clone with CLONE_VFORK) running, since it cannot reach a
-/// ptrace-stop until its child execs or exits. Such a thread counts as stopped because
+/// Installing, invalidating, uninstalling, stripping a fork child and [`crate::arena::publish`] need "every
+/// thread stopped": each thread of the process is in a ptrace-stop, or is *parked in vfork*.
+/// `Tracer::stop_all` leaves a thread that waits in `vfork` (also `posix_spawn`, `system()`: clone with
+/// CLONE_VFORK) running, since it cannot reach a ptrace-stop until its child execs or exits. Such a thread
+/// counts as stopped because
 /// - it is in the kernel and cannot run user code: when its child lets it go it reports
 ///   `PTRACE_EVENT_VFORK_DONE` (a ptrace-stop) before returning to user space, and stays there until resumed;
 /// - its user RIP (read from /proc/PID/task/TID/syscall) follows the `syscall` instruction that entered vfork,
@@ -186,15 +188,6 @@ fn stopped_thread(tr: &Tracer, pid: Pid) -> Result<Pid, CacheError> {
         .ok_or(CacheError::Tracer(tracer::TracerError::NotStopped(pid)))
 }
 
-/// A thread that `Tracer::stop_all` leaves running because it waits in `vfork` for its child (see [`World`]).
-#[derive(Clone, Copy, Debug)]
-struct Parked {
-    tid: Pid,
-    /// Its user RIP and RSP, from /proc/PID/task/TID/syscall.
-    rip: u64,
-    rsp: u64,
-}
-
 /// Proof that every thread of one process is stopped (see the "Stopped threads" section of [`Cache`]): each is
 /// in a ptrace-stop, or parked in `vfork` at a known position outside generated code. Every operation that
 /// writes a patch site or moves threads takes one, made by [`Cache::stopped_world`] before anything changes.
@@ -221,27 +214,6 @@ impl World {
             })
             .collect()
     }
-}
-
-/// The user (rsp, rip) of a thread blocked in a vfork-like system call (vfork, clone, clone3), read from
-/// /proc/PID/task/TID/syscall (`nr args... sp pc` while blocked in a system call); None otherwise.
-fn vfork_position(pid: Pid, tid: Pid) -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/syscall")).ok()?;
-    parse_vfork_position(&text)
-}
-
-/// [`vfork_position`] of the text of a /proc/PID/task/TID/syscall file.
-fn parse_vfork_position(text: &str) -> Option<(u64, u64)> {
-    let fields: Vec<&str> = text.split_whitespace().collect();
-    let nr: i64 = fields.first()?.parse().ok()?;
-    if !matches!(nr, libc::SYS_vfork | libc::SYS_clone | libc::SYS_clone3) || fields.len() < 3 {
-        return None;
-    }
-    let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok();
-    Some((
-        hex(fields[fields.len() - 2])?,
-        hex(fields[fields.len() - 1])?,
-    ))
 }
 
 impl Cache {
@@ -311,33 +283,16 @@ impl Cache {
     /// ptrace-stop, or parked in `vfork` outside generated code and outside every active patch's displaced bytes.
     /// Else [`CacheError::NotStopped`] names the first thread that is not.
     fn stopped_world(&self, tr: &Tracer, pid: Pid) -> Result<World, CacheError> {
-        let mut parked = Vec::new();
-        for tid in tr.threads(pid) {
-            if tr.is_stopped(tid) {
-                continue;
-            }
-            let not_stopped = CacheError::NotStopped { tid: tid.as_raw() };
-            if !tr.in_vfork(tid) {
-                return Err(not_stopped);
-            }
-            let Some((rsp, rip)) = vfork_position(pid, tid) else {
-                return Err(not_stopped);
-            };
-            // Never so for a thread that entered vfork with a `syscall` instruction (generated code has none and
-            // displaced bytes never hold one); checked because its registers cannot be changed.
-            let generated = self
-                .arenas
-                .iter()
-                .any(|a| rip >= a.code.0 .0 && rip < a.code.1 .0);
-            let displaced = self
-                .installs
-                .values()
-                .any(|i| i.patched && i.patch.strictly_inside(rip));
-            if generated || displaced {
-                return Err(not_stopped);
-            }
-            parked.push(Parked { tid, rip, rsp });
-        }
+        // A parked thread's RIP is never in generated code or displaced bytes (it follows the `syscall` that
+        // entered vfork; generated code has none and displaced bytes never hold one): checked because its
+        // registers cannot be changed.
+        let parked = parked_threads(tr, pid, |rip| {
+            self.arenas.iter().any(|a| a.contains_code(Addr(rip), 1))
+                || self
+                    .installs
+                    .values()
+                    .any(|i| i.patched && i.patch.strictly_inside(rip))
+        })?;
         Ok(World { pid, parked })
     }
 
@@ -507,29 +462,5 @@ impl Cache {
         self.installs.clear();
         self.variants.clear();
         self.arenas.clear();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_vfork_position;
-
-    #[test]
-    fn vfork_position_only_inside_a_vfork_like_system_call() {
-        // As read from a thread waiting in vfork (58): nr, six arguments, sp, pc.
-        let waiting = "58 0x56119b69d7b7 0x7fbf719ace9b 0x0 0x7fbf719c4850 0x0 0x0 0x7fbf719ace90 0x7fbf71a853b8\n";
-        assert_eq!(
-            parse_vfork_position(waiting),
-            Some((0x7fbf719ace90, 0x7fbf71a853b8))
-        );
-        let clone3 = "435 0x7ffd0 0x58 0x0 0x0 0x0 0x0 0x7ffc0 0x7f00123\n";
-        assert_eq!(parse_vfork_position(clone3), Some((0x7ffc0, 0x7f00123)));
-        // Another system call (read), a thread blocked outside one, a running thread.
-        assert_eq!(
-            parse_vfork_position("0 0x3 0x7f 0x1 0x0 0x0 0x0 0x7ffe 0x7f01\n"),
-            None
-        );
-        assert_eq!(parse_vfork_position("-1 0x7ffe 0x7f01\n"), None);
-        assert_eq!(parse_vfork_position("running\n"), None);
     }
 }

@@ -1,5 +1,6 @@
 //! Dispatch stubs: the code that compares the trigger register without disturbing anything (invariant 5), and
-//! (in the `patch` submodule, re-exported here) the patch sites whose original instructions a 5-byte `jmp` displaces (invariant 6).
+//! (in the `patch` submodule, re-exported here) the patch sites whose original instructions a 5-byte `jmp`
+//! displaces (invariant 6).
 
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand, Register,

@@ -57,6 +57,9 @@ pub enum Mode {
     /// Like `ThreadsWhileRewritten` with the bytecode in `.data`; half-way four more threads write unused
     /// words of the page at the same instant.
     SimultaneousWrites,
+    /// Like `WriteFromCallee`, while another thread waits in vfork (its child sleeps 0.3 s): the invalidation
+    /// cannot stop that thread.
+    WriteFromCalleeDuringVfork,
 }
 
 impl Mode {
@@ -79,6 +82,7 @@ impl Mode {
             Mode::OwnSegv => 14,
             Mode::ThreadsWhileRead => 15,
             Mode::SimultaneousWrites => 16,
+            Mode::WriteFromCalleeDuringVfork => 17,
         }
     }
 }
