@@ -305,14 +305,9 @@ impl Installer {
             self.cache
                 .stop_all(tr)
                 .map_err(|e| InstallFailure::Other(format!("cannot stop the target: {e}")))?;
-            // Cache::install asserts this (invariant 6); a thread that is exiting may slip through stop_all.
+            // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail
+            // with CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
             let pid = self.pid;
-            if !tr.threads(pid).iter().all(|t| tr.is_stopped(*t)) {
-                let _ = tr.resume_all();
-                return Err(InstallFailure::Other(
-                    "a thread could not be stopped; not installing".into(),
-                ));
-            }
             if variants.forwards && tr.threads(pid).len() != 1 {
                 // A thread appeared since planning: its event (handled next) would remove the install anyway.
                 let _ = tr.resume_all();
@@ -346,9 +341,7 @@ impl Installer {
                 .map_err(|e| {
                     let msg = format!("install at {}: {e}", cand.address);
                     match e {
-                        CacheError::Unguardable(..) if msg.contains("changed") => {
-                            InstallFailure::Changed(msg)
-                        }
+                        CacheError::PageChanged { .. } => InstallFailure::Changed(msg),
                         _ => InstallFailure::Other(msg),
                     }
                 });

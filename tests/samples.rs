@@ -69,6 +69,7 @@ const KERNEL_READ: Case = case("kernel_read", "40000", &["kr_scan"]);
 const LATE_THREAD: Case = case("late_thread", "8000000", &["late_run"]);
 const SIG_INTERP: Case = case("sig_interp", "20000000", &["sig_run"]);
 const LATE_START: Case = case("late_start", "1000000", &["late_hash", "late_interp_run"]);
+const VFORK_GUARD: Case = case("vfork_guard", "6000000", &["vfork_guard_run"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -86,6 +87,7 @@ const ALL: &[&Case] = &[
     &LATE_THREAD,
     &SIG_INTERP,
     &LATE_START,
+    &VFORK_GUARD,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -187,6 +189,7 @@ sample_tests! {
     late_thread => super::LATE_THREAD;
     sig_interp => super::SIG_INTERP;
     late_start => super::LATE_START;
+    vfork_guard => super::VFORK_GUARD;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.

@@ -293,3 +293,28 @@ fn hot_code_that_starts_late_is_specialized() {
         seen.join("\n")
     );
 }
+
+#[test]
+fn vfork_guard_invalidates_while_a_thread_waits_in_vfork() {
+    // The bytecode page is written while another thread waits in vfork(), which no ptrace-stop can reach:
+    // the invalidation must go ahead without stopping it (it used to panic dynspec, killing the program).
+    // When the first install came only after the write (a loaded machine), a longer first phase leaves room.
+    let mut r = specialized("vfork_guard", "6000000", &[]);
+    if invalidations(&r).is_empty() {
+        eprintln!(
+            "no invalidation at 6000000 ({}); trying a longer run",
+            brief(&r)
+        );
+        r = specialized("vfork_guard", "30000000", &[]);
+    }
+    assert!(
+        !invalidations(&r).is_empty(),
+        "no invalidation: {}",
+        brief(&r)
+    );
+    assert!(
+        variants(&r).iter().any(|v| v["invalidated"] == true),
+        "an invalidation must mark its variants: {}",
+        brief(&r)
+    );
+}

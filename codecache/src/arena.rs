@@ -3,6 +3,7 @@
 use specializer::Addr;
 use tracer::{read_maps, remote_mmap, Mapping, Pid, Tracer};
 
+use crate::parked::parked_threads;
 use crate::CacheError;
 
 /// Bytes of code per arena (variants are capped at 64 KiB each by the specializer's default options).
@@ -191,8 +192,10 @@ impl Arena {
 
 /// THE one way code gets into an arena: write `bytes` at `addr` through /proc/PID/mem.
 ///
-/// Asserts (in release builds too) that every thread of `pid` is stopped, that the range lies inside the code
-/// mapping of one of `arenas`, and that the mapping there is not writable (W^X, invariant 4).
+/// Every thread of `pid` must be stopped (a thread parked in vfork outside the arenas counts as stopped, see
+/// [`crate::Cache`], "Stopped threads"), else [`CacheError::NotStopped`] and nothing is written. Asserts (in
+/// release builds too) that the range lies inside the code mapping of one of `arenas`, and that the mapping
+/// there is not writable (W^X, invariant 4).
 pub fn publish(
     tr: &Tracer,
     pid: Pid,
@@ -200,10 +203,9 @@ pub fn publish(
     addr: Addr,
     bytes: &[u8],
 ) -> Result<(), CacheError> {
-    assert!(
-        tr.threads(pid).iter().all(|t| tr.is_stopped(*t)),
-        "publish: every thread of {pid} must be stopped"
-    );
+    parked_threads(tr, pid, |rip| {
+        arenas.iter().any(|a| a.contains_code(Addr(rip), 1))
+    })?;
     assert!(
         arenas
             .iter()

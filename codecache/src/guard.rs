@@ -33,6 +33,7 @@ use tracer::uffd::{
 };
 use tracer::{mapping_at, read_maps, remote_mprotect, Pid, Tracer, TracerError};
 
+use crate::error::UnguardableReason;
 use crate::CacheError;
 
 const PAGE: u64 = 4096;
@@ -360,7 +361,7 @@ impl GuardSet {
                 let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
                 if efd < 0 {
                     return Err(CacheError::Os {
-                        op: "eventfd".into(),
+                        op: "eventfd",
                         errno: errno(),
                     });
                 }
@@ -379,8 +380,8 @@ impl GuardSet {
                     .name("dynspec-guards".into())
                     .spawn(move || reader_loop(f2, s2, pid, sh2, fl2, mem))
                     .map_err(|e| CacheError::Os {
-                        op: format!("spawning the guard reader: {e}"),
-                        errno: 0,
+                        op: "spawning the guard reader",
+                        errno: e.raw_os_error().unwrap_or(0),
                     })?;
                 gs.fd = Some(fd);
                 gs.reader = Some(Reader {
@@ -518,7 +519,7 @@ impl GuardSet {
         }
         let maps = read_maps(self.pid)?;
         let m = mapping_at(&maps, page)
-            .ok_or_else(|| CacheError::Unguardable(page, "not mapped".into()))?;
+            .ok_or(CacheError::Unguardable(page, UnguardableReason::NotMapped))?;
         if !m.write {
             if m.is_pseudo()
                 && m.path.as_deref() != Some(std::path::Path::new("[vdso]"))
@@ -526,7 +527,7 @@ impl GuardSet {
             {
                 return Err(CacheError::Unguardable(
                     page,
-                    "kernel-managed mapping".into(),
+                    UnguardableReason::KernelManaged,
                 ));
             }
             return Ok(GuardKind::ReadOnly);
@@ -547,7 +548,7 @@ impl GuardSet {
         if m.shared {
             return Err(CacheError::Unguardable(
                 page,
-                "shared mapping (other processes may write it)".into(),
+                UnguardableReason::SharedMapping,
             ));
         }
         let orig = m.prot();
@@ -559,7 +560,7 @@ impl GuardSet {
             }
             Err(TracerError::RemoteSyscall { errno, .. }) => Err(CacheError::Unguardable(
                 page,
-                format!("mprotect failed (errno {errno})"),
+                UnguardableReason::MprotectFailed(errno),
             )),
             Err(e) => Err(e.into()),
         }

@@ -3,7 +3,9 @@
 //!
 //! Invariants (asserted, on in release builds): code-cache pages are never writable and executable at once
 //! (they are written only by [`arena::publish`] through /proc/PID/mem); a patch site is written only while
-//! every thread is stopped and no thread's RIP lies strictly inside the replaced bytes.
+//! every thread is stopped and no thread's RIP lies strictly inside the replaced bytes. A thread waiting in
+//! `vfork` (which `Tracer::stop_all` leaves running) counts as stopped (see [`Cache`], "Stopped threads"); any
+//! other running thread makes an operation fail with [`CacheError::NotStopped`], never panic.
 //!
 //! What the session calls, and when:
 //! - after spawn/attach (threads stopped): [`Cache::new`] (finish any `tracer::WriteWatch` of the process first:
@@ -29,12 +31,13 @@ mod cache;
 mod error;
 pub mod guard;
 mod memory;
+mod parked;
 pub mod stub;
 
 pub use cache::{
-    Cache, Counters, InstallId, InstallRequest, Invalidation, SpecializeRequest, VariantId,
-    VariantInfo, MAX_INVALIDATIONS_PER_PAGE,
+    Cache, Counters, InstallId, InstallRequest, Invalidation, VariantId, VariantInfo,
+    MAX_INVALIDATIONS_PER_PAGE,
 };
-pub use error::CacheError;
+pub use error::{BadRequestReason, CacheError, UnguardableReason, UnpatchableReason};
 pub use guard::{GuardKind, GuardSet};
 pub use memory::TargetMemory;

@@ -10,10 +10,10 @@ const ITERS: u64 = 200_000;
 
 #[test]
 fn installed_variant_gives_native_output_and_counts_entries() {
-    let d = TempDir::new("plain");
+    let d = temp_dir("plain");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 0, ITERS);
-    let t = run_traced(&exe, &d, 0, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::Plain, ITERS);
+    let t = run_traced(&exe, &d, Mode::Plain, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert_eq!(t.installed.len(), 1);
@@ -25,29 +25,33 @@ fn installed_variant_gives_native_output_and_counts_entries() {
 #[test]
 fn dispatch_trigger_with_many_values_pie_and_non_pie() {
     for (tag, flags) in [("pie", &[][..]), ("nopie", &["-no-pie", "-fno-pie"][..])] {
-        let d = TempDir::new(tag);
+        let d = temp_dir(tag);
         let exe = build_interp(&d, flags);
-        for mode in [0, 1] {
+        for mode in [Mode::Plain, Mode::UserWrite] {
             let native = run_native(&exe, &d, mode, ITERS);
             let t = run_traced(&exe, &d, mode, ITERS, Site::Dispatch { values: 10 });
-            assert_eq!(t.status, ExitStatus::Code(0), "{tag} mode {mode}");
-            assert_eq!(t.output, native, "{tag} mode {mode}");
-            assert!(t.entries > 0, "{tag} mode {mode}: never entered");
-            assert_eq!(!t.invalidations.is_empty(), mode == 1, "{tag} mode {mode}");
+            assert_eq!(t.status, ExitStatus::Code(0), "{tag} mode {mode:?}");
+            assert_eq!(t.output, native, "{tag} mode {mode:?}");
+            assert!(t.entries > 0, "{tag} mode {mode:?}: never entered");
+            assert_eq!(
+                !t.invalidations.is_empty(),
+                mode == Mode::UserWrite,
+                "{tag} mode {mode:?}"
+            );
         }
     }
 }
 
 #[test]
 fn dispatch_stub_checks_assumed_registers() {
-    let d = TempDir::new("assumed");
+    let d = temp_dir("assumed");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 0, ITERS);
+    let native = run_native(&exe, &d, Mode::Plain, ITERS);
     for matching in [true, false] {
         let t = run_traced(
             &exe,
             &d,
-            0,
+            Mode::Plain,
             ITERS,
             Site::DispatchAssumed {
                 values: 10,
@@ -71,10 +75,10 @@ fn dispatch_stub_checks_assumed_registers() {
 fn entry_patch_refused_when_a_branch_targets_the_displaced_bytes() {
     // Non-PIE -O2 `run` (gcc 12) loops back to its second instruction: the entry patch must be refused with a
     // typed error and the program must run unchanged. Other code generation may make the entry patchable.
-    let d = TempDir::new("refuse");
+    let d = temp_dir("refuse");
     let exe = build_interp(&d, &["-no-pie", "-fno-pie"]);
-    let native = run_native(&exe, &d, 0, 1000);
-    let t = run_traced(&exe, &d, 0, 1000, Site::Entry);
+    let native = run_native(&exe, &d, Mode::Plain, 1000);
+    let t = run_traced(&exe, &d, Mode::Plain, 1000, Site::Entry);
     assert_eq!(t.output, native);
     match &t.install_error {
         None => assert_eq!(t.installed.len(), 1),
@@ -87,10 +91,10 @@ fn entry_patch_refused_when_a_branch_targets_the_displaced_bytes() {
 
 #[test]
 fn user_write_to_guarded_page_invalidates() {
-    let d = TempDir::new("selfmod");
+    let d = temp_dir("selfmod");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 1, ITERS);
-    let t = run_traced(&exe, &d, 1, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::UserWrite, ITERS);
+    let t = run_traced(&exe, &d, Mode::UserWrite, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert!(!t.invalidations.is_empty(), "no invalidation");
@@ -101,10 +105,10 @@ fn user_write_to_guarded_page_invalidates() {
 
 #[test]
 fn read_into_guarded_page_succeeds_and_invalidates() {
-    let d = TempDir::new("kread");
+    let d = temp_dir("kread");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 2, ITERS);
-    let t = run_traced(&exe, &d, 2, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::KernelWrite, ITERS);
+    let t = run_traced(&exe, &d, Mode::KernelWrite, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(
         t.output, native,
@@ -128,14 +132,14 @@ fn threads_inside_the_variant_are_deoptimized() {
     // Two threads run the interpreter while the main thread rewrites the bytecode. With dispatch triggers the
     // threads spend much of their time in stubs (chain: 5 values; binary search: 10 values), so invalidation
     // often finds them there or inside variants; every result must still match a reference.
-    let d = TempDir::new("mt");
+    let d = temp_dir("mt");
     let exe = build_interp(&d, &[]);
     for site in [
         Site::Entry,
         Site::Dispatch { values: 5 },
         Site::Dispatch { values: 10 },
     ] {
-        let t = run_traced(&exe, &d, 3, ITERS, site);
+        let t = run_traced(&exe, &d, Mode::ThreadsWhileRewritten, ITERS, site);
         assert_eq!(t.status, ExitStatus::Code(0), "{site:?}");
         assert_eq!(t.output, "bad=0\n", "{site:?}");
         assert!(!t.invalidations.is_empty(), "no invalidation ({site:?})");
@@ -146,10 +150,10 @@ fn threads_inside_the_variant_are_deoptimized() {
 
 #[test]
 fn write_from_a_callee_of_the_variant_redirects_its_return() {
-    let d = TempDir::new("callee");
+    let d = temp_dir("callee");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 4, ITERS);
-    let t = run_traced(&exe, &d, 4, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::WriteFromCallee, ITERS);
+    let t = run_traced(&exe, &d, Mode::WriteFromCallee, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert_eq!(t.invalidations.len(), 1);
@@ -161,11 +165,35 @@ fn write_from_a_callee_of_the_variant_redirects_its_return() {
 }
 
 #[test]
-fn writer_inside_the_variant_is_deoptimized() {
-    let d = TempDir::new("store");
+fn write_while_another_thread_waits_in_vfork() {
+    // The callee's write is handled while another thread waits in vfork, which no ptrace-stop reaches: the
+    // invalidation (return site rewritten in the arena, threads moved) goes ahead without stopping it.
+    let d = temp_dir("vforkwait");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 5, ITERS);
-    let t = run_traced(&exe, &d, 5, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::WriteFromCalleeDuringVfork, ITERS);
+    let t = run_traced(
+        &exe,
+        &d,
+        Mode::WriteFromCalleeDuringVfork,
+        ITERS,
+        Site::Entry,
+    );
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert_eq!(t.invalidations.len(), 1, "{:?}", t.invalidations);
+    assert!(
+        t.invalidations[0].returns_redirected >= 1,
+        "the writer's return address points into the variant: {:?}",
+        t.invalidations
+    );
+}
+
+#[test]
+fn writer_inside_the_variant_is_deoptimized() {
+    let d = temp_dir("store");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, Mode::StoreFromInside, ITERS);
+    let t = run_traced(&exe, &d, Mode::StoreFromInside, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert!(!t.invalidations.is_empty());
@@ -178,10 +206,10 @@ fn writer_inside_the_variant_is_deoptimized() {
 
 #[test]
 fn data_section_page_is_guarded_with_mprotect() {
-    let d = TempDir::new("data");
+    let d = temp_dir("data");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 6, ITERS);
-    let t = run_traced(&exe, &d, 6, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::DataSection, ITERS);
+    let t = run_traced(&exe, &d, Mode::DataSection, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert!(
@@ -197,10 +225,10 @@ fn data_section_page_is_guarded_with_mprotect() {
 fn simultaneous_writes_to_an_mprotect_guard_all_complete() {
     // Four threads write the mprotect-guarded page at once: one SIGSEGV invalidates and lifts the guard, the
     // others were raised before that and reach dynspec afterwards; they must be resumed, not delivered.
-    let d = TempDir::new("mtdata");
+    let d = temp_dir("mtdata");
     let exe = build_interp(&d, &[]);
     for round in 0..3 {
-        let t = run_traced(&exe, &d, 16, ITERS, Site::Entry);
+        let t = run_traced(&exe, &d, Mode::SimultaneousWrites, ITERS, Site::Entry);
         assert_eq!(t.status, ExitStatus::Code(0), "round {round}");
         assert_eq!(t.output, "bad=0\n", "round {round}");
         assert!(
@@ -214,10 +242,10 @@ fn simultaneous_writes_to_an_mprotect_guard_all_complete() {
 
 #[test]
 fn forked_child_is_stripped_and_runs_original_code() {
-    let d = TempDir::new("fork");
+    let d = temp_dir("fork");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 7, ITERS);
-    let t = run_traced(&exe, &d, 7, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::Fork, ITERS);
+    let t = run_traced(&exe, &d, Mode::Fork, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(
         t.output, native,
@@ -233,13 +261,13 @@ fn forked_child_is_stripped_and_runs_original_code() {
 
 #[test]
 fn uninstall_all_restores_the_original_code() {
-    let d = TempDir::new("uninstall");
+    let d = temp_dir("uninstall");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 8, ITERS);
+    let native = run_native(&exe, &d, Mode::ExtraUsr1, ITERS);
     let t = run_traced_with(
         &exe,
         &d,
-        8,
+        Mode::ExtraUsr1,
         ITERS,
         Site::Entry,
         RunOpts {
@@ -256,10 +284,10 @@ fn uninstall_all_restores_the_original_code() {
 
 #[test]
 fn unconditional_entry_without_trigger() {
-    let d = TempDir::new("uncond");
+    let d = temp_dir("uncond");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 1, ITERS);
-    let t = run_traced(&exe, &d, 1, ITERS, Site::Unconditional);
+    let native = run_native(&exe, &d, Mode::UserWrite, ITERS);
+    let t = run_traced(&exe, &d, Mode::UserWrite, ITERS, Site::Unconditional);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert!(t.install_error.is_none(), "{:?}", t.install_error);
@@ -270,10 +298,10 @@ fn unconditional_entry_without_trigger() {
 
 #[test]
 fn vfork_child_shares_the_patched_memory() {
-    let d = TempDir::new("vfork");
+    let d = temp_dir("vfork");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 9, ITERS);
-    let t = run_traced(&exe, &d, 9, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::Vfork, ITERS);
+    let t = run_traced(&exe, &d, Mode::Vfork, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert_eq!(
@@ -287,12 +315,12 @@ fn signal_frame_inside_a_dead_variant_is_deoptimized() {
     // The write of bytecode op 8 (inside the variant) faults; before it is handled, SIGUSR2 interrupts the
     // thread there, and its handler rewrites a later bytecode (blocking on the same guarded page). After the
     // invalidation, sigreturn must resume in the original code, so that run() sees the handler's change.
-    let d = TempDir::new("sigframe");
+    let d = temp_dir("sigframe");
     let exe = build_interp(&d, &[]);
     let t = run_traced_with(
         &exe,
         &d,
-        11,
+        Mode::SignalDuringStore,
         ITERS,
         Site::Entry,
         RunOpts {
@@ -315,13 +343,13 @@ fn page_invalidated_too_often_is_given_up() {
     // The program rewrites its bytecode three times (SIGUSR1 after each write); the test re-specializes and
     // re-installs after each. The third invalidation gives the page up: the next specialization cannot rely
     // on it any more.
-    let d = TempDir::new("giveup");
+    let d = temp_dir("giveup");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 12, ITERS);
+    let native = run_native(&exe, &d, Mode::RewrittenThrice, ITERS);
     let t = run_traced_with(
         &exe,
         &d,
-        12,
+        Mode::RewrittenThrice,
         ITERS,
         Site::Entry,
         RunOpts {
@@ -339,19 +367,19 @@ fn page_invalidated_too_often_is_given_up() {
 
 #[test]
 fn uninstall_then_detach_leaves_a_correct_program() {
-    // Attach-mode shutdown: at the half-way SIGUSR1 (mode 8) uninstall everything, drop the cache, detach;
+    // Attach-mode shutdown: at the half-way SIGUSR1 (Mode::ExtraUsr1) uninstall everything, drop the cache, detach;
     // the program finishes on its own with the native output.
     use codecache::Cache;
     use std::time::Duration;
     use tracer::{Event, Tracer};
-    let d = TempDir::new("detach");
+    let d = temp_dir("detach");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 8, ITERS);
-    let out = d.path("detach.out");
-    let ptr = d.path("detach.ptr");
+    let native = run_native(&exe, &d, Mode::ExtraUsr1, ITERS);
+    let out = d.path().join("detach.out");
+    let ptr = d.path().join("detach.ptr");
     let argv: Vec<std::ffi::OsString> = vec![
         exe.clone().into(),
-        "8".into(),
+        Mode::ExtraUsr1.arg().to_string().into(),
         ITERS.to_string().into(),
         out.clone().into(),
         ptr.clone().into(),
@@ -410,10 +438,10 @@ fn uninstall_then_detach_leaves_a_correct_program() {
 fn discarded_guarded_page_invalidates() {
     // madvise(MADV_DONTNEED) changes the page's contents without a write: the uffd remove event must
     // invalidate the variant as a write would.
-    let d = TempDir::new("dontneed");
+    let d = temp_dir("dontneed");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 13, ITERS);
-    let t = run_traced(&exe, &d, 13, ITERS, Site::Entry);
+    let native = run_native(&exe, &d, Mode::Discarded, ITERS);
+    let t = run_traced(&exe, &d, Mode::Discarded, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     // The stub is disabled the moment the event is read, so the output is right even if the program ends
     // before the invalidation itself runs (nobody waits on a discarded page).
@@ -424,11 +452,11 @@ fn discarded_guarded_page_invalidates() {
 #[test]
 fn programs_own_segv_is_delivered() {
     // With a page guarded by mprotect, a SIGSEGV of the program's own (another page) reaches its handler.
-    let d = TempDir::new("ownsegv");
+    let d = temp_dir("ownsegv");
     let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 14, ITERS);
+    let native = run_native(&exe, &d, Mode::OwnSegv, ITERS);
     assert!(native.starts_with("caught=1"), "{native}");
-    let t = run_traced(&exe, &d, 14, ITERS, Site::Entry);
+    let t = run_traced(&exe, &d, Mode::OwnSegv, ITERS, Site::Entry);
     assert_eq!(t.status, ExitStatus::Code(0));
     assert_eq!(t.output, native);
     assert!(
@@ -444,26 +472,13 @@ fn programs_own_segv_is_delivered() {
 fn kernel_write_while_other_threads_run() {
     // Workers keep running the interpreter while the main thread read()s new bytecode into the guarded
     // page: stop_all must stop the workers, let the blocked read complete, and every result stays correct.
-    let d = TempDir::new("mtread");
+    let d = temp_dir("mtread");
     let exe = build_interp(&d, &[]);
     for site in [Site::Entry, Site::Dispatch { values: 5 }] {
-        let t = run_traced(&exe, &d, 15, ITERS, site);
+        let t = run_traced(&exe, &d, Mode::ThreadsWhileRead, ITERS, site);
         assert_eq!(t.status, ExitStatus::Code(0), "{site:?}");
         assert_eq!(t.output, "bad=0\n", "{site:?}");
         assert!(!t.invalidations.is_empty(), "{site:?}");
         assert_eq!(t.kernel_releases, 1, "{site:?}");
     }
-}
-
-#[test]
-fn specialize_and_install_helper() {
-    let d = TempDir::new("helper");
-    let exe = build_interp(&d, &[]);
-    let native = run_native(&exe, &d, 1, ITERS);
-    let t = run_traced(&exe, &d, 1, ITERS, Site::EntryViaHelper);
-    assert!(t.install_error.is_none(), "{:?}", t.install_error);
-    assert_eq!(t.status, ExitStatus::Code(0));
-    assert_eq!(t.output, native);
-    assert!(t.entries > 0);
-    assert_eq!(t.invalidations.len(), 1);
 }

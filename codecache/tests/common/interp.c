@@ -1,5 +1,5 @@
 /* Test target for codecache: a small bytecode interpreter whose bytecode lives in its own heap page.
- * Usage: interp MODE ITERS OUT PTRFILE
+ * Usage: interp MODE ITERS OUT PTRFILE   (the tests name each MODE: `Mode` in tests/common/mod.rs)
  *   MODE 0: plain; 1: the program rewrites one bytecode operand half-way (user write into the guarded page);
  *   2: half-way, read() from a pipe fills the bytecode page (kernel write); 3: two worker threads run the
  *   interpreter while the main thread rewrites the bytecode; each result is checked against a reference;
@@ -18,7 +18,9 @@
  *   handler), which must reach it unchanged; 15: like 3, but the main thread rewrites the bytecode with
  *   read() from a pipe (a kernel write while the workers run); 16: like 3 with the bytecode in .data (mprotect
  *   guard), and half-way four more threads write unused words of the bytecode page at the same instant (one
- *   fault invalidates; the others are already under way and must complete too).
+ *   fault invalidates; the others are already under way and must complete too); 17: like 4, but before hook()
+ *   writes, another thread calls vfork() (its child sleeps 0.3 s, then _exits) and hook() waits until that
+ *   thread waits in vfork (state 'D'; at most 2 s): the write is handled while a thread cannot be stopped.
  * Raises SIGUSR1 once the bytecode is ready (the test installs there) and once before exiting (counters). */
 #include <pthread.h>
 #include <setjmp.h>
@@ -28,7 +30,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 struct insn { int op, a, b, pad; };
@@ -37,11 +41,54 @@ static struct insn data_code[256] __attribute__((aligned(4096))) = {{1, 1, 1, 1}
 
 static struct insn *code;
 static long hook_calls, hook_at = -1;
+static int vfork_before_write;
+static pthread_t vforker;
+static volatile pid_t vforker_tid;
+
+static void *vforker_main(void *arg)
+{
+    (void)arg;
+    vforker_tid = (pid_t)syscall(SYS_gettid);
+    pid_t c = vfork();
+    if (c == 0) {
+        struct timespec ts = {0, 300 * 1000 * 1000};
+        while (nanosleep(&ts, &ts) != 0)
+            ;
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(c, &st, 0);
+    return NULL;
+}
+
+/* The scheduling state of thread `tid` of this process ('D' while it waits in vfork). */
+static char thread_state(pid_t tid)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/self/task/%d/stat", (int)tid);
+    FILE *f = fopen(path, "r");
+    if (!f) return '?';
+    size_t n = fread(buf, 1, sizeof buf - 1, f);
+    fclose(f);
+    buf[n] = '\0';
+    char *close = strrchr(buf, ')');
+    return close && close[1] == ' ' ? close[2] : '?';
+}
 
 __attribute__((noinline)) long hook(long x)
 {
-    if (hook_calls++ == hook_at)
+    if (hook_calls++ == hook_at) {
+        if (vfork_before_write) {
+            pthread_create(&vforker, NULL, vforker_main, NULL);
+            while (vforker_tid == 0)
+                ;
+            for (int k = 0; k < 2000 && thread_state(vforker_tid) != 'D'; k++) {
+                struct timespec ms = {0, 1000 * 1000};
+                nanosleep(&ms, NULL);
+            }
+        }
         code[1].a = 9;
+    }
     return x * 3 + 1;
 }
 
@@ -165,8 +212,9 @@ int main(int argc, char **argv)
     fclose(pf);
     raise(SIGUSR1);
     FILE *out = fopen(argv[3], "w");
-    if (mode == 4)
+    if (mode == 4 || mode == 17)
         hook_at = iters / 2;
+    vfork_before_write = mode == 17;
     if (mode == 11) {
         struct insn o[16], n[16];
         memcpy(o, code, sizeof o);
@@ -279,6 +327,8 @@ int main(int argc, char **argv)
             }
             sum += run(code, i);
         }
+        if (vfork_before_write)
+            pthread_join(vforker, NULL);
         fprintf(out, "sum=%ld\n", sum);
     }
     fclose(out);

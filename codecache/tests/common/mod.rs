@@ -4,45 +4,93 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use codecache::{Cache, InstallId, InstallRequest, Invalidation, TargetMemory};
-use specializer::{Addr, Gpr, KnownState, Options, Request};
+use specializer::{Addr, Gpr, KnownState, Options, Request, SpecializeError, Variant};
+pub use tempfile::TempDir;
 use tracer::{Event, ExitStatus, Pid, Tracer};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let p = std::env::temp_dir().join(format!(
-            "codecache-test-{}-{}-{}",
-            std::process::id(),
-            tag,
-            n
-        ));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
+/// A fresh temporary directory named after `tag`, removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("codecache-test-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+/// What tests/common/interp.c does besides interpreting (its MODE argument; see the top of interp.c).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Nothing else.
+    Plain,
+    /// Half-way, the program rewrites one bytecode operand (a user write into the guarded page).
+    UserWrite,
+    /// Half-way, `read()` from a pipe fills the bytecode page (a kernel write).
+    KernelWrite,
+    /// Two worker threads interpret while the main thread rewrites the bytecode; each result is checked
+    /// against a reference (output `bad=0`).
+    ThreadsWhileRewritten,
+    /// Half-way, `hook()` (bytecode op 7, a residual call of the variant) rewrites the bytecode.
+    WriteFromCallee,
+    /// Bytecode op 8 stores into the bytecode page from inside `run()` (the writer is inside the variant).
+    StoreFromInside,
+    /// Like `UserWrite` with the bytecode in `.data` (mprotect guard; the write arrives as SIGSEGV).
+    DataSection,
+    /// Half-way the program forks; the child rewrites its bytecode and runs the rest.
+    Fork,
+    /// Like `Plain` with an extra SIGUSR1 half-way.
+    ExtraUsr1,
+    /// Half-way, vfork + exec of /bin/true (the child shares the parent's memory).
+    Vfork,
+    /// Like `StoreFromInside`; a SIGUSR2 handler (the test sends the signal) replaces bytecode 2; output says
+    /// whether the interrupted `run()` saw the change (`mid=new`).
+    SignalDuringStore,
+    /// The bytecode is rewritten at 1/4, 2/4 and 3/4, each time followed by SIGUSR1.
+    RewrittenThrice,
+    /// The bytecode has a mapping of its own, discarded half-way with madvise(MADV_DONTNEED).
+    Discarded,
+    /// Like `DataSection`, and half-way the program takes a SIGSEGV of its own (caught by its handler).
+    OwnSegv,
+    /// Like `ThreadsWhileRewritten`, the main thread rewriting with `read()` (a kernel write while workers run).
+    ThreadsWhileRead,
+    /// Like `ThreadsWhileRewritten` with the bytecode in `.data`; half-way four more threads write unused
+    /// words of the page at the same instant.
+    SimultaneousWrites,
+    /// Like `WriteFromCallee`, while another thread waits in vfork (its child sleeps 0.3 s): the invalidation
+    /// cannot stop that thread.
+    WriteFromCalleeDuringVfork,
+}
+
+impl Mode {
+    /// The MODE argument of interp.c.
+    pub fn arg(self) -> u32 {
+        match self {
+            Mode::Plain => 0,
+            Mode::UserWrite => 1,
+            Mode::KernelWrite => 2,
+            Mode::ThreadsWhileRewritten => 3,
+            Mode::WriteFromCallee => 4,
+            Mode::StoreFromInside => 5,
+            Mode::DataSection => 6,
+            Mode::Fork => 7,
+            Mode::ExtraUsr1 => 8,
+            Mode::Vfork => 9,
+            Mode::SignalDuringStore => 11,
+            Mode::RewrittenThrice => 12,
+            Mode::Discarded => 13,
+            Mode::OwnSegv => 14,
+            Mode::ThreadsWhileRead => 15,
+            Mode::SimultaneousWrites => 16,
+            Mode::WriteFromCalleeDuringVfork => 17,
+        }
     }
 }
 
 /// Compile tests/common/interp.c into `dir` with extra flags.
 pub fn build_interp(dir: &TempDir, flags: &[&str]) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/common/interp.c");
-    let out = dir.path("interp");
+    let out = dir.path().join("interp");
     let st = Command::new("gcc")
         .args(["-O2", "-pthread", "-o"])
         .arg(&out)
@@ -55,13 +103,13 @@ pub fn build_interp(dir: &TempDir, flags: &[&str]) -> PathBuf {
 }
 
 /// Run the interpreter natively; returns its output file contents.
-pub fn run_native(exe: &Path, dir: &TempDir, mode: u32, iters: u64) -> String {
-    let out = dir.path(&format!("native-{mode}.out"));
+pub fn run_native(exe: &Path, dir: &TempDir, mode: Mode, iters: u64) -> String {
+    let out = dir.path().join(format!("native-{}.out", mode.arg()));
     let st = Command::new(exe)
-        .arg(mode.to_string())
+        .arg(mode.arg().to_string())
         .arg(iters.to_string())
         .arg(&out)
-        .arg(dir.path("native.ptr"))
+        .arg(dir.path().join("native.ptr"))
         .status()
         .expect("run natively");
     assert!(st.success());
@@ -97,8 +145,6 @@ pub enum Site {
     Entry,
     /// At `run`'s entry with no trigger register: one variant, entered unconditionally.
     Unconditional,
-    /// Like `Entry`, through `Cache::specialize_and_install`.
-    EntryViaHelper,
     Dispatch {
         values: u64,
     },
@@ -145,6 +191,108 @@ fn dispatch_head(tr: &Tracer, pid: Pid, start: Addr, end: Addr) -> (Addr, Gpr) {
     panic!("no dispatch head in run");
 }
 
+/// Everything needed to specialize one trigger (what the session gathers from its profile).
+#[derive(Clone, Debug)]
+pub struct SpecializeRequest {
+    /// Patch site = variant entry.
+    pub trigger: Addr,
+    /// The trigger register; None: one variant specialized on constant memory only, entered unconditionally.
+    pub register: Option<Gpr>,
+    /// Hot values of the register (ignored without a register).
+    pub values: Vec<u64>,
+    /// Registers known to hold these exact values at the trigger (besides the trigger register): every
+    /// variant is specialized with them known and the stub checks them ([`InstallRequest::assumed`]).
+    pub assumed: Vec<(Gpr, u64)>,
+    /// The original function around the trigger.
+    pub region: (Addr, Addr),
+    /// Writable pages the store profile found unwritten (they will be guarded).
+    pub constant_pages: Vec<Addr>,
+    pub options: Options,
+}
+
+/// The product path, as the session takes it: specialize `req.region` for each hot value through a
+/// [`TargetMemory`] of the (stopped) process, then [`Cache::install`] the variants with the snapshots of the
+/// pages they read. Every value must specialize.
+pub fn specialize_and_install(
+    tr: &mut Tracer,
+    cache: &mut Cache,
+    pid: Pid,
+    req: &SpecializeRequest,
+) -> Result<InstallId, String> {
+    let (variants, snapshots) =
+        specialize(tr, cache, pid, req).map_err(|e| format!("specialize: {e}"))?;
+    install(tr, cache, req, variants, snapshots)
+}
+
+/// [`Cache::install`] the variants specialized for `req`.
+pub fn install(
+    tr: &mut Tracer,
+    cache: &mut Cache,
+    req: &SpecializeRequest,
+    variants: Vec<(Option<u64>, Variant)>,
+    snapshots: std::collections::BTreeMap<Addr, Vec<u8>>,
+) -> Result<InstallId, String> {
+    cache
+        .install(
+            tr,
+            InstallRequest {
+                trigger: req.trigger,
+                register: req.register,
+                assumed: req.assumed.clone(),
+                region: req.region,
+                variants,
+                snapshots,
+            },
+        )
+        .map_err(|e| e.to_string())
+}
+
+/// One variant per value of `req` (one unconditional variant without a register), and the snapshots of the
+/// writable pages they read as constant.
+#[allow(clippy::type_complexity)]
+pub fn specialize(
+    tr: &Tracer,
+    cache: &Cache,
+    pid: Pid,
+    req: &SpecializeRequest,
+) -> Result<
+    (
+        Vec<(Option<u64>, Variant)>,
+        std::collections::BTreeMap<Addr, Vec<u8>>,
+    ),
+    SpecializeError,
+> {
+    let values: Vec<Option<u64>> = match req.register {
+        Some(_) => req.values.iter().copied().map(Some).collect(),
+        None => vec![None],
+    };
+    let mut mem = TargetMemory::new(tr, pid, Some(cache)).expect("target memory");
+    mem.allow(req.constant_pages.iter().copied());
+    let mut variants = Vec::new();
+    for v in values {
+        let mut known = KnownState::default();
+        for (g, a) in &req.assumed {
+            known.set_reg(*g, Some(*a));
+        }
+        if let (Some(r), Some(v)) = (req.register, v) {
+            known.set_reg(r, Some(v));
+        }
+        let sreq = Request {
+            entry: req.trigger,
+            region_start: req.region.0,
+            region_end: req.region.1,
+            known,
+            options: req.options.clone(),
+        };
+        let var = specializer::specialize(&sreq, &mem)?;
+        if std::env::var_os("CODECACHE_TEST_DUMP").is_some() {
+            eprintln!("variant for {v:?}:\n{}", var.residual_asm().join("\n"));
+        }
+        variants.push((v, var));
+    }
+    Ok((variants, mem.snapshots()))
+}
+
 /// Specialize `run` of the traced interpreter for its bytecode pointer and install it at `site`.
 pub fn install_run(
     tr: &mut Tracer,
@@ -159,93 +307,55 @@ pub fn install_run(
         .find_map(|m| m.symbol("run").cloned())
         .expect("symbol run");
     let (start, end) = (sym.start, sym.end);
-    if site == Site::EntryViaHelper {
-        let req = codecache::SpecializeRequest {
-            trigger: start,
-            register: Some(Gpr::Rdi),
-            assumed: Vec::new(),
-            values: vec![code],
-            region: (start, end),
-            constant_pages: vec![Addr(code).page()],
-            options: Options::default(),
-        };
-        return cache
-            .specialize_and_install(tr, &req)
-            .map(|(id, _)| id)
-            .map_err(|e| e.to_string());
-    }
     let mut assumed = Vec::new();
-    let (trigger, reg, values) = match site {
-        Site::Entry | Site::Unconditional | Site::EntryViaHelper => (start, Gpr::Rdi, vec![code]),
+    let (trigger, register, values) = match site {
+        Site::Entry => (start, Some(Gpr::Rdi), vec![code]),
+        Site::Unconditional => (start, None, Vec::new()),
         Site::Dispatch { values } => {
             let (a, g) = dispatch_head(tr, pid, start, end);
-            (a, g, (0..values).map(|k| code + 16 * k).collect())
+            (a, Some(g), (0..values).map(|k| code + 16 * k).collect())
         }
         Site::DispatchAssumed { values, matching } => {
             let (a, g) = dispatch_head(tr, pid, start, end);
             let (t, table) = table_base(tr, pid, start, a);
             assumed.push((t, if matching { table } else { table + 8 }));
-            (a, g, (0..values).map(|k| code + 16 * k).collect())
+            (a, Some(g), (0..values).map(|k| code + 16 * k).collect())
         }
     };
-    let mut mem = TargetMemory::new(tr, pid, Some(cache)).expect("target memory");
-    mem.allow([Addr(code).page()]);
-    let mut variants = Vec::new();
-    for v in values {
-        let mut known = KnownState::default();
-        if site != Site::Unconditional {
-            known.set_reg(reg, Some(v));
-        }
-        for (g, a) in &assumed {
-            known.set_reg(*g, Some(*a));
-        }
-        let req = Request {
-            entry: trigger,
-            region_start: start,
-            region_end: end,
-            known,
-            options: Options::default(),
-        };
-        let var = specializer::specialize(&req, &mem).map_err(|e| format!("specialize: {e}"))?;
-        if site != Site::Unconditional && !var.guard_pages.contains(&Addr(code).page()) {
-            return Err(format!(
-                "the variant does not rely on the bytecode page: {:?}",
-                var.guard_pages
-            ));
-        }
-        if std::env::var_os("CODECACHE_TEST_DUMP").is_some() {
-            eprintln!("variant for {v:#x}:\n{}", var.residual_asm().join("\n"));
-        }
-        let value = (site != Site::Unconditional).then_some(v);
-        variants.push((value, var));
+    let req = SpecializeRequest {
+        trigger,
+        register,
+        values,
+        assumed,
+        region: (start, end),
+        constant_pages: vec![Addr(code).page()],
+        options: Options::default(),
+    };
+    let (variants, snapshots) =
+        specialize(tr, cache, pid, &req).map_err(|e| format!("specialize: {e}"))?;
+    // The point of these tests: variants that fold the bytecode, guarded on its page.
+    if let Some((_, var)) = variants
+        .iter()
+        .find(|(_, v)| register.is_some() && !v.guard_pages.contains(&Addr(code).page()))
+    {
+        return Err(format!(
+            "the variant does not rely on the bytecode page: {:?}",
+            var.guard_pages
+        ));
     }
-    let snapshots = mem.snapshots();
-    drop(mem);
-    cache
-        .install(
-            tr,
-            InstallRequest {
-                trigger,
-                register: (site != Site::Unconditional).then_some(reg),
-                assumed,
-                region: (start, end),
-                variants,
-                snapshots,
-            },
-        )
-        .map_err(|e| e.to_string())
+    install(tr, cache, &req, variants, snapshots)
 }
 
 /// Spawn the interpreter under the tracer, install a variant of `run` at the first SIGUSR1, handle guard
 /// faults like the session does, read counters at the second SIGUSR1.
-pub fn run_traced(exe: &Path, dir: &TempDir, mode: u32, iters: u64, site: Site) -> Traced {
+pub fn run_traced(exe: &Path, dir: &TempDir, mode: Mode, iters: u64, site: Site) -> Traced {
     run_traced_with(exe, dir, mode, iters, site, RunOpts::default())
 }
 
 /// Extra actions of [`run_traced_with`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct RunOpts {
-    /// Uninstall every variant at the second of three SIGUSR1s (mode 8); the entry count at that point is kept
+    /// Uninstall every variant at the second of three SIGUSR1s ([`Mode::ExtraUsr1`]); the entry count at that point is kept
     /// in `entries_mid`.
     pub uninstall_mid: bool,
     /// When the first guard fault is seen, first send this signal to the root thread and let its handler start
@@ -259,7 +369,7 @@ pub struct RunOpts {
 pub fn run_traced_with(
     exe: &Path,
     dir: &TempDir,
-    mode: u32,
+    mode: Mode,
     iters: u64,
     site: Site,
     opts: RunOpts,
@@ -271,11 +381,11 @@ pub fn run_traced_with(
     } else {
         2
     };
-    let out = dir.path(&format!("traced-{mode}.out"));
-    let ptr = dir.path("traced.ptr");
+    let out = dir.path().join(format!("traced-{}.out", mode.arg()));
+    let ptr = dir.path().join("traced.ptr");
     let argv: Vec<OsString> = vec![
         exe.into(),
-        mode.to_string().into(),
+        mode.arg().to_string().into(),
         iters.to_string().into(),
         out.clone().into(),
         ptr.clone().into(),
