@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use codecache::{Cache, CacheError, Counters, InstallRequest, Invalidation, TargetMemory};
 use nix::unistd::Pid;
 use specializer::Addr;
-use tracer::Tracer;
+use tracer::{Stopped, Tracer};
 
 use crate::plan::{
     self, Forwarding, RegionHistory, RegionPlan, Scored, Specialized, TriggerCandidate,
@@ -192,7 +192,7 @@ impl Installer {
     /// The process got a second thread (or shares its memory with another process): remove every install whose
     /// variants forward stored values (threads stopped) and never forward again in this process. The regions
     /// are planned again without forwarding. Returns how many installs were removed.
-    pub fn drop_forwarding(&mut self, tr: &mut Tracer) -> Result<usize, CacheError> {
+    pub fn drop_forwarding(&mut self, tr: &mut Stopped<'_>) -> Result<usize, CacheError> {
         self.forwarding_allowed = false;
         let ids = std::mem::take(&mut self.forwarding_installs);
         for id in &ids {
@@ -212,7 +212,7 @@ impl Installer {
         tr: &mut Tracer,
         r: &RegionPlan,
         constant: &BTreeSet<Addr>,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, InstallError> {
         let t0 = Instant::now();
         let forward = self.forwarding(tr);
         let arenas = self.cache.arena_ranges();
@@ -222,16 +222,13 @@ impl Installer {
         }
         let (scored, snapshots) = {
             let mut mem =
-                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
+                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(InstallError::Memory)?;
             mem.allow(constant.iter().copied());
             let scored = plan::score_region(&mem, r, &forward, t0);
             (scored, mem.snapshots())
         };
         self.specialize_time += t0.elapsed();
-        if scored.is_empty() {
-            return Ok(false);
-        }
-        let mut last_err = String::new();
+        let mut last_err = None;
         for Scored {
             candidate: cand,
             specialized: variants,
@@ -240,18 +237,23 @@ impl Installer {
         {
             match self.install_candidate(tr, r, &cand, variants, snapshots.clone()) {
                 Ok(()) => return Ok(true),
-                Err(InstallFailure::Changed(e)) => {
+                Err(e) if e.page_changed() => {
                     // A page changed between reading and guarding it (it is being written right now): specialize
                     // again with the threads stopped, so the guard covers exactly what was read.
                     match self.install_stopped(tr, r, &cand, constant) {
                         Ok(()) => return Ok(true),
-                        Err(e2) => last_err = format!("{e}; stopped retry: {e2}"),
+                        Err(retry) => {
+                            last_err = Some(InstallError::Retried {
+                                first: Box::new(e),
+                                retry: Box::new(retry),
+                            })
+                        }
                     }
                 }
-                Err(InstallFailure::Other(e)) => last_err = e,
+                Err(e) => last_err = Some(e),
             }
         }
-        Err(last_err)
+        last_err.map_or(Ok(false), Err)
     }
 
     /// Stop the threads, specialize `cand` and install it before they run again (no snapshot needed).
@@ -261,37 +263,29 @@ impl Installer {
         r: &RegionPlan,
         cand: &TriggerCandidate,
         constant: &BTreeSet<Addr>,
-    ) -> Result<(), String> {
+    ) -> Result<(), InstallError> {
         let t0 = Instant::now();
-        self.cache
-            .stop_all(tr)
-            .map_err(|e| format!("cannot stop the target: {e}"))?;
-        let forward = self.forwarding(tr);
-        let specialized = (|| -> Result<Specialized, String> {
-            let mut mem =
-                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(|e| e.to_string())?;
+        let world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
+        let forward = self.forwarding(&world);
+        let specialized = TargetMemory::new(&world, self.pid, Some(&self.cache)).map(|mut mem| {
             mem.allow(constant.iter().copied());
             let consts = plan::region_constants(&mem, r);
-            Ok(plan::specialize_candidate(&mem, r, cand, &consts, &forward, t0).1)
-        })();
+            plan::specialize_candidate(&mem, r, cand, &consts, &forward, t0).1
+        });
         self.specialize_time += t0.elapsed();
+        // Dropping the world on these returns resumes the threads.
         let variants = match specialized {
             Ok(v) if !v.variants.is_empty() => v,
-            Ok(_) => {
-                let _ = tr.resume_all();
-                return Err("nothing worth installing".into());
-            }
-            Err(e) => {
-                let _ = tr.resume_all();
-                return Err(e);
-            }
+            Ok(_) => return Err(InstallError::NothingWorthIt),
+            Err(e) => return Err(InstallError::Memory(e)),
         };
+        // The threads stay stopped into the install (which finds them stopped), so what was read is what is
+        // guarded; the install resumes them.
+        world.keep_stopped();
         self.install_candidate(tr, r, cand, variants, Snapshots::new())
-            .map_err(|e| match e {
-                InstallFailure::Changed(s) | InstallFailure::Other(s) => s,
-            })
     }
 
+    /// Install `variants` of `cand` with the world stopped, and record the install.
     fn install_candidate(
         &mut self,
         tr: &mut Tracer,
@@ -299,72 +293,9 @@ impl Installer {
         cand: &TriggerCandidate,
         variants: Specialized,
         snapshots: Snapshots,
-    ) -> Result<(), InstallFailure> {
+    ) -> Result<(), InstallError> {
         let t1 = Instant::now();
-        let result = (|| -> Result<codecache::InstallId, InstallFailure> {
-            self.cache
-                .stop_all(tr)
-                .map_err(|e| InstallFailure::Other(format!("cannot stop the target: {e}")))?;
-            // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail
-            // with CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
-            let pid = self.pid;
-            if variants.forwards && tr.threads(pid).len() != 1 {
-                // A thread appeared since planning: its event (handled next) would remove the install anyway.
-                let _ = tr.resume_all();
-                return Err(InstallFailure::Other(
-                    "a thread appeared while specializing; not installing".into(),
-                ));
-            }
-            let forwards = variants.forwards;
-            let listings: Vec<(Option<u64>, Vec<String>)> = variants
-                .variants
-                .iter()
-                .map(|(value, v)| {
-                    let mut l = v.residual_asm();
-                    l.truncate(MAX_ASM_LINES);
-                    (*value, l)
-                })
-                .collect();
-            let res = self
-                .cache
-                .install(
-                    tr,
-                    InstallRequest {
-                        trigger: cand.address,
-                        register: Some(cand.register),
-                        assumed: variants.assumed,
-                        region: (r.start, r.end),
-                        variants: variants.variants,
-                        snapshots,
-                    },
-                )
-                .map_err(|e| {
-                    let msg = format!("install at {}: {e}", cand.address);
-                    match e {
-                        CacheError::PageChanged { .. } => InstallFailure::Changed(msg),
-                        _ => InstallFailure::Other(msg),
-                    }
-                });
-            // Resume whatever happened: the program must go on.
-            let resumed = tr.resume_all();
-            let id = res?;
-            for info in self
-                .cache
-                .variants()
-                .into_iter()
-                .filter(|i| i.install == id)
-            {
-                if let Some((_, l)) = listings.iter().find(|(v, _)| *v == info.value) {
-                    self.asm.insert(info.id, l.clone());
-                }
-            }
-            if forwards {
-                self.forwarding_installs.insert(id);
-                self.forwarding_ever.insert(id);
-            }
-            resumed.map_err(|e| InstallFailure::Other(format!("cannot resume the target: {e}")))?;
-            Ok(id)
-        })();
+        let result = self.install_stopped_world(tr, r, cand, variants, snapshots);
         self.install_time += t1.elapsed();
         let id = result?;
         let st = self.regions.entry((r.start, r.end)).or_default();
@@ -372,6 +303,67 @@ impl Installer {
         st.live = Some(id);
         self.first_install.get_or_insert_with(Instant::now);
         Ok(())
+    }
+
+    /// Stop the world, install, resume whatever happened (the program must go on).
+    fn install_stopped_world(
+        &mut self,
+        tr: &mut Tracer,
+        r: &RegionPlan,
+        cand: &TriggerCandidate,
+        variants: Specialized,
+        snapshots: Snapshots,
+    ) -> Result<codecache::InstallId, InstallError> {
+        let mut world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
+        // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail with
+        // CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
+        if variants.forwards && world.threads(self.pid).len() != 1 {
+            // A thread appeared since planning: its event (handled next) would remove the install anyway.
+            return Err(InstallError::ThreadAppeared);
+        }
+        let forwards = variants.forwards;
+        let listings: Vec<(Option<u64>, Vec<String>)> = variants
+            .variants
+            .iter()
+            .map(|(value, v)| {
+                let mut l = v.residual_asm();
+                l.truncate(MAX_ASM_LINES);
+                (*value, l)
+            })
+            .collect();
+        let id = self
+            .cache
+            .install(
+                &mut world,
+                InstallRequest {
+                    trigger: cand.address,
+                    register: Some(cand.register),
+                    assumed: variants.assumed,
+                    region: (r.start, r.end),
+                    variants: variants.variants,
+                    snapshots,
+                },
+            )
+            .map_err(|source| InstallError::Install {
+                at: cand.address,
+                source,
+            })?;
+        for info in self
+            .cache
+            .variants()
+            .into_iter()
+            .filter(|i| i.install == id)
+        {
+            if let Some((_, l)) = listings.iter().find(|(v, _)| *v == info.value) {
+                self.asm.insert(info.id, l.clone());
+            }
+        }
+        if forwards {
+            self.forwarding_installs.insert(id);
+            self.forwarding_ever.insert(id);
+        }
+        world.resume().map_err(InstallError::Resume)?;
+        Ok(id)
     }
 
     /// Record invalidations (the regions whose variants all died may be specialized again).
@@ -452,9 +444,37 @@ impl Installer {
 
 type Snapshots = std::collections::BTreeMap<Addr, Vec<u8>>;
 
-/// Why an install did not happen.
-enum InstallFailure {
-    /// A page changed between specializing and guarding: worth retrying with the threads stopped.
-    Changed(String),
-    Other(String),
+/// Why a planned candidate was not installed (the program's code is left as it was).
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("cannot stop the target: {0}")]
+    Stop(CacheError),
+    #[error("{0}")]
+    Memory(CacheError),
+    #[error("nothing worth installing")]
+    NothingWorthIt,
+    #[error("a thread appeared while specializing; not installing")]
+    ThreadAppeared,
+    #[error("install at {at}: {source}")]
+    Install { at: Addr, source: CacheError },
+    #[error("cannot resume the target: {0}")]
+    Resume(tracer::TracerError),
+    #[error("{first}; stopped retry: {retry}")]
+    Retried {
+        first: Box<InstallError>,
+        retry: Box<InstallError>,
+    },
+}
+
+impl InstallError {
+    /// A page changed between reading and guarding it: worth one retry with the threads stopped.
+    fn page_changed(&self) -> bool {
+        matches!(
+            self,
+            InstallError::Install {
+                source: CacheError::PageChanged { .. },
+                ..
+            }
+        )
+    }
 }

@@ -440,16 +440,15 @@ impl GuardSet {
 
     /// `tr.stop_all()`, letting blocked kernel writes into guarded pages complete once everything else is
     /// stopped (see the module documentation). Use this instead of `Tracer::stop_all` while guards exist.
-    pub fn stop_all(&self, tr: &mut Tracer) -> Result<(), CacheError> {
+    pub fn stop_all<'t>(&self, tr: &'t mut Tracer) -> Result<tracer::Stopped<'t>, CacheError> {
         if let Ok(mut s) = self.shared.lock() {
             s.stopping = Some(Instant::now());
         }
-        let r = tr.stop_all();
+        let r = tr.stop_world();
         if let Ok(mut s) = self.shared.lock() {
             s.stopping = None;
         }
-        r?;
-        Ok(())
+        Ok(r?)
     }
 
     fn uffd_can_try(m: &tracer::Mapping) -> bool {

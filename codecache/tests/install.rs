@@ -412,7 +412,9 @@ fn uninstall_then_detach_leaves_a_correct_program() {
                     let mut c = cache.take().expect("cache");
                     let entries: u64 = c.counters(&tr).expect("counters").entries.values().sum();
                     assert!(entries > 0);
-                    c.uninstall_all(&mut tr).expect("uninstall_all");
+                    let mut world = c.stop_all(&mut tr).expect("stop");
+                    c.uninstall_all(&mut world).expect("uninstall_all");
+                    world.keep_stopped();
                     drop(c);
                     break;
                 }

@@ -303,14 +303,8 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             }
         }
         Outcome::Detached => {
-            match s.rt.as_ref() {
-                Some(rt) => rt
-                    .cache
-                    .stop_all(&mut s.tracer)
-                    .map_err(anyhow::Error::from),
-                None => s.tracer.stop_all().map_err(anyhow::Error::from),
-            }
-            .context("cannot stop the target to detach")?;
+            s.stop_everything()
+                .context("cannot stop the target to detach")?;
             s.uninstall_everything()
                 .context("cannot remove the installed variants before detaching")?;
             s.end_watch();

@@ -16,10 +16,12 @@ use crate::profile::Profiler;
 use crate::store_profile::TrustInputs;
 
 impl Session {
-    /// Stop every thread (through the code cache while one exists: it must see faults during the stop).
+    /// Stop every thread (through the code cache while one exists: it must see faults during the stop) and
+    /// leave them stopped: the caller goes on across several steps and resumes them itself. Operations on the
+    /// code cache take their own [`tracer::Stopped`] proof.
     pub(super) fn stop_everything(&mut self) -> Result<()> {
         match self.rt.as_ref() {
-            Some(rt) => rt.cache.stop_all(&mut self.tracer)?,
+            Some(rt) => rt.cache.stop_all(&mut self.tracer)?.keep_stopped(),
             None => self.tracer.stop_all()?,
         }
         Ok(())
@@ -147,7 +149,18 @@ impl Session {
             return;
         }
         rt.read_counters(&self.tracer);
-        match rt.cache.handle_guard_faults(&mut self.tracer) {
+        let handled = match rt.cache.stop_all(&mut self.tracer) {
+            Ok(mut world) => {
+                let r = rt.cache.handle_guard_faults(&mut world);
+                if r.is_err() {
+                    // The give-up path below removes every variant before anything runs again.
+                    world.keep_stopped();
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match handled {
             Ok(invs) => {
                 rt.record_invalidations(&invs, self.time.start);
                 for i in &invs {
@@ -211,19 +224,23 @@ impl Session {
     /// A second writer of the specialized process's memory appeared: remove the variants that forward stored
     /// values (every thread stopped; the caller resumes them) and plan again without forwarding.
     pub(super) fn stop_forwarding(&mut self) {
-        if let Err(e) = self.stop_everything() {
-            self.say(format_args!("cannot stop the target: {e}"));
-            self.give_up_specializing();
-            return;
-        }
         let Some(rt) = self.rt.as_mut() else { return };
-        rt.read_counters(&self.tracer);
-        match rt.drop_forwarding(&mut self.tracer) {
+        let dropped = match rt.cache.stop_all(&mut self.tracer) {
+            Ok(mut world) => {
+                rt.read_counters(&world);
+                let r = rt
+                    .drop_forwarding(&mut world)
+                    .map_err(|e| format!("cannot remove variants for a new thread: {e}"));
+                // The new thread (or process) runs only after this: the caller resumes every thread.
+                world.keep_stopped();
+                r
+            }
+            Err(e) => Err(format!("cannot stop the target: {e}")),
+        };
+        match dropped {
             Ok(_) => self.after_invalidation(),
-            Err(e) => {
-                self.say(format_args!(
-                    "cannot remove variants for a new thread: {e}; removing every variant"
-                ));
+            Err(msg) => {
+                self.say(format_args!("{msg}; removing every variant"));
                 self.give_up_specializing();
             }
         }
@@ -273,16 +290,19 @@ impl Session {
         self.cfg.specialize = false;
     }
 
-    /// Restore every patch and release every guard (threads stopped).
+    /// Restore every patch and release every guard. The threads are left stopped: detaching or retiring the
+    /// code cache follows, and the caller resumes them.
     pub(super) fn uninstall_everything(&mut self) -> Result<()> {
         let Some(rt) = self.rt.as_mut() else {
             return Ok(());
         };
-        rt.read_counters(&self.tracer);
+        let mut world = rt.cache.stop_all(&mut self.tracer)?;
+        rt.read_counters(&world);
         // A thread that is not stopped (a thread waiting in vfork counts as stopped) is a typed error, before
         // anything changes.
-        rt.cache.uninstall_all(&mut self.tracer)?;
-        Ok(())
+        let r = rt.cache.uninstall_all(&mut world);
+        world.keep_stopped();
+        Ok(r?)
     }
 
     /// A fork child of the specialized process: restore the original code in it before it runs.

@@ -30,6 +30,7 @@ pub mod sampler;
 pub mod symbols;
 pub mod uffd;
 pub mod watch;
+pub mod world;
 
 pub use addr::Addr;
 pub use error::TracerError;
@@ -39,3 +40,4 @@ pub use process::{Event, ExitStatus, SpawnOptions, Tracer};
 pub use remote::{remote_close, remote_mmap, remote_mprotect, remote_munmap, remote_userfaultfd};
 pub use symbols::{modules, symbolize, Module, Symbol};
 pub use watch::{WatchOptions, WatchResult, WatchSummary, WriteWatch};
+pub use world::Stopped;

@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl};
 use specializer::{Addr, DeoptEntry, Gpr};
-use tracer::Tracer;
+use tracer::{Stopped, Tracer};
 
 use super::{
     stopped_thread, Cache, InstallId, InstallRequest, Installed, LiveVariant, VariantId, World,
@@ -24,7 +24,7 @@ impl Cache {
     /// the displaced bytes; a page cannot be guarded or was invalidated too often; a snapshot page changed.
     pub fn install(
         &mut self,
-        tr: &mut Tracer,
+        tr: &mut Stopped<'_>,
         req: InstallRequest,
     ) -> Result<InstallId, CacheError> {
         let world = self.stopped_world(tr, self.pid)?;

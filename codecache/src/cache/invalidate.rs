@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 
 use specializer::Addr;
-use tracer::Tracer;
+use tracer::{Stopped, Tracer};
 
 use super::{
     stopped_thread, Cache, InstallId, Invalidation, VariantId, World, MAX_INVALIDATIONS_PER_PAGE,
@@ -16,7 +16,11 @@ impl Cache {
     /// rebuild it without them), deoptimize threads inside them, redirect return addresses into them, then
     /// release the guard (which lets a blocked write complete). Every thread must be stopped
     /// ([`Cache::stop_all`]). A page invalidated [`MAX_INVALIDATIONS_PER_PAGE`] times is never guarded again.
-    pub fn invalidate(&mut self, tr: &mut Tracer, page: Addr) -> Result<Invalidation, CacheError> {
+    pub fn invalidate(
+        &mut self,
+        tr: &mut Stopped<'_>,
+        page: Addr,
+    ) -> Result<Invalidation, CacheError> {
         let world = self.stopped_world(tr, self.pid)?;
         let page = page.page();
         // Only an mprotect guard needs a thread (for the remote mprotect); uffd guards do not.
@@ -133,7 +137,7 @@ impl Cache {
     /// Remove one install completely (patch restored, threads moved out, guards released when unused).
     pub fn uninstall(
         &mut self,
-        tr: &mut Tracer,
+        tr: &mut Stopped<'_>,
         id: InstallId,
     ) -> Result<Vec<VariantId>, CacheError> {
         let world = self.stopped_world(tr, self.pid)?;
@@ -176,7 +180,7 @@ impl Cache {
     /// stopped). Used on detach and before giving up on a process. The arenas stay mapped (r-x code nobody
     /// enters, and the syscall gadget the tracer may still use); a return address or signal frame that still
     /// points into a dead variant finds valid code there.
-    pub fn uninstall_all(&mut self, tr: &mut Tracer) -> Result<(), CacheError> {
+    pub fn uninstall_all(&mut self, tr: &mut Stopped<'_>) -> Result<(), CacheError> {
         // Checked before the first uninstall, so that a running thread changes nothing.
         self.stopped_world(tr, self.pid)?;
         let ids: Vec<InstallId> = self.installs.keys().copied().collect();

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use specializer::{Addr, DeoptEntry, Gpr, Variant};
-use tracer::{Pid, Tracer};
+use tracer::{Pid, Stopped, Tracer};
 
 use crate::arena::Arena;
 use crate::guard::{GuardKind, GuardSet};
@@ -401,8 +401,10 @@ impl Cache {
             .collect()
     }
 
-    /// Stop every thread (use instead of `Tracer::stop_all` while a cache exists: see [`GuardSet::stop_all`]).
-    pub fn stop_all(&self, tr: &mut Tracer) -> Result<(), CacheError> {
+    /// Stop every thread and return the proof that install, invalidate and uninstall require (dropping it
+    /// resumes the threads). Use instead of `Tracer::stop_world` while a cache exists: see
+    /// [`GuardSet::stop_all`].
+    pub fn stop_all<'t>(&self, tr: &'t mut Tracer) -> Result<Stopped<'t>, CacheError> {
         self.guards.stop_all(tr)
     }
 
@@ -411,13 +413,12 @@ impl Cache {
         self.guards.has_faults()
     }
 
-    /// Handle pending uffd guard faults: stop every thread, invalidate each written page (its writer is woken
-    /// by the release). The caller resumes the threads afterwards (`resume_all`).
+    /// Handle pending uffd guard faults: invalidate each written page (its writer is woken by the release), in
+    /// a world the caller stopped with [`Cache::stop_all`].
     pub fn handle_guard_faults(
         &mut self,
-        tr: &mut Tracer,
+        tr: &mut Stopped<'_>,
     ) -> Result<Vec<Invalidation>, CacheError> {
-        self.stop_all(tr)?;
         let pages = self.guards.take_faults();
         if tr.threads(self.pid).is_empty() {
             // The process exited meanwhile (e.g. its exit unmapped a guarded page): nothing left to fix; the
@@ -431,21 +432,27 @@ impl Cache {
         Ok(out)
     }
 
-    /// Call on every SIGSEGV signal-delivery-stop of this process. `Some`: the fault was a write to a page
-    /// guarded by mprotect; every thread is now stopped, the page invalidated and un-protected, the signal
-    /// suppressed: `resume_all` re-executes the write. `None`: the signal is the program's; deliver it.
+    /// Call on every SIGSEGV signal-delivery-stop of this process: the guarded page the fault wrote to, when it
+    /// was a write to a page guarded by mprotect (then stop the world, [`Cache::invalidate`] the page and
+    /// suppress the signal: resuming re-executes the write); `None`: the signal is the program's, deliver it.
+    pub fn guard_segv(&self, tr: &Tracer, tid: Pid, si: &libc::siginfo_t) -> Option<Addr> {
+        self.guards.is_guard_segv(tr, tid, si)
+    }
+
+    /// [`Cache::guard_segv`], then everything it asks for: stop the world, invalidate the page, suppress the
+    /// signal. `Some`: handled, and the threads resume when this returns (the faulting write re-executes).
     pub fn handle_segv(
         &mut self,
         tr: &mut Tracer,
         tid: Pid,
         si: &libc::siginfo_t,
     ) -> Result<Option<Invalidation>, CacheError> {
-        let Some(page) = self.guards.is_guard_segv(tr, tid, si) else {
+        let Some(page) = self.guard_segv(tr, tid, si) else {
             return Ok(None);
         };
-        self.stop_all(tr)?;
-        let inv = self.invalidate(tr, page)?;
-        tr.suppress_signal(tid);
+        let mut world = self.stop_all(tr)?;
+        let inv = self.invalidate(&mut world, page)?;
+        world.suppress_signal(tid);
         Ok(Some(inv))
     }
 

@@ -232,9 +232,11 @@ pub fn install(
     variants: Vec<(Option<u64>, Variant)>,
     snapshots: std::collections::BTreeMap<Addr, Vec<u8>>,
 ) -> Result<InstallId, String> {
-    cache
+    // The caller stopped the threads and resumes them itself.
+    let mut world = cache.stop_all(tr).map_err(|e| e.to_string())?;
+    let r = cache
         .install(
-            tr,
+            &mut world,
             InstallRequest {
                 trigger: req.trigger,
                 register: req.register,
@@ -244,7 +246,9 @@ pub fn install(
                 snapshots,
             },
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string());
+    world.keep_stopped();
+    r
 }
 
 /// One variant per value of `req` (one unconditional variant without a register), and the snapshots of the
@@ -411,7 +415,10 @@ pub fn run_traced_with(
                 unsafe { libc::syscall(libc::SYS_tgkill, pid.as_raw(), pid.as_raw(), sig) };
                 inject = 1;
             } else if c.has_guard_faults() && inject == 2 {
-                match c.handle_guard_faults(&mut tr) {
+                let mut world = c.stop_all(&mut tr).expect("stop");
+                let handled = c.handle_guard_faults(&mut world);
+                world.keep_stopped();
+                match handled {
                     Ok(v) => invalidations.extend(v),
                     Err(e) => {
                         let threads: Vec<(Pid, bool)> = tr
@@ -462,7 +469,7 @@ pub fn run_traced_with(
             {
                 usr1 += 1;
                 match cache.as_ref() {
-                    Some(c) => c.stop_all(&mut tr).expect("stop"),
+                    Some(c) => c.stop_all(&mut tr).expect("stop").keep_stopped(),
                     None => tr.stop_all().expect("stop"),
                 }
                 if usr1 == 1 {
@@ -488,7 +495,9 @@ pub fn run_traced_with(
                     entries = k.entries.values().sum();
                 } else if let (true, 2, Some(c)) = (uninstall_mid, usr1, cache.as_mut()) {
                     entries_mid = c.counters(&tr).expect("counters").entries.values().sum();
-                    c.uninstall_all(&mut tr).expect("uninstall_all");
+                    let mut world = c.stop_all(&mut tr).expect("stop");
+                    c.uninstall_all(&mut world).expect("uninstall_all");
+                    world.keep_stopped();
                 } else if let Some(c) = cache.as_ref() {
                     let k = c.counters(&tr).expect("counters");
                     entries = k.entries.values().sum();
