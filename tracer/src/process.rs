@@ -6,12 +6,10 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsString};
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -304,144 +302,16 @@ pub(crate) fn proc_status_field(tid: Pid, key: &str) -> Option<String> {
 }
 
 /// The thread-group id of a task, if it exists.
-fn tgid_of(tid: Pid) -> Option<Pid> {
+pub(crate) fn tgid_of(tid: Pid) -> Option<Pid> {
     proc_status_field(tid, "Tgid")?
         .parse()
         .ok()
         .map(Pid::from_raw)
 }
 
-/// Whether the task is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags field).
-fn is_kernel_thread(tid: Pid) -> bool {
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{tid}/stat")) else {
-        return false;
-    };
-    // Fields after the command name (which may contain spaces and parentheses): state is field 3, flags 9.
-    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    rest.split_whitespace()
-        .nth(6)
-        .and_then(|f| f.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
-}
-
 /// Scheduler state letter of a task (R, S, D, T, t, Z, X), None if it is gone.
 fn task_state(tid: Pid) -> Option<char> {
     proc_status_field(tid, "State")?.chars().next()
-}
-
-/// Find `prog` like a shell does: a name with a slash is a path, otherwise search PATH.
-fn resolve_program(prog: &OsStr) -> Result<PathBuf, TracerError> {
-    let p = Path::new(prog);
-    if prog.as_bytes().contains(&b'/') {
-        if p.exists() {
-            return Ok(p.to_path_buf());
-        }
-        return Err(TracerError::ProgramNotFound(p.to_path_buf()));
-    }
-    if prog.is_empty() {
-        return Err(TracerError::ProgramNotFound(p.to_path_buf()));
-    }
-    let path =
-        std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/local/bin:/usr/bin:/bin"));
-    let mut first_non_exec = None;
-    for dir in std::env::split_paths(&path) {
-        let cand = if dir.as_os_str().is_empty() {
-            PathBuf::from(".").join(p)
-        } else {
-            dir.join(p)
-        };
-        if let Ok(md) = std::fs::metadata(&cand) {
-            if md.is_file() && md.permissions().mode() & 0o111 != 0 {
-                return Ok(cand);
-            }
-            if first_non_exec.is_none() {
-                first_non_exec = Some(cand);
-            }
-        }
-    }
-    match first_non_exec {
-        Some(c) => Ok(c),
-        None => Err(TracerError::ProgramNotFound(p.to_path_buf())),
-    }
-}
-
-fn machine_name(m: u16) -> String {
-    match m {
-        3 => "32-bit x86 (i386)".into(),
-        40 => "ARM (32-bit)".into(),
-        183 => "AArch64".into(),
-        243 => "RISC-V".into(),
-        8 => "MIPS".into(),
-        20 | 21 => "PowerPC".into(),
-        22 => "S390".into(),
-        62 => "32-bit x86-64 (x32 / ELFCLASS32)".into(),
-        other => format!("foreign (ELF e_machine {other})"),
-    }
-}
-
-/// Check that `path` is an executable x86-64 ELF, or a script whose `#!` interpreter (in turn) is one, before
-/// forking, so errors are clear. The kernel follows at most 4 levels of interpreters.
-fn check_program(path: &Path) -> Result<(), TracerError> {
-    check_program_at(path, 0)
-}
-
-fn check_program_at(path: &Path, depth: u32) -> Result<(), TracerError> {
-    let md =
-        std::fs::metadata(path).map_err(|_| TracerError::ProgramNotFound(path.to_path_buf()))?;
-    if !md.is_file() {
-        return Err(TracerError::NotExecutable(path.to_path_buf()));
-    }
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| TracerError::ProgramNotFound(path.to_path_buf()))?;
-    // SAFETY: `c` is a valid NUL-terminated string.
-    if unsafe { libc::access(c.as_ptr(), libc::X_OK) } != 0 {
-        return Err(TracerError::NotExecutable(path.to_path_buf()));
-    }
-    // The kernel reads this much for a `#!` line (BINPRM_BUF_SIZE).
-    let mut hdr = [0u8; 256];
-    let mut f =
-        File::open(path).map_err(|e| TracerError::io(format!("opening {}", path.display()), e))?;
-    let mut n = 0;
-    while n < hdr.len() {
-        match f.read(&mut hdr[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(TracerError::io(format!("reading {}", path.display()), e)),
-        }
-    }
-    if let Some(line) = hdr[..n].strip_prefix(b"#!") {
-        let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
-        let interp = line
-            .split(|b| *b == b' ' || *b == b'\t')
-            .find(|w| !w.is_empty());
-        return match interp {
-            Some(i) if depth < 4 => {
-                check_program_at(Path::new(std::ffi::OsStr::from_bytes(i)), depth + 1)
-            }
-            _ => Err(TracerError::NotElf(path.to_path_buf())),
-        };
-    }
-    if n < 20 || &hdr[..4] != b"\x7fELF" {
-        return Err(TracerError::NotElf(path.to_path_buf()));
-    }
-    let class = hdr[4];
-    let le = hdr[5] == 1;
-    let machine = if le {
-        u16::from_le_bytes([hdr[18], hdr[19]])
-    } else {
-        u16::from_be_bytes([hdr[18], hdr[19]])
-    };
-    if class != 2 || machine != 62 || !le {
-        return Err(TracerError::WrongArch {
-            path: path.to_path_buf(),
-            machine: machine_name(machine),
-        });
-    }
-    Ok(())
 }
 
 const TRACE_OPTIONS: libc::c_int = libc::PTRACE_O_EXITKILL
@@ -524,8 +394,7 @@ impl Tracer {
     /// [`Tracer::spawn`] with options.
     pub fn spawn_with(argv: &[OsString], opts: &SpawnOptions) -> Result<Tracer, TracerError> {
         let prog = argv.first().ok_or(TracerError::EmptyCommand)?;
-        let path = resolve_program(prog)?;
-        check_program(&path)?;
+        let path = crate::program::validate(prog)?;
 
         // Everything the child needs is prepared before fork: between fork and exec only async-signal-safe
         // calls are allowed (the caller may be multi-threaded).
@@ -650,20 +519,7 @@ impl Tracer {
 
     /// PTRACE_SEIZE every thread of `pid` and interrupt them all. Returns with all threads stopped.
     pub fn attach(pid: Pid) -> Result<Tracer, TracerError> {
-        if pid.as_raw() <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
-            return Err(TracerError::NoSuchProcess(pid));
-        }
-        let tgid = tgid_of(pid).ok_or(TracerError::NoSuchProcess(pid))?;
-        if is_kernel_thread(tgid) {
-            return Err(TracerError::Unsupported(format!(
-                "PID {tgid} is a kernel thread; only user processes can be attached"
-            )));
-        }
-        if tgid == nix::unistd::getpid() {
-            return Err(TracerError::Unsupported(format!(
-                "cannot attach to PID {tgid}: it is this dynspec process itself"
-            )));
-        }
+        let tgid = crate::program::check_pid(pid)?;
         let mut tr = Tracer::empty(tgid, false);
         let me = nix::unistd::getpid().as_raw().to_string();
         loop {
