@@ -279,8 +279,8 @@ mod tests {
 
     #[test]
     fn scripts_name_their_interpreter_chain() {
-        let d = std::env::temp_dir().join(format!("tracer-program-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
         let write = |name: &str, text: &str| {
             use std::os::unix::fs::PermissionsExt;
             let p = d.join(name);
@@ -319,7 +319,6 @@ mod tests {
             )
         );
         assert!(check(&write("sh", "#!/bin/sh\n")).is_ok());
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
