@@ -1,11 +1,10 @@
 //! dynspec: the command-line tool. Drives tracer, specializer and codecache.
 
 use std::ffi::OsString;
-use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 
 use dynspec::report::{Report, DEFAULT_REPORT};
@@ -279,159 +278,28 @@ fn finish(outcome: Outcome, cfg: &SessionConfig) -> i32 {
     }
 }
 
-/// Resolve a program like a shell does and check it is something we can trace, before forking anything.
+/// Resolve a program like a shell does and check it is something we can trace, before forking anything
+/// (`tracer::program`; its errors are the messages).
 fn validate_program(prog: &OsString) -> anyhow::Result<PathBuf> {
-    let p = Path::new(prog);
-    let shown = p.display().to_string();
-    let path = if prog.is_empty() {
-        bail!("program not found: '' — check the path or PATH");
-    } else if p.as_os_str().as_encoded_bytes().contains(&b'/') {
-        if !p.exists() {
-            bail!("program not found: {shown} — check the path or PATH");
-        }
-        p.to_path_buf()
-    } else {
-        let paths =
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-        let found = std::env::split_paths(&paths)
-            .map(|d| d.join(p))
-            .find(|c| c.is_file() && is_executable(c));
-        match found {
-            Some(f) => f,
-            None => bail!("program not found: {shown} — check the path or PATH"),
-        }
-    };
-    if path.is_dir() {
-        bail!("{shown} is a directory, not a program");
-    }
-    if !is_executable(&path) {
-        bail!("{shown} is not executable (permission denied; chmod +x?)");
-    }
-    check_program(&path, &shown, 0)?;
-    Ok(path)
+    Ok(tracer::program::validate(prog)?)
 }
 
-/// Levels of `#!` interpreters the kernel follows (BINPRM_MAX_RECURSION).
-const MAX_INTERPRETER_DEPTH: u32 = 4;
-
-/// `path` is an x86-64 ELF executable, or a script whose `#!` interpreter (in turn) is one: the kernel starts the
-/// interpreter, and dynspec traces and specializes it like any program.
-fn check_program(path: &Path, shown: &str, depth: u32) -> anyhow::Result<()> {
-    // The kernel reads this much for the `#!` line (BINPRM_BUF_SIZE).
-    let mut head = [0u8; 256];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| {
-            let mut n = 0;
-            while n < head.len() {
-                match f.read(&mut head[n..])? {
-                    0 => break,
-                    k => n += k,
-                }
-            }
-            Ok(n)
-        })
-        .with_context(|| format!("cannot read {shown}"))?;
-    let head = &head[..n];
-    let Some(line) = head.strip_prefix(b"#!") else {
-        return check_elf_header(head).map_err(|why| anyhow::anyhow!("{shown}: {why}"));
-    };
-    if depth >= MAX_INTERPRETER_DEPTH {
-        bail!("{shown}: too many levels of #! interpreters (the kernel follows {MAX_INTERPRETER_DEPTH})");
-    }
-    let line = line.split(|b| *b == b'\n').next().unwrap_or_default();
-    let interp = line
-        .split(|b| *b == b' ' || *b == b'\t')
-        .find(|w| !w.is_empty())
-        .map(|w| String::from_utf8_lossy(w).into_owned());
-    let Some(interp) = interp else {
-        bail!("{shown}: its #! line names no interpreter — fix the script's first line");
-    };
-    let ip = Path::new(&interp);
-    let what = format!("{shown}'s interpreter {interp}");
-    if !ip.is_file() {
-        bail!("{what} does not exist — fix the script's #! line");
-    }
-    if !is_executable(ip) {
-        bail!("{what} is not executable (permission denied)");
-    }
-    check_program(ip, &what, depth + 1)
-}
-
-fn is_executable(p: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt as _;
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
-        return false;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path that lives across the call.
-    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
-}
-
-/// Accept x86-64 little-endian 64-bit ELF executables only.
-fn check_elf_header(h: &[u8]) -> Result<(), String> {
-    if h.len() < 20 || &h[..4] != b"\x7fELF" {
-        return Err("not an ELF executable".into());
-    }
-    let class = h[4];
-    let little_endian = h[5] == 1;
-    let machine = if little_endian {
-        u16::from_le_bytes([h[18], h[19]])
-    } else {
-        u16::from_be_bytes([h[18], h[19]])
-    };
-    match (class, machine) {
-        (2, 62) if little_endian => Ok(()),
-        (1, _) => Err(format!(
-            "is a 32-bit ELF executable ({}); dynspec supports x86-64 programs only",
-            machine_name(machine)
-        )),
-        (_, m) => Err(format!(
-            "is an ELF executable for a foreign architecture ({}); dynspec supports x86-64 programs only",
-            machine_name(m)
-        )),
-    }
-}
-
-fn machine_name(m: u16) -> String {
-    match m {
-        3 => "i386".into(),
-        40 => "ARM".into(),
-        62 => "x86-64".into(),
-        183 => "AArch64".into(),
-        243 => "RISC-V".into(),
-        8 => "MIPS".into(),
-        20 | 21 => "PowerPC".into(),
-        other => format!("e_machine {other}"),
-    }
-}
-
+/// Check a PID can be attached before starting a session (`tracer::program`; its errors are the messages).
 fn validate_pid(pid: i32) -> anyhow::Result<()> {
-    if pid as u32 == std::process::id() {
-        bail!("cannot attach to dynspec itself (PID {pid})");
-    }
-    if !Path::new(&format!("/proc/{pid}")).exists() {
-        bail!("no such process: PID {pid}");
-    }
-    if is_kernel_thread(pid) {
-        bail!("PID {pid} is a kernel thread; only user processes can be attached");
-    }
+    tracer::program::check_pid(nix::unistd::Pid::from_raw(pid))?;
     Ok(())
 }
 
-/// PF_KTHREAD in the flags field of /proc/PID/stat (field 9; the command name in field 2 may contain spaces).
+/// For the tests below: the header check's reason as text.
+#[cfg(test)]
+fn check_elf_header(h: &[u8]) -> Result<(), String> {
+    tracer::program::check_elf_header(h).map_err(|e| e.to_string())
+}
+
+/// For the tests below.
+#[cfg(test)]
 fn is_kernel_thread(pid: i32) -> bool {
-    const PF_KTHREAD: u64 = 0x0020_0000;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    let Some(after_comm) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-        return false;
-    };
-    // Fields after the command: state(3) ppid(4) pgrp(5) session(6) tty_nr(7) tpgid(8) flags(9).
-    after_comm
-        .split_whitespace()
-        .nth(6)
-        .and_then(|f| f.parse::<u64>().ok())
-        .is_some_and(|flags| flags & PF_KTHREAD != 0)
+    tracer::program::is_kernel_thread(nix::unistd::Pid::from_raw(pid))
 }
 
 #[cfg(test)]

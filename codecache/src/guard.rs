@@ -4,7 +4,7 @@
 //! resolved too, invariant 7). Unlike `tracer::WriteWatch`, whose reader thread un-protects a page as soon as it
 //! is written, the reader thread here only records the fault: the writer stays blocked until the tracer thread
 //! has unlinked the dependent variants and calls [`GuardSet::release`] (which wakes it). The uffd plumbing
-//! (remote `userfaultfd` + `pidfd_getfd`) follows `tracer::watch`.
+//! (the uffd made inside the target, registration, the reader thread) is `tracer::uffd`.
 //!
 //! A *kernel* write (copy_to_user inside a system call) cannot be interrupted by ptrace: the writer loops in the
 //! kernel until the page is released, so `Tracer::stop_all` would wait for it forever. [`GuardSet::stop_all`]
@@ -17,17 +17,14 @@
 //! Limit of that fallback: a kernel write into such a page fails with `EFAULT`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use specializer::Addr;
 use tracer::uffd::{
-    self, writeprotect, UffdMsg, UffdioRange, UffdioRegister, UFFDIO_REGISTER,
-    UFFDIO_REGISTER_MODE_WP, UFFDIO_WAKE, UFFDIO_WRITEPROTECT_IOCTL_BIT, UFFD_EVENT_PAGEFAULT,
-    UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
+    self, Message, Reader, Registrations, Uffd, UFFD_FEATURE_EVENT_REMAP,
     UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFD_FEATURE_THREAD_ID, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
@@ -42,10 +39,6 @@ const SEGV_ACCERR: i32 = 2;
 const EVENTS: u64 = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_UNMAP;
 /// How long every other thread must have been stopped before a blocked kernel write is let through.
 const KERNEL_WRITE_GRACE: Duration = Duration::from_millis(5);
-
-fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
-}
 
 /// State shared with the reader thread.
 #[derive(Default)]
@@ -66,11 +59,6 @@ struct Shared {
     stub_flags: BTreeMap<u64, BTreeSet<u64>>,
 }
 
-struct Reader {
-    stop: OwnedFd,
-    handle: Option<JoinHandle<()>>,
-}
-
 /// How a page is guarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuardKind {
@@ -85,12 +73,11 @@ pub enum GuardKind {
 /// The write-protected pages of one process.
 pub struct GuardSet {
     pid: Pid,
-    fd: Option<Arc<OwnedFd>>,
+    fd: Option<Arc<Uffd>>,
     reader: Option<Reader>,
     shared: Arc<Mutex<Shared>>,
     pending_flag: Arc<AtomicBool>,
-    registered: Vec<(u64, u64)>,
-    unregistrable: Vec<(u64, u64)>,
+    registered: Registrations,
     /// Pages protected by mprotect, with their original protection.
     mprotected: BTreeMap<u64, i32>,
     /// Pages whose mprotect guard was lifted, with the threads that already had a stale fault there forgiven
@@ -142,163 +129,129 @@ fn set_words(mem: &std::fs::File, words: &[u64], value: u64) {
     }
 }
 
-fn reader_loop(
-    fd: Arc<OwnedFd>,
-    stop: RawFd,
+/// The reader thread's part: record faults on guarded pages and keep their writers blocked (the tracer thread
+/// releases them), follow mapping changes, and let blocked kernel writes through during a stop.
+struct HoldFaults {
     pid: Pid,
     shared: Arc<Mutex<Shared>>,
     flag: Arc<AtomicBool>,
+    /// The reader's own handle on the target's memory, for the stubs' enabled words.
     mem: Option<std::fs::File>,
-) {
-    let raw = fd.as_raw_fd();
-    // When every other thread has been seen stopped (for the kernel-write case).
-    let mut others_stopped_since: Option<Instant> = None;
-    loop {
-        let has_pending = shared
+    /// When every other thread has been seen stopped (for the kernel-write case).
+    others_stopped_since: Option<Instant>,
+}
+
+impl uffd::Handler for HoldFaults {
+    fn timeout(&mut self) -> Option<Duration> {
+        let has_pending = self
+            .shared
             .lock()
             .map(|s| !s.faulted.is_empty() && s.stopping.is_some())
             .unwrap_or(false);
-        let mut fds = [
-            libc::pollfd {
-                fd: raw,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let timeout = if has_pending { 1 } else { -1 };
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
-        if r < 0 && errno() != libc::EINTR {
-            return;
+        has_pending.then_some(Duration::from_millis(1))
+    }
+
+    fn before_read(&mut self, _uffd: &Uffd) {
+        // Something happened to a registered mapping: before reading (which releases a thread blocked in
+        // munmap/madvise/mremap), turn every stub off so nobody enters a variant that may be stale; the
+        // stubs not concerned are turned back on in `after_read`.
+        let words: Vec<u64> = self
+            .shared
+            .lock()
+            .map(|s| s.stub_flags.keys().copied().collect())
+            .unwrap_or_default();
+        if let Some(m) = &self.mem {
+            set_words(m, &words, 0);
         }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
-            && fds[0].revents & libc::POLLIN == 0
-        {
-            return;
-        }
-        if fds[0].revents & libc::POLLIN != 0 {
-            // Something happened to a registered mapping: before reading (which releases a thread blocked in
-            // munmap/madvise/mremap), turn every stub off so nobody enters a variant that may be stale; the
-            // stubs not concerned are turned back on below.
-            let words: Vec<u64> = shared
+    }
+
+    fn message(&mut self, uffd: &Uffd, msg: Message) {
+        let removed = match msg {
+            Message::Remap { from, len, .. } => Some((from, from.saturating_add(len))),
+            Message::Remove { start, end } | Message::Unmap { start, end } => Some((start, end)),
+            Message::PageFault { .. } | Message::Other { .. } => None,
+        };
+        if let Some((start, end)) = removed {
+            let hit = self
+                .shared
                 .lock()
-                .map(|s| s.stub_flags.keys().copied().collect())
-                .unwrap_or_default();
-            if let Some(m) = &mem {
-                set_words(m, &words, 0);
-            }
-            loop {
-                let mut msg = UffdMsg::default();
-                // SAFETY: reads at most 32 bytes into a live, correctly sized buffer.
-                let n = unsafe {
-                    libc::read(
-                        raw,
-                        &mut msg as *mut UffdMsg as *mut libc::c_void,
-                        std::mem::size_of::<UffdMsg>(),
-                    )
-                };
-                if n < 0 {
-                    match errno() {
-                        libc::EAGAIN => break,
-                        libc::EINTR => continue,
-                        _ => return,
+                .map(|mut s| {
+                    let pages: Vec<u64> = s.guarded.range(start..end).copied().collect();
+                    for p in &pages {
+                        s.guarded.remove(p);
+                        s.removed.insert(*p);
                     }
-                }
-                if n == 0 {
-                    return;
-                }
-                if n as usize != std::mem::size_of::<UffdMsg>() {
-                    continue;
-                }
-                if matches!(
-                    msg.event,
-                    UFFD_EVENT_REMAP | UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP
-                ) {
-                    // remove/unmap: [flags, address) = [start, end); remap: from = flags, len = ptid.
-                    let (start, end) = if msg.event == UFFD_EVENT_REMAP {
-                        (msg.flags, msg.flags.saturating_add(msg.ptid))
+                    !pages.is_empty()
+                })
+                .unwrap_or(false);
+            if hit {
+                self.flag.store(true, Ordering::SeqCst);
+            }
+            return;
+        }
+        let Message::PageFault {
+            address,
+            flags,
+            tid,
+        } = msg
+        else {
+            return;
+        };
+        let page = address & !(PAGE - 1);
+        let ours = flags & UFFD_PAGEFAULT_FLAG_WP != 0
+            && self
+                .shared
+                .lock()
+                .map(|mut s| {
+                    if s.guarded.contains(&page) {
+                        s.faulted.insert(page);
+                        if let Some(t) = tid {
+                            s.blocked.insert(t.as_raw());
+                        }
+                        true
                     } else {
-                        (msg.flags, msg.address)
-                    };
-                    let hit = shared
-                        .lock()
-                        .map(|mut s| {
-                            let pages: Vec<u64> = s.guarded.range(start..end).copied().collect();
-                            for p in &pages {
-                                s.guarded.remove(p);
-                                s.removed.insert(*p);
-                            }
-                            !pages.is_empty()
-                        })
-                        .unwrap_or(false);
-                    if hit {
-                        flag.store(true, Ordering::SeqCst);
+                        false
                     }
-                    continue;
-                }
-                if msg.event != UFFD_EVENT_PAGEFAULT {
-                    continue;
-                }
-                let page = msg.address & !(PAGE - 1);
-                let ours = msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0
-                    && shared
-                        .lock()
-                        .map(|mut s| {
-                            if s.guarded.contains(&page) {
-                                s.faulted.insert(page);
-                                if msg.ptid != 0 {
-                                    s.blocked.insert(msg.ptid as i32);
-                                }
-                                true
-                            } else {
-                                false
-                            }
-                        })
-                        .unwrap_or(false);
-                if ours {
-                    // The writer stays blocked until the tracer thread releases the page.
-                    flag.store(true, Ordering::SeqCst);
-                } else {
-                    // Released meanwhile (or not a write-protect fault): clear and wake.
-                    if msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
-                        let _ = writeprotect(raw, page, PAGE, false);
-                    }
-                    let mut range = UffdioRange {
-                        start: page,
-                        len: PAGE,
-                    };
-                    let _ = uffd::ioctl(raw, UFFDIO_WAKE, &mut range);
-                }
+                })
+                .unwrap_or(false);
+        if ours {
+            // The writer stays blocked until the tracer thread releases the page.
+            self.flag.store(true, Ordering::SeqCst);
+        } else {
+            // Released meanwhile (or not a write-protect fault): clear and wake.
+            if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+                let _ = uffd.writeprotect(page, PAGE, false);
             }
-            if let (Some(m), Ok(s)) = (&mem, shared.lock()) {
-                let on: Vec<u64> = s
-                    .stub_flags
-                    .iter()
-                    .filter(|(_, pages)| {
-                        pages
-                            .iter()
-                            .all(|p| !s.faulted.contains(p) && !s.removed.contains(p))
-                    })
-                    .map(|(w, _)| *w)
-                    .collect();
-                set_words(m, &on, 1);
-            }
+            let _ = uffd.wake(page, PAGE);
         }
+    }
+
+    fn after_read(&mut self, _uffd: &Uffd) {
+        if let (Some(m), Ok(s)) = (&self.mem, self.shared.lock()) {
+            let on: Vec<u64> = s
+                .stub_flags
+                .iter()
+                .filter(|(_, pages)| {
+                    pages
+                        .iter()
+                        .all(|p| !s.faulted.contains(p) && !s.removed.contains(p))
+                })
+                .map(|(w, _)| *w)
+                .collect();
+            set_words(m, &on, 1);
+        }
+    }
+
+    fn after_wait(&mut self, uffd: &Uffd) -> ControlFlow<()> {
         // Kernel writes: see the module documentation.
-        let Ok(mut s) = shared.lock() else { return };
+        let Ok(mut s) = self.shared.lock() else {
+            return ControlFlow::Break(());
+        };
         if s.faulted.is_empty() || s.stopping.is_none() {
-            others_stopped_since = None;
-            continue;
+            self.others_stopped_since = None;
+            return ControlFlow::Continue(());
         }
-        let states = thread_states(pid);
+        let states = thread_states(self.pid);
         let running: Vec<i32> = states
             .iter()
             .filter(|(_, c)| !matches!(c, 't' | 'T' | 'Z' | 'X'))
@@ -312,26 +265,27 @@ fn reader_loop(
             running.iter().all(|t| s.blocked.contains(t))
         };
         if !only_blocked || states.is_empty() {
-            others_stopped_since = None;
-            continue;
+            self.others_stopped_since = None;
+            return ControlFlow::Continue(());
         }
-        let since = *others_stopped_since.get_or_insert_with(Instant::now);
+        let since = *self.others_stopped_since.get_or_insert_with(Instant::now);
         if since.elapsed() < KERNEL_WRITE_GRACE {
-            continue;
+            return ControlFlow::Continue(());
         }
         if running.is_empty() {
             // Everyone stopped: the faulting writes were user writes, retried after the release.
-            continue;
+            return ControlFlow::Continue(());
         }
         // Pages still protected (a page released earlier in this stop is not released twice).
         let pages: Vec<u64> = s.faulted.intersection(&s.guarded).copied().collect();
         for p in pages {
-            if writeprotect(raw, p, PAGE, false).is_ok() {
+            if uffd.writeprotect(p, PAGE, false).is_ok() {
                 s.guarded.remove(&p);
                 s.kernel_releases += 1;
             }
         }
-        others_stopped_since = None;
+        self.others_stopped_since = None;
+        ControlFlow::Continue(())
     }
 }
 
@@ -349,26 +303,14 @@ impl GuardSet {
             reader: None,
             shared: shared.clone(),
             pending_flag: pending_flag.clone(),
-            registered: Vec::new(),
-            unregistrable: Vec::new(),
+            registered: Registrations::default(),
             mprotected: BTreeMap::new(),
             lifted: BTreeMap::new(),
             uffd_unavailable: None,
         };
         match open_uffd(tr, pid, tid)? {
             Ok(fd) => {
-                // SAFETY: eventfd with integer arguments.
-                let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-                if efd < 0 {
-                    return Err(CacheError::Os {
-                        op: "eventfd",
-                        errno: errno(),
-                    });
-                }
-                // SAFETY: efd is a fresh descriptor we own.
-                let stop = unsafe { OwnedFd::from_raw_fd(efd) };
                 let fd = Arc::new(fd);
-                let (f2, s2, sh2, fl2) = (fd.clone(), stop.as_raw_fd(), shared, pending_flag);
                 // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's
                 // handle belongs to the tracer thread). Without it stubs are only unlinked by the tracer thread.
                 let mem = std::fs::OpenOptions::new()
@@ -376,18 +318,15 @@ impl GuardSet {
                     .write(true)
                     .open(format!("/proc/{pid}/mem"))
                     .ok();
-                let handle = std::thread::Builder::new()
-                    .name("dynspec-guards".into())
-                    .spawn(move || reader_loop(f2, s2, pid, sh2, fl2, mem))
-                    .map_err(|e| CacheError::Os {
-                        op: "spawning the guard reader",
-                        errno: e.raw_os_error().unwrap_or(0),
-                    })?;
+                let handler = HoldFaults {
+                    pid,
+                    shared,
+                    flag: pending_flag,
+                    mem,
+                    others_stopped_since: None,
+                };
+                gs.reader = Some(Reader::spawn("dynspec-guards", fd.clone(), handler)?);
                 gs.fd = Some(fd);
-                gs.reader = Some(Reader {
-                    stop,
-                    handle: Some(handle),
-                });
             }
             Err(why) => gs.uffd_unavailable = Some(why),
         }
@@ -451,46 +390,6 @@ impl GuardSet {
         Ok(r?)
     }
 
-    fn uffd_can_try(m: &tracer::Mapping) -> bool {
-        if m.shared {
-            return false;
-        }
-        match &m.path {
-            None => true,
-            Some(p) => {
-                let s = p.as_os_str().as_encoded_bytes();
-                s == b"[heap]" || s.starts_with(b"[stack") || s.starts_with(b"[anon")
-            }
-        }
-    }
-
-    fn ensure_registered(&mut self, fd: RawFd, m: &tracer::Mapping) -> bool {
-        let range = (m.start.0, m.end.0);
-        if self.registered.contains(&range) {
-            return true;
-        }
-        if self.unregistrable.contains(&range) {
-            return false;
-        }
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: range.0,
-                len: range.1 - range.0,
-            },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        if uffd::ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok()
-            && reg.ioctls & UFFDIO_WRITEPROTECT_IOCTL_BIT != 0
-        {
-            self.registered.push(range);
-            true
-        } else {
-            self.unregistrable.push(range);
-            false
-        }
-    }
-
     /// Whether `page` is currently guarded (either way).
     pub fn is_guarded(&self, page: Addr) -> bool {
         self.mprotected.contains_key(&page.0)
@@ -522,7 +421,7 @@ impl GuardSet {
         if !m.write {
             if m.is_pseudo()
                 && m.path.as_deref() != Some(std::path::Path::new("[vdso]"))
-                && !Self::uffd_can_try(m)
+                && !uffd::may_register(m)
             {
                 return Err(CacheError::Unguardable(
                     page,
@@ -531,12 +430,12 @@ impl GuardSet {
             }
             return Ok(GuardKind::ReadOnly);
         }
-        if let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) {
-            if Self::uffd_can_try(m) && self.ensure_registered(fd, m) {
+        if let Some(fd) = self.fd.as_ref() {
+            if uffd::may_register(m) && self.registered.register_wp(fd, m) {
                 if let Ok(mut s) = self.shared.lock() {
                     s.guarded.insert(page.0);
                 }
-                if writeprotect(fd, page.0, PAGE, true).is_ok() {
+                if fd.writeprotect(page.0, PAGE, true).is_ok() {
                     return Ok(GuardKind::Uffd);
                 }
                 if let Ok(mut s) = self.shared.lock() {
@@ -604,7 +503,7 @@ impl GuardSet {
         if was {
             if let Some(fd) = &self.fd {
                 // Clearing the protection also wakes a thread blocked on the page.
-                let _ = writeprotect(fd.as_raw_fd(), page.0, PAGE, false);
+                let _ = fd.writeprotect(page.0, PAGE, false);
             }
         }
         Ok(())
@@ -701,18 +600,7 @@ impl GuardSet {
 
     fn shutdown(&mut self) {
         if let Some(mut r) = self.reader.take() {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-            unsafe {
-                libc::write(
-                    r.stop.as_raw_fd(),
-                    &one as *const u64 as *const libc::c_void,
-                    8,
-                )
-            };
-            if let Some(h) = r.handle.take() {
-                let _ = h.join();
-            }
+            r.stop();
         }
         // Closing the uffd clears its write protection and wakes any blocked writer.
         self.fd = None;
@@ -728,7 +616,7 @@ impl Drop for GuardSet {
 }
 
 /// Create the userfaultfd inside the target and take it over; Ok(Err(reason)) when unavailable.
-fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<OwnedFd, String>, CacheError> {
+fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<Uffd, String>, CacheError> {
     let bases = [
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | EVENTS,
@@ -740,5 +628,5 @@ fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<OwnedFd, Stri
         .flat_map(|b| [b | UFFD_FEATURE_THREAD_ID, *b])
         .collect();
     // Not UFFD_USER_MODE_ONLY: kernel writes must fault into us too (needs CAP_SYS_PTRACE or the sysctl).
-    Ok(uffd::open_in_target(tr, pid, tid, &sets, false)?.map(|u| u.fd))
+    Ok(uffd::open_in_target(tr, pid, tid, &sets, false)?.map(|u| u.uffd))
 }

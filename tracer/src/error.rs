@@ -1,6 +1,6 @@
 //! Typed errors of the tracer; every message names the cause and, where there is one, the fix.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
 use nix::unistd::Pid;
@@ -16,20 +16,37 @@ pub enum TracerError {
         "no such process: PID {0} does not exist (it may have exited; check with `ps -p {0}`)"
     )]
     NoSuchProcess(Pid),
-    /// The program to run was not found.
+    /// dynspec itself was named to be attached (any of its threads).
+    #[error("cannot attach to dynspec itself (PID {0})")]
+    AttachSelf(Pid),
+    /// The program to run (or a script's `#!` interpreter) was not found.
+    #[error("{}", not_found_message(.0))]
+    ProgramNotFound(ProgramFile),
+    /// The program (or interpreter) exists but cannot be executed: a directory, another non-regular file, or a
+    /// file without execute permission (`.0.kind` says which).
+    #[error("{}", not_executable_message(.0))]
+    NotExecutable(ProgramFile),
+    /// The program (or interpreter) is not an ELF file (a text file, data...).
+    #[error("{0}: {NOT_ELF}")]
+    NotElf(ProgramFile),
+    /// The program (or interpreter) is ELF but not 64-bit x86-64.
+    #[error("{path}: {}", arch_message(*elf32, machine))]
+    WrongArch {
+        path: ProgramFile,
+        /// The `e_machine` name (`tracer::program::machine_name`).
+        machine: String,
+        /// ELFCLASS32.
+        elf32: bool,
+    },
+    /// A script's `#!` line names no interpreter.
+    #[error("{0}: its #! line names no interpreter — fix the script's first line")]
+    NoInterpreter(ProgramFile),
+    /// More levels of `#!` interpreters than the kernel follows.
     #[error(
-        "program not found: {0} (give a path to an existing file, or a command name found in PATH)"
+        "{0}: too many levels of #! interpreters (the kernel follows {max})",
+        max = crate::program::MAX_INTERPRETER_DEPTH
     )]
-    ProgramNotFound(PathBuf),
-    /// The program exists but cannot be executed.
-    #[error("{0} is not executable (it is a directory or lacks execute permission: chmod +x it)")]
-    NotExecutable(PathBuf),
-    /// The program is not an ELF file (a text file, data...), nor a script whose `#!` interpreter is one.
-    #[error("{0} is not an ELF executable (nor a script with a `#!` interpreter line)")]
-    NotElf(PathBuf),
-    /// The program is ELF but not x86-64.
-    #[error("{path} is a {machine} binary; only 64-bit x86-64 ELF programs are supported")]
-    WrongArch { path: PathBuf, machine: String },
+    TooManyInterpreters(ProgramFile),
     /// An empty command line was given.
     #[error("no program given: the command line is empty")]
     EmptyCommand,
@@ -108,6 +125,113 @@ impl TracerError {
     }
 }
 
+/// A file a program check looked at ([`crate::program`]): how messages name it, and what it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramFile {
+    /// The program as given, or an interpreter as its script's `#!` line names it.
+    pub path: PathBuf,
+    /// The scripts whose `#!` lines led to `path`, the program first; empty when `path` is the program itself.
+    pub via: Vec<PathBuf>,
+    /// What the check found at `path`.
+    pub kind: FileKind,
+}
+
+/// What is at a [`ProgramFile`]'s path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    /// Nothing.
+    Missing,
+    Directory,
+    /// A regular file.
+    Regular,
+    /// A device, FIFO or socket.
+    Other,
+}
+
+impl ProgramFile {
+    pub(crate) fn new(path: &Path, kind: FileKind) -> ProgramFile {
+        ProgramFile {
+            path: path.to_path_buf(),
+            via: Vec::new(),
+            kind,
+        }
+    }
+
+    pub(crate) fn with_kind(self, kind: FileKind) -> ProgramFile {
+        ProgramFile { kind, ..self }
+    }
+
+    /// The interpreter `interp` named by the `#!` line of this file.
+    pub(crate) fn interpreter(mut self, interp: &Path) -> ProgramFile {
+        self.via
+            .push(std::mem::replace(&mut self.path, interp.to_path_buf()));
+        self.kind = FileKind::Regular;
+        self
+    }
+
+    /// Whether this is the program itself (not an interpreter of it).
+    pub fn is_program(&self) -> bool {
+        self.via.is_empty()
+    }
+}
+
+/// Compares the path only.
+impl PartialEq<PathBuf> for ProgramFile {
+    fn eq(&self, other: &PathBuf) -> bool {
+        self.path == *other
+    }
+}
+
+/// `prog's interpreter interp's interpreter ...`, the way a user reads the chain; an empty name shows as `''`.
+impl std::fmt::Display for ProgramFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for script in &self.via {
+            write!(f, "{}'s interpreter ", script.display())?;
+        }
+        if self.path.as_os_str().is_empty() {
+            f.write_str("''")
+        } else {
+            write!(f, "{}", self.path.display())
+        }
+    }
+}
+
+fn not_found_message(file: &ProgramFile) -> String {
+    if file.is_program() {
+        format!("program not found: {file} — check the path or PATH")
+    } else {
+        format!("{file} does not exist — fix the script's #! line")
+    }
+}
+
+fn not_executable_message(file: &ProgramFile) -> String {
+    match file.kind {
+        FileKind::Directory => format!("{file} is a directory, not a program"),
+        FileKind::Other => format!("{file} is not executable (not a regular file)"),
+        FileKind::Missing | FileKind::Regular if file.is_program() => {
+            format!("{file} is not executable (permission denied; chmod +x?)")
+        }
+        FileKind::Missing | FileKind::Regular => {
+            format!("{file} is not executable (permission denied)")
+        }
+    }
+}
+
+/// What [`TracerError::NotElf`] and `program::ElfError::NotElf` say.
+pub(crate) const NOT_ELF: &str = "not an ELF executable";
+
+/// What [`TracerError::WrongArch`] and `program::ElfError::WrongArch` say after the file's name.
+pub(crate) fn arch_message(elf32: bool, machine: &str) -> String {
+    if elf32 {
+        format!("is a 32-bit ELF executable ({machine}); dynspec supports x86-64 programs only")
+    } else {
+        format!(
+            "is an ELF executable for a foreign architecture ({machine}); dynspec supports x86-64 \
+             programs only"
+        )
+    }
+}
+
 /// Why ptrace may be refused for `pid` here, and the fix.
 fn ptrace_fix(pid: Pid) -> String {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -166,8 +290,9 @@ mod tests {
             .to_string()
             .contains("PID 7"));
         let w = TracerError::WrongArch {
-            path: "/bin/x".into(),
+            path: ProgramFile::new(Path::new("/bin/x"), FileKind::Regular),
             machine: "AArch64".into(),
+            elf32: false,
         };
         assert!(w.to_string().contains("x86-64"));
         assert!(TracerError::RemoteSyscall {

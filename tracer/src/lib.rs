@@ -25,6 +25,7 @@ pub mod addr;
 pub mod error;
 pub mod maps;
 pub mod process;
+pub mod program;
 pub mod remote;
 pub mod sampler;
 pub mod symbols;
@@ -33,7 +34,7 @@ pub mod watch;
 pub mod world;
 
 pub use addr::Addr;
-pub use error::TracerError;
+pub use error::{FileKind, ProgramFile, TracerError};
 pub use maps::{mapping_at, read_maps, same_address_space, Mapping};
 pub use nix::unistd::Pid;
 pub use process::{Event, ExitStatus, SpawnOptions, Tracer};

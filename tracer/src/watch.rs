@@ -20,11 +20,8 @@
 //! write-protect bits in the child), but mprotect'ed pages are — [`WriteWatch::on_fork`] restores them in the child.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use nix::errno::Errno;
 use nix::unistd::Pid;
 
 use crate::addr::PAGE_SIZE;
@@ -32,10 +29,8 @@ use crate::maps::{mapping_at, read_maps, Mapping};
 use crate::process::Tracer;
 use crate::remote::remote_mprotect;
 use crate::uffd::{
-    self, writeprotect, UffdMsg, UffdioRange, UffdioRegister, UFFDIO_REGISTER,
-    UFFDIO_REGISTER_MODE_WP, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT_IOCTL_BIT,
-    UFFD_EVENT_PAGEFAULT, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_ASYNC,
-    UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
+    self, Message, Reader, Registrations, Uffd as UserFaultFd, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
 };
 use crate::{Addr, TracerError};
 
@@ -84,7 +79,6 @@ pub struct WatchResult {
     pub read_only: BTreeSet<Addr>,
 }
 
-// userfaultfd ABI (include/uapi/linux/userfaultfd.h).
 /// `si_code` of a SIGSEGV on a present page without the needed permission.
 const SEGV_ACCERR: i32 = 2;
 /// /proc/PID/pagemap: "pte is uffd-wp write-protected".
@@ -92,10 +86,8 @@ const PM_UFFD_WP: u64 = 1 << 57;
 
 /// The userfaultfd side: fd, features, and the reader thread.
 struct Uffd {
-    fd: Arc<OwnedFd>,
-    /// eventfd that tells the reader thread to stop.
-    stop: OwnedFd,
-    reader: Option<JoinHandle<()>>,
+    fd: Arc<UserFaultFd>,
+    reader: Reader,
     features: u64,
     /// Created with UFFD_USER_MODE_ONLY (no privilege for more): kernel writes into protected pages fail with
     /// EFAULT instead of waiting, so asynchronous mode is preferred when available.
@@ -104,98 +96,32 @@ struct Uffd {
 
 impl Uffd {
     fn shutdown(&mut self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-        unsafe {
-            libc::write(
-                self.stop.as_raw_fd(),
-                &one as *const u64 as *const libc::c_void,
-                8,
-            )
-        };
-        if let Some(h) = self.reader.take() {
-            let _ = h.join();
-        }
+        self.reader.stop();
     }
 }
 
-/// The reader thread: resolve write-protect faults by recording and unprotecting the page.
-fn reader_loop(fd: Arc<OwnedFd>, stop: RawFd, written: Arc<Mutex<BTreeSet<Addr>>>) {
-    let raw = fd.as_raw_fd();
-    loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: raw,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `fds` is a live array of two pollfd structs.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
-        if r < 0 {
-            if Errno::last() == Errno::EINTR {
-                continue;
-            }
+/// The reader thread's part: resolve write-protect faults by recording and unprotecting the page.
+struct ResolveFaults {
+    written: Arc<Mutex<BTreeSet<Addr>>>,
+}
+
+impl uffd::Handler for ResolveFaults {
+    fn message(&mut self, uffd: &UserFaultFd, msg: Message) {
+        let Message::PageFault { address, flags, .. } = msg else {
             return;
-        }
-        if fds[1].revents != 0 {
-            return;
-        }
-        if fds[0].revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0
-            && fds[0].revents & libc::POLLIN == 0
-        {
-            // The target's memory is gone (exit/exec): nothing more will fault.
-            return;
-        }
-        loop {
-            let mut msg = UffdMsg::default();
-            // SAFETY: reads at most size_of::<UffdMsg>() (32) bytes into a live, correctly sized buffer.
-            let n = unsafe {
-                libc::read(
-                    raw,
-                    &mut msg as *mut UffdMsg as *mut libc::c_void,
-                    std::mem::size_of::<UffdMsg>(),
-                )
-            };
-            if n < 0 {
-                match Errno::last() {
-                    Errno::EAGAIN => break,
-                    Errno::EINTR => continue,
-                    _ => return,
-                }
+        };
+        let page = address & !(PAGE_SIZE - 1);
+        if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
+            if let Ok(mut w) = self.written.lock() {
+                w.insert(Addr(page));
             }
-            if n == 0 {
-                return;
+            // Unprotect the page: this also wakes the faulting thread (user or kernel write).
+            if uffd.writeprotect(page, PAGE_SIZE, false).is_err() {
+                let _ = uffd.wake(page, PAGE_SIZE);
             }
-            if n as usize != std::mem::size_of::<UffdMsg>() || msg.event != UFFD_EVENT_PAGEFAULT {
-                continue;
-            }
-            let page = msg.address & !(PAGE_SIZE - 1);
-            if msg.flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
-                if let Ok(mut w) = written.lock() {
-                    w.insert(Addr(page));
-                }
-                // Unprotect the page: this also wakes the faulting thread (user or kernel write).
-                if writeprotect(raw, page, PAGE_SIZE, false).is_err() {
-                    let mut range = UffdioRange {
-                        start: page,
-                        len: PAGE_SIZE,
-                    };
-                    let _ = uffd::ioctl(raw, UFFDIO_WAKE, &mut range);
-                }
-            } else {
-                // Not ours (we register write-protect mode only): just wake the thread.
-                let mut range = UffdioRange {
-                    start: page,
-                    len: PAGE_SIZE,
-                };
-                let _ = uffd::ioctl(raw, UFFDIO_WAKE, &mut range);
-            }
+        } else {
+            // Not ours (we register write-protect mode only): just wake the thread.
+            let _ = uffd.wake(page, PAGE_SIZE);
         }
     }
 }
@@ -214,17 +140,14 @@ pub struct WriteWatch {
     uffd: Option<Uffd>,
     /// Why uffd is not used, if it is not.
     uffd_unavailable: Option<String>,
-    /// VMA ranges registered with uffd.
-    registered: Vec<(u64, u64)>,
-    /// VMA ranges uffd refused.
-    unregistrable: Vec<(u64, u64)>,
+    /// VMAs registered with uffd (or refused).
+    registered: Registrations,
     uffd_pages: BTreeSet<Addr>,
     /// Asynchronous-mode uffd for memory sync uffd cannot register (file-backed private `.data`, shared memory):
     /// the kernel resolves every write itself (never EFAULT, never blocks) and clears the page's uffd-wp bit,
     /// which /proc/PID/pagemap shows.
-    async_fd: Option<OwnedFd>,
-    async_registered: Vec<(u64, u64)>,
-    async_unregistrable: Vec<(u64, u64)>,
+    async_fd: Option<UserFaultFd>,
+    async_registered: Registrations,
     async_pages: BTreeSet<Addr>,
     /// Last async-mode written set read from pagemap (kept for when the process is gone).
     async_written: Mutex<BTreeSet<Addr>>,
@@ -277,28 +200,19 @@ impl WriteWatch {
         };
         let (uffd, uffd_unavailable) = match opened {
             Ok(uffd::TargetUffd {
-                fd,
+                uffd,
                 features,
                 user_mode_only,
             }) => {
-                // SAFETY: eventfd with integer arguments.
-                let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-                if efd < 0 {
-                    return Err(TracerError::errno("eventfd", Errno::last()));
-                }
-                // SAFETY: efd is a fresh fd we own.
-                let stop = unsafe { OwnedFd::from_raw_fd(efd) };
-                let fd = Arc::new(fd);
-                let (f2, w2, s2) = (fd.clone(), written.clone(), stop.as_raw_fd());
-                let reader = std::thread::Builder::new()
-                    .name("dynspec-uffd".into())
-                    .spawn(move || reader_loop(f2, s2, w2))
-                    .map_err(|e| TracerError::io("starting the userfaultfd reader thread", e))?;
+                let fd = Arc::new(uffd);
+                let handler = ResolveFaults {
+                    written: written.clone(),
+                };
+                let reader = Reader::spawn("dynspec-uffd", fd.clone(), handler)?;
                 (
                     Some(Uffd {
                         fd,
-                        stop,
-                        reader: Some(reader),
+                        reader,
                         features,
                         user_mode_only,
                     }),
@@ -313,7 +227,7 @@ impl WriteWatch {
         let async_fd = if opts.uffd_async {
             uffd::open_in_target(tr, pid, tid, &async_features, true)?
                 .ok()
-                .map(|u| u.fd)
+                .map(|u| u.uffd)
         } else {
             None
         };
@@ -322,12 +236,10 @@ impl WriteWatch {
             tid,
             uffd,
             uffd_unavailable,
-            registered: Vec::new(),
-            unregistrable: Vec::new(),
+            registered: Registrations::default(),
             uffd_pages: BTreeSet::new(),
             async_fd,
-            async_registered: Vec::new(),
-            async_unregistrable: Vec::new(),
+            async_registered: Registrations::default(),
             async_pages: BTreeSet::new(),
             async_written: Mutex::new(BTreeSet::new()),
             mprotected: BTreeMap::new(),
@@ -369,65 +281,6 @@ impl WriteWatch {
             .into_iter()
             .find(|t| tr.is_stopped(*t))
             .ok_or(TracerError::NotStopped(self.pid))
-    }
-
-    fn uffd_can_try(m: &Mapping) -> bool {
-        if m.shared {
-            return false;
-        }
-        match &m.path {
-            None => true,
-            Some(p) => {
-                let s = p.as_os_str().as_encoded_bytes();
-                s == b"[heap]" || s.starts_with(b"[stack") || s.starts_with(b"[anon")
-            }
-        }
-    }
-
-    /// Register the VMA for uffd write-protect mode (once) on `fd`. False if uffd refuses it.
-    fn register_range(
-        fd: RawFd,
-        m: &Mapping,
-        registered: &mut Vec<(u64, u64)>,
-        refused: &mut Vec<(u64, u64)>,
-    ) -> bool {
-        let range = (m.start.0, m.end.0);
-        if registered.contains(&range) {
-            return true;
-        }
-        if refused.contains(&range) {
-            return false;
-        }
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: range.0,
-                len: range.1 - range.0,
-            },
-            mode: UFFDIO_REGISTER_MODE_WP,
-            ioctls: 0,
-        };
-        if uffd::ioctl(fd, UFFDIO_REGISTER, &mut reg).is_ok()
-            && reg.ioctls & UFFDIO_WRITEPROTECT_IOCTL_BIT != 0
-        {
-            registered.push(range);
-            true
-        } else {
-            refused.push(range);
-            false
-        }
-    }
-
-    fn ensure_registered(&mut self, fd: RawFd, m: &Mapping) -> bool {
-        Self::register_range(fd, m, &mut self.registered, &mut self.unregistrable)
-    }
-
-    fn ensure_async_registered(&mut self, fd: RawFd, m: &Mapping) -> bool {
-        Self::register_range(
-            fd,
-            m,
-            &mut self.async_registered,
-            &mut self.async_unregistrable,
-        )
     }
 
     /// Refresh and return the async-mode pages written so far (from /proc/PID/pagemap's uffd-wp bit).
@@ -493,7 +346,7 @@ impl WriteWatch {
                 sum.skipped.push(page);
                 continue;
             };
-            if m.is_pseudo() && !Self::uffd_can_try(m) {
+            if m.is_pseudo() && !uffd::may_register(m) {
                 let name = m
                     .path
                     .as_ref()
@@ -517,22 +370,22 @@ impl WriteWatch {
                 .uffd
                 .as_ref()
                 .filter(|u| !u.user_mode_only || self.async_fd.is_none())
-                .map(|u| (u.fd.as_raw_fd(), u.user_mode_only));
+                .map(|u| (u.fd.clone(), u.user_mode_only));
             if let Some((fd, user_mode_only)) = sync_fd {
                 if user_mode_only && is_stack(m) {
                     // The kernel writes signal frames there: an EFAULT would kill the program.
                     sum.skipped.push(page);
                     continue;
                 }
-                if Self::uffd_can_try(m) && !self.wp_unpopulated() {
+                if uffd::may_register(m) && !self.wp_unpopulated() {
                     // Without UFFD_FEATURE_WP_UNPOPULATED protecting a never-touched page does nothing and its
                     // first write would go unseen: touch it (a read maps the zero page) first.
                     let mut b = [0u8; 1];
                     let _ = tr.read_memory(self.pid, page, &mut b);
                 }
-                if Self::uffd_can_try(m)
-                    && self.ensure_registered(fd, m)
-                    && writeprotect(fd, page.0, PAGE_SIZE, true).is_ok()
+                if uffd::may_register(m)
+                    && self.registered.register_wp(&fd, m)
+                    && fd.writeprotect(page.0, PAGE_SIZE, true).is_ok()
                 {
                     // A page written earlier in this window is watched again from now on.
                     if let Ok(mut w) = self.written.lock() {
@@ -543,9 +396,9 @@ impl WriteWatch {
                     continue;
                 }
             }
-            if let Some(fd) = self.async_fd.as_ref().map(|f| f.as_raw_fd()) {
-                if self.ensure_async_registered(fd, m)
-                    && writeprotect(fd, page.0, PAGE_SIZE, true).is_ok()
+            if let Some(fd) = self.async_fd.as_ref() {
+                if self.async_registered.register_wp(fd, m)
+                    && fd.writeprotect(page.0, PAGE_SIZE, true).is_ok()
                 {
                     if let Ok(mut w) = self.async_written.lock() {
                         w.remove(&page);
@@ -718,13 +571,9 @@ impl WriteWatch {
     fn release_uffd(&mut self) {
         if let Some(fd) = self.async_fd.take() {
             if self.alive {
-                for (start, end) in &self.async_registered {
-                    let _ = writeprotect(fd.as_raw_fd(), *start, end - start, false);
-                    let mut range = UffdioRange {
-                        start: *start,
-                        len: end - start,
-                    };
-                    let _ = uffd::ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
+                for (start, end) in self.async_registered.ranges() {
+                    let _ = fd.writeprotect(*start, end - start, false);
+                    let _ = fd.unregister(*start, end - start);
                 }
             }
         }
@@ -732,15 +581,10 @@ impl WriteWatch {
             return;
         };
         if self.alive {
-            let fd = u.fd.as_raw_fd();
-            for (start, end) in &self.registered {
+            for (start, end) in self.registered.ranges() {
                 // Clearing protection over the whole range also wakes any thread still blocked on it.
-                let _ = writeprotect(fd, *start, end - start, false);
-                let mut range = UffdioRange {
-                    start: *start,
-                    len: end - start,
-                };
-                let _ = uffd::ioctl(fd, UFFDIO_UNREGISTER, &mut range);
+                let _ = u.fd.writeprotect(*start, end - start, false);
+                let _ = u.fd.unregister(*start, end - start);
             }
         }
         u.shutdown();

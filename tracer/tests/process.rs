@@ -20,7 +20,7 @@ int main(int c, char **v) { return c > 1 ? atoi(v[1]) : 42; }
 
 #[test]
 fn spawn_passes_exit_code_through() {
-    let d = TempDir::new("exit");
+    let d = temp_dir("exit");
     let exe = compile(&d, "exit", EXIT_ARG, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     assert!(tr.is_stopped(tr.root()));
@@ -57,7 +57,7 @@ fn spawn_finds_programs_in_path() {
 
 #[test]
 fn killed_by_signal_status_is_exact() {
-    let d = TempDir::new("sigterm");
+    let d = temp_dir("sigterm");
     let exe = compile(
         &d,
         "sigterm",
@@ -78,7 +78,7 @@ fn killed_by_signal_status_is_exact() {
 
 #[test]
 fn bad_programs_give_clear_errors() {
-    let d = TempDir::new("bad");
+    let d = temp_dir("bad");
     match Tracer::spawn(&[OsString::from("/nonexistent/dir/prog")]) {
         Err(TracerError::ProgramNotFound(_)) => {}
         other => panic!("expected ProgramNotFound, got {other:?}"),
@@ -89,30 +89,30 @@ fn bad_programs_give_clear_errors() {
     }
     assert!(matches!(Tracer::spawn(&[]), Err(TracerError::EmptyCommand)));
 
-    let noexec = d.path("noexec");
+    let noexec = d.path().join("noexec");
     std::fs::write(&noexec, b"\x7fELF").unwrap();
     std::fs::set_permissions(&noexec, std::fs::Permissions::from_mode(0o644)).unwrap();
     match Tracer::spawn(&[noexec.clone().into_os_string()]) {
         Err(TracerError::NotExecutable(p)) => assert_eq!(p, noexec),
         other => panic!("expected NotExecutable, got {other:?}"),
     }
-    match Tracer::spawn(&[d.0.clone().into_os_string()]) {
+    match Tracer::spawn(&[d.path().as_os_str().to_os_string()]) {
         Err(TracerError::NotExecutable(_)) => {}
         other => panic!("expected NotExecutable for a directory, got {other:?}"),
     }
 
     // A script whose #! interpreter is plain text is refused; one with a real interpreter is started (below).
-    let text = d.path("text");
+    let text = d.path().join("text");
     std::fs::write(&text, "just text\n").unwrap();
     std::fs::set_permissions(&text, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let script = d.path("script.sh");
+    let script = d.path().join("script.sh");
     std::fs::write(&script, format!("#!{}\nexit 0\n", text.display())).unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
     match Tracer::spawn(&[script.into_os_string()]) {
         Err(e @ TracerError::NotElf(_)) => assert!(e.to_string().contains("not an ELF")),
         other => panic!("expected NotElf, got {other:?}"),
     }
-    let good = d.path("good.sh");
+    let good = d.path().join("good.sh");
     std::fs::write(&good, "#!/bin/sh\nexit 7\n").unwrap();
     std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o755)).unwrap();
     let mut t =
@@ -138,7 +138,7 @@ fn bad_programs_give_clear_errors() {
     hdr[6] = 1;
     hdr[16] = 2;
     hdr[18] = 3;
-    let elf32 = d.path("elf32");
+    let elf32 = d.path().join("elf32");
     std::fs::write(&elf32, &hdr).unwrap();
     std::fs::set_permissions(&elf32, std::fs::Permissions::from_mode(0o755)).unwrap();
     match Tracer::spawn(&[elf32.into_os_string()]) {
@@ -149,7 +149,7 @@ fn bad_programs_give_clear_errors() {
     // An AArch64 ELF.
     hdr[4] = 2;
     hdr[18] = 183;
-    let arm = d.path("arm64");
+    let arm = d.path().join("arm64");
     std::fs::write(&arm, &hdr).unwrap();
     std::fs::set_permissions(&arm, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert!(matches!(
@@ -158,7 +158,7 @@ fn bad_programs_give_clear_errors() {
     ));
 
     // A process that is already traced (here by another tracer of this process).
-    let d2 = TempDir::new("traced");
+    let d2 = temp_dir("traced");
     let exe = compile(&d2, "exit", EXIT_ARG, &[]);
     let first = Tracer::spawn(&argv(&[&exe])).unwrap();
     match Tracer::attach(first.root()) {
@@ -192,7 +192,7 @@ int main(void) {
 
 #[test]
 fn threads_are_followed() {
-    let d = TempDir::new("threads");
+    let d = temp_dir("threads");
     let exe = compile(&d, "threads", THREADS, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let root = tr.root();
@@ -216,7 +216,7 @@ fn threads_are_followed() {
 
 #[test]
 fn stop_all_and_resume_all_with_threads() {
-    let d = TempDir::new("stopall");
+    let d = temp_dir("stopall");
     let exe = compile(&d, "threads", THREADS, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let root = tr.root();
@@ -262,7 +262,7 @@ int main(int c, char **v) {
 
 #[test]
 fn fork_and_exec_are_followed() {
-    let d = TempDir::new("forkexec");
+    let d = temp_dir("forkexec");
     let exe = compile(&d, "forkexec", FORK_EXEC, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let root = tr.root();
@@ -326,7 +326,7 @@ int main(void) {
 
 #[test]
 fn program_signals_reach_the_program() {
-    let d = TempDir::new("signals");
+    let d = temp_dir("signals");
     let exe = compile(&d, "signals", SIGNALS, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let seen = run_loop(&mut tr, |_, ev| {
@@ -362,9 +362,9 @@ int main(int c, char **v) {
 
 #[test]
 fn job_control_stop_and_continue() {
-    let d = TempDir::new("groupstop");
+    let d = temp_dir("groupstop");
     let exe = compile(&d, "groupstop", GROUP_STOP, &[]);
-    let out = d.path("out.txt");
+    let out = d.path().join("out.txt");
     let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
     let pid = tr.root();
     tr.resume_all().unwrap();
@@ -428,7 +428,7 @@ int main(void) {
 
 /// Start `exe` untraced with its stdout in `d/out.txt` (killed when the guard drops).
 fn spawn_logged(d: &TempDir, exe: &std::path::Path) -> (KillOnDrop, std::path::PathBuf) {
-    let out = d.path("out.txt");
+    let out = d.path().join("out.txt");
     let child = std::process::Command::new(exe)
         .stdout(std::fs::File::create(&out).unwrap())
         .spawn()
@@ -438,7 +438,7 @@ fn spawn_logged(d: &TempDir, exe: &std::path::Path) -> (KillOnDrop, std::path::P
 
 #[test]
 fn attach_then_detach_leaves_the_program_running() {
-    let d = TempDir::new("attach");
+    let d = temp_dir("attach");
     let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
     let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 3);
@@ -464,7 +464,7 @@ fn attach_then_detach_leaves_the_program_running() {
 
 #[test]
 fn attach_drop_detaches_and_errors_on_self() {
-    let d = TempDir::new("attach2");
+    let d = temp_dir("attach2");
     let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
     let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 2);
@@ -497,7 +497,7 @@ fn nm_value(exe: &std::path::Path, name: &str) -> u64 {
 }
 
 fn patch_answer(flags: &[&str], pie: bool) {
-    let d = TempDir::new("answer");
+    let d = temp_dir("answer");
     let exe = compile(&d, "answer", ANSWER, flags);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let pid = tr.root();
@@ -561,7 +561,7 @@ fn symbols_and_code_patch_non_pie() {
 
 #[test]
 fn stripped_binary_has_a_module_without_symbols() {
-    let d = TempDir::new("stripped");
+    let d = temp_dir("stripped");
     let exe = compile(&d, "answer", ANSWER, &["-s"]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let mods = tracer::modules(tr.root()).unwrap();
@@ -582,7 +582,7 @@ fn stripped_binary_has_a_module_without_symbols() {
 
 #[test]
 fn memory_errors_are_typed() {
-    let d = TempDir::new("memerr");
+    let d = temp_dir("memerr");
     let exe = compile(&d, "exit", EXIT_ARG, &[]);
     let tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let mut buf = [0u8; 16];
@@ -595,7 +595,7 @@ fn memory_errors_are_typed() {
 
 #[test]
 fn remote_mmap_mprotect_munmap() {
-    let d = TempDir::new("remote");
+    let d = temp_dir("remote");
     let exe = compile(&d, "exit", EXIT_ARG, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe, &"9"])).unwrap();
     let pid = tr.root();
@@ -671,9 +671,9 @@ int main(int c, char **v) {
 
 #[test]
 fn remote_syscall_inside_a_blocked_syscall_restarts_it() {
-    let d = TempDir::new("blocked");
+    let d = temp_dir("blocked");
     let exe = compile(&d, "blocked", BLOCKED_READ, &[]);
-    let fifo = d.path("fifo");
+    let fifo = d.path().join("fifo");
     let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
     // SAFETY: valid NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
@@ -728,7 +728,7 @@ fn remote_syscall_inside_a_blocked_syscall_restarts_it() {
 
 #[test]
 fn remote_syscall_at_a_signal_stop_keeps_the_signal() {
-    let d = TempDir::new("sigstop-remote");
+    let d = temp_dir("sigstop-remote");
     let exe = compile(&d, "signals", SIGNALS, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let mut did = false;
@@ -768,7 +768,7 @@ int main(int c, char **v) {
 
 #[test]
 fn exec_from_a_non_leader_thread() {
-    let d = TempDir::new("threadexec");
+    let d = temp_dir("threadexec");
     let exe = compile(&d, "threadexec", THREAD_EXEC, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let root = tr.root();
@@ -814,7 +814,7 @@ int main(int c, char **v) {
 
 #[test]
 fn vfork_and_posix_spawn_with_stop_all_and_remote_syscalls() {
-    let d = TempDir::new("spawner");
+    let d = temp_dir("spawner");
     let exe = compile(&d, "spawner", SPAWNER, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let mut forks = 0;
@@ -853,7 +853,7 @@ fn vfork_and_posix_spawn_with_stop_all_and_remote_syscalls() {
 
 #[test]
 fn remote_syscalls_at_new_thread_events() {
-    let d = TempDir::new("threads-remote");
+    let d = temp_dir("threads-remote");
     let exe = compile(&d, "threads", THREADS, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let mut n = 0;
@@ -878,7 +878,7 @@ fn remote_syscalls_at_new_thread_events() {
 
 #[test]
 fn attach_to_a_stopped_process_keeps_it_stopped() {
-    let d = TempDir::new("attachstopped");
+    let d = temp_dir("attachstopped");
     let exe = compile(&d, "attach", ATTACH_LOOP, &[]);
     let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 2);
@@ -936,7 +936,7 @@ int main(void) {
 
 #[test]
 fn attach_when_the_main_thread_already_exited() {
-    let d = TempDir::new("leaderexit");
+    let d = temp_dir("leaderexit");
     let exe = compile(&d, "leaderexit", LEADER_EXIT, &[]);
     let (mut child, out) = spawn_logged(&d, &exe);
     wait_lines(&out, 3);
@@ -964,7 +964,7 @@ fn attach_when_the_main_thread_already_exited() {
 
 /// Run a shell command line under the tracer (the shell forks and execs the program), return its stdout file.
 fn run_shell(d: &TempDir, cmd: &str) -> (Option<ExitStatus>, String) {
-    let out = d.path("stdout.txt");
+    let out = d.path().join("stdout.txt");
     let line = format!("{cmd} > {}", out.display());
     let mut tr = Tracer::spawn(&argv(&[&"/bin/sh", &"-c", &line])).unwrap();
     let seen = run_loop(&mut tr, |_, _| None);
@@ -987,7 +987,7 @@ fn samples_give_identical_output_under_the_tracer() {
         let Ok(text) = std::fs::read_to_string(&src) else {
             panic!("sample {name} missing");
         };
-        let d = TempDir::new(name);
+        let d = temp_dir(name);
         let exe = compile(&d, name, &text, &["-O2"]);
         let expected = std::fs::read_to_string(root.join(format!("{name}.expected"))).unwrap();
         let (status, out) = run_shell(&d, &exe.display().to_string());
@@ -1002,7 +1002,7 @@ fn samples_give_identical_output_under_the_tracer() {
 
 #[test]
 fn symbols_of_a_deleted_binary() {
-    let d = TempDir::new("deleted");
+    let d = temp_dir("deleted");
     let exe = compile(&d, "answer", ANSWER, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     std::fs::remove_file(&exe).unwrap();
@@ -1038,7 +1038,7 @@ int main(void) {
 
 #[test]
 fn job_control_of_a_traced_child_seen_by_its_parent() {
-    let d = TempDir::new("childjob");
+    let d = temp_dir("childjob");
     let exe = compile(&d, "childjob", CHILD_JOB_CONTROL, &[]);
     let mut tr = Tracer::spawn(&argv(&[&exe])).unwrap();
     let seen = run_loop(&mut tr, |_, _| None);
@@ -1069,7 +1069,7 @@ int main(void) {
 
 #[test]
 fn spawned_program_starts_with_default_sigpipe_and_empty_mask() {
-    let d = TempDir::new("sigstate");
+    let d = temp_dir("sigstate");
     let exe = compile(&d, "sigstate", SIGNAL_STATE, &[]);
     // Block a signal in this (the tracer's) thread: the program must not inherit that.
     // SAFETY: plain sigset manipulation on a local, then pthread_sigmask on this thread.

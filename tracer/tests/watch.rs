@@ -72,9 +72,9 @@ enum Via {
 
 /// Watch 3 heap pages, 2 .data pages, a code page and an unmapped page; the program writes some of them.
 fn scenario(opts: WatchOptions, flags: &str, heap_via: Via, data_via: Via) {
-    let d = TempDir::new("watch");
+    let d = temp_dir("watch");
     let exe = compile(&d, "watch", WATCH_PROG, &[]);
-    let out = d.path("addrs.txt");
+    let out = d.path().join("addrs.txt");
     let mut tr = Tracer::spawn(&argv(&[&exe, &out, &flags])).unwrap();
     let root = tr.root();
     let mut watch: Option<WriteWatch> = None;
@@ -273,9 +273,9 @@ fn fork_child_does_not_inherit_protection() {
 /// writes both (user and kernel writes) and must neither fault nor block; the parent's later writes (to pages
 /// now shared copy-on-write) are still seen.
 fn fork_scenario(async_mode: bool) {
-    let d = TempDir::new("watchfork");
+    let d = temp_dir("watchfork");
     let exe = compile(&d, "watchfork", FORK_PROG, &[]);
-    let out = d.path("addrs.txt");
+    let out = d.path().join("addrs.txt");
     let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
     let root = tr.root();
     let mut watch: Option<WriteWatch> = None;
@@ -396,9 +396,9 @@ fn exec_drops_the_watch() {
             uffd_async: false,
         },
     ] {
-        let d = TempDir::new("watchexec");
+        let d = temp_dir("watchexec");
         let exe = compile(&d, "watchexec", EXEC_PROG, &[]);
-        let out = d.path("addrs.txt");
+        let out = d.path().join("addrs.txt");
         let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
         let root = tr.root();
         let mut watch: Option<WriteWatch> = None;
@@ -467,9 +467,9 @@ int main(int c, char **v) {
 
 #[test]
 fn mprotect_fallback_with_threads_faulting_at_once() {
-    let d = TempDir::new("mtwriters");
+    let d = temp_dir("mtwriters");
     let exe = compile(&d, "mtwriters", MT_WRITERS, &[]);
-    let out = d.path("addrs.txt");
+    let out = d.path().join("addrs.txt");
     let mut tr = Tracer::spawn(&argv(&[&exe, &out])).unwrap();
     let root = tr.root();
     let mut watch: Option<WriteWatch> = None;

@@ -4,40 +4,25 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tracer::{Event, ExitStatus, Pid, Tracer};
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
+pub use tempfile::TempDir;
 
-/// A fresh, unique temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let p =
-            std::env::temp_dir().join(format!("tracer-test-{}-{}-{}", std::process::id(), tag, n));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh, unique temporary directory (its name starts with `tracer-test-TAG`), removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("tracer-test-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// Compile C source `src` into `dir/name` with extra gcc flags.
 pub fn compile(dir: &TempDir, name: &str, src: &str, flags: &[&str]) -> PathBuf {
-    let c = dir.path(&format!("{name}.c"));
+    let c = dir.path().join(format!("{name}.c"));
     std::fs::write(&c, src).expect("write C source");
-    let out = dir.path(name);
+    let out = dir.path().join(name);
     let st = Command::new("gcc")
         .args(["-O1", "-g", "-pthread", "-o"])
         .arg(&out)
