@@ -308,7 +308,7 @@ impl GuardSet {
             lifted: BTreeMap::new(),
             uffd_unavailable: None,
         };
-        match open_uffd(tr, pid, tid)? {
+        match open_uffd(tr, pid, tid) {
             Ok(fd) => {
                 let fd = Arc::new(fd);
                 // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's
@@ -328,7 +328,8 @@ impl GuardSet {
                 gs.reader = Some(Reader::spawn("dynspec-guards", fd.clone(), handler)?);
                 gs.fd = Some(fd);
             }
-            Err(why) => gs.uffd_unavailable = Some(why),
+            Err(TracerError::UffdUnavailable(why)) => gs.uffd_unavailable = Some(why.to_string()),
+            Err(e) => return Err(e.into()),
         }
         Ok(gs)
     }
@@ -615,8 +616,9 @@ impl Drop for GuardSet {
     }
 }
 
-/// Create the userfaultfd inside the target and take it over; Ok(Err(reason)) when unavailable.
-fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<Uffd, String>, CacheError> {
+/// Create the userfaultfd inside the target and take it over (`TracerError::UffdUnavailable` when it cannot be
+/// had: the guards fall back to mprotect).
+fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Uffd, TracerError> {
     let bases = [
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_WP_UNPOPULATED | EVENTS,
         UFFD_FEATURE_PAGEFAULT_FLAG_WP | EVENTS,
@@ -628,5 +630,5 @@ fn open_uffd(tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<Result<Uffd, String>
         .flat_map(|b| [b | UFFD_FEATURE_THREAD_ID, *b])
         .collect();
     // Not UFFD_USER_MODE_ONLY: kernel writes must fault into us too (needs CAP_SYS_PTRACE or the sysctl).
-    Ok(uffd::open_in_target(tr, pid, tid, &sets, false)?.map(|u| u.uffd))
+    Ok(uffd::open_in_target(tr, pid, tid, &sets, false)?.uffd)
 }

@@ -8,6 +8,9 @@ use nix::unistd::Pid;
 /// Everything that can go wrong talking to a live process.
 #[derive(Debug, thiserror::Error)]
 pub enum TracerError {
+    /// userfaultfd cannot be had in the target (the caller falls back to mprotect).
+    #[error("userfaultfd unavailable: {0}")]
+    UffdUnavailable(crate::uffd::UffdUnavailable),
     /// ptrace (seize/attach) refused by the kernel; `fix` names the cause and what to do.
     #[error("ptrace: permission denied attaching to PID {pid}: {fix}")]
     PermissionDenied { pid: Pid, fix: String },

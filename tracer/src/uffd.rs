@@ -320,18 +320,37 @@ pub struct TargetUffd {
     pub user_mode_only: bool,
 }
 
+/// Why userfaultfd cannot be had in a target: the caller falls back (to mprotect), it is not a failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UffdUnavailable {
+    #[error("disabled by the caller")]
+    Disabled,
+    /// The userfaultfd system call failed inside the target (EPERM without privilege, ENOSYS, ...).
+    #[error("userfaultfd: {0}")]
+    Syscall(Errno),
+    /// The descriptor could not be taken over (pidfd_open / pidfd_getfd).
+    #[error("{op}: {errno}")]
+    TakeFd { op: &'static str, errno: Errno },
+    #[error("pidfd_getfd: the descriptor is not a userfaultfd")]
+    NotUffd,
+    #[error("UFFDIO_API: write-protect faults not supported by this kernel")]
+    NoWriteProtect,
+}
+
 /// Create a userfaultfd inside `pid` (on stopped thread `tid`), take it over and enable the first of
 /// `feature_sets` the kernel accepts. `allow_user_mode_only`: on EPERM, retry with UFFD_USER_MODE_ONLY.
-/// `Ok(Err(reason))` when uffd is unavailable (the caller falls back); `Err` when the target itself failed.
+/// [`TracerError::UffdUnavailable`] when uffd cannot be had (the caller falls back); other errors when the target
+/// itself failed.
 pub fn open_in_target(
     tr: &mut Tracer,
     pid: Pid,
     tid: Pid,
     feature_sets: &[u64],
     allow_user_mode_only: bool,
-) -> Result<Result<TargetUffd, String>, TracerError> {
+) -> Result<TargetUffd, TracerError> {
     let base = libc::O_CLOEXEC | libc::O_NONBLOCK;
     let mut user_mode_only = false;
+    let unavailable = |why| TracerError::UffdUnavailable(why);
     // Without UFFD_USER_MODE_ONLY kernel writes are resolved too; it needs privilege
     // (CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1).
     let remote_fd = match remote_userfaultfd(tr, tid, base) {
@@ -345,57 +364,56 @@ pub fn open_in_target(
                     fd
                 }
                 Err(TracerError::RemoteSyscall { errno, .. }) => {
-                    return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
+                    return Err(unavailable(UffdUnavailable::Syscall(Errno::from_raw(
+                        errno,
+                    ))))
                 }
                 Err(e) => return Err(e),
             }
         }
         Err(TracerError::RemoteSyscall { errno, .. }) => {
-            return Ok(Err(format!("userfaultfd: {}", Errno::from_raw(errno))))
+            return Err(unavailable(UffdUnavailable::Syscall(Errno::from_raw(
+                errno,
+            ))))
         }
         Err(e) => return Err(e),
     };
     let taken = take_fd(pid, remote_fd);
     // The target must not keep (or see) the descriptor.
     remote_close(tr, tid, remote_fd)?;
-    let uffd = match taken {
-        Ok(fd) => match Uffd::new(fd) {
-            Ok(u) => u,
-            Err(_) => {
-                return Ok(Err(
-                    "pidfd_getfd: the descriptor is not a userfaultfd".into()
-                ))
-            }
-        },
-        Err(why) => return Ok(Err(why)),
-    };
+    let uffd = Uffd::new(taken.map_err(unavailable)?)
+        .map_err(|_| unavailable(UffdUnavailable::NotUffd))?;
     for &features in feature_sets {
         if uffd.api(features).is_ok() {
-            return Ok(Ok(TargetUffd {
+            return Ok(TargetUffd {
                 uffd,
                 features,
                 user_mode_only,
-            }));
+            });
         }
     }
-    Ok(Err(
-        "UFFDIO_API: write-protect faults not supported by this kernel".into(),
-    ))
+    Err(unavailable(UffdUnavailable::NoWriteProtect))
 }
 
 /// Duplicate descriptor `remote_fd` of process `pid` into dynspec (pidfd_open + pidfd_getfd).
-fn take_fd(pid: Pid, remote_fd: i32) -> Result<OwnedFd, String> {
+fn take_fd(pid: Pid, remote_fd: i32) -> Result<OwnedFd, UffdUnavailable> {
     // SAFETY: pidfd_open with integer arguments.
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if pidfd < 0 {
-        return Err(format!("pidfd_open: {}", Errno::last()));
+        return Err(UffdUnavailable::TakeFd {
+            op: "pidfd_open",
+            errno: Errno::last(),
+        });
     }
     // SAFETY: pidfd is a fresh fd we own.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
     // SAFETY: pidfd_getfd with integer arguments.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), remote_fd, 0) };
     if fd < 0 {
-        return Err(format!("pidfd_getfd: {}", Errno::last()));
+        return Err(UffdUnavailable::TakeFd {
+            op: "pidfd_getfd",
+            errno: Errno::last(),
+        });
     }
     // SAFETY: fd is a fresh fd we own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })

@@ -28,6 +28,7 @@ use crate::addr::PAGE_SIZE;
 use crate::maps::{mapping_at, read_maps, Mapping};
 use crate::process::Tracer;
 use crate::remote::remote_mprotect;
+use crate::uffd::UffdUnavailable;
 use crate::uffd::{
     self, Message, Reader, Registrations, Uffd as UserFaultFd, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_WP,
@@ -194,9 +195,9 @@ impl WriteWatch {
             UFFD_FEATURE_PAGEFAULT_FLAG_WP,
         ];
         let opened = if opts.uffd {
-            uffd::open_in_target(tr, pid, tid, &sync_features, true)?
+            uffd::open_in_target(tr, pid, tid, &sync_features, true)
         } else {
-            Err("disabled by the caller".to_string())
+            Err(TracerError::UffdUnavailable(UffdUnavailable::Disabled))
         };
         let (uffd, uffd_unavailable) = match opened {
             Ok(uffd::TargetUffd {
@@ -219,15 +220,18 @@ impl WriteWatch {
                     None,
                 )
             }
-            Err(why) => (None, Some(why)),
+            Err(TracerError::UffdUnavailable(why)) => (None, Some(why.to_string())),
+            Err(e) => return Err(e),
         };
         let async_features = [UFFD_FEATURE_WP_ASYNC
             | UFFD_FEATURE_WP_UNPOPULATED
             | UFFD_FEATURE_PAGEFAULT_FLAG_WP];
         let async_fd = if opts.uffd_async {
-            uffd::open_in_target(tr, pid, tid, &async_features, true)?
-                .ok()
-                .map(|u| u.uffd)
+            match uffd::open_in_target(tr, pid, tid, &async_features, true) {
+                Ok(u) => Some(u.uffd),
+                Err(TracerError::UffdUnavailable(_)) => None,
+                Err(e) => return Err(e),
+            }
         } else {
             None
         };
