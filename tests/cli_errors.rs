@@ -1,4 +1,4 @@
-//! Bad input gets one clear line on stderr and a non-zero exit, never a panic (DESIGN invariant 10).
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic (ARCHITECTURE.md invariant 10).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::process::CommandExt as _;

@@ -195,7 +195,7 @@ impl Arena {
 /// Every thread of `pid` must be stopped (a thread parked in vfork outside the arenas counts as stopped, see
 /// [`crate::Cache`], "Stopped threads"), else [`CacheError::NotStopped`] and nothing is written. Asserts (in
 /// release builds too) that the range lies inside the code mapping of one of `arenas`, and that the mapping
-/// there is not writable (W^X, invariant 4).
+/// there is not writable (W^X, ARCHITECTURE.md invariant 4).
 pub fn publish(
     tr: &Tracer,
     pid: Pid,

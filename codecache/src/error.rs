@@ -24,7 +24,7 @@ pub enum CacheError {
     /// The trigger address is not in executable memory of the target.
     #[error("{0} is not in an executable mapping of the target")]
     NotCode(Addr),
-    /// The instructions at the patch site cannot be displaced safely (invariant 6).
+    /// The instructions at the patch site cannot be displaced safely (ARCHITECTURE.md invariant 6).
     #[error("cannot patch at {addr}: {reason}")]
     Unpatchable {
         addr: Addr,

@@ -1,7 +1,7 @@
 //! Guards: write protection of the pages variants rely on, with a fault reported BEFORE the write completes.
 //!
 //! userfaultfd write-protect is the main mechanism (kernel writes such as `read(2)` into a guarded page are
-//! resolved too, invariant 7). Unlike `tracer::WriteWatch`, whose reader thread un-protects a page as soon as it
+//! resolved too, ARCHITECTURE.md invariant 7). Unlike `tracer::WriteWatch`, whose reader thread un-protects a page as soon as it
 //! is written, the reader thread here only records the fault: the writer stays blocked until the tracer thread
 //! has unlinked the dependent variants and calls [`GuardSet::release`] (which wakes it). The uffd plumbing
 //! (the uffd made inside the target, registration, the reader thread) is `tracer::uffd`.

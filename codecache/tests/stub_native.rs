@@ -1,4 +1,4 @@
-//! Invariant 5 in-process: a dispatch stub (hit and fall-back paths) leaves every register, the flags, rsp and
+//! ARCHITECTURE.md invariant 5, in-process: a dispatch stub (hit and fall-back paths) leaves every register, the flags, rsp and
 //! the red zone exactly as the original instructions do.
 
 use codecache::stub::{build_stub, jmp_rel32, plan_patch, StubTarget};

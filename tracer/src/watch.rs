@@ -4,7 +4,7 @@
 //! memory), then duplicated into dynspec with `pidfd_getfd` and closed in the target. A background thread reads
 //! its write-protect faults: it records the page and removes the protection of that page, which wakes the faulting
 //! thread — this resolves kernel writes (`read(2)` into a watched buffer) as well as user writes, so the program
-//! never sees `EFAULT` (DESIGN invariant 7).
+//! never sees `EFAULT` (ARCHITECTURE.md invariant 7).
 //!
 //! Mappings synchronous uffd cannot register (file-backed private `.data` of a binary, shared memory) use a
 //! second userfaultfd in asynchronous write-protect mode (`UFFD_FEATURE_WP_ASYNC`, Linux 6.7+): the kernel

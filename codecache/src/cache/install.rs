@@ -20,7 +20,7 @@ impl Cache {
     /// build the dispatch stub and write the 5-byte patch. Every thread of the process must be stopped.
     ///
     /// Refuses (typed error, nothing changed in the program's code) when: the request is inconsistent; a
-    /// stub already exists at the trigger; the patch site fails the checks of invariant 6; a variant exits into
+    /// stub already exists at the trigger; the patch site fails the checks of ARCHITECTURE.md invariant 6; a variant exits into
     /// the displaced bytes; a page cannot be guarded or was invalidated too often; a snapshot page changed.
     pub fn install(
         &mut self,
@@ -198,7 +198,7 @@ impl Cache {
             for (_, _, enc, _, _) in &placed {
                 publish(tr, self.pid, &self.arenas, enc.base, &enc.code)?;
             }
-            // Invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
+            // ARCHITECTURE.md invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
             self.check_threads_outside(tr, world, &patch)?;
             self.write_patch(tr, world, &patch, stub.entry)
         })();

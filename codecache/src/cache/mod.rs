@@ -46,7 +46,7 @@ pub struct InstallRequest {
     /// enters a variant only when each of them holds its value (else the original code runs). Never rsp, never
     /// the trigger register, each at most once.
     pub assumed: Vec<(Gpr, u64)>,
-    /// Bounds of the original function around the trigger (for the branch-target check of invariant 6).
+    /// Bounds of the original function around the trigger (for the branch-target check of ARCHITECTURE.md invariant 6).
     pub region: (Addr, Addr),
     /// One variant per hot value (`Some(value)` with a register, `None` without).
     pub variants: Vec<(Option<u64>, Variant)>,

@@ -1,6 +1,6 @@
-//! Dispatch stubs: the code that compares the trigger register without disturbing anything (invariant 5), and
+//! Dispatch stubs: the code that compares the trigger register without disturbing anything (ARCHITECTURE.md invariant 5), and
 //! (in the `patch` submodule, re-exported here) the patch sites whose original instructions a 5-byte `jmp`
-//! displaces (invariant 6).
+//! displaces (ARCHITECTURE.md invariant 6).
 
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Code, Instruction, InstructionBlock, MemoryOperand, Register,
@@ -178,7 +178,7 @@ fn rip_mem(a: Addr) -> MemoryOperand {
 /// Build the dispatch stub at `base`.
 ///
 /// Nothing below `rsp-128` is touched before the red zone is skipped, and every register and flag is restored
-/// before leaving (invariant 5). Counters are incremented without `lock` (a lost increment under contention
+/// before leaving (ARCHITECTURE.md invariant 5). Counters are incremented without `lock` (a lost increment under contention
 /// only makes a report count approximate, a locked one would serialize every entry).
 ///
 /// Every stub starts with `off: jmp fallback` (a trampoline; the patch jumps to `entry` right after it) and,

@@ -1,4 +1,4 @@
-//! Patch sites: which original instructions a 5-byte `jmp` displaces and whether that is safe (invariant 6).
+//! Patch sites: which original instructions a 5-byte `jmp` displaces and whether that is safe (ARCHITECTURE.md invariant 6).
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, Register};
 use specializer::Addr;
@@ -41,7 +41,7 @@ impl PatchSite {
     }
 }
 
-/// Decide which instructions at `site` a patch displaces and check the static half of invariant 6.
+/// Decide which instructions at `site` a patch displaces and check the static half of ARCHITECTURE.md invariant 6.
 ///
 /// `region` is the original code of the function around the site (`region_start` is its address); `read`
 /// reads other target memory (jump tables). Refuses (typed error) when in doubt:
