@@ -163,15 +163,14 @@ mod tests {
 
     #[test]
     fn reads_hex_text_and_raw_files() {
-        let dir = std::env::temp_dir().join(format!("dynspec-fold-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let hex = dir.join("code.hex");
         std::fs::write(&hex, "48 01\nc8\n").unwrap();
         assert_eq!(read_code_file(&hex).unwrap(), vec![0x48, 0x01, 0xc8]);
         let raw = dir.join("code.bin");
         std::fs::write(&raw, [0x48, 0x01, 0xc8]).unwrap();
         assert_eq!(read_code_file(&raw).unwrap(), vec![0x48, 0x01, 0xc8]);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -720,8 +720,8 @@ mod tests {
 
     #[test]
     fn write_is_atomic_and_keeps_old() {
-        let dir = std::env::temp_dir().join(format!("dynspec-report-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("tmpdir");
+        let tmp = tempfile::tempdir().expect("tmpdir");
+        let dir = tmp.path();
         let path = dir.join("r.json");
         let mut r = sample_report();
         r.write(&path).expect("write 1");
@@ -732,13 +732,12 @@ mod tests {
             Report::load(&dir.join("r.json.old")).expect("old").samples,
             1234
         );
-        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        let leftovers: Vec<_> = std::fs::read_dir(dir)
             .expect("readdir")
             .filter_map(|e| e.ok())
             .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
             .collect();
         assert!(leftovers.is_empty());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

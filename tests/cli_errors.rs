@@ -9,28 +9,19 @@ fn dynspec() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dynspec"))
 }
 
-/// A temporary directory removed on drop.
-struct Tmp(PathBuf);
+/// A temporary directory removed on drop (the `tempfile` crate's).
+struct Tmp(tempfile::TempDir);
 
 impl Tmp {
     fn new(tag: &str) -> Tmp {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let p =
-            std::env::temp_dir().join(format!("dynspec-cli-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        Tmp(p)
+        let d = tempfile::Builder::new()
+            .prefix(&format!("dynspec-cli-{tag}-"))
+            .tempdir()
+            .expect("create temp dir");
+        Tmp(d)
     }
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join(name)
     }
 }
 
@@ -115,7 +106,7 @@ fn not_executable_file() {
 #[test]
 fn directory() {
     let t = Tmp::new("dir");
-    let out = run(&["run", "--", t.0.to_str().expect("utf8")]);
+    let out = run(&["run", "--", t.0.path().to_str().expect("utf8")]);
     assert_one_line_error(&out, &["is a directory"]);
 }
 

@@ -214,32 +214,25 @@ fn loop_with_unknown_bound_terminates() {
     assert!(v.instruction_count() < 400, "{}", v.instruction_count());
 }
 
-/// Compile a sample as a shared object into a temp dir; `None` without gcc.
-fn build_sample(name: &str) -> Option<PathBuf> {
+/// Compile a sample as a shared object into a temp dir of its own (tests run in parallel and must not dlopen
+/// a library another test is rewriting); `None` without gcc. The library stays mapped after its file is gone:
+/// drop the directory once it is loaded.
+fn build_sample(name: &str) -> Option<(tempfile::TempDir, PathBuf)> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../samples")
         .join(format!("{name}.c"));
-    // One directory per build: tests run in parallel and must not dlopen a
-    // library another test is rewriting.
-    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("specializer-native-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).ok()?;
-    let out = dir.join(format!("{name}.so"));
+    let dir = tempfile::Builder::new()
+        .prefix("specializer-native-")
+        .tempdir()
+        .ok()?;
+    let out = dir.path().join(format!("{name}.so"));
     let st = std::process::Command::new("gcc")
         .args(["-O2", "-DDYNSPEC_NO_MAIN", "-shared", "-fPIC", "-o"])
         .arg(&out)
         .arg(&src)
         .status()
         .ok()?;
-    st.success().then_some(out)
-}
-
-/// The library stays mapped after its file is gone; do not leave temp files behind.
-fn remove_build_dir(so: &Path) {
-    if let Some(d) = so.parent() {
-        let _ = std::fs::remove_dir_all(d);
-    }
+    st.success().then_some((dir, out))
 }
 
 /// Symbol size from `nm -S`.
@@ -279,14 +272,14 @@ fn time<T>(f: impl FnOnce() -> T) -> (T, f64) {
 
 #[test]
 fn interp_switch_differential() {
-    let Some(so) = build_sample("interp_switch") else {
+    let Some((dir, so)) = build_sample("interp_switch") else {
         eprintln!("gcc not available; skipping");
         return;
     };
     let size = symbol_size(&so, "interp_run");
     // SAFETY: loading a sample library we just compiled; it has no constructors.
     let lib = unsafe { libloading::Library::new(&so) }.expect("dlopen");
-    remove_build_dir(&so);
+    drop(dir);
     // SAFETY: symbol types match the C declarations in samples/interp_switch.c.
     let run: libloading::Symbol<InterpRun> = unsafe { lib.get(b"interp_run") }.expect("sym");
     // SAFETY: as above.
@@ -350,14 +343,14 @@ type BpfPacket = extern "C" fn(*mut u64, *mut u8) -> u32;
 
 #[test]
 fn bpf_filter_differential() {
-    let Some(so) = build_sample("bpf_filter") else {
+    let Some((dir, so)) = build_sample("bpf_filter") else {
         eprintln!("gcc not available; skipping");
         return;
     };
     let size = symbol_size(&so, "bpf_run");
     // SAFETY: loading a sample library we just compiled.
     let lib = unsafe { libloading::Library::new(&so) }.expect("dlopen");
-    remove_build_dir(&so);
+    drop(dir);
     // SAFETY: symbol types match samples/bpf_filter.c.
     let run: libloading::Symbol<BpfRun> = unsafe { lib.get(b"bpf_run") }.expect("sym");
     // SAFETY: as above.
@@ -781,7 +774,7 @@ fn all_sample_functions_specialize_without_panic() {
     names.sort();
     let mut checked = 0;
     for name in names {
-        let Some(so) = build_sample(&name) else {
+        let Some((dir, so)) = build_sample(&name) else {
             continue;
         };
         // SAFETY: a sample library we just compiled (no constructors with side effects).
@@ -793,7 +786,7 @@ fn all_sample_functions_specialize_without_panic() {
             .arg("--defined-only")
             .arg(&so)
             .output();
-        remove_build_dir(&so);
+        drop(dir);
         let Ok(out) = out else { return };
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             let f: Vec<&str> = l.split_whitespace().collect();

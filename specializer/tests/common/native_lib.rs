@@ -14,23 +14,15 @@ pub struct SampleLib {
     _dir: TempDir,
 }
 
-/// A directory removed on drop.
-pub struct TempDir(pub PathBuf);
+/// A directory removed on drop (the `tempfile` crate's).
+pub type TempDir = tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("dynspec-{tag}-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh temporary directory named after `tag`.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("dynspec-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 /// The repository's samples/ directory.
@@ -41,9 +33,9 @@ pub fn samples_dir() -> PathBuf {
 impl SampleLib {
     /// Compile `samples/<name>.c` and load it.
     pub fn build(name: &str) -> SampleLib {
-        let dir = TempDir::new(name);
+        let dir = temp_dir(name);
         let src = samples_dir().join(format!("{name}.c"));
-        let path = dir.0.join(format!("lib{name}.so"));
+        let path = dir.path().join(format!("lib{name}.so"));
         let out = Command::new("gcc")
             .args(["-O2", "-DDYNSPEC_NO_MAIN", "-shared", "-fPIC", "-o"])
             .arg(&path)

@@ -6,6 +6,16 @@ use super::{
 };
 use crate::{Addr, TracerError};
 
+/// How a single-step loop ([`Tracer::step_until`]) goes on after one stop of the stepped thread.
+enum StepStop<T> {
+    /// Stop stepping with this result.
+    Done(Result<T, TracerError>),
+    /// Hold this signal back (re-raised after the step) and step again.
+    Defer(i32),
+    /// Step again.
+    Again,
+}
+
 impl Tracer {
     /// Use `addr` (a `syscall` instruction in executable memory of `pid`, e.g. in a code-cache arena) for later
     /// injected system calls.
@@ -157,10 +167,19 @@ impl Tracer {
         Ok(ret)
     }
 
-    fn step_syscall(&mut self, tid: Pid, gadget: Addr) -> Result<i64, TracerError> {
-        let mut deferred: Vec<i32> = Vec::new();
-        let mut stray = 0;
-        self.continue_thread(tid, Resume::Step)?;
+    /// Single-step `tid` until `on_stop` says it is done. `on_stop` sees each stop (the thread already marked
+    /// stopped) as (status, signal, event); the signals it defers are returned, in order, for the caller to
+    /// re-raise once the step is over. An exit of the thread ends the loop with `ProcessGone` (the normal event
+    /// path reports the exit).
+    fn step_until<T>(
+        &mut self,
+        tid: Pid,
+        mut on_stop: impl FnMut(&mut Self, i32, i32, i32) -> StepStop<T>,
+    ) -> (Result<T, TracerError>, Vec<i32>) {
+        let mut deferred = Vec::new();
+        if let Err(e) = self.continue_thread(tid, Resume::Step) {
+            return (Err(e), deferred);
+        }
         let out = loop {
             let (_, st) = match waitpid_raw(tid.as_raw(), WAIT_FLAGS) {
                 Ok(Some(x)) => x,
@@ -168,54 +187,74 @@ impl Tracer {
                 Err(e) => break Err(TracerError::errno("waitpid", e)),
             };
             if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
-                // Let the normal event path report the exit.
                 self.queue_exit(tid, st);
                 break Err(TracerError::ProcessGone(tid));
             }
             let sig = libc::WSTOPSIG(st);
             let event = st >> 16;
             self.mark_stopped(tid, stop_kind_of(event));
-            if event == 0 && sig == libc::SIGTRAP {
-                let r = match self.regs(tid) {
-                    Ok(r) => r,
-                    Err(e) => break Err(e),
-                };
-                if r.rip == gadget.0 + 2 {
-                    break Ok(r.rax as i64);
-                }
-                // Stopped inside a syscall (exec/clone event stops): the kernel reports the single-step once at
-                // that syscall's exit, before our instruction ran. Step again.
-                if r.rip != gadget.0 || stray >= 3 {
-                    if r.rip != gadget.0 {
-                        // Whatever is at the gadget address now is not a `syscall`: never use it again.
-                        if let Some(p) = self.tgid(tid).and_then(|t| self.procs.get_mut(&t)) {
-                            p.gadget = None;
-                        }
-                    }
-                    break Err(TracerError::UnexpectedStop { tid, status: st });
-                }
-                stray += 1;
-            } else if event == 0 && sig != (libc::SIGTRAP | 0x80) {
-                let at_gadget = self.regs(tid).map(|r| r.rip == gadget.0).unwrap_or(false);
-                if at_gadget && matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) {
-                    // The gadget itself faults (its memory changed): forget it and fail instead of looping.
-                    if let Some(p) = self.tgid(tid).and_then(|t| self.procs.get_mut(&t)) {
-                        p.gadget = None;
-                    }
-                    break Err(TracerError::UnexpectedStop { tid, status: st });
-                }
-                // Another signal arrived first: hold it back and re-raise it afterwards.
-                if !deferred.contains(&sig) {
-                    deferred.push(sig);
-                }
+            match on_stop(self, st, sig, event) {
+                StepStop::Done(r) => break r,
+                StepStop::Defer(s) => deferred.push(s),
+                StepStop::Again => {}
             }
             // Event stops (e.g. a pending interrupt) and deferred signals: keep stepping.
             if let Err(e) = self.continue_thread(tid, Resume::Step) {
                 break Err(e);
             }
         };
+        (out, deferred)
+    }
+
+    /// Whatever is at the gadget address of `tid`'s process now is not a working `syscall`: never use it again.
+    fn forget_gadget(&mut self, tid: Pid) {
+        if let Some(p) = self.tgid(tid).and_then(|t| self.procs.get_mut(&t)) {
+            p.gadget = None;
+        }
+    }
+
+    fn step_syscall(&mut self, tid: Pid, gadget: Addr) -> Result<i64, TracerError> {
+        let mut stray = 0;
+        let (out, deferred) = self.step_until(tid, |tr, st, sig, event| {
+            if event == 0 && sig == libc::SIGTRAP {
+                let r = match tr.regs(tid) {
+                    Ok(r) => r,
+                    Err(e) => return StepStop::Done(Err(e)),
+                };
+                if r.rip == gadget.0 + 2 {
+                    return StepStop::Done(Ok(r.rax as i64));
+                }
+                // Stopped inside a syscall (exec/clone event stops): the kernel reports the single-step once at
+                // that syscall's exit, before our instruction ran. Step again.
+                if r.rip != gadget.0 || stray >= 3 {
+                    if r.rip != gadget.0 {
+                        tr.forget_gadget(tid);
+                    }
+                    return StepStop::Done(Err(TracerError::UnexpectedStop { tid, status: st }));
+                }
+                stray += 1;
+                StepStop::Again
+            } else if event == 0 && sig != (libc::SIGTRAP | 0x80) {
+                let at_gadget = tr.regs(tid).map(|r| r.rip == gadget.0).unwrap_or(false);
+                if at_gadget && matches!(sig, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) {
+                    // The gadget itself faults (its memory changed): forget it and fail instead of looping.
+                    tr.forget_gadget(tid);
+                    return StepStop::Done(Err(TracerError::UnexpectedStop { tid, status: st }));
+                }
+                // Another signal arrived first: hold it back and re-raise it afterwards.
+                StepStop::Defer(sig)
+            } else {
+                StepStop::Again
+            }
+        });
         if let Some(tgid) = self.tgid(tid) {
+            let mut raised = Vec::new();
             for s in deferred {
+                // Each signal once: a standard signal arriving twice while held back is one pending signal.
+                if raised.contains(&s) {
+                    continue;
+                }
+                raised.push(s);
                 // SAFETY: plain tgkill syscall with integer arguments.
                 unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), s) };
             }
@@ -227,31 +266,15 @@ impl Tracer {
     /// without running any of its code: a single-step is reported at the syscall's exit, before the next
     /// instruction. Afterwards it is in a SIGTRAP signal-delivery-stop that resuming with no signal discards.
     fn leave_syscall(&mut self, tid: Pid) -> Result<(), TracerError> {
-        let mut deferred = Vec::new();
-        self.continue_thread(tid, Resume::Step)?;
-        let out = loop {
-            let (_, st) = match waitpid_raw(tid.as_raw(), WAIT_FLAGS) {
-                Ok(Some(x)) => x,
-                Ok(None) => continue,
-                Err(e) => break Err(TracerError::errno("waitpid", e)),
-            };
-            if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
-                self.queue_exit(tid, st);
-                break Err(TracerError::ProcessGone(tid));
-            }
-            let sig = libc::WSTOPSIG(st);
-            let event = st >> 16;
-            self.mark_stopped(tid, stop_kind_of(event));
+        let (out, deferred) = self.step_until(tid, |_, _, sig, event| {
             if event == 0 && sig == libc::SIGTRAP {
-                break Ok(());
+                StepStop::Done(Ok(()))
+            } else if event == 0 && sig != (libc::SIGTRAP | 0x80) {
+                StepStop::Defer(sig)
+            } else {
+                StepStop::Again
             }
-            if event == 0 && sig != (libc::SIGTRAP | 0x80) {
-                deferred.push(sig);
-            }
-            if let Err(e) = self.continue_thread(tid, Resume::Step) {
-                break Err(e);
-            }
-        };
+        });
         if let Some(th) = self.threads.get_mut(&tid) {
             th.state = State::Stopped(StopKind::Signal);
             th.pending = None;
