@@ -13,7 +13,8 @@ use specializer::Addr;
 use tracer::{Stopped, Tracer};
 
 use crate::plan::{
-    self, Forwarding, RegionHistory, RegionPlan, Scored, Specialized, TriggerCandidate,
+    self, Forwarding, Reason, RegionHistory, RegionNote, RegionPlan, Scored, Specialized,
+    TriggerCandidate,
 };
 use crate::report::{
     Hex, InvalidationJson, RegionRefJson, TriggerRefJson, VariantJson, MAX_ASM_LINES,
@@ -25,6 +26,8 @@ pub struct PlanOutcome {
     pub installed: usize,
     /// One line per thing that went wrong (the code is left alone in each case).
     pub problems: Vec<String>,
+    /// What was decided for each region, and why.
+    pub notes: Vec<RegionNote>,
 }
 
 /// Whether two processes may share one address space: yes when kcmp cannot tell, so forwarding stays off.
@@ -118,6 +121,26 @@ impl Installer {
         !self.regions.contains_key(&(r.start, r.end))
     }
 
+    /// The note for a region this round does not plan (its variants are live, or it was invalidated too often);
+    /// None when it is planned.
+    pub fn skipped_note(&self, r: &RegionPlan) -> Option<RegionNote> {
+        let history = self
+            .regions
+            .get(&(r.start, r.end))
+            .map(RegionState::history)?;
+        if plan::wants(Some(&history)) {
+            return None;
+        }
+        let reason = if history.live {
+            Reason::Live
+        } else {
+            Reason::Exhausted {
+                installs: history.installs,
+            }
+        };
+        Some(r.note(r.rejected.clone(), Some(reason)))
+    }
+
     /// Whether a planning round could install anything for these regions.
     pub fn wants_any(&self, regions: &[RegionPlan]) -> bool {
         regions.iter().any(|r| self.wants(r))
@@ -134,11 +157,13 @@ impl Installer {
     ) -> PlanOutcome {
         let mut out = PlanOutcome::default();
         for r in regions {
-            if !self.wants(r) {
+            if let Some(note) = self.skipped_note(r) {
+                out.notes.push(note);
                 continue;
             }
             self.symbols.insert((r.start, r.end), r.symbol.clone());
-            match self.plan_region(tr, r, constant) {
+            let (result, note) = self.plan_region(tr, r, constant);
+            match result {
                 Ok(true) => out.installed += 1,
                 Ok(false) => {}
                 Err(e) => out.problems.push(format!(
@@ -146,6 +171,7 @@ impl Installer {
                     r.symbol.clone().unwrap_or_else(|| r.start.to_string())
                 )),
             }
+            out.notes.push(note);
         }
         out
     }
@@ -206,54 +232,113 @@ impl Installer {
         Ok(ids.len())
     }
 
-    /// Returns Ok(true) when something was installed, Ok(false) when nothing was worth it.
+    /// Returns Ok(true) when something was installed, Ok(false) when nothing was worth it; and the region's note
+    /// for the report (what each candidate folded, what was decided and why).
     fn plan_region(
         &mut self,
         tr: &mut Tracer,
         r: &RegionPlan,
         constant: &BTreeSet<Addr>,
-    ) -> Result<bool, InstallError> {
+    ) -> (Result<bool, InstallError>, RegionNote) {
         let t0 = Instant::now();
         let forward = self.forwarding(tr);
         let arenas = self.cache.arena_ranges();
         if arenas.iter().any(|(s, e)| r.start.0 < *e && *s < r.end.0) {
             // Our own code: never specialize a variant.
-            return Ok(false);
+            return (Ok(false), r.note(Vec::new(), Some(Reason::OwnCode)));
         }
-        let (scored, snapshots) = {
-            let mut mem =
-                TargetMemory::new(tr, self.pid, Some(&self.cache)).map_err(InstallError::Memory)?;
-            mem.allow(constant.iter().copied());
-            let scored = plan::score_region(&mem, r, &forward, t0);
-            (scored, mem.snapshots())
+        let mem = TargetMemory::new(tr, self.pid, Some(&self.cache));
+        let (scored, mut notes, snapshots) = match mem {
+            Ok(mut mem) => {
+                mem.allow(constant.iter().copied());
+                let (scored, notes) = plan::score_region(&mem, r, &forward, t0);
+                (scored, notes, mem.snapshots())
+            }
+            Err(e) => {
+                let reason = Reason::InstallFailed(e.to_string());
+                return (
+                    Err(InstallError::Memory(e)),
+                    r.note(r.rejected.clone(), Some(reason)),
+                );
+            }
         };
         self.specialize_time += t0.elapsed();
+        let best = scored.first().map(|s| s.estimate).unwrap_or(0.0);
+        let mut installed: Option<(Addr, specializer::Gpr)> = None;
         let mut last_err = None;
+        let mut tried: Vec<(Addr, specializer::Gpr, Reason)> = Vec::new();
         for Scored {
             candidate: cand,
             specialized: variants,
             ..
         } in scored.into_iter().take(plan::MAX_INSTALL_TRIES)
         {
-            match self.install_candidate(tr, r, &cand, variants, snapshots.clone()) {
-                Ok(()) => return Ok(true),
+            let result = match self.install_candidate(tr, r, &cand, variants, snapshots.clone()) {
                 Err(e) if e.page_changed() => {
                     // A page changed between reading and guarding it (it is being written right now): specialize
                     // again with the threads stopped, so the guard covers exactly what was read.
-                    match self.install_stopped(tr, r, &cand, constant) {
-                        Ok(()) => return Ok(true),
-                        Err(retry) => {
-                            last_err = Some(InstallError::Retried {
-                                first: Box::new(e),
-                                retry: Box::new(retry),
-                            })
-                        }
-                    }
+                    self.install_stopped(tr, r, &cand, constant)
+                        .map_err(|retry| InstallError::Retried {
+                            first: Box::new(e),
+                            retry: Box::new(retry),
+                        })
                 }
-                Err(e) => last_err = Some(e),
+                other => other,
+            };
+            match result {
+                Ok(()) => {
+                    installed = Some((cand.address, cand.register));
+                    break;
+                }
+                Err(e) => {
+                    tried.push((
+                        cand.address,
+                        cand.register,
+                        Reason::InstallFailed(e.to_string()),
+                    ));
+                    last_err = Some(e);
+                }
             }
         }
-        last_err.map_or(Ok(false), Err)
+        // Every scored candidate's decision: installed, install failed, or a better one won.
+        for n in notes.iter_mut().filter(|n| n.reason.is_none()) {
+            let key = (n.address, n.register);
+            n.reason = if installed == Some(key) {
+                None
+            } else if let Some((_, _, why)) = tried.iter().find(|t| (t.0, t.1) == key) {
+                Some(why.clone())
+            } else if installed.is_some() {
+                Some(Reason::LowerBenefit {
+                    estimate: n.estimate.unwrap_or(0.0),
+                    best,
+                })
+            } else {
+                Some(Reason::NotTried)
+            };
+        }
+        let region_reason = if installed.is_some() {
+            None
+        } else {
+            // The best-ranked candidate's reason speaks for the region.
+            let best_note = notes
+                .iter()
+                .filter(|n| n.estimate.is_some())
+                .chain(notes.iter())
+                .next();
+            Some(
+                best_note
+                    .and_then(|n| n.reason.clone())
+                    .unwrap_or(Reason::NoPredictableValue),
+            )
+        };
+        notes.extend(r.rejected.iter().cloned());
+        let note = r.note(notes, region_reason);
+        let result = match (installed, last_err) {
+            (Some(_), _) => Ok(true),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(false),
+        };
+        (result, note)
     }
 
     /// Stop the threads, specialize `cand` and install it before they run again (no snapshot needed).

@@ -20,7 +20,7 @@ use crate::install::Installer;
 
 use crate::profile::Profiler;
 use crate::report::{
-    ExitStatusJson, InvalidationJson, Report, Timings, VariantJson, REPORT_VERSION,
+    ExitStatusJson, InvalidationJson, PlanRoundJson, Report, Timings, VariantJson, REPORT_VERSION,
 };
 use crate::signals;
 
@@ -181,6 +181,8 @@ struct Session {
     restarts: u32,
     /// Planning rounds so far.
     plans: u32,
+    /// The report's `plan`: every planning round's decisions.
+    plan_log: Vec<PlanRoundJson>,
     /// The next [`Phase::Idle`] pause.
     idle_backoff: Duration,
 }
@@ -242,6 +244,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         generations: 0,
         restarts: 0,
         plans: 0,
+        plan_log: Vec::new(),
         idle_backoff: IDLE_MIN,
     };
     for tid in s.tracer.all_threads() {
@@ -564,6 +567,29 @@ impl Session {
             timings: self.time.timings(duration, spec, inst),
             variants,
             invalidations,
+            plan: self.plan_log.clone(),
+            not_planned: self.not_planned(duration),
         }
+    }
+
+    /// Why no planning round happened, when none did (the report says so instead of an empty plan).
+    fn not_planned(&self, duration: Duration) -> Option<String> {
+        if !self.plan_log.is_empty() {
+            return None;
+        }
+        Some(if !self.cfg.specialize && self.generations == 0 {
+            "profiled only (--profile-only): nothing is specialized".to_string()
+        } else if self.profiler.total() == 0 {
+            "no samples: the program ran no user code while it was sampled".to_string()
+        } else if self.rt.is_none() && self.generations == 0 && self.time.profile_done.is_some() {
+            "the code cache could not be set up (see dynspec's messages)".to_string()
+        } else {
+            format!(
+                "the program ended after {:.3} s, before the first planning round (which follows a sampling \
+                 window and a write-watch window of {:.3} s each: --window)",
+                duration.as_secs_f64(),
+                self.cfg.window.as_secs_f64()
+            )
+        })
     }
 }

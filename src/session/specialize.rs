@@ -11,8 +11,10 @@ use super::{
     MAX_RESTARTS, MAX_WATCHED_PAGES, MIN_PLAN_SAMPLES,
 };
 use crate::install::Installer;
-use crate::plan;
+use crate::plan::{self, RegionNote};
 use crate::profile::Profiler;
+use crate::report::plan::PlanRegionJson;
+use crate::report::PlanRoundJson;
 use crate::store_profile::TrustInputs;
 
 impl Session {
@@ -74,10 +76,18 @@ impl Session {
         self.ingest();
         let Some(rt) = self.rt.as_mut() else { return };
         let recent = &self.recent;
-        let regions = plan::regions_to_plan(recent.region_profiles(), |a| {
+        let (regions, mut notes) = plan::regions_to_plan(recent.region_profiles(), |a| {
             recent.stable_registers(a.0, plan::MIN_ASSUMED_SAMPLES)
         });
         if !rt.wants_any(&regions) {
+            notes.extend(regions.iter().filter_map(|r| rt.skipped_note(r)));
+            record_round(
+                &mut self.plan_log,
+                self.time.start,
+                recent.total(),
+                0,
+                notes,
+            );
             return;
         }
         // Pages hot loads read now, for hot code the planner has not specialized before (see PageTrust).
@@ -100,6 +110,14 @@ impl Session {
         });
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         self.plans += 1;
+        notes.extend(out.notes.iter().cloned());
+        record_round(
+            &mut self.plan_log,
+            self.time.start,
+            self.recent.total(),
+            out.installed as u64,
+            notes,
+        );
         let worth_retrying = !out.problems.is_empty() || self.recent.total() < MIN_PLAN_SAMPLES;
         if out.installed == 0
             && worth_retrying
@@ -367,4 +385,27 @@ impl Session {
             }
         }
     }
+}
+
+/// Planning rounds the report keeps: the first, and the latest ones (a long run looks again every 8 s).
+const MAX_PLAN_ROUNDS: usize = 64;
+
+/// Append a planning round to the report's `plan`, regions hottest first.
+fn record_round(
+    log: &mut Vec<PlanRoundJson>,
+    start: Instant,
+    samples: u64,
+    installed: u64,
+    mut notes: Vec<RegionNote>,
+) {
+    notes.sort_by(|a, b| b.share.total_cmp(&a.share).then(a.start.cmp(&b.start)));
+    if log.len() >= MAX_PLAN_ROUNDS {
+        log.remove(1);
+    }
+    log.push(PlanRoundJson {
+        time_ms: start.elapsed().as_millis() as u64,
+        samples,
+        installed,
+        regions: notes.iter().map(PlanRegionJson::from_note).collect(),
+    });
 }

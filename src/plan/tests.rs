@@ -82,6 +82,8 @@ fn region_of(code: &[u8], candidates: Vec<TriggerCandidate>) -> RegionPlan {
         symbol: Some("run".into()),
         candidates,
         stable: Vec::new(),
+        share: 1.0,
+        rejected: Vec::new(),
     }
 }
 
@@ -89,6 +91,8 @@ fn rdi_at_entry(values: Vec<(u64, u64)>) -> TriggerCandidate {
     TriggerCandidate {
         address: Addr(0x1000),
         register: Gpr::Rdi,
+        samples: values.iter().map(|v| v.1).sum(),
+        distinct: values.len() as u64,
         values,
     }
 }
@@ -160,8 +164,31 @@ fn regions_to_plan_need_a_share_and_a_candidate() {
             triggers: Vec::new(),
         },
     ];
-    let plans = regions_to_plan(profiles, |a| vec![(Gpr::Rbx, a.0)]);
+    let (plans, left_alone) = regions_to_plan(profiles, |a| vec![(Gpr::Rbx, a.0)]);
     assert_eq!(plans.len(), 1);
+    // The regions left alone say why.
+    let reasons: Vec<(Addr, Option<Reason>)> = left_alone
+        .iter()
+        .map(|n| (n.start, n.reason.clone()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                Addr(0x3000),
+                Some(Reason::Cold {
+                    share: MIN_SPECIALIZE_SHARE / 2.0
+                })
+            ),
+            (Addr(0x4000), Some(Reason::NoPredictableValue)),
+        ]
+    );
+    assert!(left_alone[0]
+        .reason
+        .as_ref()
+        .unwrap()
+        .to_string()
+        .contains("not worth a dispatch stub"));
     assert_eq!(plans[0].start, Addr(0x1000));
     assert_eq!(plans[0].candidates[0].register, Gpr::Rdi);
     assert_eq!(
@@ -222,8 +249,28 @@ fn the_best_candidate_comes_first_and_gets_all_its_hot_values() {
     };
     let r = region_of(&code, vec![rax, outside, rdi.clone()]);
     let mem = CodeAndData(code, data());
-    let scored = score_region(&mem, &r, &None, Instant::now());
+    let (scored, notes) = score_region(&mem, &r, &None, Instant::now());
     assert_eq!(scored.len(), 1, "only rdi folds anything worth a stub");
+    // Every candidate has its note: rax folded no memory read, the stray one lies outside, rdi awaits the
+    // installer's decision with what it folded.
+    let why: Vec<(Gpr, Option<Reason>)> = notes
+        .iter()
+        .map(|n| (n.register, n.reason.clone()))
+        .collect();
+    assert_eq!(
+        why,
+        vec![
+            (Gpr::Rax, Some(Reason::NoFoldedLoad)),
+            (Gpr::Rdi, Some(Reason::OutsideRegion)),
+            (Gpr::Rdi, None),
+        ]
+    );
+    let rdi_note = &notes[2];
+    assert!(rdi_note
+        .folded
+        .as_ref()
+        .is_some_and(|s| s.folded_loads == 3));
+    assert!(rdi_note.estimate.is_some());
     assert_eq!(scored[0].candidate, rdi);
     // Scored on its two hottest values, then specialized for all three.
     let values: Vec<Option<u64>> = scored[0].specialized.variants.iter().map(|v| v.0).collect();
@@ -286,13 +333,13 @@ fn samples_become_a_plan() {
         })
         .collect();
     p.ingest(&samples, &mut mem);
-    let plans = regions_to_plan(p.region_profiles(), |a| {
+    let (plans, _) = regions_to_plan(p.region_profiles(), |a| {
         p.stable_registers(a.0, MIN_ASSUMED_SAMPLES)
     });
     assert_eq!(plans.len(), 1);
     let r = &plans[0];
     assert_eq!((r.start, r.symbol.as_deref()), (Addr(0x1000), Some("run")));
-    let scored = score_region(&mem, r, &None, Instant::now());
+    let (scored, _) = score_region(&mem, r, &None, Instant::now());
     let best = &scored[0];
     assert_eq!(best.candidate.register, Gpr::Rdi);
     assert_eq!(best.candidate.values, vec![(0x2000, 300), (0x2008, 100)]);

@@ -1,5 +1,9 @@
 //! The run report: a versioned JSON document (written atomically) and its rendering for people.
 
+pub mod plan;
+
+pub use plan::PlanRoundJson;
+
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -198,6 +202,12 @@ pub struct Report {
     pub variants: Vec<VariantJson>,
     #[serde(default)]
     pub invalidations: Vec<InvalidationJson>,
+    /// Every planning round: regions and trigger candidates considered, what was decided and why.
+    #[serde(default)]
+    pub plan: Vec<PlanRoundJson>,
+    /// Why nothing was planned at all (no round happened), when that is so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_planned: Option<String>,
 }
 
 /// Why a report could not be read.
@@ -428,6 +438,9 @@ impl Report {
                     more
                 )?;
             }
+            if let Some(why) = self.why_not_specialized(r) {
+                writeln!(o, "           why: {why}")?;
+            }
         }
         writeln!(o)?;
         let sp = &self.store_profile;
@@ -449,7 +462,23 @@ impl Report {
         if !sp.written.is_empty() {
             writeln!(o, "  written: {}", list(&sp.written))?;
         }
-        self.render_specialization(o)
+        self.render_specialization(o)?;
+        plan::render(&self.plan, o)
+    }
+
+    /// Why a hot region got no variant (None when it has one, or with --profile-only where nothing is planned).
+    fn why_not_specialized(&self, r: &HotRegionJson) -> Option<String> {
+        if self.variants.iter().any(|v| v.region.start == r.start) {
+            return None;
+        }
+        match plan::latest_decision(&self.plan, r.start, r.end) {
+            Some(d) => d.reason.clone(),
+            None if !self.plan.is_empty() => Some(
+                "the planner never considered it (it was hot only outside its sampling windows)"
+                    .into(),
+            ),
+            None => self.not_planned.clone(),
+        }
     }
 
     fn render_specialization(&self, o: &mut String) -> std::fmt::Result {
@@ -600,7 +629,65 @@ mod tests {
             },
             variants: Vec::new(),
             invalidations: Vec::new(),
+            plan: vec![PlanRoundJson {
+                time_ms: 110,
+                samples: 200,
+                installed: 0,
+                regions: vec![plan::PlanRegionJson {
+                    start: Hex(0x401000),
+                    end: Hex(0x401200),
+                    symbol: Some("interp_run".into()),
+                    share: 0.97,
+                    decision: "left alone".into(),
+                    reason: Some("folds no memory read".into()),
+                    candidates: vec![plan::PlanCandidateJson {
+                        address: Hex(0x401040),
+                        register: "rbx".into(),
+                        samples: 300,
+                        distinct: 12,
+                        values: vec![plan::PlanValueJson {
+                            value: Hex(0x5555_0000_1000),
+                            samples: 75,
+                        }],
+                        folded: Some(plan::FoldedJson {
+                            visited: 40,
+                            instructions: 10,
+                            loads: 0,
+                            branches: 2,
+                            residual: 30,
+                        }),
+                        estimate: None,
+                        decision: "not installed".into(),
+                        reason: Some("folds no memory read".into()),
+                    }],
+                }],
+            }],
+            not_planned: None,
         }
+    }
+
+    #[test]
+    fn regions_without_variants_say_why() {
+        let mut r = sample_report();
+        let text = r.render();
+        assert!(text.contains("why: folds no memory read"), "{text}");
+        assert!(
+            text.contains("plan:\n  at 0.110 s on 200 samples: 0 regions installed"),
+            "{text}"
+        );
+        assert!(
+            text.contains("interp_run: left alone: folds no memory read"),
+            "{text}"
+        );
+        // No planning round at all: the report's own reason.
+        r.plan.clear();
+        r.not_planned = Some("the program ended before the first planning round".into());
+        let text = r.render();
+        assert!(
+            text.contains("why: the program ended before the first planning round"),
+            "{text}"
+        );
+        assert!(!text.contains("plan:"));
     }
 
     #[test]

@@ -16,6 +16,10 @@ use specializer::{Addr, Gpr, KnownState, Memory, Options, Request, Stats, Varian
 
 use crate::profile::{RegionProfile, TriggerProfile};
 
+mod reason;
+
+pub use reason::{add_stats, CandidateNote, Reason, RegionNote};
+
 /// Regions below this share of the samples are not worth a stub.
 pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;
 /// Hot values specialized per trigger (one variant each).
@@ -53,6 +57,25 @@ pub struct TriggerCandidate {
     pub register: Gpr,
     /// (value, samples), hottest first.
     pub values: Vec<(u64, u64)>,
+    /// Samples of the register there and its distinct values (for the report).
+    pub samples: u64,
+    pub distinct: u64,
+}
+
+impl TriggerCandidate {
+    /// The report's note on this candidate, before any decision.
+    pub fn note(&self) -> CandidateNote {
+        CandidateNote {
+            address: self.address,
+            register: self.register,
+            samples: self.samples,
+            distinct: self.distinct,
+            values: self.values.clone(),
+            folded: None,
+            estimate: None,
+            reason: None,
+        }
+    }
 }
 
 /// A hot region and its trigger candidates (best first, from the value profile).
@@ -65,6 +88,9 @@ pub struct RegionPlan {
     /// Per candidate address: registers the profile saw holding one single value there
     /// ([`crate::profile::Profiler::stable_registers`]).
     pub stable: Vec<(Addr, Vec<(Gpr, u64)>)>,
+    /// Its share of the samples, and the triggers the profile showed that are no candidates (with why).
+    pub share: f64,
+    pub rejected: Vec<CandidateNote>,
 }
 
 /// Where variants may forward stored values: `None` nowhere, else these address ranges (and `rsp` slots).
@@ -73,62 +99,128 @@ pub type Forwarding = Option<Vec<(Addr, Addr)>>;
 /// Trigger candidates from a region's value profile: hot values as (value, samples), rare values dropped, at most
 /// [`MAX_VALUES`]; candidates whose hot values cover too little of their samples are dropped.
 pub fn candidates_of(triggers: &[TriggerProfile]) -> Vec<TriggerCandidate> {
-    triggers
+    triggers.iter().filter_map(|t| classify(t).ok()).collect()
+}
+
+/// Most triggers that are no candidates a region's note explains (the profile ranks them; the rest are noise).
+const MAX_REJECTED_NOTES: usize = 8;
+
+/// A trigger profile as a candidate, or why it is none.
+fn classify(t: &TriggerProfile) -> Result<TriggerCandidate, Reason> {
+    if t.register == Gpr::Rsp || t.samples == 0 {
+        return Err(Reason::NoPredictableValue);
+    }
+    // A value seen only once or twice is noise (a random number), not a hot value.
+    let values: Vec<(u64, u64)> = t
+        .top_values
         .iter()
-        .filter(|t| t.register != Gpr::Rsp && t.samples > 0)
-        .filter_map(|t| {
-            // A value seen only once or twice is noise (a random number), not a hot value.
-            let values: Vec<(u64, u64)> = t
-                .top_values
-                .iter()
-                .filter(|&&(_, c)| {
-                    c as f64 / t.samples as f64 >= MIN_VALUE_SHARE && c >= MIN_VALUE_SAMPLES
-                })
-                .take(MAX_VALUES)
-                .copied()
-                .collect();
-            // The stub falls back for every other value: a trigger whose hot values cover little is not one.
-            let covered: f64 = values
-                .iter()
-                .map(|&(_, c)| c as f64 / t.samples as f64)
-                .sum();
-            if values.is_empty() || covered < MIN_COVERAGE {
-                return None;
-            }
-            Some(TriggerCandidate {
-                address: t.address,
-                register: t.register,
-                values,
-            })
-        })
-        .collect()
+        .filter(|&&(_, c)| c as f64 / t.samples as f64 >= MIN_VALUE_SHARE && c >= MIN_VALUE_SAMPLES)
+        .take(MAX_VALUES)
+        .copied()
+        .collect();
+    // The stub falls back for every other value: a trigger whose hot values cover little is not one.
+    let covered: f64 = values
+        .iter()
+        .map(|&(_, c)| c as f64 / t.samples as f64)
+        .sum();
+    if values.is_empty() {
+        return Err(Reason::RareValues {
+            hot: 0,
+            distinct: t.distinct,
+        });
+    }
+    if covered < MIN_COVERAGE {
+        return Err(Reason::LowCoverage { covered });
+    }
+    Ok(TriggerCandidate {
+        address: t.address,
+        register: t.register,
+        values,
+        samples: t.samples,
+        distinct: t.distinct,
+    })
 }
 
 /// The regions worth planning: at least [`MIN_SPECIALIZE_SHARE`] of the samples and one trigger candidate.
-/// `stable(address)` gives the registers the profile saw holding one value at a candidate's address.
+/// `stable(address)` gives the registers the profile saw holding one value at a candidate's address. The
+/// regions left alone come back as notes saying why.
 pub fn regions_to_plan(
     profiles: Vec<RegionProfile>,
     stable: impl Fn(Addr) -> Vec<(Gpr, u64)>,
-) -> Vec<RegionPlan> {
-    profiles
-        .into_iter()
-        .filter(|p| p.region.share >= MIN_SPECIALIZE_SHARE)
-        .map(|p| {
-            let candidates = candidates_of(&p.triggers);
-            let stable = candidates
-                .iter()
-                .map(|c| (c.address, stable(c.address)))
-                .collect();
-            RegionPlan {
-                start: p.region.start,
-                end: p.region.end,
-                symbol: p.region.symbol,
-                candidates,
-                stable,
+) -> (Vec<RegionPlan>, Vec<RegionNote>) {
+    let mut plans = Vec::new();
+    let mut notes = Vec::new();
+    for p in profiles {
+        let mut candidates = Vec::new();
+        let mut rejected = Vec::new();
+        for t in &p.triggers {
+            match classify(t) {
+                Ok(c) => candidates.push(c),
+                Err(reason) if rejected.len() < MAX_REJECTED_NOTES && t.register != Gpr::Rsp => {
+                    rejected.push(CandidateNote {
+                        address: t.address,
+                        register: t.register,
+                        samples: t.samples,
+                        distinct: t.distinct,
+                        values: t.top_values.iter().take(MAX_VALUES).copied().collect(),
+                        folded: None,
+                        estimate: None,
+                        reason: Some(reason),
+                    })
+                }
+                Err(_) => {}
             }
-        })
-        .filter(|r| !r.candidates.is_empty())
-        .collect()
+        }
+        let region = p.region;
+        let reason = if region.share < MIN_SPECIALIZE_SHARE {
+            Some(Reason::Cold {
+                share: region.share,
+            })
+        } else if candidates.is_empty() {
+            Some(Reason::NoPredictableValue)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            notes.push(RegionNote {
+                start: region.start,
+                end: region.end,
+                symbol: region.symbol,
+                share: region.share,
+                candidates: rejected,
+                reason: Some(reason),
+            });
+            continue;
+        }
+        let stable = candidates
+            .iter()
+            .map(|c| (c.address, stable(c.address)))
+            .collect();
+        plans.push(RegionPlan {
+            start: region.start,
+            end: region.end,
+            symbol: region.symbol,
+            candidates,
+            stable,
+            share: region.share,
+            rejected,
+        });
+    }
+    (plans, notes)
+}
+
+impl RegionPlan {
+    /// The report's note on this region with `candidates` and `reason` (None: installed).
+    pub fn note(&self, candidates: Vec<CandidateNote>, reason: Option<Reason>) -> RegionNote {
+        RegionNote {
+            start: self.start,
+            end: self.end,
+            symbol: self.symbol.clone(),
+            share: self.share,
+            candidates,
+            reason,
+        }
+    }
 }
 
 /// What the installer remembers about a region across planning rounds.
@@ -162,8 +254,23 @@ pub fn options(forward: &Forwarding) -> Options {
 /// Whether a variant folds enough to pay for its stub and its exits. One that folds no memory read only re-derives
 /// what the registers already say (the CPU's predictors do that well): it pays with nothing to show.
 pub fn worth_a_stub(st: &Stats) -> bool {
-    let ratio = st.folded as f64 / (st.folded + st.residual).max(1) as f64;
-    st.folded >= MIN_FOLDED && ratio >= MIN_FOLD_RATIO && st.folded_loads > 0
+    why_not_worth_a_stub(st).is_none()
+}
+
+/// Why a variant with these statistics does not pay for its stub (None: it does).
+pub fn why_not_worth_a_stub(st: &Stats) -> Option<Reason> {
+    let visited = st.folded + st.residual;
+    let ratio = st.folded as f64 / visited.max(1) as f64;
+    if st.folded_loads == 0 {
+        Some(Reason::NoFoldedLoad)
+    } else if st.folded < MIN_FOLDED || ratio < MIN_FOLD_RATIO {
+        Some(Reason::FoldedTooLittle {
+            folded: st.folded,
+            visited,
+        })
+    } else {
+        None
+    }
 }
 
 /// The variants of one trigger and the registers (besides the trigger register) they assume.
@@ -173,6 +280,10 @@ pub struct Specialized {
     pub assumed: Vec<(Gpr, u64)>,
     /// Specialized with store forwarding on.
     pub forwards: bool,
+    /// What specializing folded, summed over every value specialized (kept or not).
+    pub stats: Stats,
+    /// Why the values that got no variant got none (the first such reason).
+    pub rejected: Option<Reason>,
 }
 
 /// A scored candidate: its estimated benefit (over all its hot values) and the variants compiled so far.
@@ -195,20 +306,29 @@ pub fn region_constants(mem: &dyn Memory, r: &RegionPlan) -> Vec<(Gpr, u64, Addr
 
 /// Score each candidate of `r` on its hottest values, then specialize every hot value of the best one (most of a
 /// planning round's time is specialization, and losers need not be compiled in full). Best first; candidates that
-/// fold nothing worth a stub are left out. Stops scoring once `t0` is [`PLAN_BUDGET`] old.
+/// fold nothing worth a stub are left out. Stops scoring once `t0` is [`PLAN_BUDGET`] old. The notes say, for
+/// every candidate, what it folded and why it was left out (scored candidates have no reason yet: the installer
+/// decides).
 pub fn score_region(
     mem: &dyn Memory,
     r: &RegionPlan,
     forward: &Forwarding,
     t0: Instant,
-) -> Vec<Scored> {
+) -> (Vec<Scored>, Vec<CandidateNote>) {
     let consts = region_constants(mem, r);
+    let mut notes: Vec<CandidateNote> = Vec::new();
     let mut estimates: Vec<(f64, &TriggerCandidate, Specialized)> = Vec::new();
-    for c in r.candidates.iter().take(MAX_SCORED) {
-        if t0.elapsed() > PLAN_BUDGET {
-            break;
+    for (i, c) in r.candidates.iter().enumerate() {
+        let mut note = c.note();
+        if i >= MAX_SCORED {
+            note.reason = Some(Reason::NotScored { better: MAX_SCORED });
+        } else if t0.elapsed() > PLAN_BUDGET {
+            note.reason = Some(Reason::OutOfTime);
+        } else if c.address < r.start || c.address >= r.end {
+            note.reason = Some(Reason::OutsideRegion);
         }
-        if c.address < r.start || c.address >= r.end {
+        if note.reason.is_some() {
+            notes.push(note);
             continue;
         }
         let probe = TriggerCandidate {
@@ -216,13 +336,18 @@ pub fn score_region(
             ..c.clone()
         };
         let (benefit, variants) = specialize_candidate(mem, r, &probe, &consts, forward, t0);
+        note.folded = Some(variants.stats.clone());
         if benefit <= 0.0 || variants.variants.is_empty() {
+            note.reason = Some(variants.rejected.clone().unwrap_or(Reason::NoFoldedLoad));
+            notes.push(note);
             continue;
         }
         // Extrapolate to all its values by their samples.
         let probed: u64 = probe.values.iter().map(|v| v.1).sum();
         let all: u64 = c.values.iter().map(|v| v.1).sum();
         let estimate = benefit * all as f64 / probed.max(1) as f64;
+        note.estimate = Some(estimate);
+        notes.push(note);
         estimates.push((estimate, c, variants));
     }
     estimates.sort_by(|a, b| b.0.total_cmp(&a.0));
@@ -235,6 +360,13 @@ pub fn score_region(
             };
             let (_, more) = specialize_candidate(mem, r, &rest, &consts, forward, t0);
             variants.variants.extend(more.variants);
+            add_stats(&mut variants.stats, &more.stats);
+            if let Some(n) = notes
+                .iter_mut()
+                .find(|n| n.address == c.address && n.register == c.register)
+            {
+                n.folded = Some(variants.stats.clone());
+            }
         }
         // Others keep their probed variants only: a fallback when the best one cannot be installed.
         scored.push(Scored {
@@ -243,7 +375,7 @@ pub fn score_region(
             specialized: variants,
         });
     }
-    scored
+    (scored, notes)
 }
 
 /// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an
@@ -299,6 +431,8 @@ pub fn specialize_candidate(
     let assumed = assumed_for(mem, r, c, consts);
     let mut benefit = 0.0;
     let mut variants = Vec::new();
+    let mut stats = Stats::default();
+    let mut rejected = None;
     for &(value, samples) in &c.values {
         if t0.elapsed() > PLAN_BUDGET {
             break;
@@ -321,10 +455,16 @@ pub fn specialize_candidate(
             known,
             options: opts.clone(),
         };
-        let Ok(var) = specializer::specialize(&req, mem) else {
-            continue;
+        let var = match specializer::specialize(&req, mem) {
+            Ok(v) => v,
+            Err(e) => {
+                rejected.get_or_insert(Reason::SpecializeFailed(e.to_string()));
+                continue;
+            }
         };
-        if !worth_a_stub(&var.stats) {
+        add_stats(&mut stats, &var.stats);
+        if let Some(why) = why_not_worth_a_stub(&var.stats) {
+            rejected.get_or_insert(why);
             continue;
         }
         // Folded work x how often the trigger runs with this value (ARCHITECTURE.md, "Planning"): a trigger on
@@ -338,6 +478,8 @@ pub fn specialize_candidate(
             variants,
             assumed,
             forwards: forward.is_some(),
+            stats,
+            rejected,
         },
     )
 }
@@ -352,5 +494,4 @@ pub fn constant_pages(watched: &BTreeSet<Addr>, written: &BTreeSet<Addr>) -> BTr
 }
 
 #[cfg(test)]
-#[path = "plan_tests.rs"]
 mod tests;
