@@ -17,6 +17,9 @@ use crate::report::{Hex, MethodCounts, StoreProfileJson};
 
 /// A written page counts as rarely written when at most 1 in this many samples stores into it.
 pub const OPTIMISTIC_STORE_SHARE: u64 = 200;
+/// A page trusted optimistically is distrusted once it was written this many times behind a guard: a page
+/// written once (a configuration changed, a bytecode constant patched) is trusted again with its new contents.
+pub const DISTRUST_AFTER_WRITES: u32 = 2;
 
 /// The write watch and what it saw.
 #[derive(Default)]
@@ -209,7 +212,9 @@ pub struct TrustInputs<'a> {
 pub struct PageTrust {
     /// Pages specialized on although the store profile saw them written or never watched them.
     optimistic: BTreeSet<Addr>,
-    /// Optimistic pages that were then written: never trusted again.
+    /// Optimistic pages and how often they were written behind a guard since.
+    written: std::collections::BTreeMap<Addr, u32>,
+    /// Optimistic pages written [`DISTRUST_AFTER_WRITES`] times: never trusted again.
     distrusted: BTreeSet<Addr>,
 }
 
@@ -221,7 +226,8 @@ impl PageTrust {
     /// - pages hot loads read now that the store profile never watched (hot code that started after it), unless
     ///   the samples saw stores into them; only for hot code new to the planner.
     ///
-    /// Optimistic pages that were written since ([`PageTrust::invalidated`]) are never trusted again.
+    /// Optimistic pages written [`DISTRUST_AFTER_WRITES`] times since ([`PageTrust::invalidated`]) are never
+    /// trusted again.
     pub fn trusted(&mut self, inp: &TrustInputs) -> BTreeSet<Addr> {
         let mut constant = BTreeSet::new();
         if let Some((watched, written)) = inp.store {
@@ -249,9 +255,15 @@ impl PageTrust {
         constant
     }
 
-    /// A guarded page was written and its variants invalidated: if it was trusted optimistically, never again.
+    /// A guarded page was written and its variants invalidated: if it was trusted optimistically, count it;
+    /// after [`DISTRUST_AFTER_WRITES`] such writes it is never trusted again.
     pub fn invalidated(&mut self, page: Addr) {
-        if self.optimistic.contains(&page) {
+        if !self.optimistic.contains(&page) {
+            return;
+        }
+        let n = self.written.entry(page).or_insert(0);
+        *n += 1;
+        if *n >= DISTRUST_AFTER_WRITES {
             self.distrusted.insert(page);
         }
     }
@@ -287,7 +299,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rarely_written_page_is_trusted_until_it_is_written() {
+    fn a_rarely_written_page_is_trusted_until_it_is_written_twice() {
         let (watched, written) = (set(&[0x1000, 0x2000]), set(&[0x2000]));
         // 1 store sample in 1000: a bytecode patched once.
         let stores = |p: Addr| u64::from(p == Addr(0x2000));
@@ -301,8 +313,12 @@ mod tests {
             new_hot_pages: &[],
         };
         assert_eq!(t.trusted(&inp), set(&[0x1000, 0x2000]));
-        // The write came: the optimistic page is distrusted, the page the watch saw unwritten is not.
+        // A write came: once is a one-time change, trusted again with its new contents.
         t.invalidated(Addr(0x2000));
+        assert_eq!(t.trusted(&inp), set(&[0x1000, 0x2000]));
+        // Written again: the optimistic page is distrusted, the page the watch saw unwritten is not.
+        t.invalidated(Addr(0x2000));
+        t.invalidated(Addr(0x1000));
         t.invalidated(Addr(0x1000));
         assert_eq!(t.trusted(&inp), set(&[0x1000]));
     }

@@ -70,6 +70,7 @@ const LATE_THREAD: Case = case("late_thread", "8000000", &["late_run"]);
 const SIG_INTERP: Case = case("sig_interp", "20000000", &["sig_run"]);
 const LATE_START: Case = case("late_start", "1000000", &["late_hash", "late_interp_run"]);
 const VFORK_GUARD: Case = case("vfork_guard", "6000000", &["vfork_guard_run"]);
+const PATCH_ONCE: Case = case("patch_once", "20000", &["patch_run", "patch_program"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -88,6 +89,7 @@ const ALL: &[&Case] = &[
     &SIG_INTERP,
     &LATE_START,
     &VFORK_GUARD,
+    &PATCH_ONCE,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -190,6 +192,7 @@ sample_tests! {
     sig_interp => super::SIG_INTERP;
     late_start => super::LATE_START;
     vfork_guard => super::VFORK_GUARD;
+    patch_once => super::PATCH_ONCE;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.
