@@ -308,9 +308,14 @@ impl Installer {
             } else if let Some((_, _, why)) = tried.iter().find(|t| (t.0, t.1) == key) {
                 Some(why.clone())
             } else if installed.is_some() {
-                Some(Reason::LowerBenefit {
-                    estimate: n.estimate.unwrap_or(0.0),
-                    best,
+                let estimate = n.estimate.unwrap_or(0.0);
+                Some(if estimate >= best * (1.0 - plan::NEAR_TIE) {
+                    Reason::NearTie {
+                        estimate,
+                        chosen: best,
+                    }
+                } else {
+                    Reason::LowerBenefit { estimate, best }
                 })
             } else {
                 Some(Reason::NotTried)

@@ -342,15 +342,28 @@ pub fn score_region(
             notes.push(note);
             continue;
         }
-        // Extrapolate to all its values by their samples.
+        // Folded work per sample of its hottest values, times how often the trigger runs.
         let probed: u64 = probe.values.iter().map(|v| v.1).sum();
-        let all: u64 = c.values.iter().map(|v| v.1).sum();
-        let estimate = benefit * all as f64 / probed.max(1) as f64;
+        let estimate = benefit * trigger_frequency(c, &r.candidates) as f64 / probed.max(1) as f64;
         note.estimate = Some(estimate);
         notes.push(note);
         estimates.push((estimate, c, variants));
     }
     estimates.sort_by(|a, b| b.0.total_cmp(&a.0));
+    // Near-ties are sampling noise: the first of the candidates close to the best (in address order) leads, so
+    // the same program gets the same plan run after run.
+    if let Some(best) = estimates.first().map(|e| e.0) {
+        if let Some(lead) = estimates
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.0 >= best * (1.0 - NEAR_TIE))
+            .min_by_key(|(_, e)| (e.1.address, e.1.register.index()))
+            .map(|(i, _)| i)
+        {
+            let e = estimates.remove(lead);
+            estimates.insert(0, e);
+        }
+    }
     let mut scored = Vec::new();
     for (i, (estimate, c, mut variants)) in estimates.into_iter().enumerate() {
         if i == 0 && c.values.len() > SCORE_VALUES {
@@ -376,6 +389,35 @@ pub fn score_region(
         });
     }
     (scored, notes)
+}
+
+/// Candidates whose estimates are within this fraction of the best one's are tied.
+pub const NEAR_TIE: f64 = 0.05;
+
+/// How often `c`'s trigger runs, as far as the samples can tell: the samples of its hot values, or those of a
+/// sibling candidate when that has more. Timer samples land on whichever instruction of a block the interrupt hit
+/// (skid), so candidates that read the same register with the same values — the bytecode pc at neighbouring
+/// instructions of one dispatch — run equally often; giving them one frequency leaves their scores to differ in
+/// what specializing folds, which does not change from run to run.
+pub fn trigger_frequency(c: &TriggerCandidate, all: &[TriggerCandidate]) -> u64 {
+    let samples = |t: &TriggerCandidate| t.values.iter().map(|v| v.1).sum::<u64>();
+    all.iter()
+        .filter(|o| o.register == c.register && same_values(c, o))
+        .map(samples)
+        .max()
+        .unwrap_or(0)
+        .max(samples(c))
+}
+
+/// Whether two candidates see mostly the same hot values (at least half of the smaller set is in the other).
+fn same_values(a: &TriggerCandidate, b: &TriggerCandidate) -> bool {
+    let shared = a
+        .values
+        .iter()
+        .filter(|(v, _)| b.values.iter().any(|(w, _)| w == v))
+        .count();
+    let smaller = a.values.len().min(b.values.len());
+    smaller > 0 && shared * 2 >= smaller
 }
 
 /// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an

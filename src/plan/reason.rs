@@ -36,6 +36,8 @@ pub enum Reason {
     SpecializeFailed(String),
     /// Another candidate of the region promises more.
     LowerBenefit { estimate: f64, best: f64 },
+    /// Tied (within sampling noise) with the chosen candidate, which comes first in the code.
+    NearTie { estimate: f64, chosen: f64 },
     /// Installing failed (the program's code is unchanged).
     InstallFailed(String),
     /// Better candidates were tried first and the round stopped trying.
@@ -87,6 +89,11 @@ impl fmt::Display for Reason {
             Reason::LowerBenefit { estimate, best } => write!(
                 f,
                 "estimated benefit {estimate:.0} below the best candidate's {best:.0}"
+            ),
+            Reason::NearTie { estimate, chosen } => write!(
+                f,
+                "estimated benefit {estimate:.0} ties with the chosen candidate's {chosen:.0} (within sampling \
+                 noise), which comes first in the code"
             ),
             Reason::InstallFailed(e) => write!(f, "install failed: {e}"),
             Reason::NotTried => f.write_str("better candidates were tried first"),

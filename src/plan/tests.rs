@@ -349,3 +349,60 @@ fn samples_become_a_plan() {
         assert_eq!(v.guard_pages, vec![Addr(0x2000)]);
     }
 }
+
+#[test]
+fn candidates_reading_the_same_values_share_one_frequency() {
+    // The bytecode pc in rax at three neighbouring instructions of one dispatch: samples landed unevenly (skid).
+    let at = |a: u64, samples: u64| TriggerCandidate {
+        address: Addr(a),
+        register: Gpr::Rax,
+        values: vec![(0x2000, samples * 3 / 4), (0x2010, samples / 4)],
+        samples,
+        distinct: 2,
+    };
+    let (a, b, c) = (at(0x1000, 120), at(0x1004, 80), at(0x1008, 40));
+    let other_register = TriggerCandidate {
+        register: Gpr::Rcx,
+        ..at(0x100c, 400)
+    };
+    let other_values = TriggerCandidate {
+        values: vec![(0x9000, 300)],
+        ..at(0x1010, 300)
+    };
+    let all = vec![
+        a.clone(),
+        b.clone(),
+        c.clone(),
+        other_register,
+        other_values,
+    ];
+    for t in [&a, &b, &c] {
+        assert_eq!(trigger_frequency(t, &all), 120, "{t:?}");
+    }
+    assert_eq!(trigger_frequency(&all[3], &all), 400);
+    assert_eq!(trigger_frequency(&all[4], &all), 300);
+}
+
+#[test]
+fn the_sampled_instruction_does_not_decide_between_candidates_of_one_dispatch() {
+    // nop, then the load through rdi: rdi at either instruction folds the same work. The samples favour the later
+    // one (where the timer happened to fire); the plan must not follow them, run after run.
+    let mut code = vec![0x90]; // nop
+    code.extend(load_then_registers());
+    let mem = CodeAndData(code.clone(), data());
+    for (early_samples, late_samples) in [(40, 60), (60, 40), (50, 50)] {
+        let early = rdi_at_entry(vec![(0x2000, early_samples)]);
+        let late = TriggerCandidate {
+            address: Addr(0x1001),
+            ..rdi_at_entry(vec![(0x2000, late_samples)])
+        };
+        let r = region_of(&code, vec![late.clone(), early.clone()]);
+        let (scored, _) = score_region(&mem, &r, &None, Instant::now());
+        assert_eq!(scored.len(), 2);
+        assert_eq!(
+            scored[0].candidate.address,
+            Addr(0x1000),
+            "samples {early_samples}/{late_samples}"
+        );
+    }
+}
