@@ -331,8 +331,9 @@ pub fn score_region(
             notes.push(note);
             continue;
         }
+        // Probed on the values its sibling candidates agree are hottest, so siblings are scored on the same work.
         let probe = TriggerCandidate {
-            values: c.values.iter().take(SCORE_VALUES).copied().collect(),
+            values: probe_values(c, &r.candidates),
             ..c.clone()
         };
         let (benefit, variants) = specialize_candidate(mem, r, &probe, &consts, forward, t0);
@@ -367,8 +368,18 @@ pub fn score_region(
     let mut scored = Vec::new();
     for (i, (estimate, c, mut variants)) in estimates.into_iter().enumerate() {
         if i == 0 && c.values.len() > SCORE_VALUES {
+            // Every hot value the probe did not cover (hottest first).
+            let probed: Vec<Option<u64>> = variants.variants.iter().map(|v| v.0).collect();
+            let tried = probe_values(c, &r.candidates);
             let rest = TriggerCandidate {
-                values: c.values.iter().skip(SCORE_VALUES).copied().collect(),
+                values: c
+                    .values
+                    .iter()
+                    .filter(|(v, _)| {
+                        !tried.iter().any(|t| t.0 == *v) && !probed.contains(&Some(*v))
+                    })
+                    .copied()
+                    .collect(),
                 ..c.clone()
             };
             let (_, more) = specialize_candidate(mem, r, &rest, &consts, forward, t0);
@@ -407,6 +418,36 @@ pub fn trigger_frequency(c: &TriggerCandidate, all: &[TriggerCandidate]) -> u64 
         .max()
         .unwrap_or(0)
         .max(samples(c))
+}
+
+/// The [`SCORE_VALUES`] values `c` is scored on, with the weights it is scored with: its values ranked by their
+/// samples summed over `c` and its siblings (the candidates [`trigger_frequency`] groups with it), ties by value. The hottest values of one
+/// candidate alone change from run to run with the samples; the sum over the group changes much less.
+pub fn probe_values(c: &TriggerCandidate, all: &[TriggerCandidate]) -> Vec<(u64, u64)> {
+    let siblings: Vec<&TriggerCandidate> = all
+        .iter()
+        .filter(|o| o.register == c.register && same_values(c, o))
+        .collect();
+    let mut ranked: Vec<(u64, u64, u64)> = c
+        .values
+        .iter()
+        .map(|&(v, own)| {
+            let group: u64 = siblings
+                .iter()
+                .flat_map(|o| o.values.iter())
+                .filter(|(w, _)| *w == v)
+                .map(|(_, s)| s)
+                .sum();
+            (v, own, group.max(own))
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)));
+    // Weighted by the group's samples too: siblings that fold the same per value then score the same.
+    ranked
+        .into_iter()
+        .take(SCORE_VALUES)
+        .map(|(v, _, group)| (v, group))
+        .collect()
 }
 
 /// Whether two candidates see mostly the same hot values (at least half of the smaller set is in the other).
