@@ -44,6 +44,8 @@ const MAX_FRUITLESS_PLANS: u32 = 2;
 /// A planning round on fewer samples than this that installs nothing is retried after another window; with more,
 /// a fruitless round is final (unless an install failed): re-planning costs the program sampling overhead.
 const MIN_PLAN_SAMPLES: u64 = 400;
+/// Longest a re-plan after an invalidation waits for [`MIN_PLAN_SAMPLES`] samples.
+const MAX_SETTLE: Duration = Duration::from_millis(500);
 /// First and longest pause of sampling between planning rounds ([`Phase::Idle`]).
 const IDLE_MIN: Duration = Duration::from_secs(1);
 const IDLE_MAX: Duration = Duration::from_secs(8);
@@ -96,7 +98,14 @@ enum Phase {
     /// Write-watching the candidate pages, until the second window elapses.
     Watching { until: Instant },
     /// After an invalidation: sample another window, then plan again.
-    Resample { until: Instant },
+    ///
+    /// With `settle` (a re-plan after an invalidation), the window is extended until [`MIN_PLAN_SAMPLES`] samples
+    /// came in (at most [`MAX_SETTLE`] after `since`): a plan on a few dozen samples flips from run to run.
+    Resample {
+        until: Instant,
+        since: Instant,
+        settle: bool,
+    },
     /// Profile complete, planning under way.
     Done,
     /// Sampling paused until `until`; then a fresh window and another planning round (hot code that starts
@@ -461,7 +470,22 @@ impl Session {
                 self.phase = Phase::Done;
                 self.replan();
             }
-            Phase::Resample { until } if now >= until => {
+            Phase::Resample {
+                until,
+                since,
+                settle,
+            } if now >= until => {
+                if settle
+                    && self.recent.total() < MIN_PLAN_SAMPLES
+                    && now.duration_since(since) < MAX_SETTLE
+                {
+                    self.phase = Phase::Resample {
+                        until: now + self.cfg.window,
+                        since,
+                        settle,
+                    };
+                    return;
+                }
                 self.phase = Phase::Done;
                 self.replan();
             }
@@ -470,6 +494,8 @@ impl Session {
                 self.resume_sampling();
                 self.phase = Phase::Resample {
                     until: now + self.cfg.window,
+                    since: now,
+                    settle: false,
                 };
             }
             _ => {}

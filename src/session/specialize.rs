@@ -125,8 +125,11 @@ impl Session {
             && matches!(self.phase, Phase::Done)
         {
             // More samples may show better triggers (or the install met a thread inside the patch site).
+            let now = Instant::now();
             self.phase = Phase::Resample {
-                until: Instant::now() + self.cfg.window,
+                until: now + self.cfg.window,
+                since: now,
+                settle: false,
             };
         }
         if let (Some(t), None) = (rt.first_install, self.time.first_install) {
@@ -289,8 +292,11 @@ impl Session {
         self.resume_sampling();
         self.idle_backoff = IDLE_MIN;
         if matches!(self.phase, Phase::Done | Phase::Idle { .. }) {
+            let now = Instant::now();
             self.phase = Phase::Resample {
-                until: Instant::now() + self.cfg.window,
+                until: now + self.cfg.window,
+                since: now,
+                settle: true,
             };
         }
     }
