@@ -357,3 +357,82 @@ fn vfork_guard_invalidates_while_a_thread_waits_in_vfork() {
         brief(&r)
     );
 }
+
+/// One installed trigger of a run's first planning round, run-independent: the region's symbol, the trigger
+/// (offset in the region, register), and the offsets of its values in their page (the values are heap addresses
+/// into page-aligned bytecode, which moves from run to run): the strong ones (>= 10% of the trigger's samples) and all considered.
+type PlannedTrigger = ((String, u64, String), Vec<u64>, Vec<u64>);
+
+fn first_plan(r: &serde_json::Value) -> Vec<PlannedTrigger> {
+    let hex = |v: &serde_json::Value| {
+        u64::from_str_radix(v.as_str().unwrap_or("0x0").trim_start_matches("0x"), 16).unwrap_or(0)
+    };
+    let Some(round) = r["plan"].as_array().and_then(|p| p.first()) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for region in round["regions"].as_array().into_iter().flatten() {
+        for c in region["candidates"].as_array().into_iter().flatten() {
+            if c["decision"] != "installed" {
+                continue;
+            }
+            let samples = c["samples"].as_u64().unwrap_or(1).max(1);
+            let values: Vec<(u64, u64)> = c["values"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|v| (hex(&v["value"]), v["samples"].as_u64().unwrap_or(0)))
+                .collect();
+            // Both samples keep their bytecode at the start of a page of its own.
+            let offsets = |strong: bool| {
+                let mut o: Vec<u64> = values
+                    .iter()
+                    .filter(|v| !strong || v.1 * 10 >= samples)
+                    .map(|v| v.0 & 0xfff)
+                    .collect();
+                o.sort_unstable();
+                o
+            };
+            out.push((
+                (
+                    region["symbol"].as_str().unwrap_or("").to_string(),
+                    hex(&c["address"]) - hex(&region["start"]),
+                    c["register"].as_str().unwrap_or("").to_string(),
+                ),
+                offsets(true),
+                offsets(false),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn two_runs_plan_the_same_regions_triggers_and_values() {
+    for (bin, size) in [("interp_switch", "5000000"), ("bpf_filter", "20000000")] {
+        let a = first_plan(&specialized(bin, size, &[]));
+        let b = first_plan(&specialized(bin, size, &[]));
+        assert!(
+            !a.is_empty(),
+            "{bin}: nothing installed in the first planning round"
+        );
+        let triggers = |p: &[PlannedTrigger]| p.iter().map(|t| t.0.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            triggers(&a),
+            triggers(&b),
+            "{bin}: two runs planned different triggers"
+        );
+        // The values the samples make plain (>= 10%) get variants in both runs; the rarer ones come and go with
+        // the samples.
+        for (x, y) in [(&a, &b), (&b, &a)] {
+            for (tx, ty) in x.iter().zip(y.iter()) {
+                assert!(
+                    tx.1.iter().all(|v| ty.2.contains(v)),
+                    "{bin}: strong values {:?} not all planned in the other run {:?}",
+                    tx.1,
+                    ty.2
+                );
+            }
+        }
+    }
+}
