@@ -29,7 +29,8 @@ pub struct Module {
     /// Lowest and highest addresses mapped from this file.
     pub start: Addr,
     pub end: Addr,
-    /// FUNC symbols from .symtab and .dynsym, sorted by start; empty for a stripped file.
+    /// FUNC symbols from .symtab and .dynsym, and the functions `.eh_frame` knows that no symbol covers (named
+    /// `file+0xVADDR`), sorted by start.
     pub symbols: Vec<Symbol>,
 }
 
@@ -103,7 +104,71 @@ fn parse_inner(bytes: &[u8]) -> Parsed {
             .then(a.0.len().cmp(&b.0.len()))
     });
     syms.dedup_by_key(|s| s.1);
-    Parsed { syms, loads }
+    let functions = eh_frame_functions(&elf, bytes);
+    Parsed {
+        syms: with_unnamed_functions(syms, &functions),
+        loads,
+    }
+}
+
+/// Function ranges `(vaddr, size)` from the file's `.eh_frame` (every function gcc and clang compile with
+/// unwind tables, the default on x86-64, has an FDE, stripped or not), sorted by address. Empty when the section
+/// is missing or malformed.
+fn eh_frame_functions(elf: &Elf, bytes: &[u8]) -> Vec<(u64, u64)> {
+    use gimli::{BaseAddresses, CieOrFde, EhFrame, LittleEndian, UnwindSection};
+    let Some(sh) = elf
+        .section_headers
+        .iter()
+        .find(|sh| elf.shdr_strtab.get_at(sh.sh_name) == Some(".eh_frame"))
+    else {
+        return Vec::new();
+    };
+    let (off, len) = (sh.sh_offset as usize, sh.sh_size as usize);
+    let Some(data) = off.checked_add(len).and_then(|end| bytes.get(off..end)) else {
+        return Vec::new();
+    };
+    let section = EhFrame::new(data, LittleEndian);
+    let mut bases = BaseAddresses::default().set_eh_frame(sh.sh_addr);
+    if let Some(text) = elf
+        .section_headers
+        .iter()
+        .find(|s| elf.shdr_strtab.get_at(s.sh_name) == Some(".text"))
+    {
+        bases = bases.set_text(text.sh_addr);
+    }
+    let mut out = Vec::new();
+    let mut entries = section.entries(&bases);
+    // A malformed entry ends the walk: what was read so far is kept.
+    while let Ok(Some(entry)) = entries.next() {
+        if let CieOrFde::Fde(partial) = entry {
+            if let Ok(fde) = partial.parse(EhFrame::cie_from_offset) {
+                if fde.len() > 0 && fde.initial_address() != 0 {
+                    out.push((fde.initial_address(), fde.len()));
+                }
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup_by_key(|f| f.0);
+    out
+}
+
+/// `syms` plus a symbol for every function of `functions` that no sized symbol covers, named after its address
+/// in the file (`+0xVADDR`; [`modules`] prefixes the file name), so stripped code is seen as whole functions.
+fn with_unnamed_functions(
+    mut syms: Vec<(String, u64, u64)>,
+    functions: &[(u64, u64)],
+) -> Vec<(String, u64, u64)> {
+    let named: Vec<(u64, u64)> = syms.iter().map(|s| (s.1, s.1 + s.2.max(1))).collect();
+    for &(start, size) in functions {
+        let i = named.partition_point(|n| n.0 <= start);
+        let covered = i > 0 && start < named[i - 1].1;
+        if !covered {
+            syms.push((format!("+{start:#x}"), start, size));
+        }
+    }
+    syms.sort_by_key(|s| s.1);
+    syms
 }
 
 fn load(pid: Pid, path: &Path, inode: u64, first: &Mapping) -> Arc<Parsed> {
@@ -166,6 +231,10 @@ pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
         let parsed = load(pid, &path, inode, first);
         let bias =
             load_bias(&parsed, &mine).unwrap_or_else(|| first.start.0.wrapping_sub(first.offset));
+        let file = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let symbols = parsed
             .syms
             .iter()
@@ -184,7 +253,13 @@ pub fn modules(pid: Pid) -> Result<Vec<Module>, TracerError> {
                         .max(start.saturating_add(1))
                 };
                 Symbol {
-                    name: name.clone(),
+                    // An unnamed function (from .eh_frame) is named `file+0xVADDR`: `objdump -d
+                    // --start-address=0xVADDR file` lands on it.
+                    name: if name.starts_with('+') {
+                        format!("{file}{name}")
+                    } else {
+                        name.clone()
+                    },
                     start: Addr(start),
                     end: Addr(end),
                 }
@@ -265,6 +340,45 @@ pub fn symbolize(modules: &[Module], a: Addr) -> Option<(&Module, Option<&Symbol
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn functions_without_symbols_come_from_eh_frame() {
+        let syms = vec![("named".to_string(), 0x1000, 0x40)];
+        // One FDE is the named function itself, one lies inside it (a nested FDE), two are unnamed.
+        let fdes = [
+            (0x1000, 0x40),
+            (0x1010, 0x8),
+            (0x1040, 0x20),
+            (0x2000, 0x100),
+        ];
+        assert_eq!(
+            with_unnamed_functions(syms, &fdes),
+            vec![
+                ("named".to_string(), 0x1000, 0x40),
+                ("+0x1040".to_string(), 0x1040, 0x20),
+                ("+0x2000".to_string(), 0x2000, 0x100),
+            ]
+        );
+        // A real file: its FDEs start where its function symbols do.
+        let Ok(real) = std::fs::read("/proc/self/exe") else {
+            return;
+        };
+        let Ok(elf) = Elf::parse(&real) else { return };
+        let fdes = eh_frame_functions(&elf, &real);
+        assert!(fdes.len() > 100, "{} FDEs", fdes.len());
+        let starts: std::collections::HashSet<u64> = elf
+            .syms
+            .iter()
+            .filter(|s| s.st_type() == STT_FUNC)
+            .map(|s| s.st_value)
+            .collect();
+        let matching = fdes.iter().filter(|f| starts.contains(&f.0)).count();
+        assert!(
+            matching * 10 >= fdes.len() * 9,
+            "{matching} of {} FDEs start at a symbol",
+            fdes.len()
+        );
+    }
 
     #[test]
     fn malformed_elf_gives_no_symbols_and_no_panic() {
