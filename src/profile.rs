@@ -477,6 +477,23 @@ impl Profiler {
     /// in a child) and the pages those loads read, most sampled first, at most `cap`, sorted. None if no hot load
     /// was sampled.
     pub fn candidate_pages(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
+        self.candidate_pages_inner(cap)
+    }
+
+    /// The pages the sampled loads of `[start, end)` in process `pid` read, sorted.
+    pub fn region_pages(&self, pid: Pid, start: Addr, end: Addr) -> Vec<Addr> {
+        let mut pages: Vec<Addr> = self
+            .pages
+            .iter()
+            .filter(|((p, ip), _)| *p == pid && start.0 <= *ip && *ip < end.0)
+            .flat_map(|(_, pages)| pages.keys().map(|&p| Addr(p)))
+            .collect();
+        pages.sort_unstable();
+        pages.dedup();
+        pages
+    }
+
+    fn candidate_pages_inner(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
         let regions = self.analysed_regions();
         let mut per_pid: HashMap<Pid, HashMap<u64, u64>> = HashMap::new();
         for (&(pid, ip), pages) in &self.pages {

@@ -18,7 +18,7 @@ use crate::profile::{RegionProfile, TriggerProfile};
 
 mod reason;
 
-pub use reason::{add_stats, CandidateNote, Reason, RegionNote};
+pub use reason::{add_stats, explain_untrusted, CandidateNote, Reason, RegionNote};
 
 /// Regions below this share of the samples are not worth a stub.
 pub const MIN_SPECIALIZE_SHARE: f64 = 0.05;

@@ -32,6 +32,10 @@ pub enum Reason {
     FoldedTooLittle { folded: usize, visited: usize },
     /// The variants fold no memory read: they only re-derive what the registers already say.
     NoFoldedLoad,
+    /// The variants fold no memory read because the memory the region reads is not trusted as constant: of its
+    /// `pages` pages, `written` were written during the write watch (the rest were not watched, or are
+    /// written by the hot code itself).
+    UntrustedMemory { pages: usize, written: usize },
     /// The specializer refused every hot value.
     SpecializeFailed(String),
     /// Another candidate of the region promises more.
@@ -84,6 +88,12 @@ impl fmt::Display for Reason {
             ),
             Reason::NoFoldedLoad => f.write_str(
                 "folds no memory read (the memory it reads is not trusted as constant, or it reads none)",
+            ),
+            Reason::UntrustedMemory { pages, written } => write!(
+                f,
+                "folds no memory read: none of the {pages} page{} its loads read is trusted as constant ({written} \
+                 written during the write watch)",
+                if *pages == 1 { "" } else { "s" }
             ),
             Reason::SpecializeFailed(e) => write!(f, "cannot specialize: {e}"),
             Reason::LowerBenefit { estimate, best } => write!(
@@ -139,4 +149,28 @@ pub fn add_stats(a: &mut Stats, b: &Stats) {
     a.folded_branches += b.folded_branches;
     a.residual += b.residual;
     a.code_bytes += b.code_bytes;
+}
+
+/// Say *why* a region folds no memory read where the pages tell: none of the pages its loads read (`pages`) is
+/// trusted as constant (`constant`), and `written` are those the write watch saw written.
+pub fn explain_untrusted(
+    note: &mut RegionNote,
+    pages: &[Addr],
+    constant: &std::collections::BTreeSet<Addr>,
+    written: &std::collections::BTreeSet<Addr>,
+) {
+    if pages.is_empty() || pages.iter().any(|p| constant.contains(p)) {
+        return;
+    }
+    let why = Reason::UntrustedMemory {
+        pages: pages.len(),
+        written: pages.iter().filter(|p| written.contains(p)).count(),
+    };
+    for r in
+        std::iter::once(&mut note.reason).chain(note.candidates.iter_mut().map(|c| &mut c.reason))
+    {
+        if *r == Some(Reason::NoFoldedLoad) {
+            *r = Some(why.clone());
+        }
+    }
 }

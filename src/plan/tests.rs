@@ -406,3 +406,41 @@ fn the_sampled_instruction_does_not_decide_between_candidates_of_one_dispatch() 
         );
     }
 }
+
+#[test]
+fn folding_no_load_is_explained_by_the_pages_when_none_is_trusted() {
+    let note = |reason| RegionNote {
+        start: Addr(0x1000),
+        end: Addr(0x1100),
+        symbol: None,
+        share: 0.5,
+        candidates: vec![CandidateNote {
+            reason: Some(Reason::NoFoldedLoad),
+            ..rdi_at_entry(vec![(0x2000, 10)]).note()
+        }],
+        reason: Some(reason),
+    };
+    let set = |v: &[u64]| v.iter().map(|&p| Addr(p)).collect::<BTreeSet<Addr>>();
+    let pages = [Addr(0x5000), Addr(0x6000)];
+    let mut n = note(Reason::NoFoldedLoad);
+    explain_untrusted(&mut n, &pages, &set(&[0x9000]), &set(&[0x5000]));
+    let why = Reason::UntrustedMemory {
+        pages: 2,
+        written: 1,
+    };
+    assert_eq!(n.reason, Some(why.clone()));
+    assert_eq!(n.candidates[0].reason, Some(why));
+    assert!(n
+        .reason
+        .unwrap()
+        .to_string()
+        .contains("1 written during the write watch"));
+    // A trusted page among them: the reason stays general (something else kept the loads from folding).
+    let mut n = note(Reason::NoFoldedLoad);
+    explain_untrusted(&mut n, &pages, &set(&[0x6000]), &set(&[0x5000]));
+    assert_eq!(n.reason, Some(Reason::NoFoldedLoad));
+    // Other reasons are left alone.
+    let mut n = note(Reason::Live);
+    explain_untrusted(&mut n, &pages, &set(&[]), &set(&[]));
+    assert_eq!(n.reason, Some(Reason::Live));
+}

@@ -111,6 +111,10 @@ impl Session {
         let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         self.plans += 1;
         notes.extend(out.notes.iter().cloned());
+        for n in &mut notes {
+            let pages = self.recent.region_pages(pid, n.start, n.end);
+            plan::explain_untrusted(n, &pages, &constant, self.store.written());
+        }
         record_round(
             &mut self.plan_log,
             self.time.start,
