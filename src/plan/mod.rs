@@ -96,16 +96,11 @@ pub struct RegionPlan {
 /// Where variants may forward stored values: `None` nowhere, else these address ranges (and `rsp` slots).
 pub type Forwarding = Option<Vec<(Addr, Addr)>>;
 
-/// Trigger candidates from a region's value profile: hot values as (value, samples), rare values dropped, at most
-/// [`MAX_VALUES`]; candidates whose hot values cover too little of their samples are dropped.
-pub fn candidates_of(triggers: &[TriggerProfile]) -> Vec<TriggerCandidate> {
-    triggers.iter().filter_map(|t| classify(t).ok()).collect()
-}
-
 /// Most triggers that are no candidates a region's note explains (the profile ranks them; the rest are noise).
 const MAX_REJECTED_NOTES: usize = 8;
 
-/// A trigger profile as a candidate, or why it is none.
+/// A trigger profile as a candidate — hot values as (value, samples), rare values dropped, at most [`MAX_VALUES`],
+/// covering at least [`MIN_COVERAGE`] of its samples — or why it is none.
 fn classify(t: &TriggerProfile) -> Result<TriggerCandidate, Reason> {
     if t.register == Gpr::Rsp || t.samples == 0 {
         return Err(Reason::NoPredictableValue);
@@ -251,13 +246,8 @@ pub fn options(forward: &Forwarding) -> Options {
     }
 }
 
-/// Whether a variant folds enough to pay for its stub and its exits. One that folds no memory read only re-derives
-/// what the registers already say (the CPU's predictors do that well): it pays with nothing to show.
-pub fn worth_a_stub(st: &Stats) -> bool {
-    why_not_worth_a_stub(st).is_none()
-}
-
-/// Why a variant with these statistics does not pay for its stub (None: it does).
+/// Why a variant with these statistics does not pay for its stub and its exits (None: it does). One that folds no
+/// memory read only re-derives what the registers already say (the CPU's predictors do that well).
 pub fn why_not_worth_a_stub(st: &Stats) -> Option<Reason> {
     let visited = st.folded + st.residual;
     let ratio = st.folded as f64 / visited.max(1) as f64;
@@ -412,8 +402,7 @@ pub const NEAR_TIE: f64 = 0.05;
 /// what specializing folds, which does not change from run to run.
 pub fn trigger_frequency(c: &TriggerCandidate, all: &[TriggerCandidate]) -> u64 {
     let samples = |t: &TriggerCandidate| t.values.iter().map(|v| v.1).sum::<u64>();
-    all.iter()
-        .filter(|o| o.register == c.register && same_values(c, o))
+    siblings(c, all)
         .map(samples)
         .max()
         .unwrap_or(0)
@@ -424,10 +413,7 @@ pub fn trigger_frequency(c: &TriggerCandidate, all: &[TriggerCandidate]) -> u64 
 /// samples summed over `c` and its siblings (the candidates [`trigger_frequency`] groups with it), ties by value. The hottest values of one
 /// candidate alone change from run to run with the samples; the sum over the group changes much less.
 pub fn probe_values(c: &TriggerCandidate, all: &[TriggerCandidate]) -> Vec<(u64, u64)> {
-    let siblings: Vec<&TriggerCandidate> = all
-        .iter()
-        .filter(|o| o.register == c.register && same_values(c, o))
-        .collect();
+    let siblings: Vec<&TriggerCandidate> = siblings(c, all).collect();
     let mut ranked: Vec<(u64, u64, u64)> = c
         .values
         .iter()
@@ -448,6 +434,15 @@ pub fn probe_values(c: &TriggerCandidate, all: &[TriggerCandidate]) -> Vec<(u64,
         .take(SCORE_VALUES)
         .map(|(v, _, group)| (v, group))
         .collect()
+}
+
+/// The candidates of `all` (`c` among them) that read the same register with mostly the same hot values.
+fn siblings<'a>(
+    c: &'a TriggerCandidate,
+    all: &'a [TriggerCandidate],
+) -> impl Iterator<Item = &'a TriggerCandidate> {
+    all.iter()
+        .filter(move |o| o.register == c.register && same_values(c, o))
 }
 
 /// Whether two candidates see mostly the same hot values (at least half of the smaller set is in the other).

@@ -1,6 +1,11 @@
 //! Planner decisions, from a profile to a plan, without a live process.
 
 use super::*;
+
+/// The candidates among `triggers` (the rest are not).
+fn candidates_of(triggers: &[TriggerProfile]) -> Vec<TriggerCandidate> {
+    triggers.iter().filter_map(|t| classify(t).ok()).collect()
+}
 use crate::profile::{HotRegion, Location, ProfileEnv, Profiler};
 use nix::unistd::Pid;
 use specializer::MemoryError;
