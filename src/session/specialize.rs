@@ -108,9 +108,9 @@ impl Session {
             recent_store_samples: &|p| recent.store_samples(pid, p.0),
             new_hot_pages: &new_hot_pages,
         });
-        let out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
+        let mut out = rt.plan_and_install(&mut self.tracer, &regions, &constant);
         self.plans += 1;
-        notes.extend(out.notes.iter().cloned());
+        notes.append(&mut out.notes);
         for n in &mut notes {
             let pages = self.recent.region_pages(pid, n.start, n.end);
             plan::explain_untrusted(n, &pages, &constant, self.store.written());

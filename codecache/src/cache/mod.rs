@@ -432,22 +432,16 @@ impl Cache {
         Ok(out)
     }
 
-    /// Call on every SIGSEGV signal-delivery-stop of this process: the guarded page the fault wrote to, when it
-    /// was a write to a page guarded by mprotect (then stop the world, [`Cache::invalidate`] the page and
-    /// suppress the signal: resuming re-executes the write); `None`: the signal is the program's, deliver it.
-    pub fn guard_segv(&self, tr: &Tracer, tid: Pid, si: &libc::siginfo_t) -> Option<Addr> {
-        self.guards.is_guard_segv(tr, tid, si)
-    }
-
-    /// [`Cache::guard_segv`], then everything it asks for: stop the world, invalidate the page, suppress the
-    /// signal. `Some`: handled, and the threads resume when this returns (the faulting write re-executes).
+    /// Call on every SIGSEGV signal-delivery-stop of this process. `Some`: the fault was a write to a page guarded
+    /// by mprotect; the world was stopped, the page invalidated and un-protected, the signal suppressed, and the
+    /// threads resume when this returns (the faulting write re-executes). `None`: the signal is the program's.
     pub fn handle_segv(
         &mut self,
         tr: &mut Tracer,
         tid: Pid,
         si: &libc::siginfo_t,
     ) -> Result<Option<Invalidation>, CacheError> {
-        let Some(page) = self.guard_segv(tr, tid, si) else {
+        let Some(page) = self.guards.is_guard_segv(tr, tid, si) else {
             return Ok(None);
         };
         let mut world = self.stop_all(tr)?;
