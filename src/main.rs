@@ -2,6 +2,7 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use anyhow::bail;
@@ -13,7 +14,7 @@ use dynspec::{bench, fold, session, signals};
 
 /// Make unmodified x86-64 Linux programs faster while they run (profiling and specialization).
 #[derive(Debug, Parser)]
-#[command(name = "dynspec", version, about)]
+#[command(name = "dynspec", version, about, disable_help_subcommand = true)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -33,17 +34,22 @@ struct ProfileOpts {
     #[arg(long)]
     profile_only: bool,
     /// Where to write the report [default: ./dynspec.report.json, the previous one kept as .old].
-    #[arg(long, value_name = "PATH")]
+    #[arg(
+        short = 'o',
+        long = "output",
+        visible_alias = "report",
+        value_name = "PATH"
+    )]
     report: Option<PathBuf>,
     /// Samples per second of CPU time, per thread, while sampling (each sample costs the program a timer
     /// interrupt: ~1-2% of its time at 499 on a VM, ~5% at 1999) [default: 1999 when specializing, where
     /// sampling stops once the variants are installed; 499 with --profile-only, which samples the whole run].
-    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(short, long, value_name = "HZ", allow_negative_numbers = true, value_parser = parse_rate)]
     rate: Option<u64>,
     /// Seconds of sampling before the write watch, and seconds of write watching [default: 0.05 when
     /// specializing (the sooner variants run, the more they save; guards catch writes the watch missed); 0.3 with
     /// --profile-only].
-    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    #[arg(long, value_name = "SECS", allow_negative_numbers = true, value_parser = parse_secs)]
     window: Option<Duration>,
     /// No messages from dynspec itself (errors still go to stderr).
     #[arg(short, long)]
@@ -57,21 +63,31 @@ enum Command {
         #[command(flatten)]
         opts: ProfileOpts,
         /// The program and its arguments (put them after `--`).
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
     /// Attach to a running process; detach leaving it running (on Ctrl-C, SIGTERM or after --for).
     Attach {
         /// Process ID to attach to.
-        #[arg(value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
-        pid: i32,
+        #[arg(
+            value_name = "PID",
+            required_unless_present = "pid_opt",
+            conflicts_with = "pid_opt",
+            value_parser = parse_pid
+        )]
+        pid: Option<i32>,
+        /// Process ID to attach to (as py-spy and perf spell it).
+        #[arg(short = 'p', long = "pid", value_name = "PID", value_parser = parse_pid)]
+        pid_opt: Option<i32>,
         /// Detach after this many seconds.
-        #[arg(long = "for", value_name = "SECS", value_parser = parse_secs)]
+        #[arg(
+            short = 'd',
+            long = "duration",
+            visible_alias = "for",
+            value_name = "SECS",
+            allow_negative_numbers = true,
+            value_parser = parse_secs
+        )]
         for_secs: Option<Duration>,
         #[command(flatten)]
         opts: ProfileOpts,
@@ -98,31 +114,97 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
         /// The program and its arguments (put them after `--`).
-        #[arg(
-            required = true,
-            trailing_var_arg = true,
-            allow_hyphen_values = true,
-            value_name = "CMD"
-        )]
+        #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
+    },
+    /// Print the help of dynspec or of one of its commands.
+    Help {
+        /// The command to explain.
+        #[arg(value_name = "COMMAND")]
+        topic: Option<String>,
     },
     /// Build the bundled switch interpreter, run it natively and under dynspec, and compare.
     Demo {
         /// Where to write the report [default: ./dynspec.report.json].
-        #[arg(long, value_name = "PATH")]
+        #[arg(
+            short = 'o',
+            long = "output",
+            visible_alias = "report",
+            value_name = "PATH"
+        )]
         report: Option<PathBuf>,
     },
 }
+
+/// The longest duration accepted (about 115 days): longer is a typo, not a plan.
+const MAX_SECS: f64 = 1e7;
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
         .trim()
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !v.is_finite() || v <= 0.0 || v > 1e7 {
+    if !v.is_finite() || v <= 0.0 {
         return Err(format!("'{s}' must be a positive number of seconds"));
     }
+    if v > MAX_SECS {
+        return Err(format!("'{s}' is too long: at most {MAX_SECS:e} seconds"));
+    }
     Ok(Duration::from_secs_f64(v))
+}
+
+/// The highest sampling rate accepted; perf itself caps it lower (`kernel.perf_event_max_sample_rate`).
+const MAX_RATE_HZ: u64 = 1_000_000;
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    let v: i128 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number of samples per second"))?;
+    if v < 1 {
+        return Err(format!("'{s}' must be at least 1 sample per second"));
+    }
+    if v > MAX_RATE_HZ as i128 {
+        return Err(format!("'{s}' is too high: at most {MAX_RATE_HZ}"));
+    }
+    Ok(v as u64)
+}
+
+fn parse_pid(s: &str) -> Result<i32, String> {
+    let v: i64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a process ID"))?;
+    if v < 1 || v > i32::MAX as i64 {
+        return Err(format!(
+            "'{s}' is not a process ID (a positive number, as `ps` shows)"
+        ));
+    }
+    Ok(v as i32)
+}
+
+/// Bit `fd` set: standard stream `fd` was closed when dynspec started. Recorded by [`probe_stdio`].
+static CLOSED_STDIO: AtomicU8 = AtomicU8::new(0);
+
+/// Runs from `.init_array`, before the Rust runtime's start-up reopens closed standard streams on /dev/null, so
+/// the program can be handed its streams exactly as dynspec received them (`seq 10 >&-` must fail as natively).
+extern "C" fn probe_stdio() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD on a small integer only queries the descriptor table.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            CLOSED_STDIO.fetch_or(1 << fd, Ordering::Relaxed);
+        }
+    }
+}
+
+#[used]
+#[link_section = ".init_array"]
+static PROBE_STDIO: extern "C" fn() = probe_stdio;
+
+/// The standard streams dynspec was started without (dynspec itself now has /dev/null there).
+fn closed_stdio() -> Vec<i32> {
+    let bits = CLOSED_STDIO.load(Ordering::Relaxed);
+    (0..3).filter(|fd| bits & (1 << fd) != 0).collect()
 }
 
 fn main() {
@@ -135,12 +217,29 @@ fn main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("dynspec: error: {}", one_line(&e));
-            1
+            exit_code_of(&e)
         }
     };
     // process::exit skips destructors: flush what `dynspec report` printed.
     let _ = std::io::Write::flush(&mut std::io::stdout());
     std::process::exit(code);
+}
+
+/// The exit status for an error: 127 and 126 for a program that cannot be found or executed, as shells, `env`
+/// and `timeout` use them; 1 otherwise.
+fn exit_code_of(e: &anyhow::Error) -> i32 {
+    use tracer::TracerError as T;
+    match e.chain().find_map(|c| c.downcast_ref::<T>()) {
+        Some(T::ProgramNotFound(_)) => 127,
+        Some(
+            T::NotExecutable(_)
+            | T::NotElf(_)
+            | T::WrongArch { .. }
+            | T::NoInterpreter(_)
+            | T::TooManyInterpreters(_),
+        ) => 126,
+        _ => 1,
+    }
 }
 
 /// The cause chain joined by ": " on one line (messages with newlines are folded).
@@ -174,9 +273,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         }
         Command::Attach {
             pid,
+            pid_opt,
             for_secs,
             opts,
         } => {
+            let Some(pid) = pid.or(pid_opt) else {
+                bail!("name the process to attach to: dynspec attach PID");
+            };
             validate_pid(pid)?;
             let cfg = session_config(&opts, for_secs);
             check_report_path(&cfg.report_path)?;
@@ -202,6 +305,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Bench { n, quiet, command } => {
             validate_program(&command[0])?;
             bench::run_bench(&command, n, quiet)?;
+            Ok(0)
+        }
+        Command::Help { topic } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            // Building propagates the binary name, so a command's usage reads `dynspec run ...`.
+            cmd.build();
+            match topic {
+                None => cmd.print_help()?,
+                Some(t) => match cmd.find_subcommand_mut(&t) {
+                    Some(sub) => sub.print_help()?,
+                    None => bail!("no command '{t}': `dynspec --help` lists them"),
+                },
+            }
             Ok(0)
         }
         Command::Demo { report } => {
@@ -262,6 +378,7 @@ fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionCo
             .unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT)),
         attach_for,
         specialize: !opts.profile_only,
+        close_fds: closed_stdio(),
     }
 }
 

@@ -32,8 +32,10 @@ fn profile(dir: &TempDir, bin: &Path, size: &str, extra: &[&str]) -> (Output, Va
     );
     let json = std::fs::read_to_string(&report)
         .unwrap_or_else(|e| panic!("no report at {}: {e}", report.display()));
-    let v: Value = serde_json::from_str(&json).expect("report is JSON");
-    (out, v)
+    (
+        out,
+        common::parse_report(&report.display().to_string(), &json),
+    )
 }
 
 fn hex(v: &Value) -> u64 {
@@ -368,8 +370,7 @@ fn run_mode_survives_an_interrupt_sent_to_dynspec() {
         text(&out.stderr)
     );
     assert_eq!(text(&out.stdout), "done\n");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    let r: Value = common::read_report(&report);
     assert_eq!(r["exit_status"]["code"], 0);
 }
 
@@ -444,8 +445,7 @@ fn attach_mode_sigterm_detaches_and_writes_the_report() {
     let tout = target.wait_output();
     assert!(tout.status.success());
     assert_eq!(tout.stdout, native.stdout);
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
+    let r: Value = common::read_report(&report);
     assert_eq!(r["pid"], tpid);
     assert!(r["exit_status"].is_null());
     assert!(r.get("command").is_none());
@@ -499,9 +499,7 @@ fn program_gets_argv_exactly_as_typed() {
     let out = output_of(c, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "sh two words\n");
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).expect("report"))
-            .expect("json");
+    let r: Value = common::read_report(dir.join("r.json"));
     assert_eq!(r["command"][0], "sh");
     assert_eq!(r["command"][4], "two words");
 }
@@ -519,9 +517,7 @@ fn work_in_a_child_process_is_profiled_and_watched() {
     let out = output_of(c, None);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stdout).ends_with("after\n"));
-    let r: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("r.json")).expect("report"))
-            .expect("json");
+    let r: Value = common::read_report(dir.join("r.json"));
     let region = top_region(&r, "interp_run");
     let sp = &r["store_profile"];
     let (trigger, pages) = dispatch_trigger_pages(region, &page_set(&sp["watched"]));

@@ -138,8 +138,7 @@ fn assert_same(what: &str, native: &Output, traced: &Output) {
 fn check_report(what: &str, path: &Path) -> serde_json::Value {
     let bytes = std::fs::read(path)
         .unwrap_or_else(|e| panic!("{what}: no report at {}: {e}", path.display()));
-    let v: serde_json::Value = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|e| panic!("{what}: report is not JSON: {e}"));
+    let v = common::parse_report(what, &String::from_utf8_lossy(&bytes));
     assert_eq!(v["version"], 1, "{what}: report version");
     v
 }

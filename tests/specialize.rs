@@ -300,7 +300,7 @@ fn demo_builds_runs_and_points_at_the_report() {
         assert!(s.contains(needle), "{needle} missing in:\n{s}");
     }
     let body = std::fs::read_to_string(&report).expect("demo report written");
-    let r: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let r = common::parse_report("demo", &body);
     assert!(
         !variants(&r).is_empty(),
         "the demo installed nothing: {}",

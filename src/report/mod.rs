@@ -1,6 +1,7 @@
 //! The run report: a versioned JSON document (written atomically) and its rendering for people.
 
 pub mod plan;
+pub mod schema;
 
 pub use plan::PlanRoundJson;
 
@@ -8,6 +9,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Schema version written by this build; `dynspec report` reads only this version.
@@ -41,6 +43,27 @@ impl<'de> Deserialize<'de> for Hex {
     }
 }
 
+impl JsonSchema for Hex {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Hex".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^0[xX][0-9a-fA-F]{1,16}$",
+            "description": "An address or value in the target, hexadecimal with a 0x prefix (JSON numbers lose \
+                            precision above 2^53)."
+        })
+    }
+}
+
+/// The schema of a key that is always written and may be null (`schemars(required)` alone drops the null).
+fn nullable<T: JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let inner = g.subschema_for::<T>();
+    schemars::json_schema!({ "anyOf": [inner, { "type": "null" }] })
+}
+
 impl std::fmt::Display for Hex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:#x}", self.0)
@@ -48,7 +71,7 @@ impl std::fmt::Display for Hex {
 }
 
 /// How the target ended: `{"code": n}` or `{"signal": n}`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum ExitStatusJson {
     Code(i32),
@@ -56,7 +79,7 @@ pub enum ExitStatusJson {
 }
 
 /// One trigger candidate: a register read by an instruction, with its value profile.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TriggerJson {
     pub address: Hex,
     pub register: String,
@@ -67,14 +90,14 @@ pub struct TriggerJson {
 }
 
 /// One frequent value and the share of the candidate's samples it accounts for.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct TopValueJson {
     pub value: Hex,
     pub share: f64,
 }
 
 /// A hot region of code.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct HotRegionJson {
     pub module: String,
     pub symbol: Option<String>,
@@ -86,14 +109,14 @@ pub struct HotRegionJson {
 }
 
 /// How many pages each protection method watched.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct MethodCounts {
     pub uffd: u64,
     pub mprotect: u64,
 }
 
 /// Result of the write-watch window over the pages hot loads read.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StoreProfileJson {
     pub pages_watched: u64,
     pub pages_written: u64,
@@ -104,22 +127,20 @@ pub struct StoreProfileJson {
 }
 
 /// Where the time went.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Timings {
     pub profile_ms: u64,
     /// Time spent scoring triggers and specializing (the program keeps running meanwhile).
-    #[serde(default)]
     pub specialize_ms: u64,
     /// Time the program was stopped for installs.
-    #[serde(default)]
     pub install_ms: u64,
     /// From the first sample to the first installed variant; null when nothing was installed.
-    #[serde(default)]
+    #[schemars(required, schema_with = "nullable::<u64>")]
     pub first_install_ms: Option<u64>,
 }
 
 /// The region a variant specializes.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RegionRefJson {
     pub start: Hex,
     pub end: Hex,
@@ -127,25 +148,27 @@ pub struct RegionRefJson {
 }
 
 /// The dispatch trigger of a variant: the register compared at the patched address.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TriggerRefJson {
     pub address: Hex,
     pub register: String,
 }
 
 /// One installed variant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct VariantJson {
     /// Unique within the report (invalidations refer to it).
     pub id: u64,
     pub region: RegionRefJson,
     /// null: entered unconditionally.
+    #[schemars(required, schema_with = "nullable::<TriggerRefJson>")]
     pub trigger: Option<TriggerRefJson>,
     /// The trigger value the variant was specialized for (null without a trigger).
+    #[schemars(required, schema_with = "nullable::<Hex>")]
     pub value: Option<Hex>,
     pub code_bytes: u64,
     /// Where the variant's code is in the target (in dynspec's code arena).
-    #[serde(default)]
+    #[schemars(required, schema_with = "nullable::<Hex>")]
     pub code_address: Option<Hex>,
     /// Original instructions folded away / emitted.
     pub folded: u64,
@@ -158,7 +181,6 @@ pub struct VariantJson {
     pub invalidated: bool,
     /// Reloads of memory the variant itself just stored or loaded come from registers: only while the
     /// process has a single thread (a second one removes such variants) and only for private memory.
-    #[serde(default)]
     pub forwards_stores: bool,
     /// The variant's code as emitted, one instruction per line (labels `L<n>:`), at most [`MAX_ASM_LINES`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -169,7 +191,7 @@ pub struct VariantJson {
 pub const MAX_ASM_LINES: usize = 2000;
 
 /// A write to a guarded page and the variants it killed.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct InvalidationJson {
     pub page: Hex,
     /// Since the session started.
@@ -179,7 +201,7 @@ pub struct InvalidationJson {
 }
 
 /// The whole report (schema version 1).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Report {
     pub version: u32,
     /// argv of a `dynspec run`; absent in attach mode.
@@ -189,7 +211,11 @@ pub struct Report {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<i32>,
     /// null in attach mode (the process keeps running).
+    #[schemars(required, schema_with = "nullable::<ExitStatusJson>")]
     pub exit_status: Option<ExitStatusJson>,
+    /// The user interrupted `dynspec run` twice and dynspec killed the program (`exit_status` says SIGKILL).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub killed_by_dynspec: bool,
     pub samples: u64,
     pub lost_samples: u64,
     pub rate_hz: u64,
@@ -198,25 +224,29 @@ pub struct Report {
     pub store_profile: StoreProfileJson,
     pub timings: Timings,
     /// Installed variants (empty with --profile-only).
-    #[serde(default)]
     pub variants: Vec<VariantJson>,
-    #[serde(default)]
     pub invalidations: Vec<InvalidationJson>,
     /// Every planning round: regions and trigger candidates considered, what was decided and why.
-    #[serde(default)]
     pub plan: Vec<PlanRoundJson>,
     /// Why nothing was planned at all (no round happened), when that is so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_planned: Option<String>,
 }
 
+/// `n` with the singular or plural noun ("1 sample", "2 samples").
+pub(crate) fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Why a report could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("cannot read report {path}: {source} — run `dynspec run` first")]
+    #[error("no report at {path} — run `dynspec run -- PROGRAM` first, or name the report: dynspec report FILE")]
+    Missing { path: PathBuf },
+    #[error("cannot read report {path}: {cause}")]
     Unreadable {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("report {path} is not a dynspec report (bad JSON at line {line}: {msg})")]
     BadJson {
@@ -224,6 +254,8 @@ pub enum ReportError {
         line: usize,
         msg: String,
     },
+    #[error("report {path} does not match the report schema: {problem} — was it edited, or written by another tool?")]
+    Schema { path: PathBuf, problem: String },
     #[error("report {path} is not a dynspec report (no \"version\" field)")]
     NoVersion { path: PathBuf },
     #[error(
@@ -231,10 +263,10 @@ pub enum ReportError {
          with this build"
     )]
     UnsupportedVersion { path: PathBuf, version: u64 },
-    #[error("cannot write report {path}: {source}")]
+    #[error("cannot write report {path}: {cause}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -269,15 +301,28 @@ impl Report {
                 version,
             });
         }
+        // The schema names the key that is missing or wrong (serde would take a missing optional key as null).
+        schema::check(&value).map_err(|problem| ReportError::Schema {
+            path: path.to_path_buf(),
+            problem,
+        })?;
         // Parse again from the text (not the Value) so shape errors keep their line numbers.
         serde_json::from_str(text).map_err(|e| bad_json(path, &e))
     }
 
     /// Read and check a report file.
     pub fn load(path: &Path) -> Result<Report, ReportError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ReportError::Unreadable {
-            path: path.to_path_buf(),
-            source,
+        let text = std::fs::read_to_string(path).map_err(|cause| {
+            if cause.kind() == std::io::ErrorKind::NotFound {
+                ReportError::Missing {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                ReportError::Unreadable {
+                    path: path.to_path_buf(),
+                    cause,
+                }
+            }
         })?;
         Report::parse(path, &text)
     }
@@ -290,9 +335,9 @@ impl Report {
 
     /// Write atomically: temp file in the same directory, fsync, keep the previous report as `PATH.old`, rename.
     pub fn write(&self, path: &Path) -> Result<(), ReportError> {
-        let werr = |source| ReportError::Write {
+        let werr = |cause| ReportError::Write {
             path: path.to_path_buf(),
-            source,
+            cause,
         };
         // Not a regular file (/dev/stdout, a FIFO): write straight into it, never rename it away.
         if let Ok(md) = std::fs::metadata(path) {
@@ -387,6 +432,10 @@ impl Report {
         }
         let status = match self.exit_status {
             Some(ExitStatusJson::Code(c)) => format!("exited with code {c}"),
+            Some(ExitStatusJson::Signal(s)) if self.killed_by_dynspec => format!(
+                "killed by dynspec with signal {s} ({}) after a second interrupt",
+                signal_name(s)
+            ),
             Some(ExitStatusJson::Signal(s)) => format!("killed by signal {s} ({})", signal_name(s)),
             None => "still running (detached)".to_string(),
         };
@@ -394,7 +443,7 @@ impl Report {
         writeln!(
             o,
             "samples:   {} at {} Hz ({} lost) over {:.3} s; profiling took {} ms",
-            self.samples,
+            count(self.samples, "sample", "samples"),
             self.rate_hz,
             self.lost_samples,
             self.duration_ms as f64 / 1000.0,
@@ -410,13 +459,13 @@ impl Report {
             let sym = r.symbol.as_deref().unwrap_or("[no symbol]");
             writeln!(
                 o,
-                "  {:5.1}%  {:<28} {}  [{}..{})  {} samples",
+                "  {:5.1}%  {:<28} {}  [{}..{})  {}",
                 r.share * 100.0,
                 sym,
                 r.module,
                 r.start,
                 r.end,
-                r.samples
+                count(r.samples, "sample", "samples")
             )?;
             for t in r.triggers.iter().take(3) {
                 let tops: Vec<String> = t
@@ -428,12 +477,12 @@ impl Report {
                 let more = if t.top_values.len() > 4 { ", ..." } else { "" };
                 writeln!(
                     o,
-                    "           trigger {} {:<4} {} distinct, top values cover {:.0}% of {} samples: {}{}",
+                    "           trigger {} {:<4} {} distinct, top values cover {:.0}% of {}: {}{}",
                     t.address,
                     t.register,
                     t.distinct,
                     t.coverage * 100.0,
-                    t.samples,
+                    count(t.samples, "sample", "samples"),
                     tops.join(", "),
                     more
                 )?;
@@ -446,8 +495,12 @@ impl Report {
         let sp = &self.store_profile;
         writeln!(
             o,
-            "store profile: {} pages watched ({} uffd, {} mprotect), {} written, {} read-only (constant)",
-            sp.pages_watched, sp.method.uffd, sp.method.mprotect, sp.pages_written, sp.pages_read_only
+            "store profile: {} watched ({} uffd, {} mprotect), {} written, {} read-only (constant)",
+            count(sp.pages_watched, "page", "pages"),
+            sp.method.uffd,
+            sp.method.mprotect,
+            sp.pages_written,
+            sp.pages_read_only
         )?;
         let list = |v: &[Hex]| -> String {
             let mut s: Vec<String> = v.iter().take(16).map(|h| h.to_string()).collect();
@@ -508,16 +561,20 @@ impl Report {
             };
             writeln!(
                 o,
-                "  #{:<3} {} {}: {} bytes, {} folded / {} residual, {} guard page(s), {} entries{}{}",
+                "  #{:<3} {} {}: {}, {} folded / {} residual, {}, {}{}{}",
                 v.id,
                 region,
                 trig,
-                v.code_bytes,
+                count(v.code_bytes, "byte", "bytes"),
                 v.folded,
                 v.residual,
-                v.guard_pages.len(),
-                v.entries,
-                if v.forwards_stores { ", forwards stores" } else { "" },
+                count(v.guard_pages.len() as u64, "guard page", "guard pages"),
+                count(v.entries, "entry", "entries"),
+                if v.forwards_stores {
+                    ", forwards stores"
+                } else {
+                    ""
+                },
                 if v.invalidated { ", invalidated" } else { "" }
             )?;
         }
@@ -580,269 +637,4 @@ fn signal_name(sig: i32) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn sample_report() -> Report {
-        Report {
-            version: REPORT_VERSION,
-            command: Some(vec!["samples/build/interp".into(), "100".into()]),
-            pid: None,
-            exit_status: Some(ExitStatusJson::Code(3)),
-            samples: 1234,
-            lost_samples: 2,
-            rate_hz: 4999,
-            duration_ms: 1500,
-            hot_regions: vec![HotRegionJson {
-                module: "/bin/interp".into(),
-                symbol: Some("interp_run".into()),
-                start: Hex(0x401000),
-                end: Hex(0x401200),
-                samples: 1200,
-                share: 0.97,
-                triggers: vec![TriggerJson {
-                    address: Hex(0x401040),
-                    register: "rbx".into(),
-                    samples: 300,
-                    distinct: 12,
-                    coverage: 1.0,
-                    top_values: vec![TopValueJson {
-                        value: Hex(0x5555_0000_1000),
-                        share: 0.25,
-                    }],
-                }],
-            }],
-            store_profile: StoreProfileJson {
-                pages_watched: 2,
-                pages_written: 1,
-                pages_read_only: 1,
-                watched: vec![Hex(0x5555_0000_1000), Hex(0x5555_0000_2000)],
-                written: vec![Hex(0x5555_0000_2000)],
-                method: MethodCounts {
-                    uffd: 2,
-                    mprotect: 0,
-                },
-            },
-            timings: Timings {
-                profile_ms: 600,
-                ..Timings::default()
-            },
-            variants: Vec::new(),
-            invalidations: Vec::new(),
-            plan: vec![PlanRoundJson {
-                time_ms: 110,
-                samples: 200,
-                installed: 0,
-                regions: vec![plan::PlanRegionJson {
-                    start: Hex(0x401000),
-                    end: Hex(0x401200),
-                    symbol: Some("interp_run".into()),
-                    share: 0.97,
-                    decision: "left alone".into(),
-                    reason: Some("folds no memory read".into()),
-                    candidates: vec![plan::PlanCandidateJson {
-                        address: Hex(0x401040),
-                        register: "rbx".into(),
-                        samples: 300,
-                        distinct: 12,
-                        values: vec![plan::PlanValueJson {
-                            value: Hex(0x5555_0000_1000),
-                            samples: 75,
-                        }],
-                        folded: Some(plan::FoldedJson {
-                            visited: 40,
-                            instructions: 10,
-                            loads: 0,
-                            branches: 2,
-                            residual: 30,
-                        }),
-                        estimate: None,
-                        decision: "not installed".into(),
-                        reason: Some("folds no memory read".into()),
-                    }],
-                }],
-            }],
-            not_planned: None,
-        }
-    }
-
-    #[test]
-    fn regions_without_variants_say_why() {
-        let mut r = sample_report();
-        let text = r.render();
-        assert!(text.contains("why: folds no memory read"), "{text}");
-        assert!(
-            text.contains("plan:\n  at 0.110 s on 200 samples: 0 regions installed"),
-            "{text}"
-        );
-        assert!(
-            text.contains("interp_run: left alone: folds no memory read"),
-            "{text}"
-        );
-        // No planning round at all: the report's own reason.
-        r.plan.clear();
-        r.not_planned = Some("the program ended before the first planning round".into());
-        let text = r.render();
-        assert!(
-            text.contains("why: the program ended before the first planning round"),
-            "{text}"
-        );
-        assert!(!text.contains("plan:"));
-    }
-
-    #[test]
-    fn json_round_trip_and_exact_keys() {
-        let r = sample_report();
-        let text = r.to_json();
-        assert_eq!(Report::parse(Path::new("x"), &text).expect("parses"), r);
-        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
-        let keys: Vec<&str> = v
-            .as_object()
-            .expect("object")
-            .keys()
-            .map(|k| k.as_str())
-            .collect();
-        for k in [
-            "version",
-            "command",
-            "exit_status",
-            "samples",
-            "lost_samples",
-            "rate_hz",
-            "duration_ms",
-            "hot_regions",
-            "store_profile",
-            "timings",
-        ] {
-            assert!(keys.contains(&k), "missing key {k}");
-        }
-        assert!(!keys.contains(&"pid"));
-        assert_eq!(v["exit_status"]["code"], 3);
-        assert_eq!(v["hot_regions"][0]["start"], "0x401000");
-        assert_eq!(
-            v["hot_regions"][0]["triggers"][0]["top_values"][0]["value"],
-            "0x555500001000"
-        );
-        assert_eq!(v["store_profile"]["method"]["uffd"], 2);
-        assert_eq!(v["timings"]["profile_ms"], 600);
-    }
-
-    #[test]
-    fn attach_mode_has_pid_and_null_status() {
-        let mut r = sample_report();
-        r.command = None;
-        r.pid = Some(42);
-        r.exit_status = None;
-        let v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
-        assert_eq!(v["pid"], 42);
-        assert!(v["exit_status"].is_null());
-        assert!(v.get("command").is_none());
-        assert!(r.render().contains("pid 42"));
-    }
-
-    #[test]
-    fn rendering_names_the_key_facts() {
-        let text = sample_report().render();
-        for needle in [
-            "samples/build/interp 100",
-            "exited with code 3",
-            "1234",
-            "97.0%",
-            "interp_run",
-            "/bin/interp",
-            "0x401040",
-            "rbx",
-            "12 distinct",
-            "100%",
-            "0x555500001000",
-            "2 pages watched",
-            "1 written",
-        ] {
-            assert!(text.contains(needle), "rendering lacks {needle:?}:\n{text}");
-        }
-    }
-
-    #[test]
-    fn corrupt_report_names_the_line() {
-        let err = Report::parse(Path::new("r.json"), "{\n\"version\": 1,\n oops").unwrap_err();
-        let msg = err.to_string();
-        assert!(matches!(err, ReportError::BadJson { line: 3, .. }), "{msg}");
-        assert!(
-            msg.starts_with("report r.json is not a dynspec report (bad JSON at line 3:"),
-            "{msg}"
-        );
-    }
-
-    #[test]
-    fn wrong_shape_and_missing_version_are_errors() {
-        let err = Report::parse(Path::new("r.json"), "{\"version\": 1}").unwrap_err();
-        assert!(matches!(err, ReportError::BadJson { .. }), "{err}");
-        let err = Report::parse(Path::new("r.json"), "[1,2]").unwrap_err();
-        assert!(matches!(err, ReportError::NoVersion { .. }), "{err}");
-    }
-
-    #[test]
-    fn unknown_version_is_refused() {
-        let mut v: serde_json::Value =
-            serde_json::from_str(&sample_report().to_json()).expect("json");
-        v["version"] = serde_json::json!(7);
-        let err = Report::parse(Path::new("r.json"), &v.to_string()).unwrap_err();
-        assert!(matches!(
-            err,
-            ReportError::UnsupportedVersion { version: 7, .. }
-        ));
-        assert!(err.to_string().contains("version 7"));
-    }
-
-    #[test]
-    fn missing_report_says_run_first() {
-        let err = Report::load(Path::new("/nonexistent/dir/r.json")).unwrap_err();
-        let msg = err.to_string();
-        assert!(
-            msg.starts_with("cannot read report /nonexistent/dir/r.json: "),
-            "{msg}"
-        );
-        assert!(msg.contains("run `dynspec run` first"));
-    }
-
-    #[test]
-    fn write_is_atomic_and_keeps_old() {
-        let tmp = tempfile::tempdir().expect("tmpdir");
-        let dir = tmp.path();
-        let path = dir.join("r.json");
-        let mut r = sample_report();
-        r.write(&path).expect("write 1");
-        r.samples = 99;
-        r.write(&path).expect("write 2");
-        assert_eq!(Report::load(&path).expect("load").samples, 99);
-        assert_eq!(
-            Report::load(&dir.join("r.json.old")).expect("old").samples,
-            1234
-        );
-        let leftovers: Vec<_> = std::fs::read_dir(dir)
-            .expect("readdir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".tmp."))
-            .collect();
-        assert!(leftovers.is_empty());
-    }
-
-    #[test]
-    fn write_into_a_device_does_not_rename_it() {
-        sample_report()
-            .write(Path::new("/dev/null"))
-            .expect("write to /dev/null");
-        assert!(Path::new("/dev/null").exists());
-        assert!(!Path::new("/dev/null.old").exists());
-    }
-
-    #[test]
-    fn hex_rejects_non_hex() {
-        assert!(serde_json::from_str::<Hex>("\"12\"").is_err());
-        assert!(serde_json::from_str::<Hex>("\"0xzz\"").is_err());
-        assert_eq!(
-            serde_json::from_str::<Hex>("\"0xff\"").expect("hex"),
-            Hex(255)
-        );
-    }
-}
+mod tests;

@@ -3,13 +3,14 @@
 
 use std::fmt::Write as _;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::Hex;
 use crate::plan::{CandidateNote, RegionNote};
 
 /// One planning round (the first, a re-plan after an invalidation or a periodic look).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PlanRoundJson {
     /// Since the session started.
     pub time_ms: u64,
@@ -21,7 +22,7 @@ pub struct PlanRoundJson {
 }
 
 /// A hot region as one planning round saw it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PlanRegionJson {
     pub start: Hex,
     pub end: Hex,
@@ -37,7 +38,7 @@ pub struct PlanRegionJson {
 }
 
 /// A trigger candidate as one planning round saw it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct PlanCandidateJson {
     /// The instruction that reads the trigger register.
     pub address: Hex,
@@ -59,14 +60,14 @@ pub struct PlanCandidateJson {
 }
 
 /// A hot value and its samples.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PlanValueJson {
     pub value: Hex,
     pub samples: u64,
 }
 
 /// What specializing folded, summed over the values specialized.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct FoldedJson {
     /// Instructions visited (with repetition across states), folded away, and emitted.
     pub visited: u64,
@@ -146,11 +147,10 @@ pub fn render(plan: &[PlanRoundJson], o: &mut String) -> std::fmt::Result {
     for round in plan {
         writeln!(
             o,
-            "  at {:.3} s on {} samples: {} region{} installed",
+            "  at {:.3} s on {}: {} installed",
             round.time_ms as f64 / 1000.0,
-            round.samples,
-            round.installed,
-            if round.installed == 1 { "" } else { "s" }
+            super::count(round.samples, "sample", "samples"),
+            super::count(round.installed, "region", "regions"),
         )?;
         for r in &round.regions {
             let name = r
@@ -182,7 +182,7 @@ pub fn render(plan: &[PlanRoundJson], o: &mut String) -> std::fmt::Result {
                     let n = c.values.len();
                     format!("{n} hot value{}", if n == 1 { "" } else { "s" })
                 } else {
-                    format!("{} distinct values", c.distinct)
+                    super::count(c.distinct, "distinct value", "distinct values")
                 };
                 writeln!(
                     o,

@@ -77,6 +77,8 @@ pub struct SessionConfig {
     pub attach_for: Option<Duration>,
     /// Specialize and install variants (not `--profile-only`).
     pub specialize: bool,
+    /// Run mode: descriptors to close in the program ([`tracer::SpawnOptions::close_fds`]).
+    pub close_fds: Vec<i32>,
 }
 
 /// How the session ended.
@@ -204,7 +206,11 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         .context("cannot set up perf_event sampling")?;
     let (tracer, command, attach_pid) = match &target {
         Target::Run(argv) => {
-            let t = Tracer::spawn(argv)
+            let opts = tracer::SpawnOptions {
+                close_fds: cfg.close_fds.clone(),
+                ..Default::default()
+            };
+            let t = Tracer::spawn_with(argv, &opts)
                 .with_context(|| format!("cannot start {}", argv[0].to_string_lossy()))?;
             let shown: Vec<String> = argv
                 .iter()
@@ -236,12 +242,10 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         trust: PageTrust::default(),
         time: Timeline::new(start),
         attach_mode: attach_pid.is_some(),
-        // A live progress line needs a terminal; in run mode the program shares it, so only draw when its stdout
-        // goes elsewhere (its output would otherwise land in the middle of our line).
-        progress: if !cfg.quiet
-            && std::io::stderr().is_terminal()
-            && (attach_pid.is_some() || !std::io::stdout().is_terminal())
-        {
+        // A live progress line needs a terminal, and one the program does not write to: dynspec cannot know when
+        // the program writes, so its output would land in the middle of the line (in run mode it always shares
+        // dynspec's stderr).
+        progress: if !cfg.quiet && std::io::stderr().is_terminal() && !writes_to_our_stderr(root) {
             Some(start)
         } else {
             None
@@ -270,8 +274,11 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         Outcome::Exited(ExitStatus::Signaled { signal, .. }) => {
             Some(ExitStatusJson::Signal(*signal))
         }
-        Outcome::Detached | Outcome::Interrupted(_) => None,
+        Outcome::Detached => None,
+        // Killed below with SIGKILL, which it cannot catch: that is how it ends.
+        Outcome::Interrupted(_) => Some(ExitStatusJson::Signal(libc::SIGKILL)),
     };
+    let killed_by_dynspec = matches!(end, Outcome::Interrupted(_));
     let outcome = match end {
         Outcome::Exited(st) if !s.tracer.processes().is_empty() => {
             // Descendants outlive the program (a daemon, a background job): natively they keep running, so they
@@ -335,9 +342,23 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             Outcome::Interrupted(code)
         }
     };
-    s.build_report(command, attach_pid, exit_status)
-        .write(&s.cfg.report_path)?;
+    let mut report = s.build_report(command, attach_pid, exit_status);
+    report.killed_by_dynspec = killed_by_dynspec;
+    report.write(&s.cfg.report_path)?;
     Ok(outcome)
+}
+
+/// Whether the process's stdout or stderr is the file dynspec's stderr is (same device and inode).
+fn writes_to_our_stderr(pid: Pid) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(ours) = std::fs::metadata("/proc/self/fd/2") else {
+        return true;
+    };
+    [1, 2].iter().any(|fd| {
+        // Unknown (the fd closed, /proc unreadable) counts as shared: never risk a garbled line.
+        std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
+            .map_or(true, |m| m.dev() == ours.dev() && m.ino() == ours.ino())
+    })
 }
 
 impl Session {
@@ -584,6 +605,7 @@ impl Session {
             command,
             pid,
             exit_status,
+            killed_by_dynspec: false,
             samples: self.profiler.total(),
             lost_samples: self.sampling.lost(),
             rate_hz: self.sampling.rate_hz(),

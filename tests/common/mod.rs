@@ -368,7 +368,24 @@ pub fn run_both(bin: &str, args: &[&str], extra: &[&str]) -> (Output, serde_json
     assert_eq!(text(&traced.stderr), text(&native.stderr), "{what}: stderr");
     let body =
         fs::read_to_string(&report).unwrap_or_else(|e| panic!("{what}: report not written: {e}"));
-    let parsed =
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: report is not JSON: {e}"));
-    (native, parsed, tmp)
+    (native, parse_report(&what, &body), tmp)
+}
+
+/// A report's text as JSON, checked against the committed report schema (docs/report.schema.json): every report
+/// a test reads is one the schema accepts.
+pub fn parse_report(what: &str, body: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: report is not JSON: {e}"));
+    if let Err(problem) = dynspec::report::schema::check(&v) {
+        panic!("{what}: the report does not match docs/report.schema.json: {problem}");
+    }
+    v
+}
+
+/// [`parse_report`] of the file at `path`.
+pub fn read_report(path: impl AsRef<std::path::Path>) -> serde_json::Value {
+    let path = path.as_ref();
+    let body =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("no report at {}: {e}", path.display()));
+    parse_report(&path.display().to_string(), &body)
 }

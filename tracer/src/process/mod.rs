@@ -129,6 +129,9 @@ pub struct SpawnOptions {
     pub extra_env: Vec<(OsString, OsString)>,
     /// Run the program with ASLR disabled (`personality(ADDR_NO_RANDOMIZE)`), for reproducible addresses.
     pub disable_aslr: bool,
+    /// Descriptors closed in the program before it starts: the standard streams the caller itself was started
+    /// without (the Rust runtime put /dev/null there; the program must see them closed, as it would natively).
+    pub close_fds: Vec<i32>,
 }
 
 /// What kind of ptrace-stop a stopped thread is in (it decides how it can be resumed).

@@ -63,9 +63,10 @@ impl Tracer {
         let mut envp: Vec<*const libc::c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
         envp.push(std::ptr::null());
         let disable_aslr = opts.disable_aslr;
+        let close_fds = opts.close_fds.clone();
 
         // SAFETY: fork in a possibly multi-threaded process; the child only calls async-signal-safe functions
-        // (personality, sigprocmask, signal, getpid, kill, execve, _exit) on memory prepared before the fork.
+        // (personality, sigprocmask, signal, close, getpid, kill, execve, _exit) on memory prepared before the fork.
         let child = unsafe { libc::fork() };
         if child < 0 {
             return Err(TracerError::errno("fork", Errno::last()));
@@ -82,6 +83,9 @@ impl Tracer {
                 libc::sigemptyset(&mut empty);
                 libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
                 libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                for &fd in &close_fds {
+                    libc::close(fd);
+                }
                 // Stop so the parent can PTRACE_SEIZE us before execve (as strace does).
                 libc::kill(libc::getpid(), libc::SIGSTOP);
                 libc::execve(c_path.as_ptr(), argp.as_ptr(), envp.as_ptr());
