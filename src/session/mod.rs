@@ -44,8 +44,21 @@ const MAX_FRUITLESS_PLANS: u32 = 2;
 /// A planning round on fewer samples than this that installs nothing is retried after another window; with more,
 /// a fruitless round is final (unless an install failed): re-planning costs the program sampling overhead.
 const MIN_PLAN_SAMPLES: u64 = 400;
-/// Longest a re-plan after an invalidation waits for [`MIN_PLAN_SAMPLES`] samples.
+/// Longest a planning round waits for the samples it wants ([`enough_to_plan`]).
 const MAX_SETTLE: Duration = Duration::from_millis(500);
+
+/// Samples `span` of one busy thread's CPU time gives at `rate_hz`, less a margin (timer skid, start-up).
+fn samples_wanted(rate_hz: u64, span: Duration) -> u64 {
+    (rate_hz as f64 * span.as_secs_f64() * 0.8) as u64
+}
+
+/// Whether a planning round may start on `samples` after waiting `waited`: once it has `wanted`, or waited
+/// [`MAX_SETTLE`] (a program that mostly blocks gives few samples however long one waits). Windows are measured
+/// in the program's CPU time this way, not in wall time: under load the program runs less per wall second, and
+/// a plan on a few dozen samples flips from run to run.
+fn enough_to_plan(samples: u64, wanted: u64, waited: Duration) -> bool {
+    samples >= wanted || waited >= MAX_SETTLE
+}
 /// First and longest pause of sampling between planning rounds ([`Phase::Idle`]).
 const IDLE_MIN: Duration = Duration::from_secs(1);
 const IDLE_MAX: Duration = Duration::from_secs(8);
@@ -97,8 +110,9 @@ pub enum Outcome {
 enum Phase {
     /// Sampling only, until the first window elapses.
     Sampling { until: Instant },
-    /// Write-watching the candidate pages, until the second window elapses.
-    Watching { until: Instant },
+    /// Write-watching the candidate pages (since `since`), until the second window elapses and the samples for
+    /// the first plan came in.
+    Watching { until: Instant, since: Instant },
     /// After an invalidation: sample another window, then plan again.
     ///
     /// With `settle` (a re-plan after an invalidation), the window is extended until [`MIN_PLAN_SAMPLES`] samples
@@ -466,9 +480,21 @@ impl Session {
                 }
                 self.phase = Phase::Watching {
                     until: now + self.cfg.window,
+                    since: now,
                 };
             }
-            Phase::Watching { until } if now >= until => {
+            Phase::Watching { until, since } if now >= until => {
+                // The first plan is made on the samples of both windows: wait until the program has run as long
+                // as they take on an idle machine (under load it gets less CPU per wall second).
+                let wanted = samples_wanted(self.cfg.rate_hz, 2 * self.cfg.window);
+                if self.cfg.specialize && !enough_to_plan(self.recent.total(), wanted, now - since)
+                {
+                    self.phase = Phase::Watching {
+                        until: now + EVENT_POLL,
+                        since,
+                    };
+                    return;
+                }
                 let watched = self.store.is_watching();
                 let wants_cache = self.cfg.specialize && self.rt.is_none();
                 if watched || wants_cache {
@@ -496,10 +522,12 @@ impl Session {
                 since,
                 settle,
             } if now >= until => {
-                if settle
-                    && self.recent.total() < MIN_PLAN_SAMPLES
-                    && now.duration_since(since) < MAX_SETTLE
-                {
+                let wanted = if settle {
+                    MIN_PLAN_SAMPLES
+                } else {
+                    samples_wanted(self.cfg.rate_hz, self.cfg.window)
+                };
+                if !enough_to_plan(self.recent.total(), wanted, now.duration_since(since)) {
                     self.phase = Phase::Resample {
                         until: now + self.cfg.window,
                         since,
@@ -639,5 +667,48 @@ impl Session {
                 self.cfg.window.as_secs_f64()
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_wait_for_the_samples_an_idle_machine_gives() {
+        // 1999 Hz over two 50 ms windows: about 200 samples on an idle machine; 80% of that is wanted.
+        assert_eq!(samples_wanted(1999, Duration::from_millis(100)), 159);
+        let wanted = samples_wanted(1999, Duration::from_millis(100));
+        assert!(!enough_to_plan(60, wanted, Duration::from_millis(120)));
+        assert!(enough_to_plan(160, wanted, Duration::from_millis(120)));
+        // A program that blocks gives few samples: the round goes ahead after MAX_SETTLE.
+        assert!(enough_to_plan(3, wanted, MAX_SETTLE));
+    }
+
+    #[test]
+    fn a_program_sharing_dynspec_stderr_gets_no_progress_line() {
+        let inherited = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .expect("sleep");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = || std::fs::File::create(dir.path().join("out")).expect("file");
+        let elsewhere = std::process::Command::new("sleep")
+            .arg("5")
+            .stdout(file())
+            .stderr(file())
+            .spawn()
+            .expect("sleep");
+        let pid = |c: &std::process::Child| Pid::from_raw(c.id() as i32);
+        let (shares, separate) = (
+            writes_to_our_stderr(pid(&inherited)),
+            writes_to_our_stderr(pid(&elsewhere)),
+        );
+        for mut c in [inherited, elsewhere] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        assert!(shares, "a child with our stderr shares it");
+        assert!(!separate, "a child writing to a file does not");
     }
 }
