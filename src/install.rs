@@ -263,7 +263,10 @@ impl Installer {
             }
         };
         self.specialize_time += t0.elapsed();
-        let best = scored.first().map(|s| s.estimate).unwrap_or(0.0);
+        let (best, best_samples) = scored
+            .first()
+            .map(|s| (s.estimate, s.candidate.samples))
+            .unwrap_or((0.0, 0));
         let mut installed: Option<(Addr, specializer::Gpr)> = None;
         let mut last_err = None;
         let mut tried: Vec<(Addr, specializer::Gpr, Reason)> = Vec::new();
@@ -309,14 +312,16 @@ impl Installer {
                 Some(why.clone())
             } else if installed.is_some() {
                 let estimate = n.estimate.unwrap_or(0.0);
-                Some(if estimate >= best * (1.0 - plan::NEAR_TIE) {
-                    Reason::NearTie {
-                        estimate,
-                        chosen: best,
-                    }
-                } else {
-                    Reason::LowerBenefit { estimate, best }
-                })
+                Some(
+                    if plan::within_noise(estimate, n.samples, best, best_samples) {
+                        Reason::NearTie {
+                            estimate,
+                            chosen: best,
+                        }
+                    } else {
+                        Reason::LowerBenefit { estimate, best }
+                    },
+                )
             } else {
                 Some(Reason::NotTried)
             };
@@ -404,13 +409,6 @@ impl Installer {
         variants: Specialized,
         snapshots: Snapshots,
     ) -> Result<codecache::InstallId, InstallError> {
-        let mut world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
-        // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail with
-        // CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
-        if variants.forwards && world.threads(self.pid).len() != 1 {
-            // A thread appeared since planning: its event (handled next) would remove the install anyway.
-            return Err(InstallError::ThreadAppeared);
-        }
         let forwards = variants.forwards;
         let listings: Vec<(Option<u64>, Vec<String>)> = variants
             .variants
@@ -421,23 +419,41 @@ impl Installer {
                 (*value, l)
             })
             .collect();
-        let id = self
-            .cache
-            .install(
-                &mut world,
-                InstallRequest {
-                    trigger: cand.address,
-                    register: Some(cand.register),
-                    assumed: variants.assumed,
-                    region: (r.start, r.end),
-                    variants: variants.variants,
-                    snapshots,
-                },
-            )
-            .map_err(|source| InstallError::Install {
-                at: cand.address,
-                source,
-            })?;
+        let mut tries = 0;
+        let (id, world) = loop {
+            let mut world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
+            // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail with
+            // CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
+            if forwards && world.threads(self.pid).len() != 1 {
+                // A thread appeared since planning: its event (handled next) would remove the install anyway.
+                return Err(InstallError::ThreadAppeared);
+            }
+            let request = InstallRequest {
+                trigger: cand.address,
+                register: Some(cand.register),
+                assumed: variants.assumed.clone(),
+                region: (r.start, r.end),
+                variants: variants.variants.clone(),
+                snapshots: snapshots.clone(),
+            };
+            match self.cache.install(&mut world, request) {
+                Ok(id) => break (id, world),
+                // A thread stopped between the instructions the patch replaces (the hotter the site, the likelier,
+                // and several threads running it make it likelier still): let it run on and stop again, rather
+                // than give the site up for a worse candidate.
+                Err(CacheError::ThreadInsidePatch { .. }) if tries < MAX_PATCH_TRIES => {
+                    tries += 1;
+                    world.resume().map_err(InstallError::Resume)?;
+                    std::thread::sleep(PATCH_RETRY_PAUSE);
+                }
+                Err(source) => {
+                    return Err(InstallError::Install {
+                        at: cand.address,
+                        source,
+                    })
+                }
+            }
+        };
         for info in self
             .cache
             .variants()
@@ -533,6 +549,11 @@ impl Installer {
 }
 
 type Snapshots = std::collections::BTreeMap<Addr, Vec<u8>>;
+
+/// Stops of the world an install tries while a thread sits inside the bytes its patch replaces.
+const MAX_PATCH_TRIES: u32 = 8;
+/// How long the threads run between those tries.
+const PATCH_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_micros(300);
 
 /// Why a planned candidate was not installed (the program's code is left as it was).
 #[derive(Debug, thiserror::Error)]

@@ -343,11 +343,11 @@ pub fn score_region(
     estimates.sort_by(|a, b| b.0.total_cmp(&a.0));
     // Near-ties are sampling noise: the first of the candidates close to the best (in address order) leads, so
     // the same program gets the same plan run after run.
-    if let Some(best) = estimates.first().map(|e| e.0) {
+    if let Some((best, best_samples)) = estimates.first().map(|e| (e.0, e.1.samples)) {
         if let Some(lead) = estimates
             .iter()
             .enumerate()
-            .filter(|(_, e)| e.0 >= best * (1.0 - NEAR_TIE))
+            .filter(|(_, e)| within_noise(e.0, e.1.samples, best, best_samples))
             .min_by_key(|(_, e)| (e.1.address, e.1.register.index()))
             .map(|(i, _)| i)
         {
@@ -392,8 +392,22 @@ pub fn score_region(
     (scored, notes)
 }
 
-/// Candidates whose estimates are within this fraction of the best one's are tied.
+/// Candidates whose estimates are within this fraction of the best one's are tied, however many samples they have.
 pub const NEAR_TIE: f64 = 0.05;
+/// Standard errors of sampling noise within which two estimates tie ([`within_noise`]).
+pub const NOISE_SIGMAS: f64 = 2.0;
+/// Two estimates of which one is below this fraction of the other never tie.
+pub const MAX_TIE: f64 = 0.5;
+
+/// Whether estimates `a` (from `na` samples) and `b` (from `nb`) are equal as far as the samples can tell. An
+/// estimate counts how often its trigger ran from timer samples, so its relative error is about 1/sqrt(samples)
+/// (Poisson); they tie when their difference is under [`NOISE_SIGMAS`] standard errors of the two. On 50 samples
+/// each that is 40%: a plan that took the best by a few samples' margin flipped between candidates run to run.
+pub fn within_noise(a: f64, na: u64, b: f64, nb: u64) -> bool {
+    let rel = (1.0 / na.max(1) as f64 + 1.0 / nb.max(1) as f64).sqrt();
+    let tolerance = (NOISE_SIGMAS * rel).clamp(NEAR_TIE, MAX_TIE);
+    a.min(b) >= a.max(b) * (1.0 - tolerance)
+}
 
 /// How often `c`'s trigger runs, as far as the samples can tell: the samples of its hot values, or those of a
 /// sibling candidate when that has more. Timer samples land on whichever instruction of a block the interrupt hit

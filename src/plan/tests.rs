@@ -449,3 +449,15 @@ fn folding_no_load_is_explained_by_the_pages_when_none_is_trusted() {
     explain_untrusted(&mut n, &pages, &set(&[]), &set(&[]));
     assert_eq!(n.reason, Some(Reason::Live));
 }
+
+#[test]
+fn estimates_tie_within_their_sampling_noise() {
+    // 50 samples each: a 30% difference is noise (2 standard errors are 40%).
+    assert!(within_noise(700.0, 50, 1000.0, 50));
+    assert!(within_noise(1000.0, 50, 700.0, 50), "symmetric");
+    // The same difference on 2000 samples each is real.
+    assert!(!within_noise(700.0, 2000, 1000.0, 2000));
+    // Many samples still tie within NEAR_TIE; few samples never tie below MAX_TIE.
+    assert!(within_noise(960.0, 1_000_000, 1000.0, 1_000_000));
+    assert!(!within_noise(400.0, 1, 1000.0, 1));
+}
