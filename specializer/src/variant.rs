@@ -28,6 +28,9 @@ pub(crate) struct Emitted {
     pub folded: KnownState,
     /// Data bytes (flag materialization operands), not an instruction boundary.
     pub is_data: bool,
+    /// Emitted while folding or re-emitting the instruction at `orig` (false: glue before it, where paths join
+    /// code already emitted or values are widened).
+    pub own: bool,
 }
 
 /// A specialization of one region for one entry state.
@@ -182,7 +185,8 @@ impl Variant {
                         reason: self.exits[*k].reason,
                     },
                     Some(None) => LineKind::ExitSetup,
-                    None => LineKind::Code,
+                    None if e.own => LineKind::Code,
+                    None => LineKind::Join,
                 }
             };
             out.push(ListingLine {
@@ -241,6 +245,9 @@ pub enum LineKind {
     Label,
     /// Residual code of the original instruction at `orig`.
     Code,
+    /// Code before the instruction at `orig`, not its own: a jump where the path joins code already emitted, or
+    /// folded values written back where they are widened.
+    Join,
     /// Materialization of folded values before an exit (`orig` is the exit's target).
     ExitSetup,
     /// The jump of an exit back to the original code.

@@ -14,6 +14,9 @@ pub enum CodeKind {
     Label,
     /// Residual code of the original instruction at `orig`.
     Code,
+    /// Code placed before the instruction at `orig`, not its own: a jump where the path joins code already
+    /// emitted, or folded values written back where they are widened.
+    Join,
     /// Folded values written back before an exit (`orig` is the exit's target).
     ExitSetup,
     /// The jump of an exit back to the original code at `exit_target`.
@@ -66,6 +69,7 @@ pub fn code_json(lines: &[ListingLine], max: usize) -> Vec<CodeLineJson> {
             let (kind, exit) = match l.kind {
                 LineKind::Label => (CodeKind::Label, None),
                 LineKind::Code => (CodeKind::Code, None),
+                LineKind::Join => (CodeKind::Join, None),
                 LineKind::ExitSetup => (CodeKind::ExitSetup, None),
                 LineKind::Exit { target, reason } => (CodeKind::Exit, Some((target, reason))),
                 LineKind::Data => (CodeKind::Data, None),

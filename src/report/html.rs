@@ -442,7 +442,8 @@ fn variants(r: &Report, o: &mut String) -> std::fmt::Result {
         o,
         "<p class=\"facts\">Rows are original addresses. Left: the original instruction (struck through: folded \
          away in every copy; yellow: kept in some copies; green: kept). Right: the variant's code for it \
-         (×N: N copies), and its <span class=\"exit\">exits</span> back to the original code. The blue edge is \
+         (×N: N copies; \"join\": a jump into code already emitted or values written back before the \
+         instruction, not its own code), and its <span class=\"exit\">exits</span> back to the original code. The blue edge is \
          the entry (the dispatch stub).</p>"
     )?;
     for v in &r.variants {

@@ -18,6 +18,7 @@ impl Engine<'_> {
                 orig: self.req.entry,
                 folded: KnownState::default(),
                 is_data: true,
+                own: false,
             });
         }
         // Only labels something refers to get an ip; several labels may

@@ -64,7 +64,10 @@ impl Engine<'_> {
                 self.budget_hit = true;
             }
             let before = self.items.len();
-            let next = self.step(ip, &mut st)?;
+            self.stepping = true;
+            let next = self.step(ip, &mut st);
+            self.stepping = false;
+            let next = next?;
             let c = self.coverage.entry(ip).or_default();
             c.0 += 1;
             c.1 += u32::from(self.items.len() > before);

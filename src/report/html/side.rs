@@ -31,6 +31,7 @@ impl Counted {
 struct Row<'a> {
     original: Option<&'a OriginalLineJson>,
     code: Counted,
+    join: Counted,
     setup: Counted,
     /// "0x401234 (left the region)" and how many exits.
     exits: Counted,
@@ -55,6 +56,7 @@ fn rows(v: &VariantJson) -> BTreeMap<u64, Row<'_>> {
     for l in &v.code {
         match l.kind {
             CodeKind::Code => rows.entry(l.orig.0).or_default().code.add(l.asm.clone()),
+            CodeKind::Join => rows.entry(l.orig.0).or_default().join.add(l.asm.clone()),
             CodeKind::ExitSetup => rows.entry(l.orig.0).or_default().setup.add(l.asm.clone()),
             CodeKind::Exit => {
                 let target = l.exit_target.unwrap_or(l.orig);
@@ -219,10 +221,12 @@ pub(super) fn variant(r: &Report, v: &VariantJson, o: &mut String) -> std::fmt::
             addr,
             esc(&tip)
         )?;
+        counted(o, &row.join, "cnt", "(join) ")?;
         counted(o, &row.code, "", "")?;
         counted(o, &row.setup, "cnt", "(before exit) ")?;
         counted(o, &row.exits, "exit", "⇥ ")?;
         if row.code.0.is_empty() && row.exits.0.is_empty() && row.setup.0.is_empty() {
+            // Folded: what joins here (if anything) is listed above.
             writeln!(o, "<div class=\"gone\">— folded away</div>")?;
         }
         writeln!(o, "</td></tr>")?;

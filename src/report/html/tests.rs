@@ -51,6 +51,7 @@ fn variant(id: u64, symbol: &str) -> VariantJson {
         asm: vec!["add rax, rdx".into(), "jmp 0x1100".into()],
         code: vec![
             line(0x1000, "L0:", CodeKind::Label, None),
+            line(0x1000, "jmp L0", CodeKind::Join, None),
             line(0x1004, "add rax, rdx", CodeKind::Code, None),
             line(0x1100, "mov esi, 7", CodeKind::ExitSetup, None),
             line(0x1100, "jmp 0x1100", CodeKind::Exit, Some(0x1100)),
@@ -170,6 +171,7 @@ fn every_variant_is_shown_side_by_side() {
             "{s}"
         );
         assert!(s.contains("— folded away"), "{s}");
+        assert!(s.contains("(join) jmp L0"), "{s}");
         assert!(
             s.contains("<tr class=\"partial\"><td class=\"addr\">0x1004</td>"),
             "{s}"
