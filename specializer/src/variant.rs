@@ -28,9 +28,9 @@ pub(crate) struct Emitted {
     pub folded: KnownState,
     /// Data bytes (flag materialization operands), not an instruction boundary.
     pub is_data: bool,
-    /// Emitted while folding or re-emitting the instruction at `orig` (false: glue before it, where paths join
-    /// code already emitted or values are widened).
-    pub own: bool,
+    /// The original instruction whose folding or re-emission emitted this (None: glue where paths join code
+    /// already emitted or values are widened). Not always `orig`: code emitted after a store resumes after it.
+    pub source: Option<Addr>,
 }
 
 /// A specialization of one region for one entry state.
@@ -176,24 +176,23 @@ impl Variant {
             } else {
                 fmt.format(&e.ins, &mut s);
             }
-            let kind = if e.is_data {
-                LineKind::Data
+            let (kind, orig) = if e.is_data {
+                (LineKind::Data, e.orig)
             } else {
-                match exit_of.get(&i) {
-                    Some(Some(k)) => LineKind::Exit {
-                        target: self.exits[*k].target,
-                        reason: self.exits[*k].reason,
-                    },
-                    Some(None) => LineKind::ExitSetup,
-                    None if e.own => LineKind::Code,
-                    None => LineKind::Join,
+                match (exit_of.get(&i), e.source) {
+                    (Some(Some(k)), _) => (
+                        LineKind::Exit {
+                            target: self.exits[*k].target,
+                            reason: self.exits[*k].reason,
+                        },
+                        e.orig,
+                    ),
+                    (Some(None), _) => (LineKind::ExitSetup, e.orig),
+                    (None, Some(source)) => (LineKind::Code, source),
+                    (None, None) => (LineKind::Join, e.orig),
                 }
             };
-            out.push(ListingLine {
-                orig: e.orig,
-                asm: s,
-                kind,
-            });
+            out.push(ListingLine { orig, asm: s, kind });
         }
         out
     }
@@ -259,7 +258,8 @@ pub enum LineKind {
 /// One line of [`Variant::listing`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListingLine {
-    /// The original address a thread stopped here continues at (for code: the instruction it stands for).
+    /// The original address the line stands for: for code, the instruction it comes from; for an exit and its
+    /// set-up, the exit's target; for a join, where the paths join; for a label, what it labels.
     pub orig: Addr,
     pub asm: String,
     pub kind: LineKind,

@@ -28,7 +28,8 @@ pub enum CodeKind {
 /// One line of a variant's residual code.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CodeLineJson {
-    /// The original address the line stands for (a thread stopped there continues at it).
+    /// The original address the line stands for: for code, the instruction it comes from; for an exit and its
+    /// set-up, the exit's target; for a join, where paths join.
     pub orig: Hex,
     pub asm: String,
     pub kind: CodeKind,

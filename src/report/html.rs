@@ -184,6 +184,11 @@ fn hot_regions(r: &Report, o: &mut String) -> std::fmt::Result {
             .clone()
             .unwrap_or_else(|| format!("[{}..{})", h.start, h.end));
         let spec = r.variants.iter().any(|v| v.region.start == h.start);
+        // Samples in the code arena are time spent in variants.
+        let arena = r
+            .variants
+            .iter()
+            .any(|v| v.code_address.is_some_and(|a| h.start <= a && a < h.end));
         let tip = format!("{} [{}..{}) in {}", name, h.start, h.end, h.module);
         let right = format!(
             "{:.1}% · {} samples{}",
@@ -191,6 +196,8 @@ fn hot_regions(r: &Report, o: &mut String) -> std::fmt::Result {
             h.samples,
             if spec {
                 " · <span class=\"tag live\">specialized</span>"
+            } else if arena {
+                " · <span class=\"tag\">variants' code (dynspec)</span>"
             } else {
                 ""
             }

@@ -56,7 +56,7 @@ impl Engine<'_> {
             orig,
             folded,
             is_data: false,
-            own: self.stepping,
+            source: self.stepping,
         });
         self.forget_facts(&ins, st);
     }

@@ -18,7 +18,7 @@ impl Engine<'_> {
                 orig: self.req.entry,
                 folded: KnownState::default(),
                 is_data: true,
-                own: false,
+                source: None,
             });
         }
         // Only labels something refers to get an ip; several labels may

@@ -75,8 +75,8 @@ struct Engine<'a> {
     static_regs: u16,
     /// Per original address walked: (visits, visits that emitted code), for [`Variant::original`].
     coverage: BTreeMap<Addr, (u32, u32)>,
-    /// Inside [`Engine::step`]: what is emitted now is the stepped instruction's own code.
-    stepping: bool,
+    /// Inside [`Engine::step`]: the instruction stepped, whose code is emitted now.
+    stepping: Option<Addr>,
 }
 
 /// Specialize `req` reading the target through `mem`.
@@ -105,7 +105,7 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         info: InstructionInfoFactory::new(),
         static_regs: 0,
         coverage: BTreeMap::new(),
-        stepping: false,
+        stepping: None,
     };
     // The entry must decode; anything later that does not becomes an exit.
     if e.decode(req.entry).is_none() {

@@ -64,9 +64,9 @@ impl Engine<'_> {
                 self.budget_hit = true;
             }
             let before = self.items.len();
-            self.stepping = true;
+            self.stepping = Some(ip);
             let next = self.step(ip, &mut st);
-            self.stepping = false;
+            self.stepping = None;
             let next = next?;
             let c = self.coverage.entry(ip).or_default();
             c.0 += 1;

@@ -220,6 +220,11 @@ fn regions_left_alone_say_why() {
     // Samples by function and by module.
     assert!(page.contains("id=\"by-function\"") && page.contains("id=\"by-module\""));
     assert!(page.contains(">libc.so.6</span>"));
+    // Samples in the code arena are the variants' own.
+    let mut r = report();
+    r.hot_regions[1].start = Hex(0x7f00_0000_0000);
+    r.hot_regions[1].end = Hex(0x7f00_0000_1000);
+    assert!(render_html(&r).contains("variants' code (dynspec)"));
 }
 
 #[test]
