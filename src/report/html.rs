@@ -453,6 +453,33 @@ fn variants(r: &Report, o: &mut String) -> std::fmt::Result {
          instruction, not its own code), and its <span class=\"exit\">exits</span> back to the original code. The blue edge is \
          the entry (the dispatch stub).</p>"
     )?;
+    // An index first: which variants mattered (entries) and where each one's code is.
+    writeln!(
+        o,
+        "<table class=\"plan\" id=\"variant-index\"><tr><th>variant</th><th>region</th><th>when</th>\
+         <th>entries</th><th>folded / emitted</th><th>guard pages</th><th></th></tr>"
+    )?;
+    for v in &r.variants {
+        let when = match (&v.trigger, v.value) {
+            (Some(t), Some(val)) => format!("{} = {}", t.register, val),
+            _ => "always".into(),
+        };
+        writeln!(
+            o,
+            "<tr><td><a href=\"#variant-{}\">#{}</a></td><td><code>{}</code></td><td class=\"mono\">{}</td>\
+             <td>{}</td><td>{} / {}</td><td>{}</td><td>{}</td></tr>",
+            v.id,
+            v.id,
+            esc(&region_name(v)),
+            esc(&when),
+            v.entries,
+            v.folded,
+            v.residual,
+            v.guard_pages.len(),
+            if v.invalidated { "invalidated" } else { "alive" }
+        )?;
+    }
+    writeln!(o, "</table>")?;
     for v in &r.variants {
         side::variant(r, v, o)?;
     }

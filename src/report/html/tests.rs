@@ -183,9 +183,18 @@ fn every_variant_is_shown_side_by_side() {
         assert!(s.contains("entered <b>7</b> times"), "{s}");
     }
     assert!(section(&page, 1).contains("invalidated at 0.800 s (page 0x5000 written)"));
+    assert!(
+        page.contains("<td><a href=\"#variant-2\">#2</a></td>"),
+        "index"
+    );
     assert!(!section(&page, 2).contains("invalidated at"));
     // Self-contained: no external resources.
     assert!(!page.contains("src=") && !page.contains("<link") && !page.contains("http"));
+    assert!(
+        page.match_indices("href=\"")
+            .all(|(i, _)| page[i + 6..].starts_with('#')),
+        "only links within the page"
+    );
     assert!(page.contains("data-rendered"), "the done marker");
 }
 
