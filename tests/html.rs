@@ -51,7 +51,7 @@ fn browse(page: &Path, profile: &Path, args: &[String]) -> String {
 }
 
 /// The markup of variant `id`'s section in the rendered DOM.
-fn section<'a>(dom: &'a str, id: u64) -> Option<&'a str> {
+fn section(dom: &str, id: u64) -> Option<&str> {
     let start = dom.find(&format!("id=\"variant-{id}\""))?;
     let len = dom[start..].find("</section>")?;
     Some(&dom[start..start + len])
@@ -75,6 +75,40 @@ fn check_page(report: &Path, r: &serde_json::Value, tmp: &TempDir) -> PathBuf {
         text(&out.stdout)
     );
     assert!(page.is_file(), "no page at {}", page.display());
+    // An explicit FILE gets the same page; an unwritable one is a one-line error naming it.
+    let explicit = tmp.join("explicit.html");
+    let out = output_of(
+        {
+            let mut c = Command::new(common::dynspec());
+            c.arg("report").arg(report).arg("--html").arg(&explicit);
+            c
+        },
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "report --html FILE: {}",
+        text(&out.stderr)
+    );
+    assert_eq!(std::fs::read(&explicit).ok(), std::fs::read(&page).ok());
+    let out = output_of(
+        {
+            let mut c = Command::new(common::dynspec());
+            c.arg("report")
+                .arg(report)
+                .arg("--html")
+                .arg("/nonexistent-dir/p.html");
+            c
+        },
+        None,
+    );
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.starts_with("dynspec: error: cannot write /nonexistent-dir/p.html: ")
+            && err.lines().count() == 1,
+        "{err}"
+    );
     let profile = tmp.join("chromium-profile");
     let dom = browse(&page, &profile, &["--dump-dom".into()]);
     assert!(
