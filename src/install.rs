@@ -431,6 +431,12 @@ impl Installer {
         variants: Specialized,
         snapshots: Snapshots,
     ) -> Result<codecache::InstallId, InstallError> {
+        // Formatted before the world stops: the program should not wait for the report's listings.
+        let listings: Vec<(Option<u64>, Listings)> = variants
+            .variants
+            .iter()
+            .map(|(value, v)| (*value, Listings::of(v)))
+            .collect();
         let mut world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
         // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail with
         // CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
@@ -439,11 +445,6 @@ impl Installer {
             return Err(InstallError::ThreadAppeared);
         }
         let forwards = variants.forwards;
-        let listings: Vec<(Option<u64>, Listings)> = variants
-            .variants
-            .iter()
-            .map(|(value, v)| (*value, Listings::of(v)))
-            .collect();
         let id = self
             .cache
             .install(
