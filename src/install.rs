@@ -17,7 +17,8 @@ use crate::plan::{
     TriggerCandidate,
 };
 use crate::report::{
-    Hex, InvalidationJson, RegionRefJson, TriggerRefJson, VariantJson, MAX_ASM_LINES,
+    code, CodeLineJson, Hex, InvalidationJson, OriginalLineJson, RegionRefJson, TriggerRefJson,
+    VariantJson, MAX_ASM_LINES,
 };
 
 /// What one planning round did.
@@ -74,8 +75,33 @@ pub struct Installer {
     forwarding_installs: BTreeSet<codecache::InstallId>,
     /// Every install that forwarded stored values (for the report).
     forwarding_ever: BTreeSet<codecache::InstallId>,
-    /// Each installed variant's code listing (for the report).
-    asm: HashMap<codecache::VariantId, Vec<String>>,
+    /// Each installed variant's code listings (for the report).
+    listings: HashMap<codecache::VariantId, Listings>,
+    /// When each variant was installed.
+    installed_at: HashMap<codecache::VariantId, Instant>,
+}
+
+/// A variant's code as the report shows it, each list at most [`MAX_ASM_LINES`] long.
+#[derive(Clone, Debug, Default)]
+struct Listings {
+    asm: Vec<String>,
+    code: Vec<CodeLineJson>,
+    original: Vec<OriginalLineJson>,
+}
+
+impl Listings {
+    fn of(v: &specializer::Variant) -> Listings {
+        let lines = v.listing();
+        Listings {
+            asm: lines
+                .iter()
+                .take(MAX_ASM_LINES)
+                .map(|l| l.asm.clone())
+                .collect(),
+            code: code::code_json(&lines, MAX_ASM_LINES),
+            original: code::original_json(&v.original_listing(), MAX_ASM_LINES),
+        }
+    }
 }
 
 impl Installer {
@@ -97,7 +123,8 @@ impl Installer {
             forwarding_allowed: true,
             forwarding_installs: BTreeSet::new(),
             forwarding_ever: BTreeSet::new(),
-            asm: HashMap::new(),
+            listings: HashMap::new(),
+            installed_at: HashMap::new(),
         })
     }
 
@@ -410,14 +437,11 @@ impl Installer {
         snapshots: Snapshots,
     ) -> Result<codecache::InstallId, InstallError> {
         let forwards = variants.forwards;
-        let listings: Vec<(Option<u64>, Vec<String>)> = variants
+        // Formatted before the world stops: the program should not wait for the report's listings.
+        let listings: Vec<(Option<u64>, Listings)> = variants
             .variants
             .iter()
-            .map(|(value, v)| {
-                let mut l = v.residual_asm();
-                l.truncate(MAX_ASM_LINES);
-                (*value, l)
-            })
+            .map(|(value, v)| (*value, Listings::of(v)))
             .collect();
         let mut tries = 0;
         let (id, world) = loop {
@@ -461,8 +485,9 @@ impl Installer {
             .filter(|i| i.install == id)
         {
             if let Some((_, l)) = listings.iter().find(|(v, _)| *v == info.value) {
-                self.asm.insert(info.id, l.clone());
+                self.listings.insert(info.id, l.clone());
             }
+            self.installed_at.insert(info.id, Instant::now());
         }
         if forwards {
             self.forwarding_installs.insert(id);
@@ -512,12 +537,13 @@ impl Installer {
         self.refresh_counters(tr, Duration::ZERO);
     }
 
-    /// The report's view of every variant installed so far.
-    pub fn variants_json(&self) -> Vec<VariantJson> {
+    /// The report's view of every variant installed so far (`since`: the session's start).
+    pub fn variants_json(&self, since: Instant) -> Vec<VariantJson> {
         self.cache
             .variants()
             .into_iter()
-            .map(|v| VariantJson {
+            .map(|v| (self.listing(v.id), v))
+            .map(|(l, v)| VariantJson {
                 id: self.id_base + v.id.0,
                 region: RegionRefJson {
                     start: Hex(v.region.0 .0),
@@ -537,9 +563,19 @@ impl Installer {
                 entries: self.counters.entries.get(&v.id).copied().unwrap_or(0),
                 invalidated: !v.alive,
                 forwards_stores: self.forwarding_ever.contains(&v.install),
-                asm: self.asm.get(&v.id).cloned().unwrap_or_default(),
+                asm: l.asm,
+                code: l.code,
+                original: l.original,
+                installed_ms: self
+                    .installed_at
+                    .get(&v.id)
+                    .map(|t| t.saturating_duration_since(since).as_millis() as u64),
             })
             .collect()
+    }
+
+    fn listing(&self, id: codecache::VariantId) -> Listings {
+        self.listings.get(&id).cloned().unwrap_or_default()
     }
 
     /// Invalidations so far.

@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 
-use dynspec::report::{Report, DEFAULT_REPORT};
+use dynspec::report::{html, Report, DEFAULT_REPORT};
 use dynspec::session::{Outcome, SessionConfig, Target};
 use dynspec::{bench, fold, session, signals};
 
@@ -102,6 +102,9 @@ enum Command {
         /// Print the code of every variant instead of the summary.
         #[arg(long, conflicts_with = "json")]
         asm: bool,
+        /// Write the report as one self-contained HTML page [default FILE: beside the report, .html].
+        #[arg(long, value_name = "FILE", num_args = 0..=1, conflicts_with_all = ["json", "asm"])]
+        html: Option<Option<PathBuf>>,
     },
     /// Show what the specializer does to a snippet of code.
     Fold(fold::FoldArgs),
@@ -286,10 +289,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let outcome = session::run(Target::Attach(nix::unistd::Pid::from_raw(pid)), &cfg)?;
             Ok(finish(outcome, &cfg))
         }
-        Command::Report { path, json, asm } => {
+        Command::Report {
+            path,
+            json,
+            asm,
+            html,
+        } => {
             let path = path.unwrap_or_else(|| PathBuf::from(DEFAULT_REPORT));
             let r = Report::load(&path)?;
-            if json {
+            if let Some(file) = html {
+                let file = file.unwrap_or_else(|| html::default_html_path(&path));
+                std::fs::write(&file, html::render_html(&r))
+                    .with_context(|| format!("cannot write {}", file.display()))?;
+                println!("report page written to {}", file.display());
+            } else if json {
                 println!("{}", r.to_json());
             } else if asm {
                 print!("{}", r.render_asm());

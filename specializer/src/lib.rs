@@ -44,4 +44,4 @@ mod variant;
 
 pub use engine::{modelled_mnemonics, specialize};
 pub use types::*;
-pub use variant::{Encoded, Variant};
+pub use variant::{Encoded, LineKind, ListingLine, OriginalLine, Variant};

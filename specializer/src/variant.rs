@@ -1,6 +1,6 @@
 //! A specialized variant: emitted instructions, exits, deopt map; encoding and text rendering.
 
-use crate::{Addr, DeoptEntry, Exit, KnownState, SpecializeError, Stats};
+use crate::{Addr, DeoptEntry, Exit, ExitReason, KnownState, SpecializeError, Stats};
 use iced_x86::{
     BlockEncoder, BlockEncoderOptions, Decoder, DecoderOptions, Formatter, Instruction,
     InstructionBlock, IntelFormatter, OpKind, SymbolResolver, SymbolResult,
@@ -28,6 +28,9 @@ pub(crate) struct Emitted {
     pub folded: KnownState,
     /// Data bytes (flag materialization operands), not an instruction boundary.
     pub is_data: bool,
+    /// The original instruction whose folding or re-emission emitted this (None: glue where paths join code
+    /// already emitted or values are widened). Not always `orig`: code emitted after a store resumes after it.
+    pub source: Option<Addr>,
 }
 
 /// A specialization of one region for one entry state.
@@ -40,6 +43,8 @@ pub struct Variant {
     /// Sorted, deduplicated pages that folded loads relied on.
     pub guard_pages: Vec<Addr>,
     pub stats: Stats,
+    /// The original instructions walked, sorted by address.
+    pub(crate) original: Vec<Original>,
     pub(crate) items: Vec<Emitted>,
     /// Index in `items` of the first instruction of each exit (same order as `exits`).
     pub(crate) exit_items: Vec<usize>,
@@ -122,6 +127,12 @@ impl Variant {
     /// labels as `L3:` lines (numbered in emission order), branches to
     /// emitted code as `L3`, exits as `jmp 0x401234`.
     pub fn residual_asm(&self) -> Vec<String> {
+        self.listing().into_iter().map(|l| l.asm).collect()
+    }
+
+    /// The residual code as [`Variant::residual_asm`] prints it, each line with the original address it stands
+    /// for and what it is (a label, code, the set-up and jump of an exit, data).
+    pub fn listing(&self) -> Vec<ListingLine> {
         let mut names: HashMap<u64, String> = HashMap::new();
         for e in &self.items {
             let ip = e.ins.ip();
@@ -130,24 +141,34 @@ impl Variant {
                 names.insert(ip, format!("L{n}"));
             }
         }
-        let resolver = Box::new(Labels {
+        // Each exit's items: from its first (materialization) to its jump, the first branch out of the variant.
+        let mut exit_of: HashMap<usize, Option<usize>> = HashMap::new();
+        for (k, &first) in self.exit_items.iter().enumerate() {
+            let jump = (first..self.items.len()).find(|&i| {
+                let ins = &self.items[i].ins;
+                !self.items[i].is_data
+                    && ins.op_count() > 0
+                    && ins.op0_kind() == OpKind::NearBranch64
+                    && !is_label(ins.near_branch_target())
+            });
+            let Some(jump) = jump else { continue };
+            for i in first..jump {
+                exit_of.insert(i, None);
+            }
+            exit_of.insert(jump, Some(k));
+        }
+        let mut fmt = formatter(Some(Box::new(Labels {
             names: names.clone(),
-        });
-        let mut fmt = IntelFormatter::with_options(Some(resolver), None);
-        let o = fmt.options_mut();
-        o.set_uppercase_hex(false);
-        o.set_hex_prefix("0x");
-        o.set_hex_suffix("");
-        o.set_space_after_operand_separator(true);
-        o.set_show_branch_size(false);
-        o.set_rip_relative_addresses(false);
-        o.set_branch_leading_zeros(false);
-        o.set_leading_zeros(false);
+        })));
         let mut out = Vec::new();
-        for e in &self.items {
+        for (i, e) in self.items.iter().enumerate() {
             let ip = e.ins.ip();
             if let Some(n) = names.get(&ip) {
-                out.push(format!("{n}:"));
+                out.push(ListingLine {
+                    orig: e.orig,
+                    asm: format!("{n}:"),
+                    kind: LineKind::Label,
+                });
             }
             let mut s = String::new();
             if e.is_data && e.ins.op0_kind() != OpKind::Register {
@@ -155,15 +176,111 @@ impl Variant {
             } else {
                 fmt.format(&e.ins, &mut s);
             }
-            out.push(s);
+            let (kind, orig) = if e.is_data {
+                (LineKind::Data, e.orig)
+            } else {
+                match (exit_of.get(&i), e.source) {
+                    (Some(Some(k)), _) => (
+                        LineKind::Exit {
+                            target: self.exits[*k].target,
+                            reason: self.exits[*k].reason,
+                        },
+                        e.orig,
+                    ),
+                    (Some(None), _) => (LineKind::ExitSetup, e.orig),
+                    (None, Some(source)) => (LineKind::Code, source),
+                    (None, None) => (LineKind::Join, e.orig),
+                }
+            };
+            out.push(ListingLine { orig, asm: s, kind });
         }
         out
+    }
+
+    /// The original instructions the specializer walked, by address, in Intel syntax, with how often each was
+    /// walked and how many of those walks emitted code (none: folded away everywhere).
+    pub fn original_listing(&self) -> Vec<OriginalLine> {
+        let mut fmt = formatter(None);
+        self.original
+            .iter()
+            .map(|o| {
+                let mut s = String::new();
+                fmt.format(&o.ins, &mut s);
+                OriginalLine {
+                    address: Addr(o.ins.ip()),
+                    asm: s,
+                    visits: o.visits,
+                    emitted: o.emitted,
+                }
+            })
+            .collect()
     }
 
     /// Number of emitted instructions (materialization included, data excluded).
     pub fn instruction_count(&self) -> usize {
         self.items.iter().filter(|e| !e.is_data).count()
     }
+}
+
+/// The Intel-syntax formatter of every listing: lower-case hex with `0x`, no size hints on branches.
+fn formatter(labels: Option<Box<dyn SymbolResolver>>) -> IntelFormatter {
+    let mut fmt = IntelFormatter::with_options(labels, None);
+    let o = fmt.options_mut();
+    o.set_uppercase_hex(false);
+    o.set_hex_prefix("0x");
+    o.set_hex_suffix("");
+    o.set_space_after_operand_separator(true);
+    o.set_show_branch_size(false);
+    o.set_rip_relative_addresses(false);
+    o.set_branch_leading_zeros(false);
+    o.set_leading_zeros(false);
+    fmt
+}
+
+/// What a line of [`Variant::listing`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LineKind {
+    /// `L3:`, a branch target inside the variant.
+    Label,
+    /// Residual code of the original instruction at `orig`.
+    Code,
+    /// Code before the instruction at `orig`, not its own: a jump where the path joins code already emitted, or
+    /// folded values written back where they are widened.
+    Join,
+    /// Materialization of folded values before an exit (`orig` is the exit's target).
+    ExitSetup,
+    /// The jump of an exit back to the original code.
+    Exit { target: Addr, reason: ExitReason },
+    /// Data bytes (flag materialization operands).
+    Data,
+}
+
+/// One line of [`Variant::listing`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListingLine {
+    /// The original address the line stands for: for code, the instruction it comes from; for an exit and its
+    /// set-up, the exit's target; for a join, where the paths join; for a label, what it labels.
+    pub orig: Addr,
+    pub asm: String,
+    pub kind: LineKind,
+}
+
+/// One line of [`Variant::original_listing`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginalLine {
+    pub address: Addr,
+    pub asm: String,
+    /// Times the specializer walked it (once per abstract state), and how many of those emitted code.
+    pub visits: u32,
+    pub emitted: u32,
+}
+
+/// An original instruction the specializer walked.
+#[derive(Clone, Debug)]
+pub(crate) struct Original {
+    pub ins: Instruction,
+    pub visits: u32,
+    pub emitted: u32,
 }
 
 struct Labels {
@@ -182,5 +299,50 @@ impl SymbolResolver for Labels {
         self.names
             .get(&address)
             .map(|n| SymbolResult::with_str(address, n.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::snippet::Snippet;
+    use crate::{Addr, ExitReason, Gpr, LineKind};
+
+    #[test]
+    fn listings_pair_residual_lines_with_original_addresses() {
+        // 0x1000: mov rax, rcx (rcx known: folded); 0x1003: add rax, rdx (kept); 0x1006: mov esi, 7 (folded);
+        // falls off the end at 0x100b.
+        let code = vec![0x48, 0x89, 0xc8, 0x48, 0x01, 0xd0, 0xbe, 7, 0, 0, 0];
+        let mut s = Snippet::new(Addr(0x1000), code);
+        s.known.set_reg(Gpr::Rcx, Some(5));
+        let f = s.fold().expect("folds");
+        let orig = f.variant.original_listing();
+        let addrs: Vec<u64> = orig.iter().map(|o| o.address.0).collect();
+        assert_eq!(addrs, [0x1000, 0x1003, 0x1006]);
+        assert_eq!(orig[0].asm, "mov rax, rcx");
+        assert_eq!((orig[0].visits, orig[0].emitted), (1, 0), "{orig:?}");
+        assert_eq!((orig[1].visits, orig[1].emitted), (1, 1), "{orig:?}");
+        assert_eq!((orig[2].visits, orig[2].emitted), (1, 0), "{orig:?}");
+        let lines = f.variant.listing();
+        assert_eq!(
+            lines.iter().map(|l| l.asm.clone()).collect::<Vec<_>>(),
+            f.residual
+        );
+        let code: Vec<_> = lines.iter().filter(|l| l.kind == LineKind::Code).collect();
+        assert!(code.iter().all(|l| l.orig == Addr(0x1003)), "{lines:?}");
+        let last = lines.last().expect("an exit");
+        assert_eq!(
+            last.kind,
+            LineKind::Exit {
+                target: Addr(0x100b),
+                reason: ExitReason::LeftRegion
+            }
+        );
+        // The folded esi is materialized before the exit, for the exit's target.
+        assert!(
+            lines.iter().any(|l| l.kind == LineKind::ExitSetup
+                && l.asm == "mov esi, 7"
+                && l.orig == Addr(0x100b)),
+            "{lines:?}"
+        );
     }
 }

@@ -1,8 +1,11 @@
 //! The run report: a versioned JSON document (written atomically) and its rendering for people.
 
+pub mod code;
+pub mod html;
 pub mod plan;
 pub mod schema;
 
+pub use code::{CodeLineJson, OriginalLineJson};
 pub use plan::PlanRoundJson;
 
 use std::fmt::Write as _;
@@ -185,6 +188,15 @@ pub struct VariantJson {
     /// The variant's code as emitted, one instruction per line (labels `L<n>:`), at most [`MAX_ASM_LINES`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub asm: Vec<String>,
+    /// The same code line by line with the original address each line stands for, exits with their targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub code: Vec<CodeLineJson>,
+    /// The original instructions the variant covers (those the specializer walked), by address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub original: Vec<OriginalLineJson>,
+    /// When it was installed, since the session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installed_ms: Option<u64>,
 }
 
 /// Lines of variant code kept in the report per variant.

@@ -268,6 +268,9 @@ fn parse_edited(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Report, Rep
         invalidated: false,
         forwards_stores: false,
         asm: vec!["ret".into()],
+        code: Vec::new(),
+        original: Vec::new(),
+        installed_ms: Some(110),
     });
     let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");
     edit(&mut v);

@@ -622,7 +622,7 @@ impl Session {
         let mut invalidations = self.retired.invalidations.clone();
         let (mut spec, mut inst) = (self.retired.specialize_time, self.retired.install_time);
         if let Some(rt) = self.rt.as_ref() {
-            variants.extend(rt.variants_json());
+            variants.extend(rt.variants_json(self.time.start));
             invalidations.extend(rt.invalidations_json());
             spec += rt.specialize_time;
             inst += rt.install_time;

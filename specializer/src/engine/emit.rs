@@ -56,6 +56,7 @@ impl Engine<'_> {
             orig,
             folded,
             is_data: false,
+            source: self.stepping,
         });
         self.forget_facts(&ins, st);
     }

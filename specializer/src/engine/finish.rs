@@ -1,7 +1,7 @@
 //! Finishing: flag-materialization data after the code, one ip per referenced label, branch targets resolved.
 
 use super::Engine;
-use crate::variant::{Emitted, Variant, LABEL_BASE};
+use crate::variant::{Emitted, Original, Variant, LABEL_BASE};
 use crate::{KnownState, SpecializeError};
 use iced_x86::{Instruction, OpKind};
 use std::collections::{BTreeSet, HashMap};
@@ -18,6 +18,7 @@ impl Engine<'_> {
                 orig: self.req.entry,
                 folded: KnownState::default(),
                 is_data: true,
+                source: None,
             });
         }
         // Only labels something refers to get an ip; several labels may
@@ -78,8 +79,22 @@ impl Engine<'_> {
                 }
             }
         }
+        // The original instructions walked, as decoded (they decoded when walked).
+        let original = self
+            .coverage
+            .iter()
+            .filter_map(|(&addr, &(visits, emitted))| {
+                let ins = self.decode_cache.get(&addr).copied().flatten()?;
+                Some(Original {
+                    ins,
+                    visits,
+                    emitted,
+                })
+            })
+            .collect();
         Ok(Variant {
             entry: self.req.entry,
+            original,
             exits: self.exits,
             guard_pages: self.guard.into_iter().collect(),
             stats: self.stats,

@@ -26,7 +26,7 @@ use crate::variant::{Emitted, Variant, LABEL_BASE};
 use crate::{Addr, Exit, Memory, Options, Request, SpecializeError, Stats};
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory};
 use state::AbsState;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Whether `v` fits a sign-extended 32-bit immediate or displacement.
 fn fits_i32(v: i64) -> bool {
@@ -73,6 +73,10 @@ struct Engine<'a> {
     info: InstructionInfoFactory,
     /// Registers whose value addressed a folded constant load (bit per Gpr).
     static_regs: u16,
+    /// Per original address walked: (visits, visits that emitted code), for [`Variant::original`].
+    coverage: BTreeMap<Addr, (u32, u32)>,
+    /// Inside [`Engine::step`]: the instruction stepped, whose code is emitted now.
+    stepping: Option<Addr>,
 }
 
 /// Specialize `req` reading the target through `mem`.
@@ -100,6 +104,8 @@ pub fn specialize(req: &Request, mem: &dyn Memory) -> Result<Variant, Specialize
         data_labels: HashMap::new(),
         info: InstructionInfoFactory::new(),
         static_regs: 0,
+        coverage: BTreeMap::new(),
+        stepping: None,
     };
     // The entry must decode; anything later that does not becomes an exit.
     if e.decode(req.entry).is_none() {

@@ -63,7 +63,15 @@ impl Engine<'_> {
             if self.stats.visited > 100_000 + 4 * self.opts().max_code_bytes {
                 self.budget_hit = true;
             }
-            match self.step(ip, &mut st)? {
+            let before = self.items.len();
+            self.stepping = Some(ip);
+            let next = self.step(ip, &mut st);
+            self.stepping = None;
+            let next = next?;
+            let c = self.coverage.entry(ip).or_default();
+            c.0 += 1;
+            c.1 += u32::from(self.items.len() > before);
+            match next {
                 Next::Continue(n) => ip = n,
                 Next::Stop => return Ok(()),
             }
