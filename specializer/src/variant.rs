@@ -123,6 +123,27 @@ impl Variant {
         })
     }
 
+    /// Whether the variant loops within itself: some branch of its code goes back to code emitted at or before
+    /// it. A variant that does not runs once per entry, from its stub to one of its exits, so every pass through
+    /// the trigger pays for the stub and the exit.
+    pub fn loops(&self) -> bool {
+        let mut defined: std::collections::HashSet<u64> = std::collections::HashSet::new();
+        for e in &self.items {
+            let ip = e.ins.ip();
+            if is_label(ip) {
+                defined.insert(ip);
+            }
+            if !e.is_data
+                && e.ins.op_count() > 0
+                && e.ins.op0_kind() == OpKind::NearBranch64
+                && defined.contains(&e.ins.near_branch_target())
+            {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Residual code as Intel-syntax lines, one per emitted instruction;
     /// labels as `L3:` lines (numbered in emission order), branches to
     /// emitted code as `L3`, exits as `jmp 0x401234`.

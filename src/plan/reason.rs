@@ -30,6 +30,9 @@ pub enum Reason {
     NotScored { better: usize },
     /// Specializing the candidate's hot values folded too little to pay for a stub.
     FoldedTooLittle { folded: usize, visited: usize },
+    /// The variant does not loop within itself, so every pass through the trigger enters and leaves it, and it
+    /// folds too little per pass to pay for that ([`super::MIN_FOLDED_STRAIGHT`]).
+    StraightLine { folded: usize },
     /// The variants fold no memory read: they only re-derive what the registers already say.
     NoFoldedLoad,
     /// The variants fold no memory read because the memory the region reads is not trusted as constant: of its
@@ -85,6 +88,12 @@ impl fmt::Display for Reason {
             Reason::FoldedTooLittle { folded, visited } => write!(
                 f,
                 "folded {folded} of {visited} instructions: not worth a dispatch stub"
+            ),
+            Reason::StraightLine { folded } => write!(
+                f,
+                "runs once per entry (no loop of its own) and folds only {folded} instructions: every pass would \
+                 pay for the dispatch stub and an exit (needs {})",
+                super::MIN_FOLDED_STRAIGHT
             ),
             Reason::NoFoldedLoad => f.write_str(
                 "folds no memory read (the memory it reads is not trusted as constant, or it reads none)",

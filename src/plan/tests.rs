@@ -58,10 +58,10 @@ impl ProfileEnv for CodeAndData {
     }
 }
 
-/// 16 x (lea rcx, [rdi+8]; mov rdi, rcx), ret: everything folded is register arithmetic on rdi.
+/// 32 x (lea rcx, [rdi+8]; mov rdi, rcx), ret (straight-line, folding more than MIN_FOLDED_STRAIGHT): everything folded is register arithmetic on rdi.
 fn registers_only() -> Vec<u8> {
     let mut code = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..32 {
         code.extend([0x48, 0x8d, 0x4f, 0x08]); // lea rcx, [rdi+8]
         code.extend([0x48, 0x89, 0xcf]); // mov rdi, rcx
     }
@@ -460,4 +460,28 @@ fn estimates_tie_within_their_sampling_noise() {
     // Many samples still tie within NEAR_TIE; few samples never tie below MAX_TIE.
     assert!(within_noise(960.0, 1_000_000, 1000.0, 1_000_000));
     assert!(!within_noise(400.0, 1, 1000.0, 1));
+}
+
+#[test]
+fn a_variant_without_a_loop_must_fold_enough_per_pass() {
+    let st = Stats {
+        visited: 36,
+        folded: 20,
+        folded_loads: 3,
+        folded_branches: 1,
+        residual: 16,
+        code_bytes: 90,
+    };
+    // Looping within itself, 20 folded of 36 is worth a stub; entered on every pass, it is not.
+    assert_eq!(why_not_worth_a_stub(&st, true), None);
+    assert_eq!(
+        why_not_worth_a_stub(&st, false),
+        Some(Reason::StraightLine { folded: 20 })
+    );
+    let big = Stats {
+        folded: MIN_FOLDED_STRAIGHT,
+        residual: 40,
+        ..st
+    };
+    assert_eq!(why_not_worth_a_stub(&big, false), None);
 }
