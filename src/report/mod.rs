@@ -208,6 +208,9 @@ pub struct Report {
     /// Why nothing was planned at all (no round happened), when that is so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_planned: Option<String>,
+    /// What the program lost to dynspec itself, and what dynspec did about it.
+    #[serde(default)]
+    pub overhead: crate::overhead::OverheadJson,
 }
 
 /// Why a report could not be read.
@@ -553,7 +556,7 @@ impl Report {
             "timings: profile {} ms, specialize {} ms, install {} ms, first sample to first install {}",
             t.profile_ms, t.specialize_ms, t.install_ms, first
         )?;
-        Ok(())
+        self.overhead.render(o)
     }
 }
 
@@ -663,6 +666,7 @@ mod tests {
                 }],
             }],
             not_planned: None,
+            overhead: crate::overhead::OverheadJson::default(),
         }
     }
 
