@@ -18,15 +18,19 @@ pub const STOP_KERNEL_COST: Duration = Duration::from_micros(15);
 /// VM): an estimate, used only in the report's totals.
 pub const SAMPLE_COST: Duration = Duration::from_micros(25);
 /// Shortest window whose cost share [`decide`] trusts.
-pub const MIN_WINDOW: Duration = Duration::from_millis(500);
+pub const MIN_WINDOW: Duration = Duration::from_millis(250);
 /// Default share of the program's wall time dynspec may take in stops before it backs off (`--max-overhead`).
 pub const DEFAULT_MAX_OVERHEAD: f64 = 0.02;
-/// Planning rounds in a row that installed nothing (the first final one and the periodic looks after it) before
-/// the session concludes nothing will be installed and detaches.
-pub const FRUITLESS_ROUNDS: u32 = 3;
+/// Final planning rounds in a row that installed nothing (the first final one and the periodic looks after it,
+/// 1, 2 and 4 s apart) before the session concludes nothing will be installed and detaches: hot code that starts
+/// seconds into the run (samples/late_start.c) is still found.
+pub const FRUITLESS_ROUNDS: u32 = 4;
 /// Windows in a row over budget before live variants are removed for dynspec's cost: one invalidation (a stop
 /// of the world and a re-plan) is a one-time cost, a signal-heavy program pays in every window.
 pub const COSTLY_WINDOWS: u32 = 2;
+/// A window this many times over the budget removes live variants at once: an invalidation costs a few
+/// milliseconds, a program losing a fifth of its time to stops should not lose it for another window.
+pub const SEVERE: f64 = 10.0;
 
 /// Which kind of stop the program paid for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -244,7 +248,8 @@ pub fn decide(s: &Standing) -> Decision {
         }
         return Decision::Stay;
     }
-    if over && s.costly_windows >= COSTLY_WINDOWS {
+    let severe = s.budget < 1.0 && s.last_share.is_some_and(|x| x > s.budget * SEVERE);
+    if severe || (over && s.costly_windows >= COSTLY_WINDOWS) {
         return Decision::RemoveAndDetach(StepReason::CostOverBudget);
     }
     Decision::Stay
@@ -414,7 +419,7 @@ mod tests {
         let mut s = Standing {
             live_variants: 2,
             fruitless_rounds: 9,
-            last_share: Some(0.3),
+            last_share: Some(0.05),
             costly_windows: 1,
             ..standing()
         };
@@ -423,6 +428,13 @@ mod tests {
             Decision::Stay,
             "one costly window (an invalidation) is not a trend"
         );
+        s.last_share = Some(0.3);
+        assert_eq!(
+            decide(&s),
+            Decision::RemoveAndDetach(StepReason::CostOverBudget),
+            "a window far over the budget is enough"
+        );
+        s.last_share = Some(0.05);
         s.costly_windows = COSTLY_WINDOWS;
         assert_eq!(
             decide(&s),
@@ -439,11 +451,11 @@ mod tests {
     fn windows_count_costly_shares_in_a_row() {
         let t0 = Instant::now();
         let mut o = Overhead::new(t0);
-        // 50 stops held 1 ms each in a 500 ms window: (50 ms + 50 x 15 us) / 500 ms, about 10%.
-        for _ in 0..50 {
+        // 25 stops held 1 ms each in a 250 ms window: (25 ms + 25 x 15 us) / 250 ms, about 10%.
+        for _ in 0..25 {
             o.stop(StopKind::Signal, Duration::from_millis(1));
         }
-        o.roll(t0 + Duration::from_millis(100), 0.02);
+        o.roll(t0 + Duration::from_millis(50), 0.02);
         assert_eq!(
             o.last_share(),
             None,
@@ -456,10 +468,10 @@ mod tests {
         o.stop(StopKind::GuardFault, Duration::from_micros(10));
         o.roll(t0 + MIN_WINDOW * 2, 0.02);
         assert_eq!(o.costly_windows(), 0, "a cheap window ends the streak");
-        assert_eq!(o.stops(), 51);
+        assert_eq!(o.stops(), 26);
         assert_eq!(
             o.stop_time(),
-            Duration::from_millis(50) + Duration::from_micros(10) + STOP_KERNEL_COST * 51
+            Duration::from_millis(25) + Duration::from_micros(10) + STOP_KERNEL_COST * 26
         );
     }
 
