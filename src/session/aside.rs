@@ -46,6 +46,18 @@ impl Session {
             return false;
         };
         if matches!(decision, Decision::RemoveAndDetach(_)) {
+            // Removed here, where a failure only means staying (the detach path's failure would end the
+            // session with an error, and a spawned program with it).
+            let removed = self
+                .stop_everything()
+                .and_then(|()| self.uninstall_everything());
+            if let Err(e) = removed {
+                self.warn(format_args!(
+                    "cannot remove the variants to step aside: {e:#}; staying"
+                ));
+                self.resume_all_quiet();
+                return false;
+            }
             self.say(format_args!("{}", step.why));
         }
         self.steps.push(step);
