@@ -133,6 +133,11 @@ impl Installer {
         self.regions.values().any(|r| r.live.is_some())
     }
 
+    /// Regions with live variants.
+    pub fn live_regions(&self) -> usize {
+        self.regions.values().filter(|r| r.live.is_some()).count()
+    }
+
     /// Regions that may still be (re)specialized.
     pub fn wants(&self, r: &RegionPlan) -> bool {
         plan::wants(

@@ -17,6 +17,7 @@ pub mod bench;
 pub mod codemap;
 pub mod fold;
 pub mod install;
+pub mod overhead;
 pub mod plan;
 pub mod profile;
 pub mod report;

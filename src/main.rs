@@ -54,6 +54,11 @@ struct ProfileOpts {
     /// No messages from dynspec itself (errors still go to stderr).
     #[arg(short, long)]
     quiet: bool,
+    /// Percent of the program's time dynspec may cost it in ptrace stops (signals, events, guard faults) before
+    /// it backs off: it detaches when nothing is installed, and removes its variants and detaches when the cost
+    /// goes on window after window; 100 never backs off for cost.
+    #[arg(long, value_name = "PERCENT", default_value_t = dynspec::overhead::DEFAULT_MAX_OVERHEAD * 100.0, value_parser = parse_percent)]
+    max_overhead: f64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +146,18 @@ enum Command {
 
 /// The longest duration accepted (about 115 days): longer is a typo, not a plan.
 const MAX_SECS: f64 = 1e7;
+
+/// `--max-overhead`: a percentage from 0 to 100.
+fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a percentage"))?;
+    if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+        return Err(format!("'{s}' must be a percentage from 0 to 100"));
+    }
+    Ok(v)
+}
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
     let v: f64 = s
@@ -392,6 +409,7 @@ fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionCo
         attach_for,
         specialize: !opts.profile_only,
         close_fds: closed_stdio(),
+        max_overhead: opts.max_overhead / 100.0,
     }
 }
 

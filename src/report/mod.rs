@@ -62,7 +62,7 @@ impl JsonSchema for Hex {
 }
 
 /// The schema of a key that is always written and may be null (`schemars(required)` alone drops the null).
-fn nullable<T: JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn nullable<T: JsonSchema>(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let inner = g.subschema_for::<T>();
     schemars::json_schema!({ "anyOf": [inner, { "type": "null" }] })
 }
@@ -243,6 +243,9 @@ pub struct Report {
     /// Why nothing was planned at all (no round happened), when that is so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub not_planned: Option<String>,
+    /// What the program lost to dynspec itself, and what dynspec did about it.
+    #[serde(default)]
+    pub overhead: crate::overhead::OverheadJson,
 }
 
 /// `n` with the singular or plural noun ("1 sample", "2 samples").
@@ -622,7 +625,7 @@ impl Report {
             "timings: profile {} ms, specialize {} ms, install {} ms, first sample to first install {}",
             t.profile_ms, t.specialize_ms, t.install_ms, first
         )?;
-        Ok(())
+        self.overhead.render(o)
     }
 }
 

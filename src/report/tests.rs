@@ -83,6 +83,7 @@ fn sample_report() -> Report {
             }],
         }],
         not_planned: None,
+        overhead: crate::overhead::OverheadJson::default(),
     }
 }
 

@@ -7,9 +7,33 @@ use tracer::Event;
 
 use super::{Outcome, Session};
 use crate::install;
+use crate::overhead::StopKind;
 
 impl Session {
+    /// Answer one tracer event, and count the stop it cost the program (`crate::overhead`).
     pub(super) fn handle_event(&mut self, ev: Event) -> Result<Option<Outcome>> {
+        let kind = match ev {
+            Event::Signal { .. } => Some(StopKind::Signal),
+            Event::NewThread { .. } | Event::Forked { .. } | Event::Exec { .. } => {
+                Some(StopKind::Event)
+            }
+            Event::ThreadExited { .. } | Event::Exited { .. } => None,
+        };
+        let held = std::time::Instant::now();
+        self.guard_stop = false;
+        let r = self.dispatch_event(ev);
+        if let Some(k) = kind {
+            let k = if self.guard_stop {
+                StopKind::GuardFault
+            } else {
+                k
+            };
+            self.overhead.stop(k, held.elapsed());
+        }
+        r
+    }
+
+    fn dispatch_event(&mut self, ev: Event) -> Result<Option<Outcome>> {
         match ev {
             Event::Signal {
                 tid,
@@ -18,6 +42,7 @@ impl Session {
             } => {
                 if signal == libc::SIGSEGV && self.guard_segv(tid, &siginfo) {
                     // Ours: every thread is stopped, the page invalidated, the signal suppressed.
+                    self.guard_stop = true;
                     self.resume_all_quiet();
                     return Ok(None);
                 }
@@ -32,6 +57,7 @@ impl Session {
                             false
                         }
                     };
+                self.guard_stop = claimed;
                 let deliver = if claimed { None } else { Some(signal) };
                 if deliver.is_some() && !self.before_handler(tid) {
                     // Gave up specializing: every thread was stopped; resume them all (the signal is still

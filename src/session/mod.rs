@@ -18,12 +18,14 @@ use tracer::{ExitStatus, Tracer};
 use crate::codemap::{CodeMap, LiveEnv};
 use crate::install::Installer;
 
+use crate::overhead::{Overhead, StepJson};
 use crate::profile::Profiler;
 use crate::report::{
     ExitStatusJson, InvalidationJson, PlanRoundJson, Report, Timings, VariantJson, REPORT_VERSION,
 };
 use crate::signals;
 
+mod aside;
 mod events;
 mod sampling;
 mod specialize;
@@ -92,6 +94,8 @@ pub struct SessionConfig {
     pub specialize: bool,
     /// Run mode: descriptors to close in the program ([`tracer::SpawnOptions::close_fds`]).
     pub close_fds: Vec<i32>,
+    /// Share of the program's wall time dynspec may cost it in stops before it backs off (`--max-overhead`).
+    pub max_overhead: f64,
 }
 
 /// How the session ended.
@@ -210,6 +214,18 @@ struct Session {
     plan_log: Vec<PlanRoundJson>,
     /// The next [`Phase::Idle`] pause.
     idle_backoff: Duration,
+    /// `--profile-only` (`cfg.specialize` also goes false when specializing is given up).
+    profile_only: bool,
+    /// What the program lost to dynspec so far.
+    overhead: Overhead,
+    /// Final planning rounds in a row that installed nothing (see `overhead::FRUITLESS_ROUNDS`).
+    fruitless_rounds: u32,
+    /// The event being handled was a guard or watch fault (dynspec's), not a signal of the program's.
+    guard_stop: bool,
+    /// What the session did about its own cost (the report's `overhead.steps`).
+    steps: Vec<StepJson>,
+    /// The session ends by stepping aside (detaching; in run mode the program runs on untraced).
+    stepped_aside: bool,
 }
 
 /// Run a whole session and write its report.
@@ -273,6 +289,12 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         plans: 0,
         plan_log: Vec::new(),
         idle_backoff: IDLE_MIN,
+        profile_only: !cfg.specialize,
+        overhead: Overhead::new(start),
+        fruitless_rounds: 0,
+        guard_stop: false,
+        steps: Vec::new(),
+        stepped_aside: false,
     };
     for tid in s.tracer.all_threads() {
         // At the start a refusal is fatal and explained (perf_event_paranoid, CAP_PERFMON, mlock limits).
@@ -283,15 +305,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
     s.tracer.resume_all().context("cannot resume the target")?;
     let end = s.event_loop()?;
     s.ingest();
-    let exit_status = match &end {
-        Outcome::Exited(ExitStatus::Code(c)) => Some(ExitStatusJson::Code(*c)),
-        Outcome::Exited(ExitStatus::Signaled { signal, .. }) => {
-            Some(ExitStatusJson::Signal(*signal))
-        }
-        Outcome::Detached => None,
-        // Killed below with SIGKILL, which it cannot catch: that is how it ends.
-        Outcome::Interrupted(_) => Some(ExitStatusJson::Signal(libc::SIGKILL)),
-    };
+    let exit_status = exit_json(&end);
     let killed_by_dynspec = matches!(end, Outcome::Interrupted(_));
     let outcome = match end {
         Outcome::Exited(st) if !s.tracer.processes().is_empty() => {
@@ -341,9 +355,32 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             s.uninstall_everything()
                 .context("cannot remove the installed variants before detaching")?;
             s.end_watch();
-            let report = s.build_report(command, attach_pid, exit_status);
-            let Session { tracer, cfg, .. } = s;
+            // Nothing of dynspec may go on costing the program once it is let go.
+            s.pause_sampling();
+            let mut report = s.build_report(command, attach_pid, exit_status);
+            let run_on = s.stepped_aside && !s.attach_mode;
+            let Session {
+                tracer,
+                cfg,
+                root,
+                time,
+                handled_interrupts,
+                ..
+            } = s;
             tracer.detach().context("cannot detach from the target")?;
+            if run_on {
+                // Run mode: the program runs on untraced; its exit status is still ours to pass on.
+                let out = aside::wait_untraced(root, handled_interrupts, cfg.quiet)?;
+                report.exit_status = exit_json(&out);
+                report.duration_ms = time.start.elapsed().as_millis() as u64;
+                report.overhead.share = if report.duration_ms == 0 {
+                    0.0
+                } else {
+                    report.overhead.lost_ms / report.duration_ms as f64
+                };
+                report.write(&cfg.report_path)?;
+                return Ok(out);
+            }
             report.write(&cfg.report_path)?;
             return Ok(Outcome::Detached);
         }
@@ -373,6 +410,19 @@ fn writes_to_our_stderr(pid: Pid) -> bool {
         std::fs::metadata(format!("/proc/{pid}/fd/{fd}"))
             .map_or(true, |m| m.dev() == ours.dev() && m.ino() == ours.ino())
     })
+}
+
+/// The report's exit status for how the session ended (null while the program keeps running).
+fn exit_json(end: &Outcome) -> Option<ExitStatusJson> {
+    match end {
+        Outcome::Exited(ExitStatus::Code(c)) => Some(ExitStatusJson::Code(*c)),
+        Outcome::Exited(ExitStatus::Signaled { signal, .. }) => {
+            Some(ExitStatusJson::Signal(*signal))
+        }
+        Outcome::Detached => None,
+        // Killed with SIGKILL, which it cannot catch: that is how it ends.
+        Outcome::Interrupted(_) => Some(ExitStatusJson::Signal(libc::SIGKILL)),
+    }
 }
 
 impl Session {
@@ -424,6 +474,9 @@ impl Session {
             }
             self.ingest();
             self.advance_phase();
+            if self.consider_stepping_aside() {
+                return Ok(Outcome::Detached);
+            }
             self.show_progress();
         }
     }
@@ -645,6 +698,12 @@ impl Session {
             invalidations,
             plan: self.plan_log.clone(),
             not_planned: self.not_planned(duration),
+            overhead: self.overhead.to_json(
+                self.profiler.total(),
+                inst,
+                duration,
+                self.steps.clone(),
+            ),
         }
     }
 

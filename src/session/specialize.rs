@@ -88,6 +88,7 @@ impl Session {
                 0,
                 notes,
             );
+            self.count_round(0);
             return;
         }
         // Pages hot loads read now, for hot code the planner has not specialized before (see PageTrust).
@@ -139,11 +140,22 @@ impl Session {
         if let (Some(t), None) = (rt.first_install, self.time.first_install) {
             self.time.first_install = Some(t);
         }
+        self.count_round(out.installed);
         if let Some(p) = out.problems.first() {
             self.say(p);
         }
         if out.installed > 0 {
             self.idle_backoff = IDLE_MIN;
+        }
+    }
+
+    /// Count a planning round towards [`crate::overhead::FRUITLESS_ROUNDS`]: only final rounds (no retry
+    /// scheduled, so the next is a periodic look) that installed nothing; an install starts the count over.
+    fn count_round(&mut self, installed: usize) {
+        if installed > 0 {
+            self.fruitless_rounds = 0;
+        } else if matches!(self.phase, Phase::Done) {
+            self.fruitless_rounds += 1;
         }
     }
 
@@ -174,6 +186,7 @@ impl Session {
             return;
         }
         rt.read_counters(&self.tracer);
+        let held = Instant::now();
         let handled = match rt.cache.stop_all(&mut self.tracer) {
             Ok(mut world) => {
                 let r = rt.cache.handle_guard_faults(&mut world);
@@ -191,6 +204,8 @@ impl Session {
                 for i in &invs {
                     self.trust.invalidated(i.page);
                 }
+                self.overhead
+                    .stop(crate::overhead::StopKind::GuardFault, held.elapsed());
                 self.after_invalidation();
             }
             Err(e) => {
@@ -292,6 +307,8 @@ impl Session {
 
     /// Sample a fresh window before specializing the invalidated regions again.
     pub(super) fn after_invalidation(&mut self) {
+        // The program changed: its new behaviour gets fresh planning rounds before dynspec gives up on it.
+        self.fruitless_rounds = 0;
         self.recent = Profiler::new();
         self.resume_sampling();
         self.idle_backoff = IDLE_MIN;

@@ -129,6 +129,7 @@ fn report() -> Report {
             ],
         }],
         not_planned: None,
+        overhead: crate::overhead::OverheadJson::default(),
     }
 }
 
