@@ -1,0 +1,107 @@
+//! `dynspec attach` on a process that must not be harmed: dynspec's death leaves it running, detach leaves
+//! nothing behind, what attach cannot handle is refused with the target untouched.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    died_of, dynspec, expected, is_alive, sample, send_signal, text, tracer_pid, ChildGuard,
+    TempDir,
+};
+
+/// serve_loop serving requests until its stdin (a pipe the test holds) closes.
+struct Server {
+    child: ChildGuard,
+}
+
+impl Server {
+    fn start() -> Server {
+        let child = Command::new(sample("serve_loop"))
+            .arg("1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start serve_loop");
+        Server {
+            child: ChildGuard::new(child),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Close its stdin and check that it ends exactly like a native run.
+    fn finish(mut self, what: &str) {
+        let stdin = self.child.child_mut().stdin.take();
+        drop(stdin);
+        let out = self.child.wait_output();
+        assert_eq!(text(&out.stderr), "", "{what}: serve_loop's stderr");
+        assert_eq!(
+            text(&out.stdout),
+            text(&expected("serve_loop")),
+            "{what}: serve_loop's stdout"
+        );
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", out.status);
+    }
+
+    /// Something on its stdin (it reads and ignores it): proves it still serves requests.
+    fn poke(&mut self) {
+        let stdin = self.child.child_mut().stdin.as_mut().expect("stdin pipe");
+        stdin.write_all(b"x").expect("write to serve_loop");
+    }
+}
+
+/// `dynspec attach PID ARGS...` started in the background, stdout and stderr captured.
+fn start_attach(pid: u32, args: &[&str], tmp: &TempDir) -> ChildGuard {
+    let child = Command::new(dynspec())
+        .arg("attach")
+        .arg(pid.to_string())
+        .args(["-q", "--report"])
+        .arg(tmp.join("attach.json"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dynspec attach");
+    ChildGuard::new(child)
+}
+
+fn wait_traced(pid: u32) {
+    common::wait_for("dynspec to attach (TracerPid of the target)", || {
+        tracer_pid(pid).is_none_or(|t| t != 0)
+    });
+}
+
+fn wait_untraced(pid: u32) {
+    common::wait_for("the target to be untraced", || {
+        tracer_pid(pid).is_none_or(|t| t == 0)
+    });
+}
+
+/// An attached process outlives dynspec: no PTRACE_O_EXITKILL on attach (a spawned one dies with it, see
+/// tests/samples.rs `killing_dynspec_kills_its_target`).
+#[test]
+fn killing_dynspec_attach_profile_only_leaves_the_target_running() {
+    let tmp = TempDir::new();
+    let mut server = Server::start();
+    let pid = server.pid();
+    let tracer = start_attach(pid, &["--profile-only"], &tmp);
+    wait_traced(pid);
+    // Let it sample for a while, so the kill lands in the middle of profiling.
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(tracer.id() as i32, libc::SIGKILL);
+    let out = tracer.wait_output();
+    assert!(died_of(&out.status, libc::SIGKILL), "dynspec: {}", out.status);
+    wait_untraced(pid);
+    assert!(is_alive(pid), "the target died with dynspec attach");
+    server.poke();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(is_alive(pid), "the target died after dynspec attach was killed");
+    server.finish("after SIGKILL of dynspec attach --profile-only");
+}
