@@ -178,3 +178,76 @@ fn attach_refuses_a_32_bit_process_leaving_it_untouched() {
     let state = state.rsplit_once(") ").map(|(_, r)| &r[..1]).unwrap_or("?");
     assert!(matches!(state, "R" | "S"), "state {state}: stopped?");
 }
+
+/// The memory map and the descriptors of a process (fd number -> what it refers to).
+fn maps_and_fds(pid: u32) -> (String, Vec<(String, String)>) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let mut fds: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read fd dir")
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), target)
+        })
+        .collect();
+    fds.sort();
+    (maps, fds)
+}
+
+/// Variants installed and their entries, from a report.
+fn variants_entered(report: &std::path::Path) -> (usize, u64) {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report).expect("read report")).expect("JSON report");
+    let vs = v["variants"].as_array().cloned().unwrap_or_default();
+    let entries = vs.iter().filter_map(|x| x["entries"].as_u64()).sum();
+    (vs.len(), entries)
+}
+
+/// Detach leaves nothing behind: after each of 20 attach/specialize/detach cycles on one process, its memory
+/// map and its descriptors are those it had before the first attach, and it finishes with a native run's output.
+#[test]
+fn twenty_attach_specialize_detach_cycles_leave_nothing_behind() {
+    let server = Server::start();
+    let pid = server.pid();
+    // Started up (loader done): two reads of the map agree.
+    let mut before = maps_and_fds(pid);
+    common::wait_for("serve_loop's memory map to settle", || {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = maps_and_fds(pid);
+        std::mem::replace(&mut before, now) == before
+    });
+    let mut entered = 0;
+    for cycle in 1..=20 {
+        let tmp = TempDir::new();
+        let report = tmp.join("attach.json");
+        let mut cmd = Command::new(dynspec());
+        cmd.args(["attach", &pid.to_string(), "--for", "1", "--window", "0.05"])
+            .args(["--rate", "1999", "-q", "--report"])
+            .arg(&report);
+        let out = common::output_of(cmd, None);
+        assert!(
+            out.status.success(),
+            "cycle {cycle}: dynspec attach: {} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), "", "cycle {cycle}: dynspec attach -q");
+        let (installed, entries) = variants_entered(&report);
+        assert!(installed > 0, "cycle {cycle}: nothing was installed");
+        entered += entries;
+        wait_untraced(pid);
+        let after = maps_and_fds(pid);
+        assert_eq!(
+            after.0, before.0,
+            "cycle {cycle}: /proc/PID/maps after detach differs from before the first attach"
+        );
+        assert_eq!(
+            after.1, before.1,
+            "cycle {cycle}: /proc/PID/fd after detach differs from before the first attach"
+        );
+    }
+    assert!(entered > 0, "no variant was ever entered");
+    server.finish("after 20 attach/specialize/detach cycles");
+}
