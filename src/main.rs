@@ -65,7 +65,7 @@ enum Command {
         )]
         command: Vec<OsString>,
     },
-    /// Attach to a running process; detach leaving it running (on Ctrl-C, SIGTERM or after --for).
+    /// Attach to a running process; detach leaving it running (on Ctrl-C, SIGTERM, SIGHUP or after --for).
     Attach {
         /// Process ID to attach to.
         #[arg(value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]

@@ -251,3 +251,34 @@ fn twenty_attach_specialize_detach_cycles_leave_nothing_behind() {
     assert!(entered > 0, "no variant was ever entered");
     server.finish("after 20 attach/specialize/detach cycles");
 }
+
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP each make `dynspec attach` detach with variants installed: it exits 0
+/// and the process keeps running with the memory map and descriptors it had before.
+#[test]
+fn interrupts_detach_with_variants_installed_leaving_nothing_behind() {
+    let server = Server::start();
+    let pid = server.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = maps_and_fds(pid);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let tmp = TempDir::new();
+        let tracer = start_attach(pid, &["--window", "0.05", "--rate", "1999"], &tmp);
+        wait_traced(pid);
+        // Long enough to sample, plan and install (the report below says whether it did).
+        std::thread::sleep(Duration::from_millis(1500));
+        send_signal(tracer.id() as i32, sig);
+        let out = tracer.wait_output();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "dynspec attach after signal {sig}: {} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        let (installed, _) = variants_entered(&tmp.join("attach.json"));
+        assert!(installed > 0, "signal {sig}: nothing was installed");
+        wait_untraced(pid);
+        assert_eq!(maps_and_fds(pid), before, "after signal {sig}");
+    }
+    server.finish("after SIGINT, SIGTERM and SIGHUP of dynspec attach");
+}
