@@ -282,3 +282,169 @@ fn interrupts_detach_with_variants_installed_leaving_nothing_behind() {
     }
     server.finish("after SIGINT, SIGTERM and SIGHUP of dynspec attach");
 }
+
+/// The one-line error of a refused `dynspec attach`, after checking it is one line, exit status 1.
+fn one_line_error(out: &std::process::Output) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("dynspec: error: "), "{err}");
+    err
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A process that made itself non-dumpable (prctl(PR_SET_DUMPABLE, 0)), running as nobody, attached by nobody:
+/// same user, so the message names dumpability (the check that failed), not the owner or Yama.
+#[test]
+fn permission_error_names_a_non_dumpable_target() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("skipped: needs root (to run both sides as nobody)");
+        return;
+    }
+    let tmp = TempDir::new();
+    let src = tmp.join("undumpable.c");
+    std::fs::write(
+        &src,
+        "#include <sys/prctl.h>\n#include <unistd.h>\n\
+         int main(void) { prctl(PR_SET_DUMPABLE, 0); for (;;) pause(); }\n",
+    )
+    .expect("write undumpable.c");
+    let exe = tmp.join("undumpable");
+    let built = Command::new("gcc")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("run gcc");
+    assert!(built.success(), "gcc failed");
+    // nobody must reach the program: the temp dir is private to root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let target = ChildGuard::new(
+        Command::new(&exe)
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the non-dumpable program"),
+    );
+    let pid = target.id();
+    // Wait until it has called prctl: the files in /proc/PID then belong to root (as seen by root).
+    common::wait_for("the program to become non-dumpable", || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}/status")).is_ok_and(|m| m.uid() == 0)
+    });
+    let out = Command::new(dynspec())
+        .args(["attach", &pid.to_string(), "--for", "1", "-q"])
+        .args(["--report", "/tmp/never-written.json"])
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dynspec as nobody");
+    let err = one_line_error(&out);
+    assert!(err.contains("it is not dumpable"), "{err}");
+    assert!(err.contains("CAP_SYS_PTRACE"), "{err}");
+    assert!(!err.contains("belongs to"), "{err}");
+    assert_eq!(tracer_pid(pid), Some(0));
+}
+
+/// dynspec under a seccomp filter that refuses ptrace (a container's), as root with CAP_SYS_PTRACE: the message
+/// names the filter, not Yama or capabilities; the target runs on untouched.
+#[test]
+fn permission_error_names_a_seccomp_filter() {
+    use std::os::unix::process::CommandExt;
+    let server = Server::start();
+    let pid = server.pid();
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["attach", &pid.to_string(), "--for", "1", "-q"])
+        .args(["--report", "/tmp/never-written.json"])
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs between fork and exec and only makes prctl system calls on memory it owns (the
+    // filter lives on its stack for the duration of the call).
+    unsafe {
+        cmd.pre_exec(|| {
+            // ld [nr]; jeq SYS_ptrace ? ERRNO(EPERM) : ALLOW
+            let filter = [
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_ptrace as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000 | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = common::output_of(cmd, None);
+    let err = one_line_error(&out);
+    assert!(err.contains("seccomp filter"), "{err}");
+    assert!(err.contains("no_new_privs"), "{err}");
+    assert!(!err.contains("yama"), "{err}");
+    assert_eq!(tracer_pid(pid), Some(0));
+    server.finish("after a refused attach");
+}
+
+/// A process another tracer holds: the message names that tracer.
+#[test]
+fn permission_error_names_another_tracer() {
+    let tmp = TempDir::new();
+    let server = Server::start();
+    let pid = server.pid();
+    let first = start_attach(pid, &["--profile-only"], &tmp);
+    wait_traced(pid);
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["attach", &pid.to_string(), "--for", "1", "-q"])
+        .args(["--report", "/tmp/never-written.json"]);
+    let out = common::output_of(cmd, None);
+    let err = one_line_error(&out);
+    assert!(
+        err.contains(&format!(
+            "it is already traced by PID {} (dynspec)",
+            first.id()
+        )),
+        "{err}"
+    );
+    send_signal(first.id() as i32, libc::SIGTERM);
+    let out = first.wait_output();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    wait_untraced(pid);
+    server.finish("after a second tracer was refused");
+}

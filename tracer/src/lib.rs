@@ -25,6 +25,7 @@
 pub mod addr;
 pub mod error;
 pub mod maps;
+pub mod permission;
 pub mod process;
 pub mod program;
 pub mod remote;
