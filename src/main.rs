@@ -71,7 +71,7 @@ enum Command {
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
     },
-    /// Attach to a running process; detach leaving it running (on Ctrl-C, SIGTERM or after --for).
+    /// Attach to a running process; detach leaving it running (on Ctrl-C, SIGTERM, SIGHUP or after --for).
     Attach {
         /// Process ID to attach to.
         #[arg(

@@ -1,9 +1,9 @@
-//! dynspec's own signal handling: SIGINT/SIGTERM are recorded (never fatal to dynspec), and a target's fatal signal
+//! dynspec's own signal handling: SIGINT/SIGTERM/SIGHUP are recorded (never fatal to dynspec), and a target's fatal signal
 //! is re-raised on dynspec so the caller sees the same status.
 
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
-/// How many SIGINT/SIGTERM arrived (async-signal-safe counter).
+/// How many SIGINT/SIGTERM/SIGHUP arrived (async-signal-safe counter).
 static COUNT: AtomicU32 = AtomicU32::new(0);
 /// The last one: signal number.
 static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -23,11 +23,12 @@ extern "C" fn on_signal(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut
     COUNT.fetch_add(1, Ordering::SeqCst);
 }
 
-/// Catch SIGINT and SIGTERM from now on. Children inherit the handler only until execve, which resets caught
+/// Catch SIGINT, SIGTERM and SIGHUP from now on (a hang-up must not kill dynspec with variants installed in an
+/// attached process: it detaches, as on SIGTERM). Children inherit the handler only until execve, which resets caught
 /// signals to their default, so traced programs see their normal dispositions. A signal that was already ignored
 /// when dynspec started (`nohup`, background jobs of a script) stays ignored, so the program inherits that too.
 pub fn install() -> std::io::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: a zeroed sigaction is a valid starting point; we query the current disposition, then set a handler
         // with the SA_SIGINFO signature and an empty mask, passing valid pointers to sigaction.
         unsafe {

@@ -71,6 +71,7 @@ const SIG_INTERP: Case = case("sig_interp", "20000000", &["sig_run"]);
 const LATE_START: Case = case("late_start", "1000000", &["late_hash", "late_interp_run"]);
 const VFORK_GUARD: Case = case("vfork_guard", "6000000", &["vfork_guard_run"]);
 const PATCH_ONCE: Case = case("patch_once", "20000", &["patch_run", "patch_program"]);
+const SERVE_LOOP: Case = case("serve_loop", "50", &["serve_run"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -90,6 +91,7 @@ const ALL: &[&Case] = &[
     &LATE_START,
     &VFORK_GUARD,
     &PATCH_ONCE,
+    &SERVE_LOOP,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -192,6 +194,7 @@ sample_tests! {
     late_start => super::LATE_START;
     vfork_guard => super::VFORK_GUARD;
     patch_once => super::PATCH_ONCE;
+    serve_loop => super::SERVE_LOOP;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.

@@ -29,6 +29,8 @@ pub struct Arena {
     pub counters: (Addr, Addr),
     next_code: u64,
     next_counter: u64,
+    /// False once [`crate::Cache::uninstall_all`] unmapped it: it serves nothing and holds no code any more.
+    mapped: bool,
 }
 
 fn dist(a: u64, b: u64) -> u64 {
@@ -135,6 +137,7 @@ impl Arena {
             counters: (counters, counters.offset(COUNTER_SIZE)),
             next_code: code.0,
             next_counter: counters.0,
+            mapped: true,
         };
         let g = a.alloc(GADGET.len())?;
         publish(tr, pid, std::slice::from_ref(&a), g, &GADGET)?;
@@ -144,12 +147,28 @@ impl Arena {
 
     /// Whether this arena serves code at `a` (same module text).
     pub fn serves(&self, a: Addr) -> bool {
-        self.text.0 .0 <= a.0 && a.0 < self.text.1 .0
+        self.mapped && self.text.0 .0 <= a.0 && a.0 < self.text.1 .0
     }
 
     /// Whether `[a, a+len)` lies in the code mapping.
     pub fn contains_code(&self, a: Addr, len: u64) -> bool {
-        self.code.0 <= a && a.0.saturating_add(len) <= self.code.1 .0
+        self.mapped && self.code.0 <= a && a.0.saturating_add(len) <= self.code.1 .0
+    }
+
+    /// Whether its memory is still mapped in the target.
+    pub fn is_mapped(&self) -> bool {
+        self.mapped
+    }
+
+    /// Unmap its code and counters in the target (stopped thread `tid`): the caller made sure no thread can
+    /// reach them any more. The tracer's syscall gadget is moved out first (the munmap must not run from it).
+    pub(crate) fn unmap(&mut self, tr: &mut Tracer, tid: Pid) -> Result<(), CacheError> {
+        let pid = tr.tgid(tid).unwrap_or(tid);
+        tr.clear_syscall_gadget(pid);
+        self.mapped = false;
+        tracer::remote_munmap(tr, tid, self.code.0, CODE_SIZE)?;
+        tracer::remote_munmap(tr, tid, self.counters.0, COUNTER_SIZE)?;
+        Ok(())
     }
 
     /// Where the next allocation (16-byte aligned) would start.

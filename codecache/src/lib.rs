@@ -26,7 +26,8 @@
 //! - pages with [`Cache::never_guard`] are not worth specializing on again (TargetMemory already refuses them);
 //! - `Event::Forked`: [`Cache::strip_child`] on the child before it runs (vfork children share the memory and
 //!   are left alone); `Event::Exec` / `Event::Exited` of the process: [`Cache::forget`], then drop the cache;
-//! - on detach: [`Cache::stop_all`], [`Cache::uninstall_all`], drop the cache, then detach;
+//! - on detach: [`Cache::stop_all`], [`Cache::uninstall_all`] (it also unmaps the arenas no thread can reach),
+//!   drop the cache, then detach;
 //! - for the report: [`Cache::variants`], [`Cache::counters`], and each [`Invalidation`].
 
 pub mod arena;
@@ -38,8 +39,8 @@ mod parked;
 pub mod stub;
 
 pub use cache::{
-    Cache, Counters, InstallId, InstallRequest, Invalidation, VariantId, VariantInfo,
-    MAX_INVALIDATIONS_PER_PAGE,
+    Cache, Counters, InstallId, InstallRequest, Invalidation, Kept, Released, VariantId,
+    VariantInfo, MAX_INVALIDATIONS_PER_PAGE,
 };
 pub use error::{BadRequestReason, CacheError, UnguardableReason, UnpatchableReason};
 pub use guard::{GuardKind, GuardSet};

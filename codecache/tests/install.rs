@@ -412,9 +412,22 @@ fn uninstall_then_detach_leaves_a_correct_program() {
                     let mut c = cache.take().expect("cache");
                     let entries: u64 = c.counters(&tr).expect("counters").entries.values().sum();
                     assert!(entries > 0);
+                    let arenas = c.arena_ranges();
+                    assert!(!arenas.is_empty());
                     let mut world = c.stop_all(&mut tr).expect("stop");
-                    c.uninstall_all(&mut world).expect("uninstall_all");
+                    let released = c.uninstall_all(&mut world).expect("uninstall_all");
                     world.keep_stopped();
+                    // Nothing of the code cache is left in the target: every arena is unmapped.
+                    assert_eq!(released.kept, vec![], "arenas kept");
+                    assert_eq!(released.unmapped * 2, arenas.len());
+                    let maps = tracer::read_maps(pid).expect("maps");
+                    for (s, e) in arenas {
+                        assert!(
+                            maps.iter().all(|m| m.end.0 <= s || m.start.0 >= e),
+                            "arena {s:#x}..{e:#x} still mapped"
+                        );
+                    }
+                    assert!(c.counters(&tr).is_ok(), "counters after the unmap");
                     drop(c);
                     break;
                 }

@@ -347,7 +347,13 @@ impl Session {
         // anything changes.
         let r = rt.cache.uninstall_all(&mut world);
         world.keep_stopped();
-        Ok(r?)
+        for (arena, why) in r?.kept {
+            // Left mapped on purpose: unmapping it could crash a thread that still returns into it.
+            self.say(format_args!(
+                "the code arena at {arena} stays mapped in the target: {why}"
+            ));
+        }
+        Ok(())
     }
 
     /// A fork child of the specialized process: restore the original code in it before it runs.

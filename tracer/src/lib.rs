@@ -7,7 +7,8 @@
 //! - Every ptrace request is made from the thread that attached (the tracer
 //!   thread); other threads talk to it over channels.
 //! - A spawned target never outlives dynspec (`PTRACE_O_EXITKILL`); an
-//!   attached one is detached, unchanged, when its [`Tracer`] is dropped.
+//!   attached one is detached, unchanged, when its [`Tracer`] is dropped,
+//!   and outlives dynspec if dynspec dies (no `PTRACE_O_EXITKILL` on attach).
 //! - Errors are typed ([`TracerError`]); nothing here panics on target data.
 //!
 //! Known limits (documented where they apply):
@@ -24,6 +25,7 @@
 pub mod addr;
 pub mod error;
 pub mod maps;
+pub mod permission;
 pub mod process;
 pub mod program;
 pub mod remote;

@@ -207,7 +207,34 @@ pub fn check_pid(pid: Pid) -> Result<Pid, TracerError> {
             "PID {tgid} is a kernel thread; only user processes can be attached"
         )));
     }
+    check_exe(tgid)?;
     Ok(tgid)
+}
+
+/// Refuse a process whose executable is not x86-64 (a 32-bit program), with the message `run` gives for the
+/// same file. Reading /proc/PID/exe needs the same access as ptrace: when it cannot be read, the check is left
+/// to the attach itself (which then reports the permission problem).
+fn check_exe(tgid: Pid) -> Result<(), TracerError> {
+    let exe = format!("/proc/{tgid}/exe");
+    let mut head = [0u8; 20];
+    let Ok(n) = read_head(Path::new(&exe), &mut head) else {
+        return Ok(());
+    };
+    let name = std::fs::read_link(&exe).unwrap_or_else(|_| PathBuf::from(&exe));
+    check_exe_header(&head[..n], &name)
+}
+
+/// [`check_elf_header`] of a running process' executable `name`, as the error `run` gives for that file.
+pub fn check_exe_header(head: &[u8], name: &Path) -> Result<(), TracerError> {
+    let file = ProgramFile::new(name, FileKind::Regular);
+    check_elf_header(head).map_err(|e| match e {
+        ElfError::NotElf => TracerError::NotElf(file),
+        ElfError::WrongArch { machine, elf32 } => TracerError::WrongArch {
+            path: file,
+            machine,
+            elf32,
+        },
+    })
 }
 
 /// Whether the task is a kernel thread: PF_KTHREAD in the flags field of /proc/PID/stat (field 9; the command
@@ -333,6 +360,37 @@ mod tests {
         let e = validate(OsStr::new("/dev/null")).unwrap_err();
         assert!(matches!(&e, TracerError::NotExecutable(f) if f.kind == FileKind::Other));
         assert!(validate(OsStr::new("sh")).is_ok());
+    }
+
+    #[test]
+    fn a_32_bit_process_is_refused_like_its_program() {
+        let exe = Path::new("/opt/old/app32");
+        let e = check_exe_header(&header(1, 1, 3), exe).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/opt/old/app32: is a 32-bit ELF executable (i386); dynspec supports x86-64 programs only"
+        );
+        // The same words as `run` on that file.
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("app32");
+        std::fs::write(&p, header(1, 1, 3)).unwrap();
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        assert_eq!(
+            check(&p).unwrap_err().to_string(),
+            check_exe_header(&header(1, 1, 3), &p)
+                .unwrap_err()
+                .to_string()
+        );
+        assert!(check_exe_header(&header(2, 1, 62), exe).is_ok());
+        assert!(matches!(
+            check_exe_header(b"\x7fEL", exe),
+            Err(TracerError::NotElf(_))
+        ));
+        // This process (x86-64) passes.
+        assert!(check_exe(nix::unistd::getpid()).is_ok());
     }
 
     #[test]

@@ -6,7 +6,8 @@ use specializer::Addr;
 use tracer::{Stopped, Tracer};
 
 use super::{
-    stopped_thread, Cache, InstallId, Invalidation, VariantId, World, MAX_INVALIDATIONS_PER_PAGE,
+    stopped_thread, Cache, InstallId, Invalidation, Released, VariantId, World,
+    MAX_INVALIDATIONS_PER_PAGE,
 };
 use crate::stub::StubTarget;
 use crate::CacheError;
@@ -176,11 +177,11 @@ impl Cache {
         Ok(dead.into_iter().collect())
     }
 
-    /// Restore every patch site, move threads out of variants and stubs, release every guard (threads
-    /// stopped). Used on detach and before giving up on a process. The arenas stay mapped (r-x code nobody
-    /// enters, and the syscall gadget the tracer may still use); a return address or signal frame that still
-    /// points into a dead variant finds valid code there.
-    pub fn uninstall_all(&mut self, tr: &mut Stopped<'_>) -> Result<(), CacheError> {
+    /// Restore every patch site, move threads out of variants and stubs, release every guard, then unmap every
+    /// arena no thread can still reach (threads stopped). Used on detach and before giving up on a process, so
+    /// that the process is left with nothing of dynspec's. An arena a thread may still return into (a residual
+    /// call of a variant still running, a pointer into it on a stack) stays mapped: [`Released`] says which.
+    pub fn uninstall_all(&mut self, tr: &mut Stopped<'_>) -> Result<Released, CacheError> {
         // Checked before the first uninstall, so that a running thread changes nothing.
         self.stopped_world(tr, self.pid)?;
         let ids: Vec<InstallId> = self.installs.keys().copied().collect();
@@ -189,6 +190,6 @@ impl Cache {
         }
         let tid = stopped_thread(tr, self.pid)?;
         self.guards.release_all(tr, tid)?;
-        Ok(())
+        self.release_arenas(tr)
     }
 }

@@ -19,6 +19,9 @@ mod child;
 mod deopt;
 mod install;
 mod invalidate;
+mod release;
+
+pub use release::{Kept, Released};
 
 /// A page invalidated this many times is never guarded again (the session should stop specializing on it).
 pub const MAX_INVALIDATIONS_PER_PAGE: u32 = 3;
@@ -170,6 +173,8 @@ pub struct Cache {
     invalidations: BTreeMap<Addr, u32>,
     never_guard: BTreeSet<Addr>,
     next_id: u64,
+    /// Last values of the counters of unmapped arenas (read just before unmapping them).
+    frozen_counters: BTreeMap<Addr, u64>,
 }
 
 /// A stopped thread of `pid` for remote system calls: one not in vfork if there is one (a thread stopped at its
@@ -234,6 +239,7 @@ impl Cache {
             invalidations: BTreeMap::new(),
             never_guard: BTreeSet::new(),
             next_id: 1,
+            frozen_counters: BTreeMap::new(),
         })
     }
 
@@ -270,6 +276,7 @@ impl Cache {
     pub fn arena_ranges(&self) -> Vec<(u64, u64)> {
         self.arenas
             .iter()
+            .filter(|a| a.is_mapped())
             .flat_map(|a| {
                 [
                     (a.code.0 .0, a.code.1 .0),
@@ -364,14 +371,19 @@ impl Cache {
     /// Entry and fall-back counts, read from the target.
     pub fn counters(&self, tr: &Tracer) -> Result<Counters, CacheError> {
         let mut c = Counters::default();
-        let mut b = [0u8; 8];
+        let read = |a: Addr| -> Result<u64, CacheError> {
+            if let Some(v) = self.frozen_counters.get(&a) {
+                return Ok(*v);
+            }
+            let mut b = [0u8; 8];
+            tr.read_memory(self.pid, a, &mut b)?;
+            Ok(u64::from_le_bytes(b))
+        };
         for (id, v) in &self.variants {
-            tr.read_memory(self.pid, v.counter, &mut b)?;
-            c.entries.insert(*id, u64::from_le_bytes(b));
+            c.entries.insert(*id, read(v.counter)?);
         }
         for (id, i) in &self.installs {
-            tr.read_memory(self.pid, i.fallback_counter, &mut b)?;
-            c.fallbacks.insert(*id, u64::from_le_bytes(b));
+            c.fallbacks.insert(*id, read(i.fallback_counter)?);
         }
         Ok(c)
     }

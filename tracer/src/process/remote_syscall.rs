@@ -27,6 +27,16 @@ impl Tracer {
         }
     }
 
+    /// Stop using the gadget set with [`Tracer::set_syscall_gadget`] (its memory is about to be unmapped): the
+    /// next injected system call finds one in the process' own code.
+    pub fn clear_syscall_gadget(&mut self, pid: Pid) {
+        if let Some(tgid) = self.tgid(pid) {
+            if let Some(p) = self.procs.get_mut(&tgid) {
+                p.gadget = None;
+            }
+        }
+    }
+
     /// Find (and cache) a `syscall` instruction in the process' executable memory: the vDSO first (the program
     /// never changes it), then any other executable mapping.
     fn gadget(&mut self, tgid: Pid) -> Result<Addr, TracerError> {

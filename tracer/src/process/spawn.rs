@@ -11,13 +11,18 @@ use super::{
 };
 use crate::TracerError;
 
-const TRACE_OPTIONS: libc::c_int = libc::PTRACE_O_EXITKILL
-    | libc::PTRACE_O_TRACECLONE
+/// What every tracee reports: new threads and processes, exec, and syscall stops told apart from SIGTRAP.
+const FOLLOW_OPTIONS: libc::c_int = libc::PTRACE_O_TRACECLONE
     | libc::PTRACE_O_TRACEFORK
     | libc::PTRACE_O_TRACEVFORK
     | libc::PTRACE_O_TRACEVFORKDONE
     | libc::PTRACE_O_TRACEEXEC
     | libc::PTRACE_O_TRACESYSGOOD;
+/// A spawned program dies with dynspec (`PTRACE_O_EXITKILL`): it was started by dynspec and runs specialized code
+/// only while dynspec watches it, which is what a user of `dynspec run` expects.
+const SPAWN_OPTIONS: libc::c_int = FOLLOW_OPTIONS | libc::PTRACE_O_EXITKILL;
+/// An attached process must outlive dynspec: no `PTRACE_O_EXITKILL` (the kernel detaches it when dynspec dies).
+const ATTACH_OPTIONS: libc::c_int = FOLLOW_OPTIONS;
 
 impl Tracer {
     /// Fork+exec `argv[0]` (PATH lookup like a shell) under ptrace with stdio inherited unchanged.
@@ -111,7 +116,7 @@ impl Tracer {
                 })
             }
         }
-        if let Err(e) = pt(libc::PTRACE_SEIZE, child, 0, TRACE_OPTIONS as usize) {
+        if let Err(e) = pt(libc::PTRACE_SEIZE, child, 0, SPAWN_OPTIONS as usize) {
             // SAFETY: plain kill of our own child.
             unsafe { libc::kill(child.as_raw(), libc::SIGKILL) };
             let _ = waitpid_raw(child.as_raw(), 0);
@@ -173,7 +178,7 @@ impl Tracer {
                 if tr.threads.contains_key(&tid) {
                     continue;
                 }
-                match pt(libc::PTRACE_SEIZE, tid, 0, TRACE_OPTIONS as usize) {
+                match pt(libc::PTRACE_SEIZE, tid, 0, ATTACH_OPTIONS as usize) {
                     Ok(_) => {
                         tr.add_thread(tid, tgid, State::Running, false);
                         new += 1;

@@ -1,0 +1,450 @@
+//! `dynspec attach` on a process that must not be harmed: dynspec's death leaves it running, detach leaves
+//! nothing behind, what attach cannot handle is refused with the target untouched.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{
+    died_of, dynspec, expected, is_alive, sample, send_signal, text, tracer_pid, ChildGuard,
+    TempDir,
+};
+
+/// serve_loop serving requests until its stdin (a pipe the test holds) closes.
+struct Server {
+    child: ChildGuard,
+}
+
+impl Server {
+    fn start() -> Server {
+        let child = Command::new(sample("serve_loop"))
+            .arg("1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start serve_loop");
+        Server {
+            child: ChildGuard::new(child),
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Close its stdin and check that it ends exactly like a native run.
+    fn finish(mut self, what: &str) {
+        let stdin = self.child.child_mut().stdin.take();
+        drop(stdin);
+        let out = self.child.wait_output();
+        assert_eq!(text(&out.stderr), "", "{what}: serve_loop's stderr");
+        assert_eq!(
+            text(&out.stdout),
+            text(&expected("serve_loop")),
+            "{what}: serve_loop's stdout"
+        );
+        assert_eq!(out.status.code(), Some(0), "{what}: {}", out.status);
+    }
+
+    /// Something on its stdin (it reads and ignores it): proves it still serves requests.
+    fn poke(&mut self) {
+        let stdin = self.child.child_mut().stdin.as_mut().expect("stdin pipe");
+        stdin.write_all(b"x").expect("write to serve_loop");
+    }
+}
+
+/// `dynspec attach PID ARGS...` started in the background, stdout and stderr captured.
+fn start_attach(pid: u32, args: &[&str], tmp: &TempDir) -> ChildGuard {
+    let child = Command::new(dynspec())
+        .arg("attach")
+        .arg(pid.to_string())
+        .args(["-q", "--report"])
+        .arg(tmp.join("attach.json"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start dynspec attach");
+    ChildGuard::new(child)
+}
+
+fn wait_traced(pid: u32) {
+    common::wait_for("dynspec to attach (TracerPid of the target)", || {
+        tracer_pid(pid).is_none_or(|t| t != 0)
+    });
+}
+
+fn wait_untraced(pid: u32) {
+    common::wait_for("the target to be untraced", || {
+        tracer_pid(pid).is_none_or(|t| t == 0)
+    });
+}
+
+/// An attached process outlives dynspec: no PTRACE_O_EXITKILL on attach (a spawned one dies with it, see
+/// tests/samples.rs `killing_dynspec_kills_its_target`).
+#[test]
+fn killing_dynspec_attach_profile_only_leaves_the_target_running() {
+    let tmp = TempDir::new();
+    let mut server = Server::start();
+    let pid = server.pid();
+    let tracer = start_attach(pid, &["--profile-only"], &tmp);
+    wait_traced(pid);
+    // Let it sample for a while, so the kill lands in the middle of profiling.
+    std::thread::sleep(Duration::from_millis(300));
+    send_signal(tracer.id() as i32, libc::SIGKILL);
+    let out = tracer.wait_output();
+    assert!(
+        died_of(&out.status, libc::SIGKILL),
+        "dynspec: {}",
+        out.status
+    );
+    wait_untraced(pid);
+    assert!(is_alive(pid), "the target died with dynspec attach");
+    server.poke();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(
+        is_alive(pid),
+        "the target died after dynspec attach was killed"
+    );
+    server.finish("after SIGKILL of dynspec attach --profile-only");
+}
+
+/// A 32-bit process is refused before anything touches it, with the words `run` uses for its program.
+#[test]
+fn attach_refuses_a_32_bit_process_leaving_it_untouched() {
+    let tmp = TempDir::new();
+    let src = tmp.join("spin32.c");
+    std::fs::write(
+        &src,
+        "void _start(void) { for (;;) __asm__ volatile(\"pause\"); }\n",
+    )
+    .expect("write spin32.c");
+    let exe = tmp.join("spin32");
+    // No 32-bit libc needed: a static program of its own `_start`.
+    let built = Command::new("gcc")
+        .args(["-m32", "-nostdlib", "-static", "-O2", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output();
+    if !built.is_ok_and(|o| o.status.success()) {
+        // The ELF-class check itself is unit-tested in tracer/src/program.rs on a crafted header.
+        eprintln!("skipped: gcc cannot build a -m32 program here");
+        return;
+    }
+    let target = ChildGuard::new(
+        Command::new(&exe)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the 32-bit program"),
+    );
+    let pid = target.id();
+    let out = common::output_of(
+        {
+            let mut c = Command::new(dynspec());
+            c.args(["attach", &pid.to_string(), "--for", "1", "-q"]);
+            c
+        },
+        None,
+    );
+    assert!(
+        !out.status.success(),
+        "attach to a 32-bit process succeeded"
+    );
+    let err = text(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(
+        err.contains(&format!(
+            "{}: is a 32-bit ELF executable (i386); dynspec supports x86-64 programs only",
+            exe.display()
+        )),
+        "{err}"
+    );
+    // `run` says the same of the program.
+    let run = common::run_dynspec(&["run", "-q"], &exe, &[]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run.stderr)
+            .contains("is a 32-bit ELF executable (i386); dynspec supports x86-64 programs only"),
+        "{}",
+        text(&run.stderr)
+    );
+    assert_eq!(tracer_pid(pid), Some(0), "the 32-bit process was traced");
+    assert!(is_alive(pid), "the 32-bit process died");
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let state = state.rsplit_once(") ").map(|(_, r)| &r[..1]).unwrap_or("?");
+    assert!(matches!(state, "R" | "S"), "state {state}: stopped?");
+}
+
+/// The memory map and the descriptors of a process (fd number -> what it refers to).
+fn maps_and_fds(pid: u32) -> (String, Vec<(String, String)>) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read maps");
+    let mut fds: Vec<(String, String)> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read fd dir")
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path())
+                .map(|t| t.display().to_string())
+                .unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), target)
+        })
+        .collect();
+    fds.sort();
+    (maps, fds)
+}
+
+/// Variants installed and their entries, from a report.
+fn variants_entered(report: &std::path::Path) -> (usize, u64) {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(report).expect("read report")).expect("JSON report");
+    let vs = v["variants"].as_array().cloned().unwrap_or_default();
+    let entries = vs.iter().filter_map(|x| x["entries"].as_u64()).sum();
+    (vs.len(), entries)
+}
+
+/// Detach leaves nothing behind: after each of 20 attach/specialize/detach cycles on one process, its memory
+/// map and its descriptors are those it had before the first attach, and it finishes with a native run's output.
+#[test]
+fn twenty_attach_specialize_detach_cycles_leave_nothing_behind() {
+    let server = Server::start();
+    let pid = server.pid();
+    // Started up (loader done): two reads of the map agree.
+    let mut before = maps_and_fds(pid);
+    common::wait_for("serve_loop's memory map to settle", || {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = maps_and_fds(pid);
+        std::mem::replace(&mut before, now) == before
+    });
+    let mut entered = 0;
+    for cycle in 1..=20 {
+        let tmp = TempDir::new();
+        let report = tmp.join("attach.json");
+        let mut cmd = Command::new(dynspec());
+        cmd.args(["attach", &pid.to_string(), "--for", "1", "--window", "0.05"])
+            .args(["--rate", "1999", "-q", "--report"])
+            .arg(&report);
+        let out = common::output_of(cmd, None);
+        assert!(
+            out.status.success(),
+            "cycle {cycle}: dynspec attach: {} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        assert_eq!(text(&out.stderr), "", "cycle {cycle}: dynspec attach -q");
+        let (installed, entries) = variants_entered(&report);
+        assert!(installed > 0, "cycle {cycle}: nothing was installed");
+        entered += entries;
+        wait_untraced(pid);
+        let after = maps_and_fds(pid);
+        assert_eq!(
+            after.0, before.0,
+            "cycle {cycle}: /proc/PID/maps after detach differs from before the first attach"
+        );
+        assert_eq!(
+            after.1, before.1,
+            "cycle {cycle}: /proc/PID/fd after detach differs from before the first attach"
+        );
+    }
+    assert!(entered > 0, "no variant was ever entered");
+    server.finish("after 20 attach/specialize/detach cycles");
+}
+
+/// Ctrl-C (SIGINT), SIGTERM and SIGHUP each make `dynspec attach` detach with variants installed: it exits 0
+/// and the process keeps running with the memory map and descriptors it had before.
+#[test]
+fn interrupts_detach_with_variants_installed_leaving_nothing_behind() {
+    let server = Server::start();
+    let pid = server.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = maps_and_fds(pid);
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let tmp = TempDir::new();
+        let tracer = start_attach(pid, &["--window", "0.05", "--rate", "1999"], &tmp);
+        wait_traced(pid);
+        // Long enough to sample, plan and install (the report below says whether it did).
+        std::thread::sleep(Duration::from_millis(1500));
+        send_signal(tracer.id() as i32, sig);
+        let out = tracer.wait_output();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "dynspec attach after signal {sig}: {} {}",
+            out.status,
+            text(&out.stderr)
+        );
+        let (installed, _) = variants_entered(&tmp.join("attach.json"));
+        assert!(installed > 0, "signal {sig}: nothing was installed");
+        wait_untraced(pid);
+        assert_eq!(maps_and_fds(pid), before, "after signal {sig}");
+    }
+    server.finish("after SIGINT, SIGTERM and SIGHUP of dynspec attach");
+}
+
+/// The one-line error of a refused `dynspec attach`, after checking it is one line, exit status 1.
+fn one_line_error(out: &std::process::Output) -> String {
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    assert!(err.starts_with("dynspec: error: "), "{err}");
+    err
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A process that made itself non-dumpable (prctl(PR_SET_DUMPABLE, 0)), running as nobody, attached by nobody:
+/// same user, so the message names dumpability (the check that failed), not the owner or Yama.
+#[test]
+fn permission_error_names_a_non_dumpable_target() {
+    use std::os::unix::process::CommandExt;
+    if !is_root() {
+        eprintln!("skipped: needs root (to run both sides as nobody)");
+        return;
+    }
+    let tmp = TempDir::new();
+    let src = tmp.join("undumpable.c");
+    std::fs::write(
+        &src,
+        "#include <sys/prctl.h>\n#include <unistd.h>\n\
+         int main(void) { prctl(PR_SET_DUMPABLE, 0); for (;;) pause(); }\n",
+    )
+    .expect("write undumpable.c");
+    let exe = tmp.join("undumpable");
+    let built = Command::new("gcc")
+        .arg("-o")
+        .arg(&exe)
+        .arg(&src)
+        .status()
+        .expect("run gcc");
+    assert!(built.success(), "gcc failed");
+    // nobody must reach the program: the temp dir is private to root.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let target = ChildGuard::new(
+        Command::new(&exe)
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the non-dumpable program"),
+    );
+    let pid = target.id();
+    // Wait until it has called prctl: the files in /proc/PID then belong to root (as seen by root).
+    common::wait_for("the program to become non-dumpable", || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/proc/{pid}/status")).is_ok_and(|m| m.uid() == 0)
+    });
+    let out = Command::new(dynspec())
+        .args(["attach", &pid.to_string(), "--for", "1", "-q"])
+        .args(["--report", "/tmp/never-written.json"])
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run dynspec as nobody");
+    let err = one_line_error(&out);
+    assert!(err.contains("it is not dumpable"), "{err}");
+    assert!(err.contains("CAP_SYS_PTRACE"), "{err}");
+    assert!(!err.contains("belongs to"), "{err}");
+    assert_eq!(tracer_pid(pid), Some(0));
+}
+
+/// dynspec under a seccomp filter that refuses ptrace (a container's), as root with CAP_SYS_PTRACE: the message
+/// names the filter, not Yama or capabilities; the target runs on untouched.
+#[test]
+fn permission_error_names_a_seccomp_filter() {
+    use std::os::unix::process::CommandExt;
+    let server = Server::start();
+    let pid = server.pid();
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["attach", &pid.to_string(), "--for", "1", "-q"])
+        .args(["--report", "/tmp/never-written.json"])
+        .stdin(Stdio::null());
+    // SAFETY: the closure runs between fork and exec and only makes prctl system calls on memory it owns (the
+    // filter lives on its stack for the duration of the call).
+    unsafe {
+        cmd.pre_exec(|| {
+            // ld [nr]; jeq SYS_ptrace ? ERRNO(EPERM) : ALLOW
+            let filter = [
+                libc::sock_filter {
+                    code: 0x20,
+                    jt: 0,
+                    jf: 0,
+                    k: 0,
+                },
+                libc::sock_filter {
+                    code: 0x15,
+                    jt: 0,
+                    jf: 1,
+                    k: libc::SYS_ptrace as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x0005_0000 | libc::EPERM as u32,
+                },
+                libc::sock_filter {
+                    code: 0x06,
+                    jt: 0,
+                    jf: 0,
+                    k: 0x7fff_0000,
+                },
+            ];
+            let prog = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = common::output_of(cmd, None);
+    let err = one_line_error(&out);
+    assert!(err.contains("seccomp filter"), "{err}");
+    assert!(err.contains("no_new_privs"), "{err}");
+    assert!(!err.contains("yama"), "{err}");
+    assert_eq!(tracer_pid(pid), Some(0));
+    server.finish("after a refused attach");
+}
+
+/// A process another tracer holds: the message names that tracer.
+#[test]
+fn permission_error_names_another_tracer() {
+    let tmp = TempDir::new();
+    let server = Server::start();
+    let pid = server.pid();
+    let first = start_attach(pid, &["--profile-only"], &tmp);
+    wait_traced(pid);
+    let mut cmd = Command::new(dynspec());
+    cmd.args(["attach", &pid.to_string(), "--for", "1", "-q"])
+        .args(["--report", "/tmp/never-written.json"]);
+    let out = common::output_of(cmd, None);
+    let err = one_line_error(&out);
+    assert!(
+        err.contains(&format!(
+            "it is already traced by PID {} (dynspec)",
+            first.id()
+        )),
+        "{err}"
+    );
+    send_signal(first.id() as i32, libc::SIGTERM);
+    let out = first.wait_output();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    wait_untraced(pid);
+    server.finish("after a second tracer was refused");
+}
