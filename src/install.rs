@@ -17,8 +17,8 @@ use crate::plan::{
     TriggerCandidate,
 };
 use crate::report::{
-    code, CodeLineJson, Hex, InvalidationJson, OriginalLineJson, RegionRefJson, TriggerRefJson,
-    VariantJson, MAX_ASM_LINES,
+    code, CodeLineJson, EffectJson, Hex, InvalidationJson, OriginalLineJson, RegionRefJson,
+    TriggerRefJson, VariantJson, MAX_ASM_LINES,
 };
 
 /// What one planning round did.
@@ -41,6 +41,8 @@ pub fn shares_vm(a: Pid, b: Pid) -> bool {
 struct RegionState {
     installs: u32,
     live: Option<codecache::InstallId>,
+    /// Its variants were measured slower and removed.
+    lost: bool,
 }
 
 impl RegionState {
@@ -48,6 +50,7 @@ impl RegionState {
         RegionHistory {
             installs: self.installs,
             live: self.live.is_some(),
+            lost: self.lost,
         }
     }
 }
@@ -79,6 +82,11 @@ pub struct Installer {
     listings: HashMap<codecache::VariantId, Listings>,
     /// When each variant was installed.
     installed_at: HashMap<codecache::VariantId, Instant>,
+    /// Installs with a variant whose own code passes its trigger address again (loops back to it, or inlines
+    /// several passes): the stub's passes are then no measure of the work done.
+    revisiting: BTreeSet<codecache::InstallId>,
+    /// What measuring each install found (the latest verdict).
+    effects: HashMap<codecache::InstallId, EffectJson>,
 }
 
 /// A variant's code as the report shows it, each list at most [`MAX_ASM_LINES`] long.
@@ -125,6 +133,8 @@ impl Installer {
             forwarding_ever: BTreeSet::new(),
             listings: HashMap::new(),
             installed_at: HashMap::new(),
+            revisiting: BTreeSet::new(),
+            effects: HashMap::new(),
         })
     }
 
@@ -165,6 +175,8 @@ impl Installer {
         }
         let reason = if history.live {
             Reason::Live
+        } else if history.lost {
+            Reason::MeasuredSlower
         } else {
             Reason::Exhausted {
                 installs: history.installs,
@@ -442,6 +454,10 @@ impl Installer {
         snapshots: Snapshots,
     ) -> Result<codecache::InstallId, InstallError> {
         let forwards = variants.forwards;
+        let revisits = variants
+            .variants
+            .iter()
+            .any(|(_, v)| v.revisits(cand.address));
         // Formatted before the world stops: the program should not wait for the report's listings.
         let listings: Vec<(Option<u64>, Listings)> = variants
             .variants
@@ -453,7 +469,11 @@ impl Installer {
             let mut world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
             // A thread that is not stopped (one exiting may slip through stop_all) makes Cache::install fail with
             // CacheError::NotStopped before it changes anything (ARCHITECTURE.md invariant 6).
-            if forwards && world.threads(self.pid).len() != 1 {
+            let threads = world.threads(self.pid).len();
+            if threads == 0 {
+                return Err(InstallError::Exited);
+            }
+            if forwards && threads != 1 {
                 // A thread appeared since planning: its event (handled next) would remove the install anyway.
                 return Err(InstallError::ThreadAppeared);
             }
@@ -493,6 +513,9 @@ impl Installer {
                 self.listings.insert(info.id, l.clone());
             }
             self.installed_at.insert(info.id, Instant::now());
+        }
+        if revisits {
+            self.revisiting.insert(id);
         }
         if forwards {
             self.forwarding_installs.insert(id);
@@ -571,6 +594,7 @@ impl Installer {
                 asm: l.asm,
                 code: l.code,
                 original: l.original,
+                effect: self.effects.get(&v.install).cloned(),
                 installed_ms: self
                     .installed_at
                     .get(&v.id)
@@ -581,6 +605,42 @@ impl Installer {
 
     fn listing(&self, id: codecache::VariantId) -> Listings {
         self.listings.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// Live installs, each with whether one of its variants passes its trigger address again inside itself.
+    pub fn live_installs(&self) -> Vec<(codecache::InstallId, bool)> {
+        self.regions
+            .values()
+            .filter_map(|r| r.live)
+            .map(|id| (id, self.revisiting.contains(&id)))
+            .collect()
+    }
+
+    /// Record what measuring install `id` found.
+    pub fn record_effect(&mut self, id: codecache::InstallId, effect: EffectJson) {
+        self.effects.insert(id, effect);
+    }
+
+    /// Remove install `id`, measured slower than the original code (threads stopped here, moved out of its
+    /// variants); its region is not specialized again. Returns the report ids of the variants removed.
+    pub fn remove_measured(
+        &mut self,
+        tr: &mut Tracer,
+        id: codecache::InstallId,
+    ) -> Result<Vec<u64>, CacheError> {
+        self.read_counters(tr);
+        let mut world = self.cache.stop_all(tr)?;
+        let dead = self.cache.uninstall(&mut world, id);
+        drop(world);
+        let dead = dead?;
+        self.forwarding_installs.remove(&id);
+        for st in self.regions.values_mut() {
+            if st.live == Some(id) {
+                st.live = None;
+                st.lost = true;
+            }
+        }
+        Ok(dead.iter().map(|v| self.id_base + v.0).collect())
     }
 
     /// Invalidations so far.
@@ -607,6 +667,8 @@ pub enum InstallError {
     NothingWorthIt,
     #[error("a thread appeared while specializing; not installing")]
     ThreadAppeared,
+    #[error("the process exited while it was being specialized")]
+    Exited,
     #[error("install at {at}: {source}")]
     Install { at: Addr, source: CacheError },
     #[error("cannot resume the target: {0}")]

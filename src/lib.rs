@@ -13,6 +13,7 @@
 //! Invariant: nothing in this crate panics on target data or on bad input; library errors are typed, the binary
 //! adds context with `anyhow`.
 
+pub mod abtest;
 pub mod bench;
 pub mod codemap;
 pub mod fold;

@@ -57,6 +57,26 @@ struct Shared {
     kernel_releases: u64,
     /// Enabled words of live stubs (target addresses) and the guarded pages their variants rely on.
     stub_flags: BTreeMap<u64, BTreeSet<u64>>,
+    /// Enabled words switched off by the session's A/B measurement ([`GuardSet::set_stub_enabled`]): the reader
+    /// never turns them back on.
+    ab_off: BTreeSet<u64>,
+    /// Between `before_read` (every word zeroed) and `after_read`: a word may not be turned on meanwhile, since
+    /// the event being read may concern its pages.
+    reading: bool,
+}
+
+impl Shared {
+    /// Whether a stub's word may be 1: registered, its pages neither written nor removed, no event being read,
+    /// and not switched off for A/B.
+    fn may_enable(&self, word: u64) -> bool {
+        !self.reading
+            && !self.ab_off.contains(&word)
+            && self.stub_flags.get(&word).is_some_and(|pages| {
+                pages
+                    .iter()
+                    .all(|p| !self.faulted.contains(p) && !self.removed.contains(p))
+            })
+    }
 }
 
 /// How a page is guarded.
@@ -85,6 +105,8 @@ pub struct GuardSet {
     lifted: BTreeMap<u64, BTreeSet<i32>>,
     /// Why uffd is unavailable, if it is.
     uffd_unavailable: Option<String>,
+    /// dynspec's handle on the target's memory for [`GuardSet::set_stub_enabled`] (any thread may call it).
+    mem: std::fs::File,
 }
 
 impl std::fmt::Debug for GuardSet {
@@ -155,12 +177,9 @@ impl uffd::Handler for HoldFaults {
         // Something happened to a registered mapping: before reading (which releases a thread blocked in
         // munmap/madvise/mremap), turn every stub off so nobody enters a variant that may be stale; the
         // stubs not concerned are turned back on in `after_read`.
-        let words: Vec<u64> = self
-            .shared
-            .lock()
-            .map(|s| s.stub_flags.keys().copied().collect())
-            .unwrap_or_default();
-        if let Some(m) = &self.mem {
+        if let (Some(m), Ok(mut s)) = (&self.mem, self.shared.lock()) {
+            s.reading = true;
+            let words: Vec<u64> = s.stub_flags.keys().copied().collect();
             set_words(m, &words, 0);
         }
     }
@@ -227,16 +246,13 @@ impl uffd::Handler for HoldFaults {
     }
 
     fn after_read(&mut self, _uffd: &Uffd) {
-        if let (Some(m), Ok(s)) = (&self.mem, self.shared.lock()) {
+        if let (Some(m), Ok(mut s)) = (&self.mem, self.shared.lock()) {
+            s.reading = false;
             let on: Vec<u64> = s
                 .stub_flags
-                .iter()
-                .filter(|(_, pages)| {
-                    pages
-                        .iter()
-                        .all(|p| !s.faulted.contains(p) && !s.removed.contains(p))
-                })
-                .map(|(w, _)| *w)
+                .keys()
+                .copied()
+                .filter(|w| s.may_enable(*w))
                 .collect();
             set_words(m, &on, 1);
         }
@@ -307,6 +323,11 @@ impl GuardSet {
             mprotected: BTreeMap::new(),
             lifted: BTreeMap::new(),
             uffd_unavailable: None,
+            mem: std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("/proc/{pid}/mem"))
+                .map_err(|e| TracerError::io(format!("cannot open /proc/{pid}/mem"), e))?,
         };
         match open_uffd(tr, pid, tid) {
             Ok(fd) => {
@@ -352,7 +373,36 @@ impl GuardSet {
     pub(crate) fn unregister_stub_flag(&self, word: Addr) {
         if let Ok(mut s) = self.shared.lock() {
             s.stub_flags.remove(&word.0);
+            s.ab_off.remove(&word.0);
         }
+    }
+
+    /// Switch a registered stub on or off for the A/B measurement, without stopping anything: the word is
+    /// written under the lock the reader thread holds while it zeroes and restores words, so the two never
+    /// interleave. Off is always honoured; on only when the stub's pages are unchanged and no mapping event is
+    /// being read (else it stays off until the reader's `after_read`, or the next call). Returns whether the
+    /// word now holds the requested state.
+    pub(crate) fn set_stub_enabled(&self, word: Addr, on: bool) -> Result<bool, CacheError> {
+        let Ok(mut s) = self.shared.lock() else {
+            return Ok(false);
+        };
+        if !s.stub_flags.contains_key(&word.0) {
+            return Ok(false);
+        }
+        if on {
+            s.ab_off.remove(&word.0);
+            if !s.may_enable(word.0) {
+                return Ok(false);
+            }
+        } else {
+            s.ab_off.insert(word.0);
+        }
+        use std::os::unix::fs::FileExt;
+        let v: u64 = on.into();
+        self.mem
+            .write_at(&v.to_le_bytes(), word.0)
+            .map_err(|e| TracerError::io(format!("cannot write the stub flag at {word}"), e))?;
+        Ok(true)
     }
 
     /// Why uffd is not used (None when it is).

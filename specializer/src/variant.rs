@@ -144,6 +144,34 @@ impl Variant {
         false
     }
 
+    /// Whether the variant's own code reaches `addr` again after entering there: the specializer walked `addr`
+    /// in more than one state (passes inlined one after another), or a branch inside the variant goes back to
+    /// its code for `addr` or to its entry. Such passes do not go through a dispatch stub at `addr`.
+    pub fn revisits(&self, addr: Addr) -> bool {
+        if self
+            .original
+            .iter()
+            .any(|o| o.ins.ip() == addr.0 && o.visits > 1)
+        {
+            return true;
+        }
+        let mut at: std::collections::HashSet<u64> = self
+            .items
+            .iter()
+            .filter(|e| !e.is_data && is_label(e.ins.ip()) && e.orig == addr)
+            .map(|e| e.ins.ip())
+            .collect();
+        if let Some(first) = self.items.first().filter(|e| is_label(e.ins.ip())) {
+            at.insert(first.ins.ip());
+        }
+        self.items.iter().any(|e| {
+            !e.is_data
+                && e.ins.op_count() > 0
+                && e.ins.op0_kind() == OpKind::NearBranch64
+                && at.contains(&e.ins.near_branch_target())
+        })
+    }
+
     /// Residual code as Intel-syntax lines, one per emitted instruction;
     /// labels as `L3:` lines (numbered in emission order), branches to
     /// emitted code as `L3`, exits as `jmp 0x401234`.

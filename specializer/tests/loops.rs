@@ -36,3 +36,23 @@ fn straight_line_code_is_not() {
     );
     assert!(!v.loops(), "{:#?}", v.residual_asm());
 }
+
+#[test]
+fn a_loop_back_to_the_entry_revisits_it_an_inner_loop_does_not() {
+    // L0: dec ecx; jnz L0; mov ebx, 1 — the loop head is the entry.
+    let v = fold(
+        &[0xff, 0xc9, 0x75, 0xfc, 0xbb, 0x01, 0x00, 0x00, 0x00],
+        Some(2),
+    );
+    assert!(v.loops());
+    assert!(v.revisits(DEFAULT_AT), "{:#?}", v.residual_asm());
+    // The first loop test's variant loops at L1, not at its entry (xor eax, eax runs once per entry).
+    let v = fold(
+        &[
+            0x31, 0xc0, 0x83, 0xc0, 0x03, 0xff, 0xc9, 0x75, 0xf9, 0xbb, 0x01, 0x00, 0x00, 0x00,
+        ],
+        Some(2),
+    );
+    assert!(v.loops());
+    assert!(!v.revisits(DEFAULT_AT), "{:#?}", v.residual_asm());
+}

@@ -232,13 +232,15 @@ pub struct RegionHistory {
     pub installs: u32,
     /// Whether variants of the region are installed and alive.
     pub live: bool,
+    /// Its variants were measured slower than the original code and removed ([`crate::abtest`]).
+    pub lost: bool,
 }
 
 /// Whether a region may be (re)specialized: never specialized, or its variants died and it has installs left.
 pub fn wants(history: Option<&RegionHistory>) -> bool {
     match history {
         None => true,
-        Some(h) => !h.live && h.installs < MAX_INSTALLS_PER_REGION,
+        Some(h) => !h.live && !h.lost && h.installs < MAX_INSTALLS_PER_REGION,
     }
 }
 

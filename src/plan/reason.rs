@@ -16,6 +16,8 @@ pub enum Reason {
     Live,
     /// The region was invalidated this many times: the program keeps changing what it relies on.
     Exhausted { installs: u32 },
+    /// Its variants were measured slower than the original code while the program ran, and removed.
+    MeasuredSlower,
     /// The region is dynspec's own code.
     OwnCode,
     /// Too few of the candidate's values were seen often enough to be hot.
@@ -69,6 +71,9 @@ impl fmt::Display for Reason {
                 "invalidated after {installs} installs: the program keeps changing what it relies on"
             ),
             Reason::OwnCode => f.write_str("it is dynspec's own code"),
+            Reason::MeasuredSlower => f.write_str(
+                "its variants were measured slower than the original code, and removed",
+            ),
             Reason::RareValues { hot, distinct } => write!(
                 f,
                 "only {hot} of {distinct} values seen {} times",

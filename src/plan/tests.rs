@@ -208,16 +208,24 @@ fn a_region_is_planned_again_only_while_it_has_installs_left() {
     let live = RegionHistory {
         installs: 1,
         live: true,
+        lost: false,
     };
     assert!(!wants(Some(&live)), "live variants are not replaced");
     let invalidated = RegionHistory {
         installs: 1,
         live: false,
+        lost: false,
     };
     assert!(wants(Some(&invalidated)));
+    let lost = RegionHistory {
+        lost: true,
+        ..invalidated
+    };
+    assert!(!wants(Some(&lost)), "measured slower: not tried again");
     let exhausted = RegionHistory {
         installs: MAX_INSTALLS_PER_REGION,
         live: false,
+        lost: false,
     };
     assert!(!wants(Some(&exhausted)));
 }

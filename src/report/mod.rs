@@ -158,7 +158,7 @@ pub struct TriggerRefJson {
 }
 
 /// One installed variant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct VariantJson {
     /// Unique within the report (invalidations refer to it).
     pub id: u64,
@@ -197,6 +197,45 @@ pub struct VariantJson {
     /// When it was installed, since the session started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub installed_ms: Option<u64>,
+    /// What measuring its stub on and off found (shared by the variants of one stub); null before any verdict.
+    #[serde(default)]
+    #[schemars(required, schema_with = "nullable::<EffectJson>")]
+    pub effect: Option<EffectJson>,
+}
+
+/// The measured effect of a stub's variants ([`crate::abtest`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EffectJson {
+    /// `faster`, `not_measurably_slower`, `slower` (removed), `too_few_passes`, or `unmeasured`.
+    pub verdict: String,
+    /// Native CPU time per pass through the dispatch site over the variants' (above 1: faster); null unmeasured.
+    #[schemars(required, schema_with = "nullable::<f64>")]
+    pub ratio: Option<f64>,
+    /// The ratio's confidence interval.
+    #[schemars(required, schema_with = "nullable::<f64>")]
+    pub low: Option<f64>,
+    #[schemars(required, schema_with = "nullable::<f64>")]
+    pub high: Option<f64>,
+    /// Pairs of on/off intervals the verdict rests on.
+    pub pairs: u64,
+    /// When the verdict was reached, since the session started.
+    pub time_ms: u64,
+    /// In words (for `unmeasured`: why no measure applies).
+    pub why: String,
+}
+
+/// The A/B measurement as a whole: what it cost and what it removed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MeasurementJson {
+    /// What a switched-off stub costs per pass on this CPU (calibrated), taken off the off intervals.
+    #[schemars(required, schema_with = "nullable::<f64>")]
+    pub stub_off_ns: Option<f64>,
+    /// Trials run (a stub is measured again after a phase change).
+    pub trials: u64,
+    /// Time stubs spent switched off for measuring.
+    pub off_ms: u64,
+    /// Variant ids removed because they were measured slower.
+    pub removed: Vec<u64>,
 }
 
 /// Lines of variant code kept in the report per variant.
@@ -246,6 +285,9 @@ pub struct Report {
     /// What the program lost to dynspec itself, and what dynspec did about it.
     #[serde(default)]
     pub overhead: crate::overhead::OverheadJson,
+    /// Measuring the installed stubs on and off.
+    #[serde(default)]
+    pub measurement: MeasurementJson,
 }
 
 /// `n` with the singular or plural noun ("1 sample", "2 samples").
@@ -590,8 +632,15 @@ impl Report {
                 } else {
                     ""
                 },
-                if v.invalidated { ", invalidated" } else { "" }
+                match (&v.effect, v.invalidated) {
+                    (Some(e), true) if e.verdict == "slower" => ", removed: measured slower",
+                    (_, true) => ", invalidated",
+                    _ => "",
+                }
             )?;
+            if let Some(e) = &v.effect {
+                writeln!(o, "        measured: {}: {}", e.verdict, e.why)?;
+            }
         }
         if self.variants.len() > 32 {
             writeln!(o, "  ... ({} more)", self.variants.len() - 32)?;
@@ -625,7 +674,30 @@ impl Report {
             "timings: profile {} ms, specialize {} ms, install {} ms, first sample to first install {}",
             t.profile_ms, t.specialize_ms, t.install_ms, first
         )?;
+        self.render_measurement(o)?;
         self.overhead.render(o)
+    }
+
+    fn render_measurement(&self, o: &mut String) -> std::fmt::Result {
+        let m = &self.measurement;
+        if m.trials == 0 {
+            return Ok(());
+        }
+        writeln!(
+            o,
+            "measurement: {}, stubs switched off {} ms in all{}{}",
+            count(m.trials, "trial", "trials"),
+            m.off_ms,
+            m.stub_off_ns
+                .map(|ns| format!(", a switched-off stub costs {ns:.1} ns per pass"))
+                .unwrap_or_default(),
+            if m.removed.is_empty() {
+                String::new()
+            } else {
+                let ids: Vec<String> = m.removed.iter().map(|v| format!("#{v}")).collect();
+                format!("; removed as slower: {}", ids.join(" "))
+            }
+        )
     }
 }
 

@@ -84,6 +84,7 @@ fn sample_report() -> Report {
         }],
         not_planned: None,
         overhead: crate::overhead::OverheadJson::default(),
+        measurement: Default::default(),
     }
 }
 
@@ -271,6 +272,7 @@ fn parse_edited(edit: impl FnOnce(&mut serde_json::Value)) -> Result<Report, Rep
         asm: vec!["ret".into()],
         code: Vec::new(),
         original: Vec::new(),
+        effect: None,
         installed_ms: Some(110),
     });
     let mut v: serde_json::Value = serde_json::from_str(&r.to_json()).expect("json");

@@ -27,6 +27,7 @@ use crate::signals;
 
 mod aside;
 mod events;
+mod measure;
 mod sampling;
 mod specialize;
 
@@ -226,6 +227,8 @@ struct Session {
     steps: Vec<StepJson>,
     /// The session ends by stepping aside (detaching; in run mode the program runs on untraced).
     stepped_aside: bool,
+    /// Measuring the installed stubs on and off.
+    measuring: measure::Measuring,
 }
 
 /// Run a whole session and write its report.
@@ -295,6 +298,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         guard_stop: false,
         steps: Vec::new(),
         stepped_aside: false,
+        measuring: measure::Measuring::default(),
     };
     for tid in s.tracer.all_threads() {
         // At the start a refusal is fatal and explained (perf_event_paranoid, CAP_PERFMON, mlock limits).
@@ -474,6 +478,7 @@ impl Session {
             }
             self.ingest();
             self.advance_phase();
+            self.measure();
             if self.consider_stepping_aside() {
                 return Ok(Outcome::Detached);
             }
@@ -704,6 +709,7 @@ impl Session {
                 duration,
                 self.steps.clone(),
             ),
+            measurement: self.measuring.to_json(),
         }
     }
 

@@ -395,6 +395,7 @@ impl Session {
     /// Keep the records of the code cache and drop it (its process exec'd, exited, or we gave up).
     pub(super) fn retire_runtime(&mut self, exec: bool) {
         let Some(mut rt) = self.rt.take() else { return };
+        self.measuring.forget_installs();
         let mut vs = rt.variants_json(self.time.start);
         if exec {
             for v in &mut vs {

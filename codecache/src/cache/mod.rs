@@ -388,6 +388,42 @@ impl Cache {
         Ok(c)
     }
 
+    /// Passes through install `id`'s dispatch site so far: the entries of its variants plus its stub's
+    /// fall-backs, which the stub counts the same way whether it is switched on or off
+    /// ([`Cache::set_enabled`]). None once the install is no longer patched in.
+    pub fn dispatch_passes(&self, tr: &Tracer, id: InstallId) -> Result<Option<u64>, CacheError> {
+        let Some(inst) = self.installs.get(&id).filter(|i| i.patched) else {
+            return Ok(None);
+        };
+        let read = |a: Addr| -> Result<u64, CacheError> {
+            let mut b = [0u8; 8];
+            tr.read_memory(self.pid, a, &mut b)?;
+            Ok(u64::from_le_bytes(b))
+        };
+        let mut n = read(inst.fallback_counter)?;
+        for v in &inst.variants {
+            n = n.wrapping_add(read(self.variants[v].counter)?);
+        }
+        Ok(Some(n))
+    }
+
+    /// Switch install `id`'s stub on (its variants are entered) or off (every pass runs the original code),
+    /// while the program runs: no patch is rewritten and no thread stopped. A thread already inside a variant
+    /// stays until it leaves. Turning on is refused (Ok(false)) while a page the variants rely on may have
+    /// changed; see [`GuardSet::set_stub_enabled`].
+    pub fn set_enabled(&self, id: InstallId, on: bool) -> Result<bool, CacheError> {
+        let Some(word) = self
+            .installs
+            .get(&id)
+            .filter(|i| i.patched)
+            .and_then(|i| i.stubs.last())
+            .map(|s| s.enabled)
+        else {
+            return Ok(false);
+        };
+        self.guards.set_stub_enabled(word, on)
+    }
+
     /// Every variant ever installed (dead ones with `alive: false`).
     pub fn variants(&self) -> Vec<VariantInfo> {
         self.variants

@@ -15,6 +15,7 @@ const RED_ZONE: i64 = 128;
 /// Non-canonical addresses used as labels inside a stub (never a real branch target).
 const LABEL_BASE: u64 = 0xdead_5000_0000_0000;
 
+pub mod calibrate;
 mod patch;
 pub use patch::{jmp_rel32, plan_patch, PatchSite, PATCH_LEN};
 

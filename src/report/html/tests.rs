@@ -60,6 +60,7 @@ fn variant(id: u64, symbol: &str) -> VariantJson {
             orig(0x1000, "mov rax, [rdi]", 2, 0),
             orig(0x1004, "add rax, rdx", 2, 1),
         ],
+        effect: None,
         installed_ms: Some(120),
     }
 }
@@ -130,6 +131,7 @@ fn report() -> Report {
         }],
         not_planned: None,
         overhead: crate::overhead::OverheadJson::default(),
+        measurement: Default::default(),
     }
 }
 

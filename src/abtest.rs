@@ -1,0 +1,382 @@
+//! Measuring: each installed stub is switched on and off in short alternating intervals while the program runs,
+//! and kept only when the program is not measurably slower with it (do not predict, measure).
+//!
+//! The unit of work is a pass through the stub's dispatch site. The stub counts every pass the same way in both
+//! modes (a variant entry or a fall-back), so CPU time per pass compares like with like. The off mode still pays
+//! for the switched-off stub, which the program without dynspec does not: that cost, measured on this CPU
+//! (`codecache::stub::calibrate`), is taken off the off mode's time per pass to stand for the native program.
+//!
+//! A variant whose own code passes its trigger address again (it loops back there, or follows several passes in
+//! a row, as an interpreter's variant following the bytecode does) makes those passes where no stub counts
+//! them: the stub's count is then no measure of the work, and it is not measured (the report says so).
+//!
+//! Everything here is pure: the session feeds readings (time, CPU time, passes) and toggles the stub as told.
+
+use std::time::Duration;
+
+/// Length of one interval (wall time; the readings are CPU time, so load only makes it noisier).
+pub const INTERVAL: Duration = Duration::from_millis(20);
+/// Pairs of intervals before any verdict, and at most (then the variant is not measurably slower).
+pub const MIN_PAIRS: usize = 4;
+pub const MAX_PAIRS: usize = 24;
+/// Standard errors a mean must be away from "no effect" to count (one-sided, about 99%).
+pub const SIGMAS: f64 = 2.5;
+/// Passes an interval must see to count: fewer, and the time per pass is dominated by what is not the region.
+pub const MIN_PASSES: u64 = 100;
+/// Intervals that saw too few passes before the trial gives up (the site is no longer hot).
+pub const MAX_EMPTY: usize = 12;
+/// A kept stub is measured again when its passes per CPU second move this far (a phase change).
+pub const PHASE_CHANGE: f64 = 0.5;
+
+/// One reading of the target: when (since any fixed origin), its CPU time, the stub's passes so far.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Reading {
+    pub at: Duration,
+    pub cpu_ns: u64,
+    pub passes: u64,
+}
+
+/// What measuring found.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    /// Faster than native with confidence.
+    Faster(Effect),
+    /// Not measurably slower after [`MAX_PAIRS`] pairs: kept.
+    NotSlower(Effect),
+    /// Slower than native with confidence: remove it.
+    Slower(Effect),
+    /// The site saw too few passes to measure anything.
+    TooFewPasses,
+}
+
+impl Verdict {
+    pub fn keeps(&self) -> bool {
+        !matches!(self, Verdict::Slower(_))
+    }
+
+    pub fn effect(&self) -> Option<Effect> {
+        match self {
+            Verdict::Faster(e) | Verdict::NotSlower(e) | Verdict::Slower(e) => Some(*e),
+            Verdict::TooFewPasses => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Verdict::Faster(_) => "faster",
+            Verdict::NotSlower(_) => "not_measurably_slower",
+            Verdict::Slower(_) => "slower",
+            Verdict::TooFewPasses => "too_few_passes",
+        }
+    }
+}
+
+/// The measured effect: native CPU time per pass over the variant's (above 1: faster), with its confidence
+/// interval ([`SIGMAS`] standard errors) and the pairs it rests on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Effect {
+    pub ratio: f64,
+    pub low: f64,
+    pub high: f64,
+    pub pairs: usize,
+}
+
+/// One interval's result: CPU ns per pass, in one mode.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Half {
+    on: bool,
+    ns_per_pass: f64,
+}
+
+/// The verdict on pairs of (on, off) CPU ns per pass, given what a switched-off stub costs per pass; None while
+/// undecided. Each pair gives log(native / on), native being off less the stub's cost (never below a tenth of
+/// off: the calibration is an estimate).
+pub fn judge(pairs: &[(f64, f64)], stub_off_ns: f64) -> Option<Verdict> {
+    let d: Vec<f64> = pairs
+        .iter()
+        .filter(|(on, off)| *on > 0.0 && *off > 0.0)
+        .map(|(on, off)| ((off - stub_off_ns).max(off * 0.1) / on).ln())
+        .collect();
+    let n = d.len();
+    if n < MIN_PAIRS {
+        return None;
+    }
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let se = (var / n as f64).sqrt();
+    let effect = Effect {
+        ratio: mean.exp(),
+        low: (mean - SIGMAS * se).exp(),
+        high: (mean + SIGMAS * se).exp(),
+        pairs: n,
+    };
+    if mean + SIGMAS * se < 0.0 {
+        Some(Verdict::Slower(effect))
+    } else if mean - SIGMAS * se > 0.0 {
+        Some(Verdict::Faster(effect))
+    } else if n >= MAX_PAIRS {
+        Some(Verdict::NotSlower(effect))
+    } else {
+        None
+    }
+}
+
+/// One stub's measurement in progress.
+#[derive(Clone, Debug)]
+pub struct Trial {
+    on: bool,
+    start: Reading,
+    halves: Vec<Half>,
+    empty: usize,
+    pairs_started_on: bool,
+    /// Time the stub spent switched off so far.
+    pub off_time: Duration,
+}
+
+/// What the session must do after a reading.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Step {
+    /// Nothing yet.
+    Wait,
+    /// Switch the stub on (true) or off, then go on.
+    Switch(bool),
+    /// Done: switch the stub on again unless the verdict removes it.
+    Done(Verdict),
+}
+
+impl Trial {
+    /// Start measuring with the stub on (as installed); the first interval runs from `r`.
+    pub fn start(r: Reading) -> Trial {
+        Trial {
+            on: true,
+            start: r,
+            halves: Vec::new(),
+            empty: 0,
+            pairs_started_on: true,
+            off_time: Duration::ZERO,
+        }
+    }
+
+    /// Whether the stub should be on now.
+    pub fn is_on(&self) -> bool {
+        self.on
+    }
+
+    /// Feed a reading; `stub_off_ns` as for [`judge`].
+    pub fn step(&mut self, r: Reading, stub_off_ns: f64) -> Step {
+        let elapsed = r.at.saturating_sub(self.start.at);
+        if elapsed < INTERVAL {
+            return Step::Wait;
+        }
+        if !self.on {
+            self.off_time += elapsed;
+        }
+        let passes = r.passes.wrapping_sub(self.start.passes);
+        let cpu = r.cpu_ns.saturating_sub(self.start.cpu_ns);
+        if passes < MIN_PASSES || cpu == 0 {
+            // Too little happened at the site for this interval to say anything; its pair starts again.
+            self.empty += 1;
+            if !self.halves.len().is_multiple_of(2) {
+                self.halves.pop();
+            }
+            if self.empty >= MAX_EMPTY {
+                return Step::Done(Verdict::TooFewPasses);
+            }
+            self.on = self.pairs_started_on;
+            self.start = r;
+            return Step::Switch(self.on);
+        }
+        self.halves.push(Half {
+            on: self.on,
+            ns_per_pass: cpu as f64 / passes as f64,
+        });
+        self.start = r;
+        if self.halves.len().is_multiple_of(2) {
+            if let Some(v) = judge(&self.pairs(), stub_off_ns) {
+                return Step::Done(v);
+            }
+            // The next pair starts with the other mode, so that a drift in the program's speed favours neither.
+            self.pairs_started_on = !self.pairs_started_on;
+            self.on = self.pairs_started_on;
+        } else {
+            self.on = !self.on;
+        }
+        Step::Switch(self.on)
+    }
+
+    /// Completed pairs as (on, off) ns per pass.
+    fn pairs(&self) -> Vec<(f64, f64)> {
+        self.halves
+            .chunks_exact(2)
+            .map(|p| {
+                if p[0].on {
+                    (p[0].ns_per_pass, p[1].ns_per_pass)
+                } else {
+                    (p[1].ns_per_pass, p[0].ns_per_pass)
+                }
+            })
+            .collect()
+    }
+
+    /// Passes per CPU second seen with the stub on (for noticing a phase change later).
+    pub fn on_rate(&self) -> Option<f64> {
+        let on: Vec<f64> = self
+            .halves
+            .iter()
+            .filter(|h| h.on)
+            .map(|h| 1e9 / h.ns_per_pass)
+            .collect();
+        (!on.is_empty()).then(|| on.iter().sum::<f64>() / on.len() as f64)
+    }
+}
+
+/// Whether a kept stub's pass rate moved enough since it was measured to measure it again.
+pub fn phase_changed(measured_rate: f64, rate_now: f64) -> bool {
+    if measured_rate <= 0.0 || rate_now <= 0.0 {
+        return false;
+    }
+    let ratio = rate_now / measured_rate;
+    !(1.0 - PHASE_CHANGE..=1.0 / (1.0 - PHASE_CHANGE)).contains(&ratio)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Drive a trial with a program whose time per pass is `on_ns` / `off_ns` (plus a little deterministic
+    /// noise); returns the verdict and the number of intervals it took.
+    fn drive(on_ns: f64, off_ns: f64, stub_ns: f64) -> (Verdict, usize) {
+        let mut t = Trial::start(Reading {
+            at: ms(0),
+            cpu_ns: 0,
+            passes: 0,
+        });
+        let (mut cpu, mut passes) = (0u64, 0u64);
+        for i in 1..200u64 {
+            let per = if t.is_on() { on_ns } else { off_ns };
+            let noise = 1.0 + 0.02 * (((i * 7919) % 13) as f64 / 13.0 - 0.5);
+            let burned = 20_000_000u64;
+            cpu += burned;
+            passes += (burned as f64 / (per * noise)) as u64;
+            match t.step(
+                Reading {
+                    at: ms(20 * i),
+                    cpu_ns: cpu,
+                    passes,
+                },
+                stub_ns,
+            ) {
+                Step::Done(v) => return (v, i as usize),
+                Step::Wait | Step::Switch(_) => {}
+            }
+        }
+        panic!("no verdict");
+    }
+
+    #[test]
+    fn a_clear_win_is_decided_in_the_fewest_pairs() {
+        let (v, intervals) = drive(10.0, 40.0, 2.0);
+        assert!(matches!(v, Verdict::Faster(_)), "{v:?}");
+        assert_eq!(intervals, 2 * MIN_PAIRS);
+        let e = v.effect().expect("effect");
+        // Native is 40 - 2 = 38 ns per pass against 10.
+        assert!((e.ratio - 3.8).abs() < 0.2, "{e:?}");
+        assert!(e.low <= e.ratio && e.ratio <= e.high);
+    }
+
+    #[test]
+    fn a_loser_is_found_slower_and_removed() {
+        let (v, _) = drive(12.0, 11.0, 1.0);
+        assert!(matches!(v, Verdict::Slower(_)), "{v:?}");
+        assert!(!v.keeps());
+        assert!(v.effect().expect("effect").ratio < 0.9);
+    }
+
+    #[test]
+    fn the_switched_off_stub_cost_counts_against_the_variant() {
+        // Same time per pass on and off: without the stub the program would be faster, so the variant loses.
+        let (v, _) = drive(10.0, 10.0, 1.5);
+        assert!(matches!(v, Verdict::Slower(_)), "{v:?}");
+        // No stub cost: no measurable difference, kept after the most pairs.
+        let (v, intervals) = drive(10.0, 10.0, 0.0);
+        assert!(matches!(v, Verdict::NotSlower(_)), "{v:?}");
+        assert!(v.keeps());
+        assert_eq!(intervals, 2 * MAX_PAIRS);
+    }
+
+    #[test]
+    fn a_site_that_goes_cold_gives_up() {
+        let mut t = Trial::start(Reading {
+            at: ms(0),
+            cpu_ns: 0,
+            passes: 0,
+        });
+        let mut last = Step::Wait;
+        for i in 1..=MAX_EMPTY as u64 {
+            last = t.step(
+                Reading {
+                    at: ms(20 * i),
+                    cpu_ns: 20_000_000 * i,
+                    passes: 5 * i,
+                },
+                1.0,
+            );
+        }
+        assert_eq!(last, Step::Done(Verdict::TooFewPasses));
+    }
+
+    #[test]
+    fn nothing_happens_before_an_interval_is_over() {
+        let mut t = Trial::start(Reading {
+            at: ms(0),
+            cpu_ns: 0,
+            passes: 0,
+        });
+        let r = Reading {
+            at: ms(5),
+            cpu_ns: 5_000_000,
+            passes: 1_000_000,
+        };
+        assert_eq!(t.step(r, 1.0), Step::Wait);
+        assert!(t.is_on());
+    }
+
+    #[test]
+    fn intervals_alternate_and_pairs_swap_their_order() {
+        let mut t = Trial::start(Reading {
+            at: ms(0),
+            cpu_ns: 0,
+            passes: 0,
+        });
+        let mut modes = Vec::new();
+        for i in 1..=4u64 {
+            // Noisy enough that no verdict comes after the first pair.
+            let passes = 1_000_000 * i + if i % 2 == 0 { 300_000 } else { 0 };
+            if let Step::Switch(on) = t.step(
+                Reading {
+                    at: ms(20 * i),
+                    cpu_ns: 20_000_000 * i,
+                    passes,
+                },
+                0.0,
+            ) {
+                modes.push(on);
+            }
+        }
+        // on, off | off, on | ...
+        assert_eq!(modes, vec![false, false, true, true]);
+    }
+
+    #[test]
+    fn phase_changes_are_big_moves_only() {
+        assert!(!phase_changed(1e6, 1.2e6));
+        assert!(!phase_changed(1e6, 0.6e6));
+        assert!(phase_changed(1e6, 0.4e6));
+        assert!(phase_changed(1e6, 2.5e6));
+        assert!(!phase_changed(0.0, 1e6));
+    }
+}
