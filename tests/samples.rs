@@ -72,6 +72,9 @@ const LATE_START: Case = case("late_start", "1000000", &["late_hash", "late_inte
 const VFORK_GUARD: Case = case("vfork_guard", "6000000", &["vfork_guard_run"]);
 const PATCH_ONCE: Case = case("patch_once", "20000", &["patch_run", "patch_program"]);
 const SERVE_LOOP: Case = case("serve_loop", "50", &["serve_run"]);
+const INTERP_GOTO: Case = case("interp_goto", "1000000", &["goto_run"]);
+const INTERP_THREADED: Case = case("interp_threaded", "1000000", &["threaded_run"]);
+const INTERP_DL: Case = case("interp_dl", "1000000", &["dl_run", "dl_demo"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -92,6 +95,9 @@ const ALL: &[&Case] = &[
     &VFORK_GUARD,
     &PATCH_ONCE,
     &SERVE_LOOP,
+    &INTERP_GOTO,
+    &INTERP_THREADED,
+    &INTERP_DL,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -195,6 +201,9 @@ sample_tests! {
     vfork_guard => super::VFORK_GUARD;
     patch_once => super::PATCH_ONCE;
     serve_loop => super::SERVE_LOOP;
+    interp_goto => super::INTERP_GOTO;
+    interp_threaded => super::INTERP_THREADED;
+    interp_dl => super::INTERP_DL;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.
