@@ -7,7 +7,7 @@
 //! only takes the slower path. Recorded only with [`Options::forward_stores`](crate::Options::forward_stores)
 //! (the session's one-writer processes), so multi-threaded programs see no change.
 
-use super::state::{AbsState, STATUS};
+use super::state::{AbsState, STATUS, STATUS_FLAGS};
 use super::{fits_i32, Engine};
 use crate::{Addr, Gpr, SpecializeError};
 use iced_x86::{Code, FlowControl, Instruction, OpAccess, OpKind, Register};
@@ -86,7 +86,7 @@ impl Engine<'_> {
 
     /// `mov x, [rsp+d]` from a slot holding `v`: emit the load, `cmp x, v` and `jne` to the rest of the original
     /// code with x unknown (queued like any branch target), then go on with x = v. Only where the flags are dead
-    /// after the load (the compare clobbers them) and `v` fits an imm32.
+    /// after the load (the compare clobbers them); a `v` beyond imm32 needs a dead register to hold it.
     pub(super) fn checked_reload(
         &mut self,
         ip: Addr,
@@ -106,15 +106,45 @@ impl Engine<'_> {
             return Ok(false);
         };
         let after = Addr(ins.next_ip());
-        if !fits_i32(v as i64) || self.live_flags(after) & STATUS != 0 {
+        if self.live_flags(after) & STATUS != 0 {
             return Ok(false);
         }
+        // A value beyond imm32 (a pointer) is compared through a register whose real content is dead: known
+        // but not materialized, its folded value restored by the deopt map (writing it drops the store-
+        // forwarding facts it carried).
+        let scratch = if fits_i32(v as i64) {
+            None
+        } else {
+            match Gpr::ALL
+                .into_iter()
+                .find(|&g| g != x && g != Gpr::Rsp && st.get(g).is_some() && !st.is_mat(g))
+            {
+                Some(g) => Some(g),
+                None => return Ok(false),
+            }
+        };
         let err = |e: iced_x86::IcedError| SpecializeError::Encode(e.to_string());
         self.residual_exact(ip, ins, st)?;
         self.record_facts(ip, ins, st);
-        let cmp =
-            Instruction::with2(Code::Cmp_rm64_imm32, x.to_iced(), v as i64 as i32).map_err(err)?;
-        self.residual_exact(after, &cmp, st)?;
+        match scratch {
+            None => {
+                let cmp = Instruction::with2(Code::Cmp_rm64_imm32, x.to_iced(), v as i64 as i32)
+                    .map_err(err)?;
+                self.residual_exact(after, &cmp, st)?;
+            }
+            Some(f) => {
+                let m = Instruction::with2(Code::Mov_r64_imm64, f.to_iced(), v).map_err(err)?;
+                self.emit(m, after, st);
+                let cmp = Instruction::with2(Code::Cmp_r64_rm64, x.to_iced(), f.to_iced())
+                    .map_err(err)?;
+                self.emit(cmp, after, st);
+                // The flags are dead here: whatever was folded or real about them is gone.
+                for fl in STATUS_FLAGS {
+                    st.flags[fl as usize] = None;
+                }
+                st.fmat = true;
+            }
+        }
         let l = self.label_for(after, st);
         let j = Instruction::with_branch(Code::Jne_rel32_64, Self::label_ip(l)).map_err(err)?;
         self.emit(j, after, st);
