@@ -297,6 +297,8 @@ impl Profiler {
             return; // not an instruction boundary of the linear decode
         };
         let mut killed = 0u16;
+        // The registers as they were before the instructions walked back over (see `register_shift`).
+        let mut before: Option<Sample> = None;
         let mut cur = i;
         for _ in 0..BACK_WINDOW {
             if cur == 0 || func.insns[cur].is_target {
@@ -306,9 +308,18 @@ impl Profiler {
             if !prev.falls_through {
                 break;
             }
-            // prev's own writes count too: it read its inputs before overwriting them.
-            killed |= prev.writes;
-            self.record(s, prev.addr, &prev.info, killed);
+            // prev's own writes count too: it read its inputs before overwriting them, except a register it only
+            // shifts by a constant (`add rdx, 1`: an interpreter's pc advanced at its dispatch), whose earlier
+            // value is known.
+            match register_shift(&prev.info.instruction) {
+                Some((g, delta)) if killed & (1 << g.index()) == 0 => {
+                    let b = before.get_or_insert_with(|| s.clone());
+                    b.regs[g.index()] = b.regs[g.index()].wrapping_sub(delta);
+                    killed |= prev.writes & !(1 << g.index());
+                }
+                _ => killed |= prev.writes,
+            }
+            self.record(before.as_ref().unwrap_or(s), prev.addr, &prev.info, killed);
             cur -= 1;
         }
     }
@@ -672,6 +683,34 @@ fn spans(ips: &[(u64, u64)], lo: Addr, hi: Addr) -> Vec<(Addr, Addr, u64)> {
             (Addr(s), Addr(e), n)
         })
         .collect()
+}
+
+/// A register `ins` only moves by a constant, and by how much (after = before + delta): `add`/`sub r64, imm`,
+/// `inc`/`dec r64`, `lea r64, [r64 + disp]`. Its value before `ins` is its value after minus delta, which lets
+/// back-attribution see through an interpreter's `pc += size` (32-bit forms zero-extend: not a shift).
+pub fn register_shift(ins: &iced_x86::Instruction) -> Option<(Gpr, u64)> {
+    use iced_x86::{Code, OpKind, Register};
+    let reg0 = || {
+        (ins.op_kind(0) == OpKind::Register && ins.op_register(0).is_gpr64())
+            .then(|| Gpr::containing(ins.op_register(0)))
+            .flatten()
+    };
+    let delta = match ins.code() {
+        Code::Add_rm64_imm8 | Code::Add_rm64_imm32 => ins.immediate32to64() as u64,
+        Code::Sub_rm64_imm8 | Code::Sub_rm64_imm32 => (ins.immediate32to64() as u64).wrapping_neg(),
+        Code::Inc_rm64 => 1,
+        Code::Dec_rm64 => u64::MAX,
+        Code::Lea_r64_m
+            if ins.memory_base() == ins.op_register(0)
+                && ins.memory_index() == Register::None
+                && ins.segment_prefix() == Register::None =>
+        {
+            ins.memory_displacement64()
+        }
+        _ => return None,
+    };
+    let g = reg0()?;
+    (g != Gpr::Rsp).then_some((g, delta))
 }
 
 #[cfg(test)]

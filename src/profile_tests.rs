@@ -334,3 +334,60 @@ fn empty_profile() {
     assert!(p.report_regions().is_empty());
     assert!(p.candidate_pages(10).is_none());
 }
+
+#[test]
+fn back_attribution_sees_through_a_register_advanced_by_a_constant() {
+    let mut e = env();
+    // f at 0x1000: mov rax,rdx; add rdx,1; shl rax,4; mov [rsp],rdx; add rax,r8 (a dispatch advancing its pc)
+    let code: Vec<u8> = vec![
+        0x48, 0x89, 0xd0, 0x48, 0x83, 0xc2, 0x01, 0x48, 0xc1, 0xe0, 0x04, 0x48, 0x89, 0x14, 0x24,
+        0x4c, 0x01, 0xc0,
+    ];
+    let mut f = code.clone();
+    f.resize(0x100, 0xcc);
+    e.code.insert(0x1000, f);
+    e.code.insert(0x100f, code[15..].to_vec());
+    let mut p = Profiler::new();
+    let v: Vec<Sample> = (0..30u64)
+        .map(|i| sample(0x100f, &[(Gpr::Rdx, 5 + i % 3), (Gpr::R8, 0x2000)]))
+        .collect();
+    p.ingest(&v, &mut e);
+    let regions = p.report_regions();
+    let t = &regions[0].triggers;
+    let find = |a: u64, r: &str| t.iter().find(|x| x.address == Hex(a) && x.register == r);
+    // Before `add rdx, 1`, rdx held one less: the loop head's pc, although no sample landed before the add.
+    let head = find(0x1000, "rdx").expect("rdx at the loop head");
+    let mut values: Vec<u64> = head.top_values.iter().map(|v| v.value.0).collect();
+    values.sort();
+    assert_eq!((head.samples, values), (30, vec![4, 5, 6]), "{t:#?}");
+    // The add itself reads rdx before it changes it.
+    assert!(find(0x1003, "rdx").is_some_and(|x| x.top_values.iter().all(|v| v.value.0 < 7)));
+    // rax is written by the shl: not attributed before it.
+    assert!(find(0x1000, "rax").is_none());
+}
+
+#[test]
+fn register_shift_inverts_only_64_bit_constant_moves() {
+    use iced_x86::{Decoder, DecoderOptions};
+    let dec = |b: &[u8]| Decoder::with_ip(64, b, 0x1000, DecoderOptions::NONE).decode();
+    assert_eq!(
+        register_shift(&dec(&[0x48, 0x83, 0xc2, 0x01])),
+        Some((Gpr::Rdx, 1))
+    ); // add rdx,1
+    assert_eq!(
+        register_shift(&dec(&[0x48, 0x83, 0xee, 0x10])), // sub rsi,16
+        Some((Gpr::Rsi, 16u64.wrapping_neg()))
+    );
+    assert_eq!(
+        register_shift(&dec(&[0x48, 0xff, 0xc1])),
+        Some((Gpr::Rcx, 1))
+    ); // inc rcx
+    assert_eq!(
+        register_shift(&dec(&[0x48, 0x8d, 0x40, 0x10])),
+        Some((Gpr::Rax, 16))
+    ); // lea rax,[rax+16]
+    assert_eq!(register_shift(&dec(&[0x48, 0x8d, 0x42, 0x10])), None); // lea rax,[rdx+16]
+    assert_eq!(register_shift(&dec(&[0x83, 0xc2, 0x01])), None); // add edx,1 (zero-extends)
+    assert_eq!(register_shift(&dec(&[0x48, 0x83, 0xc4, 0x08])), None); // add rsp,8
+    assert_eq!(register_shift(&dec(&[0x48, 0x01, 0xc2])), None); // add rdx,rax
+}

@@ -73,6 +73,10 @@ const VFORK_GUARD: Case = case("vfork_guard", "6000000", &["vfork_guard_run"]);
 const PATCH_ONCE: Case = case("patch_once", "20000", &["patch_run", "patch_program"]);
 const SERVE_LOOP: Case = case("serve_loop", "50", &["serve_run"]);
 const LOSING_VARIANT: Case = case("losing_variant", "150000000", &["step"]);
+const INTERP_GOTO: Case = case("interp_goto", "1000000", &["goto_run"]);
+const INTERP_THREADED: Case = case("interp_threaded", "1000000", &["threaded_run"]);
+const INTERP_DL: Case = case("interp_dl", "1000000", &["dl_run", "dl_demo"]);
+const INTERP_SPILL: Case = case("interp_spill", "1000000", &["spill_run"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -94,6 +98,10 @@ const ALL: &[&Case] = &[
     &PATCH_ONCE,
     &SERVE_LOOP,
     &LOSING_VARIANT,
+    &INTERP_GOTO,
+    &INTERP_THREADED,
+    &INTERP_DL,
+    &INTERP_SPILL,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -198,6 +206,10 @@ sample_tests! {
     patch_once => super::PATCH_ONCE;
     serve_loop => super::SERVE_LOOP;
     losing_variant => super::LOSING_VARIANT;
+    interp_goto => super::INTERP_GOTO;
+    interp_threaded => super::INTERP_THREADED;
+    interp_dl => super::INTERP_DL;
+    interp_spill => super::INTERP_SPILL;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.

@@ -22,6 +22,7 @@
 //! chain: 0x1000010 = 0x3000000        ; Options::chain entry (exit target -> where to jump)
 //! max-states: 2                       ; Options::max_states_per_address
 //! budget: 64                          ; Options::max_code_bytes
+//! forward: yes                        ; Options::forward_stores (store forwarding and checked stack slots)
 //! expect no-fallthrough               ; no exit falls off the end
 //! native: no                          ; skip native cross-check (default: auto)
 //! scratch: 0x400000 0x100             ; writable memory for native runs (not constant)
@@ -192,6 +193,7 @@ fn parse_case(path: &Path) -> Result<Case, String> {
     let mut chain = std::collections::BTreeMap::new();
     let mut max_states = None;
     let mut budget = None;
+    let mut forward = false;
     let mut input = Vec::new();
     let mut ignore_stack = false;
     let mut exact = None;
@@ -287,6 +289,13 @@ fn parse_case(path: &Path) -> Result<Case, String> {
             "budget" => {
                 budget = Some(snippet::parse_u64(rest).map_err(|e| err(e.to_string()))? as usize)
             }
+            "forward" => {
+                forward = match rest {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(err(format!("forward: expects yes|no, got {rest:?}"))),
+                }
+            }
             "native" => {
                 native = Some(match rest {
                     "yes" => true,
@@ -368,6 +377,7 @@ fn parse_case(path: &Path) -> Result<Case, String> {
     if let Some(b) = budget {
         s.options.max_code_bytes = b;
     }
+    s.options.forward_stores = forward;
     Ok(Case {
         path: path.to_path_buf(),
         snippet: s,

@@ -26,6 +26,9 @@ impl Engine<'_> {
     /// Store-forwarding facts after `ins` really runs: drop every fact about a register it writes or memory it may
     /// write.
     pub(super) fn forget_facts(&mut self, ins: &Instruction, st: &mut AbsState) {
+        if !st.slots.is_empty() {
+            self.forget_slots(ins, st);
+        }
         if st.facts.is_empty() {
             return;
         }

@@ -7,7 +7,8 @@
 //! - `state.rs`: the abstract state [`AbsState`] and the flag helpers;
 //! - `operands.rs`: reading operands (registers, constant memory) from the state;
 //! - `liveness.rs`: which status flags may still be read;
-//! - `forward.rs`: store forwarding, the one assumption beyond the entry state and the guard pages.
+//! - `forward.rs`: store forwarding, the one assumption beyond the entry state and the guard pages;
+//! - `slots.rs`: stack slots the variant stored a known value to, whose reloads are checked, not assumed.
 
 mod emit;
 mod finish;
@@ -15,6 +16,7 @@ mod forward;
 mod liveness;
 mod operands;
 mod rewrite;
+mod slots;
 mod state;
 mod transfer;
 mod walk;

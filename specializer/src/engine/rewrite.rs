@@ -182,12 +182,20 @@ impl Engine<'_> {
         ins: &Instruction,
         st: &mut AbsState,
     ) -> Result<(), SpecializeError> {
+        if self.checked_reload(ip, ins, st)? {
+            return Ok(());
+        }
+        let slot = self.slot_of_store(st, ins);
         let out = Self::rewrite(st, ins);
         if self.forward(ip, &out, st)? {
             return Ok(());
         }
         self.residual_exact(ip, &out, st)?;
         self.record_facts(ip, &out, st);
+        if let Some(s) = slot {
+            st.slots.push(s);
+            st.normalize();
+        }
         Ok(())
     }
 

@@ -25,6 +25,11 @@ pub(super) struct AbsState {
     /// (emitted code) invalidate them; folded writes leave real registers alone.
     /// A `None` base is an absolute address (`disp` alone).
     pub(super) facts: Vec<(Option<Gpr>, i64, Gpr)>,
+    /// Stack slots (`slots.rs`): each (disp, value, static) says the variant's own code stored `value` to the
+    /// qword at `[rsp + disp]` (rsp unchanged since). Not an assumption: a reload compares the real qword with
+    /// `value` and leaves the variant when they differ. `static`: the value came from constant memory or the
+    /// entry state (widening keeps it, as it keeps such registers).
+    pub(super) slots: Vec<(i64, u64, bool)>,
     /// Widening hint, not part of the state's identity: registers whose
     /// value came from constant memory or the entry state (directly or by
     /// folded arithmetic on such values). These take finitely many values.
@@ -38,6 +43,7 @@ impl PartialEq for AbsState {
             && self.flags == o.flags
             && self.fmat == o.fmat
             && self.facts == o.facts
+            && self.slots == o.slots
     }
 }
 
@@ -50,6 +56,7 @@ impl std::hash::Hash for AbsState {
         self.flags.hash(h);
         self.fmat.hash(h);
         self.facts.hash(h);
+        self.slots.hash(h);
     }
 }
 
@@ -61,6 +68,7 @@ impl AbsState {
             flags: k.flags,
             fmat: true,
             facts: Vec::new(),
+            slots: Vec::new(),
             stat: 0,
         };
         for g in Gpr::ALL {
@@ -84,6 +92,8 @@ impl AbsState {
         }
         self.facts.sort();
         self.facts.dedup();
+        self.slots.sort();
+        self.slots.dedup();
     }
 
     pub(super) fn get(&self, g: Gpr) -> Option<u64> {

@@ -126,6 +126,11 @@ impl Engine<'_> {
         }
         if !below_hard {
             st.facts.clear();
+            st.slots.clear();
+        } else {
+            // Like registers: a slot holding a value of constant memory (a spilled bytecode pc) drives the
+            // unrolling; any other (a spilled loop counter) would unroll a plain loop.
+            st.slots.retain(|s| s.2);
         }
         // Flags take finitely many values; widen them only at the hard bound.
         if !below_hard && flags_differ {
