@@ -418,6 +418,7 @@ pub fn reason_name(r: ExitReason) -> &'static str {
         ExitReason::UnknownTarget => "unknown_target",
         ExitReason::Budget => "budget",
         ExitReason::Unsupported => "unsupported",
+        ExitReason::Redispatch => "redispatch",
     }
 }
 

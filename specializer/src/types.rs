@@ -214,6 +214,11 @@ pub struct Options {
     /// target's private writable mappings here, so memory another process
     /// may share (`MAP_SHARED`) is always re-read.
     pub forward_within: Option<Vec<(Addr, Addr)>>,
+    /// The dispatch point the variant is entered from (its trigger address and register): when the walk
+    /// reaches that address again with the register unknown, the variant exits there
+    /// ([`ExitReason::Redispatch`]) instead of running on into code it cannot specialize, so the next pass
+    /// goes through the dispatch stub (which counts it, and may enter the variant for the value it finds).
+    pub redispatch_at: Option<(Addr, Gpr)>,
 }
 
 impl Default for Options {
@@ -225,6 +230,7 @@ impl Default for Options {
             scratch_registers: true,
             forward_stores: false,
             forward_within: None,
+            redispatch_at: None,
         }
     }
 }
@@ -254,6 +260,8 @@ pub enum ExitReason {
     Budget,
     /// An instruction the specializer will not re-emit (e.g. `syscall` boundaries).
     Unsupported,
+    /// Back at the dispatch point with the trigger register unknown ([`Options::redispatch_at`]).
+    Redispatch,
 }
 
 /// An exit of a variant: where it continues in the original code and the

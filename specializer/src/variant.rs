@@ -155,11 +155,16 @@ impl Variant {
         {
             return true;
         }
+        // Code for `addr` that is an exit back to it (through the stub there) is not a revisit.
+        let exits: std::collections::HashSet<usize> = self.exit_items.iter().copied().collect();
         let mut at: std::collections::HashSet<u64> = self
             .items
             .iter()
-            .filter(|e| !e.is_data && is_label(e.ins.ip()) && e.orig == addr)
-            .map(|e| e.ins.ip())
+            .enumerate()
+            .filter(|(i, e)| {
+                !e.is_data && is_label(e.ins.ip()) && e.orig == addr && !exits.contains(i)
+            })
+            .map(|(_, e)| e.ins.ip())
             .collect();
         if let Some(first) = self.items.first().filter(|e| is_label(e.ins.ip())) {
             at.insert(first.ins.ip());

@@ -56,3 +56,24 @@ fn a_loop_back_to_the_entry_revisits_it_an_inner_loop_does_not() {
     assert!(v.loops());
     assert!(!v.revisits(DEFAULT_AT), "{:#?}", v.residual_asm());
 }
+
+#[test]
+fn back_at_the_dispatch_point_with_the_trigger_unknown_the_variant_redispatches() {
+    // L0: add rdi, rsi; dec ecx; jnz L0; ret — entered with rdi known; after one pass rdi is unknown.
+    let code = [0x48, 0x01, 0xf7, 0xff, 0xc9, 0x75, 0xf9, 0xc3];
+    let mut s = Snippet::new(DEFAULT_AT, code.to_vec());
+    s.known.set_reg(specializer::Gpr::Rdi, Some(0x1000));
+    let looping = s.fold().expect("folds").variant;
+    assert!(looping.loops(), "{:#?}", looping.residual_asm());
+    s.options.redispatch_at = Some((DEFAULT_AT, specializer::Gpr::Rdi));
+    let v = s.fold().expect("folds").variant;
+    assert!(!v.loops(), "{:#?}", v.residual_asm());
+    assert!(
+        v.exits
+            .iter()
+            .any(|e| e.target == DEFAULT_AT && e.reason == specializer::ExitReason::Redispatch),
+        "{:#?}",
+        v.exits
+    );
+    assert!(!v.revisits(DEFAULT_AT));
+}

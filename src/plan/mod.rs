@@ -530,7 +530,10 @@ pub fn specialize_candidate(
     forward: &Forwarding,
     t0: Instant,
 ) -> (f64, Specialized) {
-    let opts = options(forward);
+    let opts = Options {
+        redispatch_at: Some((c.address, c.register)),
+        ..options(forward)
+    };
     let assumed = assumed_for(mem, r, c, consts);
     let mut benefit = 0.0;
     let mut variants = Vec::new();

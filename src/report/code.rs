@@ -59,6 +59,7 @@ pub fn exit_reason_text(r: ExitReason) -> &'static str {
         ExitReason::UnknownTarget => "indirect branch to an unknown target",
         ExitReason::Budget => "code budget spent",
         ExitReason::Unsupported => "instruction not re-emitted",
+        ExitReason::Redispatch => "back at the dispatch point, trigger value unknown",
     }
 }
 

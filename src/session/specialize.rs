@@ -338,6 +338,14 @@ impl Session {
     /// Restore every patch and release every guard. The threads are left stopped: detaching or retiring the
     /// code cache follows, and the caller resumes them.
     pub(super) fn uninstall_everything(&mut self) -> Result<()> {
+        let Some(rt) = self.rt.as_ref() else {
+            return Ok(());
+        };
+        if self.tracer.threads(rt.pid).is_empty() {
+            // The specialized process is gone (e.g. a child that exited): nothing of it is left to restore.
+            self.retire_runtime(false);
+            return Ok(());
+        }
         let Some(rt) = self.rt.as_mut() else {
             return Ok(());
         };

@@ -22,6 +22,11 @@ impl Engine<'_> {
             if !self.in_region(ip) {
                 return self.exit(ip, ExitReason::LeftRegion, &mut st);
             }
+            if let Some((at, g)) = self.opts().redispatch_at {
+                if ip == at && st.regs[g.index()].is_none() {
+                    return self.exit(ip, ExitReason::Redispatch, &mut st);
+                }
+            }
             self.canonicalize(ip, &mut st);
             if !first {
                 if let Some(l) = self.link_target(ip, &mut st) {
