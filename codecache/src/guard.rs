@@ -309,29 +309,107 @@ impl GuardSet {
             uffd_unavailable: None,
         };
         match open_uffd(tr, pid, tid) {
-            Ok(fd) => {
-                let fd = Arc::new(fd);
-                // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's
-                // handle belongs to the tracer thread). Without it stubs are only unlinked by the tracer thread.
-                let mem = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(format!("/proc/{pid}/mem"))
-                    .ok();
-                let handler = HoldFaults {
-                    pid,
-                    shared,
-                    flag: pending_flag,
-                    mem,
-                    others_stopped_since: None,
-                };
-                gs.reader = Some(Reader::spawn("dynspec-guards", fd.clone(), handler)?);
-                gs.fd = Some(fd);
-            }
+            Ok(fd) => gs.start_reader(fd)?,
             Err(TracerError::UffdUnavailable(why)) => gs.uffd_unavailable = Some(why.to_string()),
             Err(e) => return Err(e.into()),
         }
         Ok(gs)
+    }
+
+    /// The guard set a guardian rebuilds from the journal: the handed-over userfaultfd (if any) with `uffd_pages`
+    /// still protected by it, and `mprotected` pages with their original protection. No ptrace needed.
+    pub fn restore(
+        pid: Pid,
+        uffd: Option<Uffd>,
+        uffd_pages: Vec<Addr>,
+        mprotected: Vec<(Addr, i32)>,
+    ) -> Result<GuardSet, CacheError> {
+        let shared = Shared {
+            guarded: uffd_pages.iter().map(|p| p.0).collect(),
+            ..Shared::default()
+        };
+        let mut gs = GuardSet {
+            pid,
+            fd: None,
+            reader: None,
+            shared: Arc::new(Mutex::new(shared)),
+            pending_flag: Arc::new(AtomicBool::new(false)),
+            registered: Registrations::default(),
+            mprotected: mprotected.into_iter().map(|(p, o)| (p.0, o)).collect(),
+            lifted: BTreeMap::new(),
+            uffd_unavailable: None,
+        };
+        match uffd {
+            Some(fd) => gs.start_reader(fd)?,
+            None => gs.uffd_unavailable = Some("not handed over".into()),
+        }
+        Ok(gs)
+    }
+
+    fn start_reader(&mut self, fd: Uffd) -> Result<(), CacheError> {
+        let fd = Arc::new(fd);
+        let pid = self.pid;
+        // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's handle
+        // belongs to the tracer thread). Without it stubs are only unlinked by the tracer thread.
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .ok();
+        let handler = HoldFaults {
+            pid,
+            shared: self.shared.clone(),
+            flag: self.pending_flag.clone(),
+            mem,
+            others_stopped_since: None,
+        };
+        self.reader = Some(Reader::spawn("dynspec-guards", fd.clone(), handler)?);
+        self.fd = Some(fd);
+        Ok(())
+    }
+
+    /// The userfaultfd (to hand over to a guardian).
+    pub fn uffd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.fd.as_deref().map(|f| f.as_fd())
+    }
+
+    /// Pages protected with the userfaultfd.
+    pub fn uffd_pages(&self) -> Vec<Addr> {
+        self.shared
+            .lock()
+            .map(|s| s.guarded.iter().map(|p| Addr(*p)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Of `pages`, those not guarded yet that [`GuardSet::guard`] may protect with mprotect, with their current
+    /// protection (what the journal records before guarding them).
+    pub(crate) fn may_mprotect(&self, pages: &BTreeSet<Addr>) -> Vec<(Addr, i32)> {
+        let Ok(maps) = read_maps(self.pid) else {
+            return Vec::new();
+        };
+        pages
+            .iter()
+            .filter(|p| !self.is_guarded(**p))
+            .filter_map(|p| {
+                mapping_at(&maps, *p)
+                    .filter(|m| m.write && !m.shared)
+                    .map(|m| (*p, m.prot()))
+            })
+            .collect()
+    }
+
+    /// Run `f` (e.g. attaching to the process) as [`GuardSet::stop_all`] runs a stop: a kernel write blocked on
+    /// a guarded page is let through once every other thread is stopped.
+    pub fn while_stopping<T>(&self, f: impl FnOnce() -> T) -> T {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stopping = Some(Instant::now());
+        }
+        let r = f();
+        if let Ok(mut s) = self.shared.lock() {
+            s.stopping = None;
+        }
+        r
     }
 
     /// How many guarded pages were released early so that a blocked kernel write (e.g. `read(2)` into the
