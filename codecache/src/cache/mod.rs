@@ -496,5 +496,8 @@ impl Cache {
         self.installs.clear();
         self.variants.clear();
         self.arenas.clear();
+        // The journal must not name addresses of the old image: a guardian would "restore" them in the new one.
+        // A failure here leaves nothing to undo anyway (the guardian finds the process gone or changed).
+        let _ = self.journal_now();
     }
 }
