@@ -72,6 +72,7 @@ const LATE_START: Case = case("late_start", "1000000", &["late_hash", "late_inte
 const VFORK_GUARD: Case = case("vfork_guard", "6000000", &["vfork_guard_run"]);
 const PATCH_ONCE: Case = case("patch_once", "20000", &["patch_run", "patch_program"]);
 const SERVE_LOOP: Case = case("serve_loop", "50", &["serve_run"]);
+const SERVE_PATCH: Case = case("serve_patch", "50", &["serve_run"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -92,6 +93,7 @@ const ALL: &[&Case] = &[
     &VFORK_GUARD,
     &PATCH_ONCE,
     &SERVE_LOOP,
+    &SERVE_PATCH,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -195,6 +197,7 @@ sample_tests! {
     vfork_guard => super::VFORK_GUARD;
     patch_once => super::PATCH_ONCE;
     serve_loop => super::SERVE_LOOP;
+    serve_patch => super::SERVE_PATCH;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.
