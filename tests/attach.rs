@@ -548,8 +548,7 @@ fn assert_code_is_the_files(pid: u32, what: &str) {
 fn holds_uffd(pid: u32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
         d.flatten().any(|e| {
-            std::fs::read_link(e.path())
-                .is_ok_and(|t| t.to_string_lossy().contains("userfaultfd"))
+            std::fs::read_link(e.path()).is_ok_and(|t| t.to_string_lossy().contains("userfaultfd"))
         })
     })
 }
@@ -613,13 +612,36 @@ fn kill_at(moment: Moment) {
     send_signal(dynspec_pid as i32, libc::SIGKILL);
     // Returns once the guardian (which shares dynspec's stderr) is done too.
     let out = tracer.wait_output();
-    assert!(died_of(&out.status, libc::SIGKILL), "{what}: {}", out.status);
+    assert!(
+        died_of(&out.status, libc::SIGKILL),
+        "{what}: {}",
+        out.status
+    );
+    let restored = text(&out.stderr).contains("dynspec guardian: dynspec died");
+    match moment {
+        // Nothing of dynspec's was in the target: the guardian had nothing to do.
+        Moment::Profiling => assert!(!restored, "{what}: {}", text(&out.stderr)),
+        Moment::WriteWatch => {}
+        Moment::VariantsEntered | Moment::Invalidation(_) => {
+            assert!(
+                restored,
+                "{what}: the guardian did not restore: {}",
+                text(&out.stderr)
+            )
+        }
+    }
     wait_untraced(pid);
     assert!(is_alive(pid), "{what}: the target died");
     assert_code_is_the_files(pid, &what);
     let after = maps_and_fds(pid);
-    assert_eq!(after.0, before.0, "{what}: /proc/PID/maps differs from before");
-    assert_eq!(after.1, before.1, "{what}: /proc/PID/fd differs from before");
+    assert_eq!(
+        after.0, before.0,
+        "{what}: /proc/PID/maps differs from before"
+    );
+    assert_eq!(
+        after.1, before.1,
+        "{what}: /proc/PID/fd differs from before"
+    );
     server.poke();
     server.finish(&what);
 }
