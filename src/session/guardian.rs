@@ -25,6 +25,8 @@ use tracer::Tracer;
 
 /// The hidden subcommand that runs a guardian.
 pub const SUBCOMMAND: &str = "__guardian";
+/// How long one journal record may take to reach the guardian.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the guardian waits for the kernel to drop dead dynspec's ptrace link before seizing.
 const UNTRACED_WAIT: Duration = Duration::from_secs(10);
 
@@ -111,6 +113,10 @@ impl Guardian {
     /// Start the guardian of attached process `pid`.
     pub fn start(pid: Pid) -> Result<Guardian> {
         let (ours, theirs) = UnixStream::pair().context("cannot create the guardian's socket")?;
+        // A guardian that stopped reading (stopped, hung) must not keep the target stopped for ever: the record
+        // fails, and with it the change it was written for.
+        ours.set_write_timeout(Some(SEND_TIMEOUT))
+            .context("cannot set up the guardian's socket")?;
         let exe = std::env::current_exe().context("cannot find dynspec's executable")?;
         use std::os::unix::process::CommandExt as _;
         let child = Command::new(exe)

@@ -258,8 +258,8 @@ impl Cache {
             for (id, _, _) in &ids {
                 self.variants.remove(id);
             }
-            // Best effort: a stale record only names a patch that was never written (undoing it is harmless).
-            let _ = self.journal_now();
+            // A stale record only names a patch that was never written (undoing it is harmless).
+            self.journal_removal();
             return Err(e);
         }
         Ok(install)

@@ -51,7 +51,7 @@ impl Cache {
         pages.sort();
         pages.dedup();
         self.release_unused(tr, tid, &pages)?;
-        self.journal_now()?;
+        self.journal_removal();
         Ok(Invalidation {
             page,
             variants: dead.into_iter().collect(),
@@ -122,7 +122,7 @@ impl Cache {
                 if let Some(i) = self.installs.get_mut(id) {
                     i.stubs.push(stub);
                 }
-                self.journal_now()?;
+                self.journal_removal();
                 self.write_patch(tr, world, &patch, entry)?;
                 if let Some(w) = old {
                     self.guards.unregister_stub_flag(w);
@@ -172,7 +172,7 @@ impl Cache {
             .flat_map(|d| self.variants[d].guard_pages.clone())
             .collect();
         self.release_unused(tr, tid, &pages)?;
-        self.journal_now()?;
+        self.journal_removal();
         Ok(dead.into_iter().collect())
     }
 
@@ -190,7 +190,7 @@ impl Cache {
         let tid = stopped_thread(tr, self.pid)?;
         self.guards.release_all(tr, tid)?;
         let released = self.release_arenas(tr)?;
-        self.journal_now()?;
+        self.journal_removal();
         Ok(released)
     }
 

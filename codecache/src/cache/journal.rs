@@ -31,8 +31,8 @@ pub trait Journal: Send {
     fn record(&mut self, state: &CacheState) -> std::io::Result<()>;
 }
 
-/// The journal sink of a cache (a wrapper so the cache stays `Debug`).
-pub(super) struct Sink(pub(super) Box<dyn Journal>);
+/// The journal sink of a cache (a wrapper so the cache stays `Debug`), and whether a record failed.
+pub(super) struct Sink(pub(super) Box<dyn Journal>, pub(super) bool);
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,7 +254,7 @@ fn patch_from(site: u64, original: &[u8]) -> Result<PatchSite, CacheError> {
 impl Cache {
     /// Send every later change to `journal` before it reaches the target, starting with the current state.
     pub fn set_journal(&mut self, journal: Box<dyn Journal>) -> Result<(), CacheError> {
-        self.journal = Some(Sink(journal));
+        self.journal = Some(Sink(journal, false));
         self.journal_now()
     }
 
@@ -264,7 +264,8 @@ impl Cache {
         self.guards.uffd()
     }
 
-    /// Record the current state (with `pending` pages about to be mprotected) in the journal, if there is one.
+    /// Record the current state (with `pending` pages about to be mprotected) in the journal, if there is one,
+    /// before something is *added* to the target: a failure (now or in any earlier record) stops the change.
     pub(super) fn journal_with(&mut self, pending: &[(Addr, i32)]) -> Result<(), CacheError> {
         if self.journal.is_none() {
             return Ok(());
@@ -275,14 +276,30 @@ impl Cache {
                 state.mprotected.push((p.0, *prot));
             }
         }
-        if let Some(Sink(j)) = self.journal.as_mut() {
-            j.record(&state).map_err(CacheError::Journal)?;
+        let Some(Sink(j, failed)) = self.journal.as_mut() else {
+            return Ok(());
+        };
+        if *failed {
+            return Err(CacheError::Journal(std::io::Error::other(
+                "an earlier record failed",
+            )));
         }
-        Ok(())
+        j.record(&state).map_err(|e| {
+            *failed = true;
+            CacheError::Journal(e)
+        })
     }
 
+    /// [`Cache::journal_with`] with nothing pending.
     pub(super) fn journal_now(&mut self) -> Result<(), CacheError> {
         self.journal_with(&[])
+    }
+
+    /// Record the state while something is *removed* from the target (an invalidation, an uninstall): that must
+    /// go on whatever happens to the guardian (a writer may be blocked on a guard), so a failure is only
+    /// remembered, and refuses every later addition.
+    pub(super) fn journal_removal(&mut self) {
+        let _ = self.journal_now();
     }
 
     /// The records as plain data (what the journal sends).

@@ -497,7 +497,6 @@ impl Cache {
         self.variants.clear();
         self.arenas.clear();
         // The journal must not name addresses of the old image: a guardian would "restore" them in the new one.
-        // A failure here leaves nothing to undo anyway (the guardian finds the process gone or changed).
-        let _ = self.journal_now();
+        self.journal_removal();
     }
 }

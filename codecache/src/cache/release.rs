@@ -111,7 +111,7 @@ impl Cache {
             for i in &going {
                 self.arenas[*i].forget_mapping();
             }
-            self.journal_now()?;
+            self.journal_removal();
             for i in going {
                 self.arenas[i].unmap(tr, tid)?;
                 out.unmapped += 1;
