@@ -17,7 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use codecache::{Cache, CacheState, Journal};
+use codecache::{Cache, CacheState, Journal, Released};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use tracer::uffd::Uffd;
@@ -175,13 +175,26 @@ pub fn main(pid: i32) -> Result<i32> {
         // Nothing of dynspec's is in the target (a watch's userfaultfd closed with dynspec).
         return Ok(0);
     };
-    if pidfd.as_ref().is_some_and(|p| exited(p.as_fd())) {
+    // The pidfd is the attached process's; the journal may be of another one (a child the profile chose).
+    if state.pid == pid && pidfd.as_ref().is_some_and(|p| exited(p.as_fd())) {
         return Ok(0);
     }
-    restore(&state, uffd)?;
+    let Some(released) = restore(&state, uffd)? else {
+        return Ok(0);
+    };
+    let kept = if released.kept.is_empty() {
+        String::new()
+    } else {
+        let why: Vec<String> = released
+            .kept
+            .iter()
+            .map(|(a, k)| format!("{a}: {k}"))
+            .collect();
+        format!("; kept {} (still reachable: {})", why.len(), why.join(", "))
+    };
     eprintln!(
-        "dynspec guardian: dynspec died; PID {} is back on its original code",
-        state.pid
+        "dynspec guardian: dynspec died; PID {} is back on its original code ({} code arena(s) unmapped{kept})",
+        state.pid, released.unmapped
     );
     Ok(0)
 }
@@ -273,14 +286,15 @@ fn tracer_pid(pid: i32) -> Option<i32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Undo everything `state` names in its process: seize it, the code cache's own uninstall, detach.
-fn restore(state: &CacheState, uffd: Option<Uffd>) -> Result<()> {
+/// Undo everything `state` names in its process: seize it, the code cache's own uninstall, detach. None: the
+/// process is gone.
+fn restore(state: &CacheState, uffd: Option<Uffd>) -> Result<Option<Released>> {
     let pid = state.pid;
     // The kernel drops dead dynspec's ptrace link only after closing its files (our EOF).
     let start = Instant::now();
     loop {
         match tracer_pid(pid) {
-            None => return Ok(()),
+            None => return Ok(None),
             Some(0) => break,
             Some(_) if start.elapsed() > UNTRACED_WAIT => {
                 bail!("PID {pid} is still traced by someone else")
@@ -294,16 +308,17 @@ fn restore(state: &CacheState, uffd: Option<Uffd>) -> Result<()> {
         .guards()
         .while_stopping(|| Tracer::attach(Pid::from_raw(pid)))
         .with_context(|| format!("cannot attach to PID {pid}"))?;
-    {
+    let released = {
         let mut world = cache.stop_all(&mut tr)?;
-        cache
+        let r = cache
             .uninstall_all(&mut world)
             .context("cannot remove the variants")?;
         world.keep_stopped();
-    }
+        r
+    };
     // Closing our copy of the userfaultfd drops any protection it still had.
     drop(cache);
     tr.detach().context("cannot detach")?;
     let _ = std::io::stderr().flush();
-    Ok(())
+    Ok(Some(released))
 }
