@@ -459,14 +459,7 @@ impl GuardSet {
     /// `tr.stop_all()`, letting blocked kernel writes into guarded pages complete once everything else is
     /// stopped (see the module documentation). Use this instead of `Tracer::stop_all` while guards exist.
     pub fn stop_all<'t>(&self, tr: &'t mut Tracer) -> Result<tracer::Stopped<'t>, CacheError> {
-        if let Ok(mut s) = self.shared.lock() {
-            s.stopping = Some(Instant::now());
-        }
-        let r = tr.stop_world();
-        if let Ok(mut s) = self.shared.lock() {
-            s.stopping = None;
-        }
-        Ok(r?)
+        Ok(self.while_stopping(|| tr.stop_world())?)
     }
 
     /// Whether `page` is currently guarded (either way).
