@@ -578,7 +578,7 @@ enum Moment {
 
 /// Attach to a server, SIGKILL dynspec at `moment`, and check the guardian put everything back: the process
 /// finishes like a native run, its code is its files' bytes and its map and descriptors are those from before.
-fn kill_at(moment: Moment) {
+fn kill_at(moment: Moment) -> String {
     let what = format!("SIGKILL {moment:?}");
     let mut server = Server::start_sample(match moment {
         Moment::Invalidation(_) => "serve_patch",
@@ -686,6 +686,16 @@ fn kill_at(moment: Moment) {
     );
     server.poke();
     server.finish(&what);
+    text(&out.stderr)
+}
+
+/// How many threads the guardian found in generated code (from its line on dynspec's stderr).
+fn threads_inside(stderr: &str) -> usize {
+    stderr
+        .split_once("back on its original code (")
+        .and_then(|(_, r)| r.split_once(' '))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// dynspec's death never harms an attached process: SIGKILL while profiling.
@@ -703,7 +713,9 @@ fn sigkill_during_the_write_watch_leaves_the_target_as_it_was() {
 /// SIGKILL with variants installed and the thread running in them: the guardian removes them.
 #[test]
 fn sigkill_with_variants_entered_leaves_the_target_as_it_was() {
-    kill_at(Moment::VariantsEntered);
+    // The thread is in a variant most of the time, not always: until one run caught it there.
+    let caught = (0..6).any(|_| threads_inside(&kill_at(Moment::VariantsEntered)) > 0);
+    assert!(caught, "no kill caught the thread inside generated code");
 }
 
 /// SIGKILL while a write to a guarded page is being handled (the bytecode is rewritten): the writer stays

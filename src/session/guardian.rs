@@ -179,7 +179,7 @@ pub fn main(pid: i32) -> Result<i32> {
     if state.pid == pid && pidfd.as_ref().is_some_and(|p| exited(p.as_fd())) {
         return Ok(0);
     }
-    let Some(released) = restore(&state, uffd)? else {
+    let Some((released, inside)) = restore(&state, uffd)? else {
         return Ok(0);
     };
     let kept = if released.kept.is_empty() {
@@ -193,7 +193,8 @@ pub fn main(pid: i32) -> Result<i32> {
         format!("; kept {} (still reachable: {})", why.len(), why.join(", "))
     };
     eprintln!(
-        "dynspec guardian: dynspec died; PID {} is back on its original code ({} code arena(s) unmapped{kept})",
+        "dynspec guardian: dynspec died; PID {} is back on its original code ({inside} thread(s) were in \
+         generated code, {} code arena(s) unmapped{kept})",
         state.pid, released.unmapped
     );
     Ok(0)
@@ -286,9 +287,9 @@ fn tracer_pid(pid: i32) -> Option<i32> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Undo everything `state` names in its process: seize it, the code cache's own uninstall, detach. None: the
-/// process is gone.
-fn restore(state: &CacheState, uffd: Option<Uffd>) -> Result<Option<Released>> {
+/// Undo everything `state` names in its process: seize it, the code cache's own uninstall, detach. Returns
+/// what was given back and how many threads were stopped in generated code (None: the process is gone).
+fn restore(state: &CacheState, uffd: Option<Uffd>) -> Result<Option<(Released, usize)>> {
     let pid = state.pid;
     // The kernel drops dead dynspec's ptrace link only after closing its files (our EOF).
     let start = Instant::now();
@@ -310,11 +311,18 @@ fn restore(state: &CacheState, uffd: Option<Uffd>) -> Result<Option<Released>> {
         .with_context(|| format!("cannot attach to PID {pid}"))?;
     let released = {
         let mut world = cache.stop_all(&mut tr)?;
+        let code = cache.arena_ranges();
+        let inside = world
+            .threads(Pid::from_raw(pid))
+            .into_iter()
+            .filter_map(|t| world.regs(t).ok())
+            .filter(|r| code.iter().any(|(s, e)| (*s..*e).contains(&r.rip)))
+            .count();
         let r = cache
             .uninstall_all(&mut world)
             .context("cannot remove the variants")?;
         world.keep_stopped();
-        r
+        (r, inside)
     };
     // Closing our copy of the userfaultfd drops any protection it still had.
     drop(cache);
