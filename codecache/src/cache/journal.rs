@@ -64,6 +64,7 @@ impl CacheState {
     }
 }
 
+/// One arena (`crate::arena::Arena`) as plain data.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ArenaState {
     pub text: (u64, u64),
@@ -74,6 +75,7 @@ pub struct ArenaState {
     pub mapped: bool,
 }
 
+/// One install (its patch site, stubs and variants) as plain data.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct InstallState {
     pub id: u64,
@@ -92,6 +94,7 @@ pub struct InstallState {
     pub fallback_counter: u64,
 }
 
+/// One dispatch stub ([`Stub`]) as plain data.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StubState {
     pub base: u64,
@@ -115,6 +118,7 @@ pub enum RollbackState {
     At(u64),
 }
 
+/// One variant (range, deopt entries, return sites, guards, counter) as plain data.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VariantState {
     pub id: u64,
