@@ -97,6 +97,12 @@ enum Command {
         #[command(flatten)]
         opts: ProfileOpts,
     },
+    /// The guardian of an attached process (started by `attach`; see ARCHITECTURE.md, "The guardian").
+    #[command(name = "__guardian", hide = true)]
+    Guardian {
+        /// The attached process.
+        pid: i32,
+    },
     /// Show a report.
     Report {
         /// Report file [default: ./dynspec.report.json].
@@ -281,6 +287,7 @@ fn one_line(e: &anyhow::Error) -> String {
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.cmd {
+        Command::Guardian { pid } => dynspec::session::guardian::main(pid),
         Command::Run { opts, command } => {
             // Checked here for clear messages; the tracer resolves PATH the same way and the program gets argv
             // exactly as typed (argv[0] included, as a shell would pass it).

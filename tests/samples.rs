@@ -77,6 +77,7 @@ const INTERP_GOTO: Case = case("interp_goto", "1000000", &["goto_run"]);
 const INTERP_THREADED: Case = case("interp_threaded", "1000000", &["threaded_run"]);
 const INTERP_DL: Case = case("interp_dl", "1000000", &["dl_run", "dl_demo"]);
 const INTERP_SPILL: Case = case("interp_spill", "1000000", &["spill_run"]);
+const SERVE_PATCH: Case = case("serve_patch", "50", &["serve_run"]);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -102,6 +103,7 @@ const ALL: &[&Case] = &[
     &INTERP_THREADED,
     &INTERP_DL,
     &INTERP_SPILL,
+    &SERVE_PATCH,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
@@ -210,6 +212,7 @@ sample_tests! {
     interp_threaded => super::INTERP_THREADED;
     interp_dl => super::INTERP_DL;
     interp_spill => super::INTERP_SPILL;
+    serve_patch => super::SERVE_PATCH;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.

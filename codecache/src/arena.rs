@@ -3,6 +3,7 @@
 use specializer::Addr;
 use tracer::{read_maps, remote_mmap, Mapping, Pid, Tracer};
 
+use crate::cache::ArenaState;
 use crate::parked::parked_threads;
 use crate::CacheError;
 
@@ -82,6 +83,14 @@ impl Arena {
     /// Map a new arena near the executable mapping containing `near` in process `pid`, using stopped thread
     /// `tid` for the remote mmaps. Writes the syscall gadget and registers it with the tracer.
     pub fn create(tr: &mut Tracer, pid: Pid, tid: Pid, near: Addr) -> Result<Arena, CacheError> {
+        let mut a = Arena::place(pid, near)?;
+        a.map(tr, pid, tid)?;
+        Ok(a)
+    }
+
+    /// Where a new arena near the executable mapping containing `near` goes (nothing mapped yet: the journal
+    /// records it first, then [`Arena::map`] maps it).
+    pub(crate) fn place(pid: Pid, near: Addr) -> Result<Arena, CacheError> {
         let maps = read_maps(pid)?;
         let m = tracer::mapping_at(&maps, near)
             .filter(|m| m.exec)
@@ -96,6 +105,24 @@ impl Arena {
         }
         let len = CODE_SIZE + COUNTER_SIZE;
         let place = find_gap(&maps, ts, te, len).ok_or(CacheError::NoArenaSpace(near))?;
+        Ok(Arena {
+            text: (Addr(ts), Addr(te)),
+            code: (Addr(place), Addr(place + CODE_SIZE)),
+            counters: (
+                Addr(place + CODE_SIZE),
+                Addr(place + CODE_SIZE + COUNTER_SIZE),
+            ),
+            next_code: place,
+            next_counter: place + CODE_SIZE,
+            mapped: true,
+        })
+    }
+
+    /// Map a placed arena (stopped thread `tid` for the remote mmaps), write its syscall gadget and register
+    /// it with the tracer.
+    pub(crate) fn map(&mut self, tr: &mut Tracer, pid: Pid, tid: Pid) -> Result<(), CacheError> {
+        let near = self.text.0;
+        let place = self.code.0 .0;
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | MAP_FIXED_NOREPLACE;
         let code = remote_mmap(
             tr,
@@ -112,7 +139,7 @@ impl Arena {
             let _ = tracer::remote_munmap(tr, tid, code, CODE_SIZE);
             return Err(CacheError::NoArenaSpace(near));
         }
-        let counters = match remote_mmap(
+        match remote_mmap(
             tr,
             tid,
             Addr(place + CODE_SIZE),
@@ -122,7 +149,7 @@ impl Arena {
             -1,
             0,
         ) {
-            Ok(c) if c.0 == place + CODE_SIZE => c,
+            Ok(c) if c.0 == place + CODE_SIZE => {}
             other => {
                 if let Ok(c) = other {
                     let _ = tracer::remote_munmap(tr, tid, c, COUNTER_SIZE);
@@ -131,18 +158,39 @@ impl Arena {
                 return Err(CacheError::NoArenaSpace(near));
             }
         };
-        let mut a = Arena {
-            text: (Addr(ts), Addr(te)),
-            code: (code, code.offset(CODE_SIZE)),
-            counters: (counters, counters.offset(COUNTER_SIZE)),
-            next_code: code.0,
-            next_counter: counters.0,
-            mapped: true,
-        };
-        let g = a.alloc(GADGET.len())?;
-        publish(tr, pid, std::slice::from_ref(&a), g, &GADGET)?;
+        let g = self.alloc(GADGET.len())?;
+        publish(tr, pid, std::slice::from_ref(self), g, &GADGET)?;
         tr.set_syscall_gadget(pid, g);
-        Ok(a)
+        Ok(())
+    }
+
+    /// The arena as plain data (the journal's record).
+    pub(crate) fn state(&self) -> ArenaState {
+        ArenaState {
+            text: (self.text.0 .0, self.text.1 .0),
+            code: (self.code.0 .0, self.code.1 .0),
+            counters: (self.counters.0 .0, self.counters.1 .0),
+            next_code: self.next_code,
+            next_counter: self.next_counter,
+            mapped: self.mapped,
+        }
+    }
+
+    /// The arena of a journal record.
+    pub(crate) fn from_state(s: &ArenaState) -> Arena {
+        Arena {
+            text: (Addr(s.text.0), Addr(s.text.1)),
+            code: (Addr(s.code.0), Addr(s.code.1)),
+            counters: (Addr(s.counters.0), Addr(s.counters.1)),
+            next_code: s.next_code,
+            next_counter: s.next_counter,
+            mapped: s.mapped,
+        }
+    }
+
+    /// Mark it unmapped before it is (the journal then never names memory that may be the program's again).
+    pub(crate) fn forget_mapping(&mut self) {
+        self.mapped = false;
     }
 
     /// Whether this arena serves code at `a` (same module text).

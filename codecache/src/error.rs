@@ -12,6 +12,12 @@ pub enum CacheError {
     /// Talking to the target failed.
     #[error(transparent)]
     Tracer(#[from] TracerError),
+    /// The journal (the guardian's copy of the records) could not be written: the change was not made.
+    #[error("cannot write the journal to the guardian: {0}")]
+    Journal(std::io::Error),
+    /// A journal record is inconsistent (the guardian cannot rebuild the cache from it).
+    #[error("inconsistent journal record: {0}")]
+    BadJournal(&'static str),
     /// Encoding a variant failed.
     #[error(transparent)]
     Specialize(#[from] SpecializeError),

@@ -105,8 +105,9 @@ pub struct GuardSet {
     lifted: BTreeMap<u64, BTreeSet<i32>>,
     /// Why uffd is unavailable, if it is.
     uffd_unavailable: Option<String>,
-    /// dynspec's handle on the target's memory for [`GuardSet::set_stub_enabled`] (any thread may call it).
-    mem: std::fs::File,
+    /// dynspec's handle on the target's memory for [`GuardSet::set_stub_enabled`] (any thread may call it; none
+    /// in a guardian's restored set, which never measures).
+    mem: Option<std::fs::File>,
 }
 
 impl std::fmt::Debug for GuardSet {
@@ -327,32 +328,112 @@ impl GuardSet {
                 .read(true)
                 .write(true)
                 .open(format!("/proc/{pid}/mem"))
+                .map(Some)
                 .map_err(|e| TracerError::io(format!("cannot open /proc/{pid}/mem"), e))?,
         };
         match open_uffd(tr, pid, tid) {
-            Ok(fd) => {
-                let fd = Arc::new(fd);
-                // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's
-                // handle belongs to the tracer thread). Without it stubs are only unlinked by the tracer thread.
-                let mem = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open(format!("/proc/{pid}/mem"))
-                    .ok();
-                let handler = HoldFaults {
-                    pid,
-                    shared,
-                    flag: pending_flag,
-                    mem,
-                    others_stopped_since: None,
-                };
-                gs.reader = Some(Reader::spawn("dynspec-guards", fd.clone(), handler)?);
-                gs.fd = Some(fd);
-            }
+            Ok(fd) => gs.start_reader(fd)?,
             Err(TracerError::UffdUnavailable(why)) => gs.uffd_unavailable = Some(why.to_string()),
             Err(e) => return Err(e.into()),
         }
         Ok(gs)
+    }
+
+    /// The guard set a guardian rebuilds from the journal: the handed-over userfaultfd (if any) with `uffd_pages`
+    /// still protected by it, and `mprotected` pages with their original protection. No ptrace needed.
+    pub fn restore(
+        pid: Pid,
+        uffd: Option<Uffd>,
+        uffd_pages: Vec<Addr>,
+        mprotected: Vec<(Addr, i32)>,
+    ) -> Result<GuardSet, CacheError> {
+        let shared = Shared {
+            guarded: uffd_pages.iter().map(|p| p.0).collect(),
+            ..Shared::default()
+        };
+        let mut gs = GuardSet {
+            pid,
+            fd: None,
+            reader: None,
+            shared: Arc::new(Mutex::new(shared)),
+            pending_flag: Arc::new(AtomicBool::new(false)),
+            registered: Registrations::default(),
+            mprotected: mprotected.into_iter().map(|(p, o)| (p.0, o)).collect(),
+            lifted: BTreeMap::new(),
+            uffd_unavailable: None,
+            mem: None,
+        };
+        match uffd {
+            Some(fd) => gs.start_reader(fd)?,
+            None => gs.uffd_unavailable = Some("not handed over".into()),
+        }
+        Ok(gs)
+    }
+
+    fn start_reader(&mut self, fd: Uffd) -> Result<(), CacheError> {
+        let fd = Arc::new(fd);
+        let pid = self.pid;
+        // The reader's own handle on the target's memory, for the stubs' enabled words (the tracer's handle
+        // belongs to the tracer thread). Without it stubs are only unlinked by the tracer thread.
+        let mem = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .ok();
+        let handler = HoldFaults {
+            pid,
+            shared: self.shared.clone(),
+            flag: self.pending_flag.clone(),
+            mem,
+            others_stopped_since: None,
+        };
+        self.reader = Some(Reader::spawn("dynspec-guards", fd.clone(), handler)?);
+        self.fd = Some(fd);
+        Ok(())
+    }
+
+    /// The userfaultfd (to hand over to a guardian).
+    pub fn uffd(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.fd.as_deref().map(|f| f.as_fd())
+    }
+
+    /// Pages protected with the userfaultfd.
+    pub fn uffd_pages(&self) -> Vec<Addr> {
+        self.shared
+            .lock()
+            .map(|s| s.guarded.iter().map(|p| Addr(*p)).collect())
+            .unwrap_or_default()
+    }
+
+    /// Of `pages`, those not guarded yet that [`GuardSet::guard`] may protect with mprotect, with their current
+    /// protection (what the journal records before guarding them).
+    pub(crate) fn may_mprotect(&self, pages: &BTreeSet<Addr>) -> Vec<(Addr, i32)> {
+        let Ok(maps) = read_maps(self.pid) else {
+            return Vec::new();
+        };
+        pages
+            .iter()
+            .filter(|p| !self.is_guarded(**p))
+            .filter_map(|p| {
+                mapping_at(&maps, *p)
+                    .filter(|m| m.write && !m.shared)
+                    .map(|m| (*p, m.prot()))
+            })
+            .collect()
+    }
+
+    /// Run `f` (e.g. attaching to the process) as [`GuardSet::stop_all`] runs a stop: a kernel write blocked on
+    /// a guarded page is let through once every other thread is stopped.
+    pub fn while_stopping<T>(&self, f: impl FnOnce() -> T) -> T {
+        if let Ok(mut s) = self.shared.lock() {
+            s.stopping = Some(Instant::now());
+        }
+        let r = f();
+        if let Ok(mut s) = self.shared.lock() {
+            s.stopping = None;
+        }
+        r
     }
 
     /// How many guarded pages were released early so that a blocked kernel write (e.g. `read(2)` into the
@@ -383,7 +464,7 @@ impl GuardSet {
     /// being read (else it stays off until the reader's `after_read`, or the next call). Returns whether the
     /// word now holds the requested state.
     pub(crate) fn set_stub_enabled(&self, word: Addr, on: bool) -> Result<bool, CacheError> {
-        let Ok(mut s) = self.shared.lock() else {
+        let (Some(mem), Ok(mut s)) = (&self.mem, self.shared.lock()) else {
             return Ok(false);
         };
         if !s.stub_flags.contains_key(&word.0) {
@@ -399,8 +480,7 @@ impl GuardSet {
         }
         use std::os::unix::fs::FileExt;
         let v: u64 = on.into();
-        self.mem
-            .write_at(&v.to_le_bytes(), word.0)
+        mem.write_at(&v.to_le_bytes(), word.0)
             .map_err(|e| TracerError::io(format!("cannot write the stub flag at {word}"), e))?;
         Ok(true)
     }
@@ -431,14 +511,7 @@ impl GuardSet {
     /// `tr.stop_all()`, letting blocked kernel writes into guarded pages complete once everything else is
     /// stopped (see the module documentation). Use this instead of `Tracer::stop_all` while guards exist.
     pub fn stop_all<'t>(&self, tr: &'t mut Tracer) -> Result<tracer::Stopped<'t>, CacheError> {
-        if let Ok(mut s) = self.shared.lock() {
-            s.stopping = Some(Instant::now());
-        }
-        let r = tr.stop_world();
-        if let Ok(mut s) = self.shared.lock() {
-            s.stopping = None;
-        }
-        Ok(r?)
+        Ok(self.while_stopping(|| tr.stop_world())?)
     }
 
     /// Whether `page` is currently guarded (either way).

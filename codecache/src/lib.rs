@@ -28,7 +28,9 @@
 //!   are left alone); `Event::Exec` / `Event::Exited` of the process: [`Cache::forget`], then drop the cache;
 //! - on detach: [`Cache::stop_all`], [`Cache::uninstall_all`] (it also unmaps the arenas no thread can reach),
 //!   drop the cache, then detach;
-//! - for the report: [`Cache::variants`], [`Cache::counters`], and each [`Invalidation`].
+//! - for the report: [`Cache::variants`], [`Cache::counters`], and each [`Invalidation`];
+//! - attach mode: [`Cache::set_journal`] right after [`Cache::new`], with the guards' userfaultfd
+//!   ([`Cache::uffd`]) handed to the guardian first; a guardian rebuilds the cache with [`Cache::restore`].
 
 pub mod arena;
 mod cache;
@@ -39,8 +41,9 @@ mod parked;
 pub mod stub;
 
 pub use cache::{
-    Cache, Counters, InstallId, InstallRequest, Invalidation, Kept, Released, VariantId,
-    VariantInfo, MAX_INVALIDATIONS_PER_PAGE,
+    ArenaState, Cache, CacheState, Counters, DeoptState, InstallId, InstallRequest, InstallState,
+    Invalidation, Journal, Kept, Released, RollbackState, StubState, VariantId, VariantInfo,
+    VariantState, MAX_INVALIDATIONS_PER_PAGE,
 };
 pub use error::{BadRequestReason, CacheError, UnguardableReason, UnpatchableReason};
 pub use guard::{GuardKind, GuardSet};

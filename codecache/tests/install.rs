@@ -282,6 +282,31 @@ fn uninstall_all_restores_the_original_code() {
     assert_eq!(t.variants_alive_at_end, 0);
 }
 
+/// A guardian's path: the cache rebuilt from its journal record removes everything the live one installed.
+#[test]
+fn cache_restored_from_the_journal_uninstalls_everything() {
+    let d = temp_dir("journal");
+    let exe = build_interp(&d, &[]);
+    let native = run_native(&exe, &d, Mode::ExtraUsr1, ITERS);
+    let t = run_traced_with(
+        &exe,
+        &d,
+        Mode::ExtraUsr1,
+        ITERS,
+        Site::Entry,
+        RunOpts {
+            uninstall_mid: true,
+            through_journal: true,
+            ..RunOpts::default()
+        },
+    );
+    assert_eq!(t.status, ExitStatus::Code(0));
+    assert_eq!(t.output, native);
+    assert!(t.entries_mid > 0);
+    assert_eq!(t.entries, t.entries_mid, "no entry after uninstall_all");
+    assert_eq!(t.variants_alive_at_end, 0);
+}
+
 #[test]
 fn unconditional_entry_without_trigger() {
     let d = temp_dir("uncond");

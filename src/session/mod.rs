@@ -27,6 +27,7 @@ use crate::signals;
 
 mod aside;
 mod events;
+pub mod guardian;
 mod measure;
 mod sampling;
 mod specialize;
@@ -229,6 +230,8 @@ struct Session {
     stepped_aside: bool,
     /// Measuring the installed stubs on and off.
     measuring: measure::Measuring,
+    /// Attach mode: the process that undoes every change if dynspec dies (none: do not specialize).
+    guardian: Option<guardian::Guardian>,
 }
 
 /// Run a whole session and write its report.
@@ -255,6 +258,18 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             let t = Tracer::attach(*pid).with_context(|| format!("cannot attach to PID {pid}"))?;
             (t, None, Some(pid.as_raw()))
         }
+    };
+    // Attach mode changes the process only under a guardian's watch (ARCHITECTURE.md, "The guardian").
+    let mut guardian_failed = None;
+    let guardian = match attach_pid {
+        Some(pid) if cfg.specialize => match guardian::Guardian::start(Pid::from_raw(pid)) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                guardian_failed = Some(e);
+                None
+            }
+        },
+        _ => None,
     };
     let root = tracer.root();
     let mut code = CodeMap::default();
@@ -299,7 +314,12 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         steps: Vec::new(),
         stepped_aside: false,
         measuring: measure::Measuring::default(),
+        guardian,
     };
+    if let Some(e) = guardian_failed {
+        s.say(format_args!("{e:#}; profiling only"));
+        s.cfg.specialize = false;
+    }
     for tid in s.tracer.all_threads() {
         // At the start a refusal is fatal and explained (perf_event_paranoid, CAP_PERFMON, mlock limits).
         s.sampling
@@ -324,9 +344,12 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
                 s.say(format_args!("cannot stop the remaining processes: {e}"));
             }
             let alive = |s: &Session, pid: Pid| !s.tracer.threads(pid).is_empty();
+            // Whether nothing of dynspec's is left (else the guardian undoes the rest once dynspec exits).
+            let mut removed = true;
             if s.rt.as_ref().is_some_and(|rt| alive(&s, rt.pid)) {
                 if let Err(e) = s.uninstall_everything() {
                     s.say(format_args!("cannot remove the installed variants: {e}"));
+                    removed = false;
                 }
             }
             s.retire_runtime(false);
@@ -334,6 +357,11 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
                 s.end_watch();
             } else {
                 s.end_watch_after_exit();
+            }
+            if removed {
+                if let Some(g) = s.guardian.take() {
+                    g.detached();
+                }
             }
             let report = s.build_report(command, attach_pid, exit_status);
             let Session { tracer, cfg, .. } = s;
@@ -347,6 +375,9 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
             // The watch's process is gone: just collect what it saw.
             s.end_watch_after_exit();
             s.retire_runtime(false);
+            if let Some(g) = s.guardian.take() {
+                g.detached();
+            }
             if s.attach_mode {
                 Outcome::Detached
             } else {
@@ -358,6 +389,11 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
                 .context("cannot stop the target to detach")?;
             s.uninstall_everything()
                 .context("cannot remove the installed variants before detaching")?;
+            // Nothing of dynspec's is left in the target: the guardian may go (an error above leaves it to
+            // undo what is left once dynspec exits).
+            if let Some(g) = s.guardian.take() {
+                g.detached();
+            }
             s.end_watch();
             // Nothing of dynspec may go on costing the program once it is let go.
             s.pause_sampling();

@@ -46,7 +46,19 @@ impl Session {
         }
         let base = (self.generations + 1) * ID_STRIDE;
         match Installer::new(&mut self.tracer, pid, base) {
-            Ok(rt) => {
+            Ok(mut rt) => {
+                // Attach mode: every change is journaled to the guardian before it reaches the target.
+                if self.attach_mode {
+                    let watched = match &self.guardian {
+                        Some(g) => g.watch(&mut rt.cache),
+                        None => Err(anyhow::anyhow!("no guardian")),
+                    };
+                    if let Err(e) = watched {
+                        self.say(format_args!("{e:#}; not specializing"));
+                        self.cfg.specialize = false;
+                        return;
+                    }
+                }
                 self.generations += 1;
                 self.rt = Some(rt);
             }

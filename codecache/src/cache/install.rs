@@ -116,6 +116,10 @@ impl Cache {
             .iter()
             .flat_map(|(_, v)| v.guard_pages.iter().map(|p| p.page()))
             .collect();
+        // A page that may get an mprotect guard is journaled with its protection first (the guardian gives
+        // it back only where the protection is still the one the guard set).
+        let pending = self.guards.may_mprotect(&pages);
+        self.journal_with(&pending)?;
         for p in &pages {
             let was = self.guards.is_guarded(*p);
             match self.guards.guard(tr, tid, *p) {
@@ -194,18 +198,9 @@ impl Cache {
             fallback_counter,
             &pages,
         )?;
-        let linked = (|| {
-            for (_, _, enc, _, _) in &placed {
-                publish(tr, self.pid, &self.arenas, enc.base, &enc.code)?;
-            }
-            // ARCHITECTURE.md invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
-            self.check_threads_outside(tr, world, &patch)?;
-            self.write_patch(tr, world, &patch, stub.entry)
-        })();
-        if let Err(e) = linked {
-            self.guards.unregister_stub_flag(stub.enabled);
-            return Err(e);
-        }
+        // The records first, journaled before any of it can run: once the patch is written, a guardian that
+        // knows nothing of it could not undo it.
+        let enabled = stub.enabled;
         let mut ids = Vec::new();
         for (value, var, enc, ret_sites, counter) in placed {
             let id = VariantId(self.new_id());
@@ -231,7 +226,7 @@ impl Cache {
                     alive: true,
                 },
             );
-            ids.push(id);
+            ids.push((id, enc.base, enc.code));
         }
         self.installs.insert(
             install,
@@ -240,14 +235,33 @@ impl Cache {
                 region: req.region,
                 register: req.register,
                 assumed: req.assumed.clone(),
-                patch,
+                patch: patch.clone(),
                 arena: ai,
-                stubs: vec![stub],
+                stubs: vec![stub.clone()],
                 patched: true,
-                variants: ids,
+                variants: ids.iter().map(|(id, _, _)| *id).collect(),
                 fallback_counter,
             },
         );
+        let linked = (|| {
+            self.journal_now()?;
+            for (_, base, code) in &ids {
+                publish(tr, self.pid, &self.arenas, *base, code)?;
+            }
+            // ARCHITECTURE.md invariant 6, dynamic half: no thread strictly inside the bytes being replaced.
+            self.check_threads_outside(tr, world, &patch)?;
+            self.write_patch(tr, world, &patch, stub.entry)
+        })();
+        if let Err(e) = linked {
+            self.guards.unregister_stub_flag(enabled);
+            self.installs.remove(&install);
+            for (id, _, _) in &ids {
+                self.variants.remove(id);
+            }
+            // A stale record only names a patch that was never written (undoing it is harmless).
+            self.journal_removal();
+            return Err(e);
+        }
         Ok(install)
     }
 

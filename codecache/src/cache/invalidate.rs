@@ -51,6 +51,7 @@ impl Cache {
         pages.sort();
         pages.dedup();
         self.release_unused(tr, tid, &pages)?;
+        self.journal_removal();
         Ok(Invalidation {
             page,
             variants: dead.into_iter().collect(),
@@ -116,22 +117,22 @@ impl Cache {
                     .flat_map(|v| self.variants[v].guard_pages.iter().copied())
                     .collect();
                 let stub = self.place_stub(tr, ai, &patch, reg, &assumed, &targets, fc, &pages)?;
-                self.write_patch(tr, world, &patch, stub.entry)?;
-                if let Some(w) = old {
-                    self.guards.unregister_stub_flag(w);
-                }
+                let entry = stub.entry;
+                // Journaled before the patch points at it (a thread may be inside it when dynspec dies).
                 if let Some(i) = self.installs.get_mut(id) {
                     i.stubs.push(stub);
                 }
+                self.journal_removal();
+                self.write_patch(tr, world, &patch, entry)?;
+                if let Some(w) = old {
+                    self.guards.unregister_stub_flag(w);
+                }
             }
         }
-        for d in dead {
-            if let Some(v) = self.variants.get_mut(d) {
-                v.alive = false;
-            }
-        }
+        self.mark_dead(dead);
         let moved = self.move_threads(tr, world, dead, &affected, false)?;
         let redirected = self.redirect_returns(tr, world, dead)?;
+        self.dying.clear();
         Ok((moved, redirected))
     }
 
@@ -162,18 +163,16 @@ impl Cache {
         if let Some(i) = self.installs.get_mut(&id) {
             i.patched = false;
         }
-        for d in &dead {
-            if let Some(v) = self.variants.get_mut(d) {
-                v.alive = false;
-            }
-        }
+        self.mark_dead(&dead);
         self.move_threads(tr, &world, &dead, &BTreeSet::from([id]), false)?;
         self.redirect_returns(tr, &world, &dead)?;
+        self.dying.clear();
         let pages: Vec<Addr> = dead
             .iter()
             .flat_map(|d| self.variants[d].guard_pages.clone())
             .collect();
         self.release_unused(tr, tid, &pages)?;
+        self.journal_removal();
         Ok(dead.into_iter().collect())
     }
 
@@ -190,6 +189,18 @@ impl Cache {
         }
         let tid = stopped_thread(tr, self.pid)?;
         self.guards.release_all(tr, tid)?;
-        self.release_arenas(tr)
+        let released = self.release_arenas(tr)?;
+        self.journal_removal();
+        Ok(released)
+    }
+
+    /// Mark `dead` variants dead; the journal keeps them alive until the threads are out ([`Cache::state`]).
+    fn mark_dead(&mut self, dead: &BTreeSet<VariantId>) {
+        for d in dead {
+            if let Some(v) = self.variants.get_mut(d) {
+                v.alive = false;
+                self.dying.insert(*d);
+            }
+        }
     }
 }

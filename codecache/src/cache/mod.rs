@@ -19,8 +19,13 @@ mod child;
 mod deopt;
 mod install;
 mod invalidate;
+mod journal;
 mod release;
 
+pub use journal::{
+    ArenaState, CacheState, DeoptState, InstallState, Journal, RollbackState, StubState,
+    VariantState,
+};
 pub use release::{Kept, Released};
 
 /// A page invalidated this many times is never guarded again (the session should stop specializing on it).
@@ -175,6 +180,11 @@ pub struct Cache {
     next_id: u64,
     /// Last values of the counters of unmapped arenas (read just before unmapping them).
     frozen_counters: BTreeMap<Addr, u64>,
+    /// Where each change is recorded before it reaches the target ([`Cache::set_journal`]).
+    journal: Option<journal::Sink>,
+    /// Variants being removed: marked dead here, still alive in the journal until no thread or return
+    /// address is left in them.
+    dying: BTreeSet<VariantId>,
 }
 
 /// A stopped thread of `pid` for remote system calls: one not in vfork if there is one (a thread stopped at its
@@ -240,6 +250,8 @@ impl Cache {
             never_guard: BTreeSet::new(),
             next_id: 1,
             frozen_counters: BTreeMap::new(),
+            journal: None,
+            dying: BTreeSet::new(),
         })
     }
 
@@ -316,9 +328,18 @@ impl Cache {
         }) {
             return Ok(i);
         }
-        let arena = Arena::create(tr, self.pid, tid, a)?;
-        self.arenas.push(arena);
-        Ok(self.arenas.len() - 1)
+        // Journaled before it is mapped: the guardian unmaps it even if dynspec dies in the middle.
+        self.arenas.push(Arena::place(self.pid, a)?);
+        let i = self.arenas.len() - 1;
+        let mapped = match self.journal_now() {
+            Ok(()) => self.arenas[i].map(tr, self.pid, tid),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = mapped {
+            self.arenas.pop();
+            return Err(e);
+        }
+        Ok(i)
     }
 
     /// Read original code (patches overlaid with the bytes they replaced).
@@ -511,5 +532,7 @@ impl Cache {
         self.installs.clear();
         self.variants.clear();
         self.arenas.clear();
+        // The journal must not name addresses of the old image: a guardian would "restore" them in the new one.
+        self.journal_removal();
     }
 }

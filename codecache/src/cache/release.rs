@@ -100,10 +100,18 @@ impl Cache {
                 .collect();
             for c in counters {
                 let mut b = [0u8; 8];
-                tr.read_memory(self.pid, c, &mut b)?;
-                self.frozen_counters.insert(c, u64::from_le_bytes(b));
+                // Unreadable only for an arena a guardian rebuilt from a record written just before the mmap.
+                if tr.read_memory(self.pid, c, &mut b).is_ok() {
+                    self.frozen_counters.insert(c, u64::from_le_bytes(b));
+                }
             }
             let tid = stopped_thread(tr, self.pid)?;
+            // Out of the journal before they go: at worst a guardian leaves an unreachable mapping behind,
+            // never unmaps memory the program may have mapped there since.
+            for i in &going {
+                self.arenas[*i].forget_mapping();
+            }
+            self.journal_removal();
             for i in going {
                 self.arenas[i].unmap(tr, tid)?;
                 out.unmapped += 1;

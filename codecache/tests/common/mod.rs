@@ -362,6 +362,9 @@ pub struct RunOpts {
     /// Uninstall every variant at the second of three SIGUSR1s ([`Mode::ExtraUsr1`]); the entry count at that point is kept
     /// in `entries_mid`.
     pub uninstall_mid: bool,
+    /// With `uninstall_mid`: uninstall through a cache rebuilt from the journal (`Cache::state`, through JSON,
+    /// then `Cache::restore` with a copy of the userfaultfd), as a guardian does, and carry on with that one.
+    pub through_journal: bool,
     /// When the first guard fault is seen, first send this signal to the root thread and let its handler start
     /// (the faulting thread is interrupted inside the variant), then handle the faults.
     pub signal_on_first_fault: Option<i32>,
@@ -495,6 +498,16 @@ pub fn run_traced_with(
                     entries = k.entries.values().sum();
                 } else if let (true, 2, Some(c)) = (uninstall_mid, usr1, cache.as_mut()) {
                     entries_mid = c.counters(&tr).expect("counters").entries.values().sum();
+                    if opts.through_journal {
+                        let json = serde_json::to_string(&c.state()).expect("serialize the state");
+                        let state: codecache::CacheState =
+                            serde_json::from_str(&json).expect("deserialize the state");
+                        let fd = c
+                            .uffd()
+                            .map(|f| f.try_clone_to_owned().expect("dup the userfaultfd"));
+                        let uffd = fd.map(|f| tracer::uffd::Uffd::new(f).expect("a userfaultfd"));
+                        *c = Cache::restore(&state, uffd).expect("restore");
+                    }
                     let mut world = c.stop_all(&mut tr).expect("stop");
                     c.uninstall_all(&mut world).expect("uninstall_all");
                     world.keep_stopped();
