@@ -18,9 +18,18 @@ fn variants(r: &Value) -> &[Value] {
 fn a_losing_variant_is_measured_slower_and_removed() {
     // losing_variant: every call's dispatch stub pays a branch the CPU cannot predict, for nothing the variant
     // saves (run_both checks stdout, stderr and exit status against the native run).
-    let (_, r, _tmp) = run_both("losing_variant", &["150000000"], &[]);
+    // What is measured here is the measurement: a run whose plan installed nothing (its store profile did not
+    // trust the configuration page, which happens under load) is run again, up to three times.
+    let mut tries = 0;
+    let (r, _tmp) = loop {
+        tries += 1;
+        let (_, r, tmp) = run_both("losing_variant", &["150000000"], &[]);
+        if !variants(&r).is_empty() || tries == 3 {
+            break (r, tmp);
+        }
+    };
     let vs = variants(&r);
-    assert!(!vs.is_empty(), "nothing installed: {}", r["plan"]);
+    assert!(!vs.is_empty(), "nothing installed in 3 runs: {}", r["plan"]);
     let m = &r["measurement"];
     let removed: Vec<u64> = m["removed"]
         .as_array()
@@ -48,8 +57,18 @@ fn a_losing_variant_is_measured_slower_and_removed() {
             "a removed variant is no longer live: {v}"
         );
     }
-    // The region is not specialized again.
-    let later = r["plan"].as_array().expect("plan[]").iter().skip(1);
+    // The region is not specialized again after the removal.
+    let removed_at = vs
+        .iter()
+        .filter(|v| removed.contains(&v["id"].as_u64().unwrap_or(0)))
+        .filter_map(|v| v["effect"]["time_ms"].as_u64())
+        .min()
+        .expect("a removed variant's verdict time");
+    let later = r["plan"]
+        .as_array()
+        .expect("plan[]")
+        .iter()
+        .filter(|round| round["time_ms"].as_u64().is_some_and(|t| t > removed_at));
     for round in later {
         for region in round["regions"].as_array().into_iter().flatten() {
             if region["symbol"] == "step" {
