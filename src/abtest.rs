@@ -8,7 +8,10 @@
 //!
 //! A variant whose own code passes its trigger address again (it loops back there, or follows several passes in
 //! a row, as an interpreter's variant following the bytecode does) makes those passes where no stub counts
-//! them: the stub's count is then no measure of the work, and it is not measured (the report says so).
+//! them. Its unit is then a call of the function around it, counted by a counting stub at the function's entry
+//! for the length of the trial (the same cost in both modes); the switched-off stub's cost per call is its cost
+//! per pass times the passes per call the off intervals saw. Where neither unit applies the stub is not
+//! measured (the report says so).
 //!
 //! Everything here is pure: the session feeds readings (time, CPU time, passes) and toggles the stub as told.
 
@@ -28,12 +31,14 @@ pub const MAX_EMPTY: usize = 12;
 /// A kept stub is measured again when its passes per CPU second move this far (a phase change).
 pub const PHASE_CHANGE: f64 = 0.5;
 
-/// One reading of the target: when (since any fixed origin), its CPU time, the stub's passes so far.
+/// One reading of the target: when (since any fixed origin), its CPU time, units of work so far, and passes
+/// through the measured stub so far (the same as `passes` when the unit is a pass).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Reading {
     pub at: Duration,
     pub cpu_ns: u64,
     pub passes: u64,
+    pub stub_passes: u64,
 }
 
 /// What measuring found.
@@ -81,21 +86,28 @@ pub struct Effect {
     pub pairs: usize,
 }
 
-/// One interval's result: CPU ns per pass, in one mode.
+/// One interval's result in one mode: CPU ns per unit, and stub passes per unit.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Half {
     on: bool,
     ns_per_pass: f64,
+    stub_per_unit: f64,
 }
 
-/// The verdict on pairs of (on, off) CPU ns per pass, given what a switched-off stub costs per pass; None while
-/// undecided. Each pair gives log(native / on), native being off less the stub's cost (never below a tenth of
-/// off: the calibration is an estimate).
-pub fn judge(pairs: &[(f64, f64)], stub_off_ns: f64) -> Option<Verdict> {
+/// At most this share of an off interval's time per unit is put down to the switched-off stub: the calibration
+/// runs the stub alone in a tight loop, where its cost shows in full; in a program much of it overlaps other work,
+/// and where a unit passes the stub many times (a call whose loop passes it at every iteration) an overestimate
+/// would make a winning variant look slower than native.
+pub const MAX_STUB_SHARE: f64 = 0.1;
+
+/// The verdict on pairs of (on, off) CPU ns per unit with the off interval's stub passes per unit, given what
+/// a switched-off stub costs per pass; None while undecided. Each pair gives log(native / on), native being off
+/// less the stub's cost (at most [`MAX_STUB_SHARE`] of off).
+pub fn judge(pairs: &[(f64, f64, f64)], stub_off_ns: f64) -> Option<Verdict> {
     let d: Vec<f64> = pairs
         .iter()
-        .filter(|(on, off)| *on > 0.0 && *off > 0.0)
-        .map(|(on, off)| ((off - stub_off_ns).max(off * 0.1) / on).ln())
+        .filter(|(on, off, _)| *on > 0.0 && *off > 0.0)
+        .map(|(on, off, k)| ((off - (stub_off_ns * k).min(off * MAX_STUB_SHARE)) / on).ln())
         .collect();
     let n = d.len();
     if n < MIN_PAIRS {
@@ -186,9 +198,11 @@ impl Trial {
             self.start = r;
             return Step::Switch(self.on);
         }
+        let stub = r.stub_passes.wrapping_sub(self.start.stub_passes);
         self.halves.push(Half {
             on: self.on,
             ns_per_pass: cpu as f64 / passes as f64,
+            stub_per_unit: stub as f64 / passes as f64,
         });
         self.start = r;
         if self.halves.len().is_multiple_of(2) {
@@ -204,16 +218,13 @@ impl Trial {
         Step::Switch(self.on)
     }
 
-    /// Completed pairs as (on, off) ns per pass.
-    fn pairs(&self) -> Vec<(f64, f64)> {
+    /// Completed pairs as (on, off) ns per unit, with the off half's stub passes per unit.
+    fn pairs(&self) -> Vec<(f64, f64, f64)> {
         self.halves
             .chunks_exact(2)
             .map(|p| {
-                if p[0].on {
-                    (p[0].ns_per_pass, p[1].ns_per_pass)
-                } else {
-                    (p[1].ns_per_pass, p[0].ns_per_pass)
-                }
+                let (on, off) = if p[0].on { (p[0], p[1]) } else { (p[1], p[0]) };
+                (on.ns_per_pass, off.ns_per_pass, off.stub_per_unit)
             })
             .collect()
     }
@@ -254,6 +265,7 @@ mod tests {
             at: ms(0),
             cpu_ns: 0,
             passes: 0,
+            stub_passes: 0,
         });
         let (mut cpu, mut passes) = (0u64, 0u64);
         for i in 1..200u64 {
@@ -267,6 +279,7 @@ mod tests {
                     at: ms(20 * i),
                     cpu_ns: cpu,
                     passes,
+                    stub_passes: passes,
                 },
                 stub_ns,
             ) {
@@ -309,11 +322,30 @@ mod tests {
     }
 
     #[test]
+    fn per_call_units_charge_the_stub_for_every_pass_of_a_call_up_to_a_tenth() {
+        // 10 ns per call on, 10.5 off; off, each call passes the switched-off stub 2 times at 0.4 ns: natively a
+        // call costs 9.7 ns, so the variant is slower although on beats off.
+        let pairs: Vec<(f64, f64, f64)> = (0..8)
+            .map(|i| (10.0 + 0.01 * i as f64, 10.5 - 0.01 * i as f64, 2.0))
+            .collect();
+        let v = judge(&pairs, 0.4).expect("decided");
+        assert!(matches!(v, Verdict::Slower(_)), "{v:?}");
+        // A winner (9.5 ns on, 11 off) whose calls pass the stub 100 times: at 0.4 ns a pass that would be 40 ns,
+        // more than a call takes; a tenth of off at most is put down to the stub, and it stays a winner.
+        let pairs: Vec<(f64, f64, f64)> = (0..8)
+            .map(|i| (9.5 + 0.01 * i as f64, 11.0 - 0.01 * i as f64, 100.0))
+            .collect();
+        let v = judge(&pairs, 0.4).expect("decided");
+        assert!(matches!(v, Verdict::Faster(_)), "{v:?}");
+    }
+
+    #[test]
     fn a_site_that_goes_cold_gives_up() {
         let mut t = Trial::start(Reading {
             at: ms(0),
             cpu_ns: 0,
             passes: 0,
+            stub_passes: 0,
         });
         let mut last = Step::Wait;
         for i in 1..=MAX_EMPTY as u64 {
@@ -322,6 +354,7 @@ mod tests {
                     at: ms(20 * i),
                     cpu_ns: 20_000_000 * i,
                     passes: 5 * i,
+                    stub_passes: 5 * i,
                 },
                 1.0,
             );
@@ -335,11 +368,13 @@ mod tests {
             at: ms(0),
             cpu_ns: 0,
             passes: 0,
+            stub_passes: 0,
         });
         let r = Reading {
             at: ms(5),
             cpu_ns: 5_000_000,
             passes: 1_000_000,
+            stub_passes: 1_000_000,
         };
         assert_eq!(t.step(r, 1.0), Step::Wait);
         assert!(t.is_on());
@@ -351,6 +386,7 @@ mod tests {
             at: ms(0),
             cpu_ns: 0,
             passes: 0,
+            stub_passes: 0,
         });
         let mut modes = Vec::new();
         for i in 1..=4u64 {
@@ -361,6 +397,7 @@ mod tests {
                     at: ms(20 * i),
                     cpu_ns: 20_000_000 * i,
                     passes,
+                    stub_passes: passes,
                 },
                 0.0,
             ) {

@@ -82,9 +82,8 @@ pub struct Installer {
     listings: HashMap<codecache::VariantId, Listings>,
     /// When each variant was installed.
     installed_at: HashMap<codecache::VariantId, Instant>,
-    /// Installs with a variant whose own code passes its trigger address again (loops back to it, or inlines
-    /// several passes): the stub's passes are then no measure of the work done.
-    revisiting: BTreeSet<codecache::InstallId>,
+    /// How each install's work is counted when it is measured (see [`Unit`]).
+    units: HashMap<codecache::InstallId, Unit>,
     /// What measuring each install found (the latest verdict).
     effects: HashMap<codecache::InstallId, EffectJson>,
 }
@@ -133,7 +132,7 @@ impl Installer {
             forwarding_ever: BTreeSet::new(),
             listings: HashMap::new(),
             installed_at: HashMap::new(),
-            revisiting: BTreeSet::new(),
+            units: HashMap::new(),
             effects: HashMap::new(),
         })
     }
@@ -454,10 +453,7 @@ impl Installer {
         snapshots: Snapshots,
     ) -> Result<codecache::InstallId, InstallError> {
         let forwards = variants.forwards;
-        let revisits = variants
-            .variants
-            .iter()
-            .any(|(_, v)| v.revisits(cand.address));
+        let unit = unit_of(r, cand.address, &variants.variants);
         // Formatted before the world stops: the program should not wait for the report's listings.
         let listings: Vec<(Option<u64>, Listings)> = variants
             .variants
@@ -514,9 +510,7 @@ impl Installer {
             }
             self.installed_at.insert(info.id, Instant::now());
         }
-        if revisits {
-            self.revisiting.insert(id);
-        }
+        self.units.insert(id, unit);
         if forwards {
             self.forwarding_installs.insert(id);
             self.forwarding_ever.insert(id);
@@ -607,13 +601,45 @@ impl Installer {
         self.listings.get(&id).cloned().unwrap_or_default()
     }
 
-    /// Live installs, each with whether one of its variants passes its trigger address again inside itself.
-    pub fn live_installs(&self) -> Vec<(codecache::InstallId, bool)> {
+    /// Live installs, each with how its work is counted.
+    pub fn live_installs(&self) -> Vec<(codecache::InstallId, Unit)> {
         self.regions
             .values()
             .filter_map(|r| r.live)
-            .map(|id| (id, self.revisiting.contains(&id)))
+            .map(|id| (id, self.units.get(&id).copied().unwrap_or(Unit::None)))
             .collect()
+    }
+
+    /// Install a counting stub at `site` for a measurement (threads stopped here; a thread caught inside the
+    /// bytes the patch replaces is let run on and the install retried, as for variants).
+    pub fn install_counter(
+        &mut self,
+        tr: &mut Tracer,
+        site: Addr,
+        region: (Addr, Addr),
+    ) -> Result<codecache::InstallId, CacheError> {
+        let mut tries = 0;
+        loop {
+            let mut world = self.cache.stop_all(tr)?;
+            match self.cache.install_counter(&mut world, site, region) {
+                Err(CacheError::ThreadInsidePatch { .. }) if tries < MAX_PATCH_TRIES => {
+                    tries += 1;
+                    drop(world);
+                    std::thread::sleep(PATCH_RETRY_PAUSE);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Remove a counting stub (threads stopped here).
+    pub fn remove_counter(
+        &mut self,
+        tr: &mut Tracer,
+        id: codecache::InstallId,
+    ) -> Result<(), CacheError> {
+        let mut world = self.cache.stop_all(tr)?;
+        self.cache.uninstall(&mut world, id).map(|_| ())
     }
 
     /// Record what measuring install `id` found.
@@ -650,6 +676,40 @@ impl Installer {
 }
 
 type Snapshots = std::collections::BTreeMap<Addr, Vec<u8>>;
+
+/// What measuring an install counts as its unit of work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Passes through its dispatch site: every pass reaches the stub (the variants never pass the trigger
+    /// again inside themselves).
+    Passes,
+    /// Calls of the function around it, counted by a counting stub at its entry (`site`, in `region`) while it
+    /// is measured: its variants pass the trigger inside themselves, but never the function's entry.
+    Calls { site: Addr, region: (Addr, Addr) },
+    /// Neither applies.
+    None,
+}
+
+/// How an install of `variants` at `trigger` in region `r` is measured: by its own passes when no variant
+/// passes the trigger again, else by calls of the function when the region is a whole function (from symbols or
+/// `.eh_frame`) whose entry is not the trigger and no variant covers it.
+fn unit_of(
+    r: &RegionPlan,
+    trigger: Addr,
+    variants: &[(Option<u64>, specializer::Variant)],
+) -> Unit {
+    if !variants.iter().any(|(_, v)| v.revisits(trigger)) {
+        return Unit::Passes;
+    }
+    if r.symbol.is_some() && r.start != trigger && !variants.iter().any(|(_, v)| v.covers(r.start))
+    {
+        return Unit::Calls {
+            site: r.start,
+            region: (r.start, r.end),
+        };
+    }
+    Unit::None
+}
 
 /// Stops of the world an install tries while a thread sits inside the bytes its patch replaces.
 const MAX_PATCH_TRIES: u32 = 8;

@@ -144,6 +144,11 @@ impl Variant {
         false
     }
 
+    /// Whether the specializer walked the original instruction at `addr` (the variant's code covers it).
+    pub fn covers(&self, addr: Addr) -> bool {
+        self.original.iter().any(|o| o.ins.ip() == addr.0)
+    }
+
     /// Whether the variant's own code reaches `addr` again after entering there: the specializer walked `addr`
     /// in more than one state (passes inlined one after another), or a branch inside the variant goes back to
     /// its code for `addr` or to its entry. Such passes do not go through a dispatch stub at `addr`.

@@ -220,6 +220,11 @@ pub struct EffectJson {
     pub pairs: u64,
     /// When the verdict was reached, since the session started.
     pub time_ms: u64,
+    /// The unit of work compared ("pass through the dispatch site", "call of the function at 0x..."); null when
+    /// unmeasured.
+    #[serde(default)]
+    #[schemars(required, schema_with = "nullable::<String>")]
+    pub unit: Option<String>,
     /// In words (for `unmeasured`: why no measure applies).
     pub why: String,
 }

@@ -10,17 +10,27 @@ use nix::unistd::Pid;
 
 use super::Session;
 use crate::abtest::{self, Reading, Step, Trial, Verdict};
+use crate::install::Unit;
 use crate::report::{EffectJson, MeasurementJson};
 
 /// How often a kept stub's pass rate is looked at for a phase change.
 const PHASE_CHECK: Duration = Duration::from_secs(1);
+
+/// The trial under way: the install measured, the counting stub that counts its unit (for [`Unit::Calls`]).
+struct Current {
+    id: InstallId,
+    counter: Option<InstallId>,
+    /// The unit in words, for the report.
+    unit: String,
+    trial: Trial,
+}
 
 /// The session's measuring state (per code cache: reset when the process execs).
 #[derive(Default)]
 pub(super) struct Measuring {
     /// CPU cost of a switched-off stub per pass (measured once, on the first trial).
     stub_off_ns: Option<Option<f64>>,
-    current: Option<(InstallId, Trial)>,
+    current: Option<Current>,
     /// Installs with a verdict (or that cannot be measured), with the pass rate measured with the stub on.
     judged: BTreeMap<InstallId, Option<f64>>,
     /// The last phase check per kept install: when, and its reading then.
@@ -35,8 +45,9 @@ pub(super) struct Measuring {
 impl Measuring {
     /// The code cache is gone (exec, exit): its installs are forgotten, the totals kept.
     pub(super) fn forget_installs(&mut self) {
-        if let Some((_, t)) = self.current.take() {
-            self.off += t.off_time;
+        // The counting stub went with the code cache.
+        if let Some(c) = self.current.take() {
+            self.off += c.trial.off_time;
         }
         self.judged.clear();
         self.checked.clear();
@@ -48,7 +59,7 @@ impl Measuring {
             + self
                 .current
                 .as_ref()
-                .map_or(Duration::ZERO, |(_, t)| t.off_time);
+                .map_or(Duration::ZERO, |c| c.trial.off_time);
         MeasurementJson {
             stub_off_ns: self.stub_off_ns.flatten(),
             trials: self.trials,
@@ -76,14 +87,17 @@ fn cpu_ns(pid: Pid) -> Option<u64> {
     Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-fn effect_json(v: &Verdict, time_ms: u64) -> EffectJson {
+fn effect_json(v: &Verdict, unit: &str, time_ms: u64) -> EffectJson {
     let e = v.effect();
     let why = match (v, e) {
         (Verdict::TooFewPasses, _) => {
-            "the dispatch site saw too few passes while it was measured".to_string()
+            format!(
+                "too few {unit}s while it was measured (at least {} per interval)",
+                abtest::MIN_PASSES
+            )
         }
         (_, Some(e)) => format!(
-            "{:.2}x native CPU time per pass ({:.2}..{:.2}), {} pairs of {} ms intervals{}",
+            "{:.2}x native CPU time per {unit} ({:.2}..{:.2}), {} pairs of {} ms intervals{}",
             e.ratio,
             e.low,
             e.high,
@@ -100,11 +114,12 @@ fn effect_json(v: &Verdict, time_ms: u64) -> EffectJson {
         high: e.map(|e| e.high),
         pairs: e.map_or(0, |e| e.pairs as u64),
         time_ms,
+        unit: Some(unit.to_string()),
         why,
     }
 }
 
-fn unmeasured(time_ms: u64) -> EffectJson {
+fn unmeasured(time_ms: u64, why: String) -> EffectJson {
     EffectJson {
         verdict: "unmeasured".to_string(),
         ratio: None,
@@ -112,11 +127,15 @@ fn unmeasured(time_ms: u64) -> EffectJson {
         high: None,
         pairs: 0,
         time_ms,
-        why: "a variant passes its trigger address again inside itself (it loops back there, or follows several \
-              passes in a row): those passes never reach the stub, so its count is no measure of the work done"
-            .to_string(),
+        unit: None,
+        why,
     }
 }
+
+/// Why an install with no unit of work is not measured.
+const NO_UNIT: &str = "a variant passes its trigger address again inside itself (it loops back there, or follows \
+                       several passes in a row), so the stub does not see every pass, and the code around it is \
+                       not a whole function whose calls could be counted instead";
 
 impl Session {
     /// One step of measuring (called every event-loop turn; cheap when nothing is due).
@@ -128,42 +147,13 @@ impl Session {
             return;
         };
         let pid = rt.pid;
-        let now = Instant::now();
-        let at = now.duration_since(self.time.start);
+        let at = Instant::now().duration_since(self.time.start);
         let time_ms = at.as_millis() as u64;
         let Some(cpu) = cpu_ns(pid) else {
             return;
         };
-        let reading = |passes: u64| Reading {
-            at,
-            cpu_ns: cpu,
-            passes,
-        };
-        if let Some((id, mut trial)) = self.measuring.current.take() {
-            let passes = match rt.cache.dispatch_passes(&self.tracer, id) {
-                Ok(Some(p)) => p,
-                // Invalidated or removed meanwhile: nothing left to measure.
-                _ => {
-                    self.measuring.off += trial.off_time;
-                    return;
-                }
-            };
-            let stub_off = self.measuring.stub_off_ns.flatten().unwrap_or(0.0);
-            match trial.step(reading(passes), stub_off) {
-                Step::Wait => self.measuring.current = Some((id, trial)),
-                Step::Switch(on) => {
-                    match rt.cache.set_enabled(id, on) {
-                        Ok(true) => self.measuring.current = Some((id, trial)),
-                        // Not switched on: a page its variants rely on may have changed (an invalidation is on
-                        // its way); the trial ends and the stub is left to the guards.
-                        _ => self.measuring.off += trial.off_time,
-                    }
-                }
-                Step::Done(v) => {
-                    self.measuring.off += trial.off_time;
-                    self.finish_trial(id, &v, trial.on_rate(), time_ms);
-                }
-            }
+        if let Some(cur) = self.measuring.current.take() {
+            self.continue_trial(cur, at, cpu);
             return;
         }
         // Nothing under measurement: the first live install without a verdict, or one whose phase changed.
@@ -174,34 +164,139 @@ impl Session {
                 !self.measuring.judged.contains_key(id) || self.measuring.again.contains(id)
             })
             .copied();
-        let Some((id, revisits)) = next else {
-            self.check_phases(&live, reading);
+        let Some((id, unit)) = next else {
+            self.check_phases(&live, at, cpu);
             return;
         };
         self.measuring.again.remove(&id);
-        if revisits {
-            self.measuring.judged.insert(id, None);
-            if let Some(rt) = self.rt.as_mut() {
-                rt.record_effect(id, unmeasured(time_ms));
+        let counter = match unit {
+            Unit::Passes => None,
+            Unit::None => {
+                self.measuring.judged.insert(id, None);
+                if let Some(rt) = self.rt.as_mut() {
+                    rt.record_effect(id, unmeasured(time_ms, NO_UNIT.to_string()));
+                }
+                return;
             }
-            return;
-        }
-        let Ok(Some(passes)) = rt.cache.dispatch_passes(&self.tracer, id) else {
+            Unit::Calls { site, region } => {
+                let installed = self
+                    .rt
+                    .as_mut()
+                    .map(|rt| rt.install_counter(&mut self.tracer, site, region));
+                match installed {
+                    Some(Ok(c)) => Some(c),
+                    Some(Err(e)) => {
+                        self.measuring.judged.insert(id, None);
+                        let why = format!("{NO_UNIT}: its calls cannot be counted at {site}: {e}");
+                        if let Some(rt) = self.rt.as_mut() {
+                            rt.record_effect(id, unmeasured(time_ms, why));
+                        }
+                        return;
+                    }
+                    None => return,
+                }
+            }
+        };
+        let Some(start) = self.read_units(id, counter, at, cpu) else {
+            self.drop_counter(counter);
             return;
         };
         if self.measuring.stub_off_ns.is_none() {
             self.measuring.stub_off_ns = Some(codecache::stub::calibrate::disabled_stub_ns());
         }
         self.measuring.trials += 1;
-        self.measuring.current = Some((id, Trial::start(reading(passes))));
+        let unit = match unit {
+            Unit::Calls { site, .. } => format!("call of the function at {site}"),
+            _ => "pass through the dispatch site".to_string(),
+        };
+        self.measuring.current = Some(Current {
+            id,
+            counter,
+            unit,
+            trial: Trial::start(start),
+        });
+    }
+
+    /// A reading of install `id`'s units (its own passes, or the counting stub's) and passes.
+    fn read_units(
+        &self,
+        id: InstallId,
+        counter: Option<InstallId>,
+        at: Duration,
+        cpu: u64,
+    ) -> Option<Reading> {
+        let rt = self.rt.as_ref()?;
+        let stub_passes = rt.cache.dispatch_passes(&self.tracer, id).ok()??;
+        let passes = match counter {
+            Some(c) => rt.cache.dispatch_passes(&self.tracer, c).ok()??,
+            None => stub_passes,
+        };
+        Some(Reading {
+            at,
+            cpu_ns: cpu,
+            passes,
+            stub_passes,
+        })
+    }
+
+    /// Remove the counting stub of a trial that ended.
+    fn drop_counter(&mut self, counter: Option<InstallId>) {
+        let (Some(c), Some(rt)) = (counter, self.rt.as_mut()) else {
+            return;
+        };
+        if let Err(e) = rt.remove_counter(&mut self.tracer, c) {
+            self.warn(format_args!("cannot remove a counting stub: {e}"));
+        }
+    }
+
+    fn continue_trial(&mut self, mut cur: Current, at: Duration, cpu: u64) {
+        let time_ms = at.as_millis() as u64;
+        let Some(r) = self.read_units(cur.id, cur.counter, at, cpu) else {
+            // Invalidated or removed meanwhile: nothing left to measure.
+            self.measuring.off += cur.trial.off_time;
+            self.drop_counter(cur.counter);
+            return;
+        };
+        let stub_off = self.measuring.stub_off_ns.flatten().unwrap_or(0.0);
+        match cur.trial.step(r, stub_off) {
+            Step::Wait => self.measuring.current = Some(cur),
+            Step::Switch(on) => {
+                let switched = self.rt.as_ref().map(|rt| rt.cache.set_enabled(cur.id, on));
+                if let Some(Ok(true)) = switched {
+                    self.measuring.current = Some(cur);
+                } else {
+                    // Not switched on: a page its variants rely on may have changed (an invalidation is on its
+                    // way); the trial ends and the stub is left to the guards.
+                    self.measuring.off += cur.trial.off_time;
+                    self.drop_counter(cur.counter);
+                }
+            }
+            Step::Done(v) => {
+                self.measuring.off += cur.trial.off_time;
+                self.drop_counter(cur.counter);
+                let rate = if cur.counter.is_none() {
+                    cur.trial.on_rate()
+                } else {
+                    None
+                };
+                self.finish_trial(cur.id, &v, &cur.unit, rate, time_ms);
+            }
+        }
     }
 
     /// Record a verdict; remove the install when it loses.
-    fn finish_trial(&mut self, id: InstallId, v: &Verdict, on_rate: Option<f64>, time_ms: u64) {
+    fn finish_trial(
+        &mut self,
+        id: InstallId,
+        v: &Verdict,
+        unit: &str,
+        on_rate: Option<f64>,
+        time_ms: u64,
+    ) {
         let Some(rt) = self.rt.as_mut() else {
             return;
         };
-        rt.record_effect(id, effect_json(v, time_ms));
+        rt.record_effect(id, effect_json(v, unit, time_ms));
         self.measuring.judged.insert(id, on_rate);
         if v.keeps() {
             // Switched on again (a refusal means an invalidation is under way: the guards decide).
@@ -231,18 +326,24 @@ impl Session {
     }
 
     /// Now and then, compare each kept install's pass rate with the one it was measured at.
-    fn check_phases(&mut self, live: &[(InstallId, bool)], reading: impl Fn(u64) -> Reading) {
+    fn check_phases(&mut self, live: &[(InstallId, Unit)], at: Duration, cpu: u64) {
         let Some(rt) = self.rt.as_ref() else {
             return;
         };
-        for (id, _) in live {
+        // Only stubs measured by their own passes: the others would need their counting stub back.
+        for (id, _) in live.iter().filter(|(_, u)| *u == Unit::Passes) {
             let Some(Some(measured)) = self.measuring.judged.get(id).copied() else {
                 continue;
             };
             let Ok(Some(passes)) = rt.cache.dispatch_passes(&self.tracer, *id) else {
                 continue;
             };
-            let now = reading(passes);
+            let now = Reading {
+                at,
+                cpu_ns: cpu,
+                passes,
+                stub_passes: passes,
+            };
             match self.measuring.checked.get(id).copied() {
                 Some(last) if now.at.saturating_sub(last.at) < PHASE_CHECK => {}
                 Some(last) => {

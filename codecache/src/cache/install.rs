@@ -154,6 +154,54 @@ impl Cache {
         }
     }
 
+    /// Install a counting stub at `site` (in the function `region`): no variant, every pass runs the original
+    /// instructions through the stub's fall-back path, which counts it ([`Cache::dispatch_passes`]). Measuring
+    /// uses it to count a unit of work outside the variants' code. Every thread must be stopped; the same
+    /// patch-site checks as [`Cache::install`] apply. Remove it with [`Cache::uninstall`].
+    pub fn install_counter(
+        &mut self,
+        tr: &mut Stopped<'_>,
+        site: Addr,
+        region: (Addr, Addr),
+    ) -> Result<InstallId, CacheError> {
+        let world = self.stopped_world(tr, self.pid)?;
+        let tid = stopped_thread(tr, self.pid)?;
+        if region.0 > site || region.1 <= site || region.1 .0 - region.0 .0 > 16 << 20 {
+            return Err(CacheError::BadRequest(
+                BadRequestReason::RegionWithoutTrigger,
+            ));
+        }
+        for i in self.installs.values() {
+            let overlaps = site.0 < i.patch.site.0 + i.patch.len() as u64
+                && i.patch.site.0 < site.0 + PATCH_LEN as u64;
+            if i.patched && overlaps {
+                return Err(CacheError::AlreadyInstalled(i.patch.site));
+            }
+        }
+        let mut bytes = vec![0u8; (region.1 .0 - region.0 .0) as usize];
+        self.read_original(tr, region.0, &mut bytes)?;
+        let reader = |a: Addr, b: &mut [u8]| tr.read_memory(self.pid, a, b).is_ok();
+        let patch = plan_patch(&bytes, region.0, site, &reader)?;
+        for v in self.variants.values().filter(|v| v.alive) {
+            if v.exit_targets.iter().any(|e| patch.strictly_inside(e.0)) {
+                return Err(CacheError::unpatchable(
+                    site,
+                    UnpatchableReason::LiveVariantExitsInto,
+                ));
+            }
+        }
+        let ai = self.arena_for(tr, tid, site)?;
+        let req = InstallRequest {
+            trigger: site,
+            register: None,
+            assumed: Vec::new(),
+            region,
+            variants: Vec::new(),
+            snapshots: BTreeMap::new(),
+        };
+        self.install_code(tr, &world, &req, patch, ai, &BTreeMap::new())
+    }
+
     pub(super) fn install_code(
         &mut self,
         tr: &mut Tracer,

@@ -232,7 +232,11 @@ pub fn build_stub(
     g.enabled_check(enabled, off_label)?;
     g.assumed_checks(assumed)?;
     match reg {
-        None => g.enter(&targets[0], None)?,
+        None => {
+            if let Some(t) = targets.first() {
+                g.enter(t, None)?
+            }
+        }
         Some(r) if !g.tree => g.compare_chain(r, targets)?,
         Some(r) => g.binary_search(r, targets)?,
     }
@@ -263,7 +267,8 @@ fn check_stub_request(
             return Err(CacheError::BadRequest(BadRequestReason::AssumedTwice(*g)));
         }
     }
-    if reg.is_none() && (targets.len() != 1 || targets[0].value.is_some()) {
+    // No register and no target: a counting stub (every pass takes the fall-back path and counts there).
+    if reg.is_none() && (targets.len() > 1 || targets.iter().any(|t| t.value.is_some())) {
         return Err(CacheError::BadRequest(
             BadRequestReason::UnconditionalNotSingle,
         ));
