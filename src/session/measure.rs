@@ -97,12 +97,13 @@ fn effect_json(v: &Verdict, unit: &str, time_ms: u64) -> EffectJson {
             )
         }
         (_, Some(e)) => format!(
-            "{:.2}x native CPU time per {unit} ({:.2}..{:.2}), {} pairs of {} ms intervals{}",
+            "{:.2}x native CPU time per {unit} ({:.2}..{:.2}), {} pairs of {} ms on / {} ms off{}",
             e.ratio,
             e.low,
             e.high,
             e.pairs,
             abtest::INTERVAL.as_millis(),
+            abtest::INTERVAL_OFF.as_millis(),
             if v.keeps() { "" } else { ": removed" }
         ),
         (_, None) => String::new(),
