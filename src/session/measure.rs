@@ -92,7 +92,7 @@ fn effect_json(v: &Verdict, unit: &str, time_ms: u64) -> EffectJson {
     let why = match (v, e) {
         (Verdict::TooFewPasses, _) => {
             format!(
-                "too few {unit}s while it was measured (at least {} per interval)",
+                "its unit of work ({unit}) came too rarely while it was measured (fewer than {} per interval)",
                 abtest::MIN_PASSES
             )
         }
