@@ -75,10 +75,9 @@ fn scratch(tag: &str) -> Result<tempfile::TempDir> {
 pub struct BenchResult {
     pub native: f64,
     pub dynspec: f64,
-    /// Median over the dynspec runs of the times any variant was entered (the report's `variants[].entries`,
-    /// summed).
+    /// Of the dynspec run with the median count of entries (the report's `variants[].entries`, summed): that
+    /// count, the variants it installed and how many of them were entered at least once.
     pub entries: u64,
-    /// In the last dynspec run: variants installed, and how many of them were entered at least once.
     pub variants: usize,
     pub variants_entered: usize,
 }
@@ -127,8 +126,8 @@ pub fn bench(argv: &[OsString], n: u32, report: &Path, progress: bool) -> Result
     let me = std::env::current_exe().context("cannot find the dynspec executable")?;
     let mut native = Vec::new();
     let mut spec = Vec::new();
-    let mut entries = Vec::new();
-    let (mut variants, mut variants_entered) = (0, 0);
+    // (entries, variants, variants entered) of each dynspec run.
+    let mut entered = Vec::new();
     for i in 0..n {
         let mut c = Command::new(&argv[0]);
         c.args(&argv[1..]);
@@ -145,8 +144,8 @@ pub fn bench(argv: &[OsString], n: u32, report: &Path, progress: bool) -> Result
         let r = Report::load(report)
             .with_context(|| format!("run {}: cannot read the dynspec run's report", i + 1))?;
         let total: u64 = r.variants.iter().map(|v| v.entries).sum();
-        variants = r.variants.len();
-        variants_entered = r.variants.iter().filter(|v| v.entries > 0).count();
+        let variants = r.variants.len();
+        let variants_entered = r.variants.iter().filter(|v| v.entries > 0).count();
         if progress {
             eprintln!(
                 "dynspec: run {}/{n}: native {:.3} s, dynspec {:.3} s, variants entered {variants_entered} of \
@@ -156,15 +155,17 @@ pub fn bench(argv: &[OsString], n: u32, report: &Path, progress: bool) -> Result
                 b.secs
             );
         }
-        entries.push(total);
+        entered.push((total, variants, variants_entered));
         native.push(a.secs);
         spec.push(b.secs);
     }
-    entries.sort_unstable();
+    entered.sort_unstable();
+    let (entries, variants, variants_entered) =
+        entered.get(entered.len() / 2).copied().unwrap_or_default();
     Ok(BenchResult {
         native: median(&mut native),
         dynspec: median(&mut spec),
-        entries: entries.get(entries.len() / 2).copied().unwrap_or(0),
+        entries,
         variants,
         variants_entered,
     })
