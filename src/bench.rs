@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::report::Report;
+
 /// The switch interpreter `dynspec demo` builds and runs.
 const DEMO_SOURCE: &str = include_str!("../samples/interp_switch.c");
 /// Demo size used to calibrate (about 0.1 s natively on a small VM).
@@ -68,10 +70,16 @@ fn scratch(tag: &str) -> Result<tempfile::TempDir> {
         })
 }
 
-/// Medians of `n` alternated native / `dynspec run -q` runs of `argv` (outputs checked equal).
+/// Medians of `n` alternated native / `dynspec run -q` runs of `argv` (stdout, stderr and exit status checked
+/// equal), and what the variants did (from each dynspec run's report).
 pub struct BenchResult {
     pub native: f64,
     pub dynspec: f64,
+    /// Of the dynspec run with the median count of entries (the report's `variants[].entries`, summed): that
+    /// count, the variants it installed and how many of them were entered at least once.
+    pub entries: u64,
+    pub variants: usize,
+    pub variants_entered: usize,
 }
 
 impl BenchResult {
@@ -84,11 +92,42 @@ impl BenchResult {
     }
 }
 
+/// The first difference between a native run and a dynspec run of the same command (stdout, stderr, exit status).
+fn difference(run: u32, a: &Output, b: &Output) -> Option<String> {
+    if a.stdout != b.stdout {
+        return Some(format!(
+            "run {run}: stdout differs between the native run ({} bytes) and dynspec run ({} bytes)",
+            a.stdout.len(),
+            b.stdout.len()
+        ));
+    }
+    if a.status != b.status {
+        return Some(format!(
+            "run {run}: the native run ended with {}, dynspec run with {} ({})",
+            describe(a),
+            describe(b),
+            String::from_utf8_lossy(&b.stderr).trim()
+        ));
+    }
+    if a.stderr != b.stderr {
+        return Some(format!(
+            "run {run}: stderr differs between the native run ({} bytes) and dynspec run ({} bytes): {:?} vs {:?}",
+            a.stderr.len(),
+            b.stderr.len(),
+            String::from_utf8_lossy(&a.stderr[..a.stderr.len().min(200)]),
+            String::from_utf8_lossy(&b.stderr[..b.stderr.len().min(200)])
+        ));
+    }
+    None
+}
+
 /// Run the benchmark; `report`: where the dynspec runs write their report (the last one is kept).
 pub fn bench(argv: &[OsString], n: u32, report: &Path, progress: bool) -> Result<BenchResult> {
     let me = std::env::current_exe().context("cannot find the dynspec executable")?;
     let mut native = Vec::new();
     let mut spec = Vec::new();
+    // (entries, variants, variants entered) of each dynspec run.
+    let mut entered = Vec::new();
     for i in 0..n {
         let mut c = Command::new(&argv[0]);
         c.args(&argv[1..]);
@@ -99,49 +138,52 @@ pub fn bench(argv: &[OsString], n: u32, report: &Path, progress: bool) -> Result
             .arg("--")
             .args(argv);
         let b = timed(c).context("cannot run dynspec")?;
-        if a.out.stdout != b.out.stdout {
-            bail!(
-                "run {}: stdout differs between the native run ({} bytes) and dynspec run ({} bytes)",
-                i + 1,
-                a.out.stdout.len(),
-                b.out.stdout.len()
-            );
+        if let Some(d) = difference(i + 1, &a.out, &b.out) {
+            bail!(d);
         }
-        if a.out.status != b.out.status {
-            bail!(
-                "run {}: the native run ended with {}, dynspec run with {} ({})",
-                i + 1,
-                describe(&a.out),
-                describe(&b.out),
-                String::from_utf8_lossy(&b.out.stderr).trim()
-            );
-        }
+        let r = Report::load(report)
+            .with_context(|| format!("run {}: cannot read the dynspec run's report", i + 1))?;
+        let total: u64 = r.variants.iter().map(|v| v.entries).sum();
+        let variants = r.variants.len();
+        let variants_entered = r.variants.iter().filter(|v| v.entries > 0).count();
         if progress {
             eprintln!(
-                "dynspec: run {}/{n}: native {:.3} s, dynspec {:.3} s",
+                "dynspec: run {}/{n}: native {:.3} s, dynspec {:.3} s, variants entered {variants_entered} of \
+                 {variants} ({total} entries)",
                 i + 1,
                 a.secs,
                 b.secs
             );
         }
+        entered.push((total, variants, variants_entered));
         native.push(a.secs);
         spec.push(b.secs);
     }
+    entered.sort_unstable();
+    let (entries, variants, variants_entered) =
+        entered.get(entered.len() / 2).copied().unwrap_or_default();
     Ok(BenchResult {
         native: median(&mut native),
         dynspec: median(&mut spec),
+        entries,
+        variants,
+        variants_entered,
     })
 }
 
-/// `dynspec bench`.
-pub fn run_bench(argv: &[OsString], n: u32, quiet: bool) -> Result<()> {
+/// `dynspec bench`; `report`: where to keep the last dynspec run's report (by default it is thrown away).
+pub fn run_bench(argv: &[OsString], n: u32, quiet: bool, report: Option<&Path>) -> Result<()> {
     let dir = scratch("bench")?;
-    let r = bench(argv, n, &dir.path().join("report.json"), !quiet)?;
+    let tmp_report = dir.path().join("report.json");
+    let r = bench(argv, n, report.unwrap_or(&tmp_report), !quiet)?;
     println!(
-        "native median {:.3} s, dynspec median {:.3} s, speedup {:.2}x",
+        "native median {:.3} s, dynspec median {:.3} s, speedup {:.2}x, variants entered {} of {} ({} entries)",
         r.native,
         r.dynspec,
-        r.speedup()
+        r.speedup(),
+        r.variants_entered,
+        r.variants,
+        r.entries
     );
     Ok(())
 }
@@ -203,6 +245,9 @@ mod tests {
         let r = BenchResult {
             native: 2.0,
             dynspec: 1.0,
+            entries: 0,
+            variants: 0,
+            variants_entered: 0,
         };
         assert_eq!(r.speedup(), 2.0);
     }

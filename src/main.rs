@@ -127,6 +127,14 @@ enum Command {
         /// Print only the result line.
         #[arg(short, long)]
         quiet: bool,
+        /// Keep the last dynspec run's report here [default: none is kept].
+        #[arg(
+            short = 'o',
+            long = "output",
+            visible_alias = "report",
+            value_name = "PATH"
+        )]
+        report: Option<PathBuf>,
         /// The program and its arguments (put them after `--`).
         #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
         command: Vec<OsString>,
@@ -339,9 +347,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             fold::run(args)?;
             Ok(0)
         }
-        Command::Bench { n, quiet, command } => {
+        Command::Bench {
+            n,
+            quiet,
+            report,
+            command,
+        } => {
             validate_program(&command[0])?;
-            bench::run_bench(&command, n, quiet)?;
+            if let Some(r) = &report {
+                check_report_path(r)?;
+            }
+            bench::run_bench(&command, n, quiet, report.as_deref())?;
             Ok(0)
         }
         Command::Help { topic } => {

@@ -264,8 +264,24 @@ fn bench_compares_native_and_dynspec_runs() {
     assert!(
         s.starts_with("native median ")
             && s.contains(", dynspec median ")
-            && s.contains("speedup "),
+            && s.contains("speedup ")
+            && s.contains(", variants entered "),
         "{s}"
+    );
+}
+
+#[test]
+fn bench_fails_when_stderr_differs() {
+    // Same stdout and status, but the PID on stderr differs in every run.
+    let out = std::process::Command::new(common::dynspec())
+        .args(["bench", "-n", "1", "-q", "--", "sh", "-c", "echo $$ >&2"])
+        .output()
+        .expect("dynspec bench");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("stderr differs"),
+        "{}",
+        text(&out.stderr)
     );
 }
 
