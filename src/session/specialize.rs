@@ -361,13 +361,25 @@ impl Session {
         let Some(rt) = self.rt.as_mut() else {
             return Ok(());
         };
-        let mut world = rt.cache.stop_all(&mut self.tracer)?;
-        rt.read_counters(&world);
-        // A thread that is not stopped (a thread waiting in vfork counts as stopped) is a typed error, before
-        // anything changes.
-        let r = rt.cache.uninstall_all(&mut world);
-        world.keep_stopped();
-        for (arena, why) in r?.kept {
+        let pid = rt.pid;
+        let r = rt.cache.stop_all(&mut self.tracer).and_then(|mut world| {
+            rt.read_counters(&world);
+            // A thread that is not stopped (a thread waiting in vfork counts as stopped) is a typed error,
+            // before anything changes.
+            let r = rt.cache.uninstall_all(&mut world);
+            world.keep_stopped();
+            r
+        });
+        let released = match r {
+            Ok(released) => released,
+            Err(_) if exited(pid) => {
+                // It exited meanwhile (its exit event is still queued): nothing of it is left to restore.
+                self.retire_runtime(false);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for (arena, why) in released.kept {
             // Left mapped on purpose: unmapping it could crash a thread that still returns into it.
             self.say(format_args!(
                 "the code arena at {arena} stays mapped in the target: {why}"
@@ -462,4 +474,14 @@ fn record_round(
         installed,
         regions: notes.iter().map(PlanRegionJson::from_note).collect(),
     });
+}
+
+/// Whether process `pid` has exited (gone, or a zombie waiting to be reaped).
+fn exited(pid: Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        // The state follows the last ')' (the command name may contain anything).
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].trim_start().chars().next())
+            .is_none_or(|c| matches!(c, 'Z' | 'X'))
+    })
 }
