@@ -7,6 +7,7 @@
 //! - [`store_profile`]: the write watch over the pages hot loads read, and which pages to trust as constant.
 //! - [`plan`]: hot regions + profiles + trusted pages in, what to specialize out (pure, unit-tested).
 //! - [`install`]: carry a plan out in the target through the code cache; keep its records.
+//! - [`abtest`]: measure each installed stub on and off while the program runs; keep only what is not slower.
 //! - [`session`]: the event loop that drives the stages over a live process.
 //! - [`report`]: the JSON report and its rendering.
 //!
