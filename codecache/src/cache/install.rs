@@ -58,32 +58,7 @@ impl Cache {
                 return Err(CacheError::BadRequest(BadRequestReason::BadAssumed(*g)));
             }
         }
-        if req.region.0 > t || req.region.1 <= t || req.region.1 .0 - req.region.0 .0 > 16 << 20 {
-            return Err(CacheError::BadRequest(
-                BadRequestReason::RegionWithoutTrigger,
-            ));
-        }
-        for i in self.installs.values() {
-            let overlaps = t.0 < i.patch.site.0 + i.patch.len() as u64
-                && i.patch.site.0 < t.0 + PATCH_LEN as u64;
-            if i.patched && overlaps {
-                return Err(CacheError::AlreadyInstalled(i.patch.site));
-            }
-        }
-        // Patch-site analysis on the original code of the region.
-        let mut region = vec![0u8; (req.region.1 .0 - req.region.0 .0) as usize];
-        self.read_original(tr, req.region.0, &mut region)?;
-        let reader = |a: Addr, b: &mut [u8]| tr.read_memory(self.pid, a, b).is_ok();
-        let patch = plan_patch(&region, req.region.0, t, &reader)?;
-        // No live variant may exit into the new displaced bytes, and no new variant into any active patch.
-        for v in self.variants.values().filter(|v| v.alive) {
-            if v.exit_targets.iter().any(|e| patch.strictly_inside(e.0)) {
-                return Err(CacheError::unpatchable(
-                    t,
-                    UnpatchableReason::LiveVariantExitsInto,
-                ));
-            }
-        }
+        let patch = self.plan_site(tr, t, req.region)?;
         for (_, var) in &req.variants {
             for e in &var.exits {
                 if patch.strictly_inside(e.target.0)
@@ -166,6 +141,28 @@ impl Cache {
     ) -> Result<InstallId, CacheError> {
         let world = self.stopped_world(tr, self.pid)?;
         let tid = stopped_thread(tr, self.pid)?;
+        let patch = self.plan_site(tr, site, region)?;
+        let ai = self.arena_for(tr, tid, site)?;
+        let req = InstallRequest {
+            trigger: site,
+            register: None,
+            assumed: Vec::new(),
+            region,
+            variants: Vec::new(),
+            snapshots: BTreeMap::new(),
+        };
+        self.install_code(tr, &world, &req, patch, ai, &BTreeMap::new())
+    }
+
+    /// The patch site at `site` in function `region`, checked as every install needs: the region holds the site
+    /// and is not absurdly large, no live patch overlaps it, its displaced bytes pass ARCHITECTURE.md invariant 6
+    /// on the original code, and no live variant exits into them.
+    fn plan_site(
+        &self,
+        tr: &Stopped<'_>,
+        site: Addr,
+        region: (Addr, Addr),
+    ) -> Result<PatchSite, CacheError> {
         if region.0 > site || region.1 <= site || region.1 .0 - region.0 .0 > 16 << 20 {
             return Err(CacheError::BadRequest(
                 BadRequestReason::RegionWithoutTrigger,
@@ -190,16 +187,7 @@ impl Cache {
                 ));
             }
         }
-        let ai = self.arena_for(tr, tid, site)?;
-        let req = InstallRequest {
-            trigger: site,
-            register: None,
-            assumed: Vec::new(),
-            region,
-            variants: Vec::new(),
-            snapshots: BTreeMap::new(),
-        };
-        self.install_code(tr, &world, &req, patch, ai, &BTreeMap::new())
+        Ok(patch)
     }
 
     pub(super) fn install_code(

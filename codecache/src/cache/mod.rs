@@ -389,17 +389,20 @@ impl Cache {
         Ok(())
     }
 
+    /// One counter's value: read from the target, or its last value once frozen (its arena unmapped).
+    fn read_counter(&self, tr: &Tracer, a: Addr) -> Result<u64, CacheError> {
+        if let Some(v) = self.frozen_counters.get(&a) {
+            return Ok(*v);
+        }
+        let mut b = [0u8; 8];
+        tr.read_memory(self.pid, a, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
     /// Entry and fall-back counts, read from the target.
     pub fn counters(&self, tr: &Tracer) -> Result<Counters, CacheError> {
         let mut c = Counters::default();
-        let read = |a: Addr| -> Result<u64, CacheError> {
-            if let Some(v) = self.frozen_counters.get(&a) {
-                return Ok(*v);
-            }
-            let mut b = [0u8; 8];
-            tr.read_memory(self.pid, a, &mut b)?;
-            Ok(u64::from_le_bytes(b))
-        };
+        let read = |a: Addr| self.read_counter(tr, a);
         for (id, v) in &self.variants {
             c.entries.insert(*id, read(v.counter)?);
         }
@@ -416,14 +419,9 @@ impl Cache {
         let Some(inst) = self.installs.get(&id).filter(|i| i.patched) else {
             return Ok(None);
         };
-        let read = |a: Addr| -> Result<u64, CacheError> {
-            let mut b = [0u8; 8];
-            tr.read_memory(self.pid, a, &mut b)?;
-            Ok(u64::from_le_bytes(b))
-        };
-        let mut n = read(inst.fallback_counter)?;
+        let mut n = self.read_counter(tr, inst.fallback_counter)?;
         for v in &inst.variants {
-            n = n.wrapping_add(read(self.variants[v].counter)?);
+            n = n.wrapping_add(self.read_counter(tr, self.variants[v].counter)?);
         }
         Ok(Some(n))
     }
