@@ -1,11 +1,11 @@
 /* losing_variant: a variant that is slower than the code it replaces.
  *
- * step() is called with one of four configurations, picked at random per call. Everything it computes from the
+ * step() is called with one of eight configurations, picked at random per call. Everything it computes from the
  * configuration is constant (the specializer folds more than 48 instructions of it), but that work is cheap
  * and runs in the shadow of a chain of divisions on the running value, which the variant cannot fold. The
  * original code has no branch that depends on which configuration it got; the dispatch stub has to compare
- * the configuration pointer with each variant's value, a branch the CPU cannot predict (the choice is random),
- * so every call pays a misprediction the original never does. dynspec must measure it slower and remove it.
+ * the configuration pointer with the variants' values (a binary search: three compares, each a branch the CPU
+ * cannot predict, the choice being random), so every call pays mispredictions the original never does. dynspec must measure it slower and remove it.
  *
  * Usage: losing_variant [CALLS]   (default 40000000; small size (tests): 150000000 benchmark size 200000000)
  */
@@ -18,7 +18,7 @@ struct cfg {
     uint64_t k[32];
 };
 
-struct cfg cfgs[4];
+struct cfg cfgs[8];
 
 __attribute__((noinline)) uint64_t step(const struct cfg *c, uint64_t x) {
     /* Independent of x: a wide tree of operations on the configuration's fields. */
@@ -44,7 +44,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: losing_variant [CALLS]\n");
         return 2;
     }
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < 8; i++)
         for (int j = 0; j < 32; j++)
             cfgs[i].k[j] = (uint64_t)(i + 1) * 0x9e3779b97f4a7c15ULL + (uint64_t)j * 0x632be59bd9b4e019ULL;
     uint64_t x = 12345, r = 88172645463325252ULL;
@@ -52,7 +52,7 @@ int main(int argc, char **argv) {
         r ^= r << 13;
         r ^= r >> 7;
         r ^= r << 17;
-        x = step(&cfgs[r >> 62], x);
+        x = step(&cfgs[r >> 61], x);
     }
     printf("calls: %ld\nchecksum: %016" PRIx64 "\n", calls, x);
     return 0;

@@ -25,8 +25,12 @@ pub const INTERVAL_OFF: Duration = Duration::from_millis(8);
 /// Pairs of intervals before any verdict, and at most (then the variant is not measurably slower).
 pub const MIN_PAIRS: usize = 4;
 pub const MAX_PAIRS: usize = 24;
-/// Standard errors a mean must be away from "no effect" to count (one-sided, about 99%).
-pub const SIGMAS: f64 = 2.5;
+/// Chance, when a variant is in truth no slower, that measuring calls it slower (a one-sided sign test): a
+/// removal is final for its region, so it needs strong evidence.
+pub const SLOWER_ALPHA: f64 = 0.01;
+/// The same for calling a variant faster, which only ends its trial early (it is kept either way): four pairs
+/// out of four in its favour (1/16) are enough.
+pub const FASTER_ALPHA: f64 = 0.07;
 /// Passes an interval must see to count: fewer, and the time per pass is dominated by what is not the region.
 pub const MIN_PASSES: u64 = 100;
 /// Intervals that saw too few passes before the trial gives up (the site is no longer hot).
@@ -79,8 +83,9 @@ impl Verdict {
     }
 }
 
-/// The measured effect: native CPU time per pass over the variant's (above 1: faster), with its confidence
-/// interval ([`SIGMAS`] standard errors) and the pairs it rests on.
+/// The measured effect: native CPU time per pass over the variant's (above 1: faster), the median over the
+/// pairs, with its distribution-free confidence interval (order statistics of the pairs at [`SLOWER_ALPHA`] on
+/// each side; the smallest and largest pair while there are too few pairs for one) and the pairs it rests on.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Effect {
     pub ratio: f64,
@@ -103,11 +108,30 @@ struct Half {
 /// would make a winning variant look slower than native.
 pub const MAX_STUB_SHARE: f64 = 0.1;
 
+/// How many of `n` pairs the sign test may find on the wrong side and still decide at level `alpha`: the
+/// largest k with P(Binomial(n, 1/2) < k) <= alpha (0: no decision possible yet).
+fn sign_test_depth(n: usize, alpha: f64) -> usize {
+    let mut cdf = 0.0;
+    let mut choose = 1.0; // C(n, j)
+    let all = 2f64.powi(n as i32);
+    for j in 0..=n {
+        cdf += choose / all;
+        if cdf > alpha {
+            return j;
+        }
+        choose = choose * (n - j) as f64 / (j + 1) as f64;
+    }
+    n
+}
+
 /// The verdict on pairs of (on, off) CPU ns per unit with the off interval's stub passes per unit, given what
 /// a switched-off stub costs per pass; None while undecided. Each pair gives log(native / on), native being off
-/// less the stub's cost (at most [`MAX_STUB_SHARE`] of off).
+/// less the stub's cost (at most [`MAX_STUB_SHARE`] of off). The pairs are compared by their signs and order,
+/// never their mean: on a shared machine an interval now and then runs at a fraction of its speed (another
+/// guest on the host, dynspec planning on the other core), and one such pair swung a mean by more than the
+/// effects measured.
 pub fn judge(pairs: &[(f64, f64, f64)], stub_off_ns: f64) -> Option<Verdict> {
-    let d: Vec<f64> = pairs
+    let mut d: Vec<f64> = pairs
         .iter()
         .filter(|(on, off, _)| *on > 0.0 && *off > 0.0)
         .map(|(on, off, k)| ((off - (stub_off_ns * k).min(off * MAX_STUB_SHARE)) / on).ln())
@@ -116,18 +140,28 @@ pub fn judge(pairs: &[(f64, f64, f64)], stub_off_ns: f64) -> Option<Verdict> {
     if n < MIN_PAIRS {
         return None;
     }
-    let mean = d.iter().sum::<f64>() / n as f64;
-    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    let se = (var / n as f64).sqrt();
+    d.sort_by(f64::total_cmp);
+    let median = if n % 2 == 1 {
+        d[n / 2]
+    } else {
+        (d[n / 2 - 1] + d[n / 2]) / 2.0
+    };
+    let k = sign_test_depth(n, SLOWER_ALPHA);
+    let (low, high) = if k == 0 {
+        (d[0], d[n - 1])
+    } else {
+        (d[k - 1], d[n - k])
+    };
     let effect = Effect {
-        ratio: mean.exp(),
-        low: (mean - SIGMAS * se).exp(),
-        high: (mean + SIGMAS * se).exp(),
+        ratio: median.exp(),
+        low: low.exp(),
+        high: high.exp(),
         pairs: n,
     };
-    if mean + SIGMAS * se < 0.0 {
+    let kf = sign_test_depth(n, FASTER_ALPHA);
+    if k > 0 && high < 0.0 {
         Some(Verdict::Slower(effect))
-    } else if mean - SIGMAS * se > 0.0 {
+    } else if kf > 0 && d[kf - 1] > 0.0 {
         Some(Verdict::Faster(effect))
     } else if n >= MAX_PAIRS {
         Some(Verdict::NotSlower(effect))
@@ -409,6 +443,32 @@ mod tests {
         }
         // on, off | off, on | ...
         assert_eq!(modes, vec![false, false, true, true]);
+    }
+
+    #[test]
+    fn the_sign_test_depth_follows_the_binomial() {
+        // Four pairs: 1/16 = 0.0625; seven: 1/128.
+        assert_eq!(sign_test_depth(4, SLOWER_ALPHA), 0);
+        assert_eq!(sign_test_depth(4, FASTER_ALPHA), 1);
+        assert_eq!(sign_test_depth(6, SLOWER_ALPHA), 0);
+        assert_eq!(sign_test_depth(7, SLOWER_ALPHA), 1);
+        // 24 pairs: P(B <= 5) = 0.0033, P(B <= 6) = 0.0113.
+        assert_eq!(sign_test_depth(24, SLOWER_ALPHA), 6);
+    }
+
+    #[test]
+    fn one_wild_pair_does_not_decide() {
+        // A clear 10% loss, and one pair measured while the program ran at a quarter of its speed with the stub
+        // off: a mean of logs would call it a win; the signs do not.
+        let mut pairs: Vec<(f64, f64, f64)> = (0..12)
+            .map(|i| (11.0 + 0.01 * i as f64, 10.0, 0.0))
+            .collect();
+        pairs[3] = (11.0, 400.0, 0.0);
+        let v = judge(&pairs, 0.0).expect("decided");
+        assert!(matches!(v, Verdict::Slower(_)), "{v:?}");
+        let e = v.effect().expect("effect");
+        assert!((e.ratio - 10.0 / 11.05).abs() < 0.01, "{e:?}");
+        assert!(e.high < 1.0 && e.low <= e.ratio, "{e:?}");
     }
 
     #[test]

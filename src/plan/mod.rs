@@ -107,16 +107,25 @@ pub type Forwarding = Option<Vec<(Addr, Addr)>>;
 const MAX_REJECTED_NOTES: usize = 8;
 
 /// A trigger profile as a candidate — hot values as (value, samples), rare values dropped, at most [`MAX_VALUES`],
-/// covering at least [`MIN_COVERAGE`] of its samples — or why it is none.
-fn classify(t: &TriggerProfile) -> Result<TriggerCandidate, Reason> {
+/// covering at least [`MIN_COVERAGE`] of its samples — or why it is none. Whether a value is hot is judged on its
+/// samples pooled over `t`'s family ([`pooled_values`]): skid puts most of a region's samples on a few
+/// instructions, so the one that reads a quantity first (a function's argument at its entry) may see each value
+/// only once or twice while the instructions after it, reading the same quantity, saw it dozens of times.
+fn classify(t: &TriggerProfile, all: &[TriggerProfile]) -> Result<TriggerCandidate, Reason> {
     if t.register == Gpr::Rsp || t.samples == 0 {
         return Err(Reason::NoPredictableValue);
     }
+    let (pool, pool_samples) = pooled_values(t, all);
+    let hot = |v: u64, own: u64| {
+        let c = pool.iter().find(|p| p.0 == v).map_or(own, |p| p.1.max(own));
+        let n = pool_samples.max(t.samples);
+        c as f64 / n as f64 >= MIN_VALUE_SHARE && c >= MIN_VALUE_SAMPLES
+    };
     // A value seen only once or twice is noise (a random number), not a hot value.
     let values: Vec<(u64, u64)> = t
         .top_values
         .iter()
-        .filter(|&&(_, c)| c as f64 / t.samples as f64 >= MIN_VALUE_SHARE && c >= MIN_VALUE_SAMPLES)
+        .filter(|&&(v, c)| hot(v, c))
         .take(MAX_VALUES)
         .copied()
         .collect();
@@ -143,6 +152,53 @@ fn classify(t: &TriggerProfile) -> Result<TriggerCandidate, Reason> {
     })
 }
 
+/// Samples of each of `t`'s values summed over its family — the triggers of `all` (`t` among them) whose values
+/// are mostly `t`'s ([`overlaps`]), in any register — and the family's samples. One sample reads every register
+/// at its instruction: several registers holding the value there count once (the largest of them).
+fn pooled_values(t: &TriggerProfile, all: &[TriggerProfile]) -> (Vec<(u64, u64)>, u64) {
+    let family: Vec<&TriggerProfile> = all
+        .iter()
+        .filter(|o| o.register != Gpr::Rsp && overlaps(&t.top_values, &o.top_values))
+        .collect();
+    let mut addresses: Vec<Addr> = family.iter().map(|o| o.address).collect();
+    addresses.sort();
+    addresses.dedup();
+    let at = |a: Addr| family.iter().filter(move |o| o.address == a);
+    let values = t
+        .top_values
+        .iter()
+        .map(|&(v, _)| {
+            let n = addresses
+                .iter()
+                .map(|&a| {
+                    at(a)
+                        .flat_map(|o| o.top_values.iter())
+                        .filter(|w| w.0 == v)
+                        .map(|w| w.1)
+                        .max()
+                        .unwrap_or(0)
+                })
+                .sum();
+            (v, n)
+        })
+        .collect();
+    let samples = addresses
+        .iter()
+        .map(|&a| at(a).map(|o| o.samples).max().unwrap_or(0))
+        .sum();
+    (values, samples)
+}
+
+/// Whether two sets of (value, samples) share at least half of the smaller one's values.
+fn overlaps(a: &[(u64, u64)], b: &[(u64, u64)]) -> bool {
+    let shared = a
+        .iter()
+        .filter(|(v, _)| b.iter().any(|(w, _)| w == v))
+        .count();
+    let smaller = a.len().min(b.len());
+    smaller > 0 && shared * 2 >= smaller
+}
+
 /// The regions worth planning: at least [`MIN_SPECIALIZE_SHARE`] of the samples and one trigger candidate.
 /// `stable(address)` gives the registers the profile saw holding one value at a candidate's address. The
 /// regions left alone come back as notes saying why.
@@ -156,7 +212,7 @@ pub fn regions_to_plan(
         let mut candidates = Vec::new();
         let mut rejected = Vec::new();
         for t in &p.triggers {
-            match classify(t) {
+            match classify(t, &p.triggers) {
                 Ok(c) => candidates.push(c),
                 Err(reason) if rejected.len() < MAX_REJECTED_NOTES && t.register != Gpr::Rsp => {
                     rejected.push(CandidateNote {
@@ -317,9 +373,10 @@ pub fn score_region(
     t0: Instant,
 ) -> (Vec<Scored>, Vec<CandidateNote>) {
     let consts = region_constants(mem, r);
-    let mut notes: Vec<CandidateNote> = Vec::new();
+    let mut notes: Vec<(usize, CandidateNote)> = Vec::new();
     let mut estimates: Vec<(f64, &TriggerCandidate, Specialized)> = Vec::new();
-    for (i, c) in r.candidates.iter().enumerate() {
+    for (i, at) in scoring_order(&r.candidates).into_iter().enumerate() {
+        let c = &r.candidates[at];
         let mut note = c.note();
         if i >= MAX_SCORED {
             note.reason = Some(Reason::NotScored { better: MAX_SCORED });
@@ -329,7 +386,7 @@ pub fn score_region(
             note.reason = Some(Reason::OutsideRegion);
         }
         if note.reason.is_some() {
-            notes.push(note);
+            notes.push((at, note));
             continue;
         }
         // Probed on the values its sibling candidates agree are hottest, so siblings are scored on the same work.
@@ -341,16 +398,19 @@ pub fn score_region(
         note.folded = Some(variants.stats.clone());
         if benefit <= 0.0 || variants.variants.is_empty() {
             note.reason = Some(variants.rejected.clone().unwrap_or(Reason::NoFoldedLoad));
-            notes.push(note);
+            notes.push((at, note));
             continue;
         }
         // Folded work per sample of its hottest values, times how often the trigger runs.
         let probed: u64 = probe.values.iter().map(|v| v.1).sum();
         let estimate = benefit * trigger_frequency(c, &r.candidates) as f64 / probed.max(1) as f64;
         note.estimate = Some(estimate);
-        notes.push(note);
+        notes.push((at, note));
         estimates.push((estimate, c, variants));
     }
+    // The report lists candidates in the profile's order, whatever order they were scored in.
+    notes.sort_by_key(|(at, _)| *at);
+    let mut notes: Vec<CandidateNote> = notes.into_iter().map(|(_, n)| n).collect();
     estimates.sort_by(|a, b| b.0.total_cmp(&a.0));
     // Near-ties are sampling noise: the first of the candidates close to the best (in address order) leads, so
     // the same program gets the same plan run after run.
@@ -401,6 +461,36 @@ pub fn score_region(
         });
     }
     (scored, notes)
+}
+
+/// The order in which `candidates` (profile order, best first) are scored, as indices. Candidates with mostly the
+/// same hot values are one quantity seen at several instructions, often in several registers (a configuration
+/// pointer passed in `rdi` and copied to `rdx`); the profile ranks them by samples, so one family can fill every
+/// one of the [`MAX_SCORED`] places while another, or the family's own earliest instruction (the one that sees
+/// the most of the region and folds the most), is never scored. First each family's earliest instruction, in the
+/// order the families first appear; then the rest in profile order.
+pub fn scoring_order(candidates: &[TriggerCandidate]) -> Vec<usize> {
+    // Family of each candidate: the first earlier candidate it shares its values with leads it.
+    let mut leader: Vec<usize> = Vec::with_capacity(candidates.len());
+    for (i, c) in candidates.iter().enumerate() {
+        let family = (0..i)
+            .find(|&j| leader[j] == j && same_values(&candidates[j], c))
+            .unwrap_or(i);
+        leader.push(family);
+    }
+    let mut first: Vec<usize> = Vec::new();
+    for (i, &l) in leader.iter().enumerate() {
+        if l != i {
+            continue;
+        }
+        let earliest = (0..candidates.len())
+            .filter(|&k| leader[k] == l)
+            .min_by_key(|&k| (candidates[k].address, candidates[k].register.index(), k))
+            .unwrap_or(i);
+        first.push(earliest);
+    }
+    let rest = (0..candidates.len()).filter(|k| !first.contains(k));
+    first.iter().copied().chain(rest).collect()
 }
 
 /// Candidates whose estimates are within this fraction of the best one's are tied, however many samples they have.
@@ -472,13 +562,7 @@ fn siblings<'a>(
 
 /// Whether two candidates see mostly the same hot values (at least half of the smaller set is in the other).
 fn same_values(a: &TriggerCandidate, b: &TriggerCandidate) -> bool {
-    let shared = a
-        .values
-        .iter()
-        .filter(|(v, _)| b.values.iter().any(|(w, _)| w == v))
-        .count();
-    let smaller = a.values.len().min(b.values.len());
-    smaller > 0 && shared * 2 >= smaller
+    overlaps(&a.values, &b.values)
 }
 
 /// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an

@@ -4,7 +4,10 @@ use super::*;
 
 /// The candidates among `triggers` (the rest are not).
 fn candidates_of(triggers: &[TriggerProfile]) -> Vec<TriggerCandidate> {
-    triggers.iter().filter_map(|t| classify(t).ok()).collect()
+    triggers
+        .iter()
+        .filter_map(|t| classify(t, triggers).ok())
+        .collect()
 }
 use crate::profile::{HotRegion, Location, ProfileEnv, Profiler};
 use nix::unistd::Pid;
@@ -124,6 +127,38 @@ fn candidates_keep_hot_values_and_drop_noise() {
     assert_eq!(c[0].values.len(), 10);
     assert_eq!(c[0].values[0], (0x5000, 90));
     assert!(c[0].values.iter().all(|v| v.1 >= MIN_VALUE_SAMPLES));
+}
+
+#[test]
+fn values_rare_at_one_instruction_are_hot_when_its_family_saw_them_often() {
+    // A pointer argument at the function entry, sampled rarely (skid puts the samples further on), and the same
+    // pointers copied to rdx at an instruction sampled often.
+    let ptrs = |n: u64| (0..4).map(|i| (0x2000 + 0x100 * i, n)).collect::<Vec<_>>();
+    let entry = TriggerProfile {
+        address: Addr(0x1000),
+        ..trigger(Gpr::Rdi, 8, ptrs(2))
+    };
+    let later = TriggerProfile {
+        address: Addr(0x1040),
+        ..trigger(Gpr::Rdx, 80, ptrs(20))
+    };
+    let c = candidates_of(&[entry.clone(), later.clone()]);
+    assert_eq!(c.len(), 2, "{c:?}");
+    assert_eq!(c[0].address, Addr(0x1000));
+    assert_eq!(
+        c[0].values,
+        ptrs(2),
+        "own samples are kept as the values' weights"
+    );
+    // Alone, the entry's values are too rare.
+    assert!(candidates_of(std::slice::from_ref(&entry)).is_empty());
+    // Random numbers copied to three registers at one instruction are one sample each, not three.
+    let noise: Vec<(u64, u64)> = (0..40).map(|i| (0x9e37_79b9 * i, 1)).collect();
+    let regs: Vec<TriggerProfile> = [Gpr::Rax, Gpr::Rsi, Gpr::Rdi]
+        .iter()
+        .map(|&r| trigger(r, 40, noise.clone()))
+        .collect();
+    assert!(candidates_of(&regs).is_empty());
 }
 
 #[test]
@@ -492,4 +527,29 @@ fn a_variant_without_a_loop_must_fold_enough_per_pass() {
         ..st
     };
     assert_eq!(why_not_worth_a_stub(&big, false), None);
+}
+
+#[test]
+fn each_family_of_candidates_is_scored_first_at_its_earliest_instruction() {
+    let at = |address: u64, register: Gpr, values: &[u64]| TriggerCandidate {
+        address: Addr(address),
+        register,
+        values: values.iter().map(|&v| (v, 10)).collect(),
+        samples: 10 * values.len() as u64,
+        distinct: values.len() as u64,
+    };
+    // Profile order: a computed value at two instructions, then the configuration pointer copied from rdi (at
+    // the entry, sampled least) to rdx.
+    let cands = vec![
+        at(0x1040, Gpr::R8, &[1, 2, 3, 4]),
+        at(0x1030, Gpr::R8, &[1, 2, 3, 4]),
+        at(0x1050, Gpr::Rdx, &[0x2000, 0x2100, 0x2200, 0x2300]),
+        at(0x1020, Gpr::Rdx, &[0x2000, 0x2100, 0x2200]),
+        at(0x1000, Gpr::Rdi, &[0x2000, 0x2100, 0x2300]),
+    ];
+    // Each family's earliest instruction first (in the order the families appear), then the rest as profiled.
+    assert_eq!(scoring_order(&cands), vec![1, 4, 0, 2, 3]);
+    // One family alone keeps the profile's order after its earliest member.
+    assert_eq!(scoring_order(&cands[2..]), vec![2, 0, 1]);
+    assert_eq!(scoring_order(&[]), Vec::<usize>::new());
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use codecache::InstallId;
 use nix::unistd::Pid;
+use tracer::CpuClock;
 
 use super::Session;
 use crate::abtest::{self, Reading, Step, Trial, Verdict};
@@ -40,6 +41,9 @@ pub(super) struct Measuring {
     removed: Vec<u64>,
     /// Installs asked to be measured again (phase change).
     again: BTreeSet<InstallId>,
+    /// The process's CPU time, one counting event per thread; None: the process CPU clock is read instead
+    /// (perf events refused at the first reading), decided once so readings are never mixed.
+    clock: Option<Option<CpuClock>>,
 }
 
 impl Measuring {
@@ -69,8 +73,27 @@ impl Measuring {
     }
 }
 
-/// The process's CPU time (all its threads), in ns.
-fn cpu_ns(pid: Pid) -> Option<u64> {
+impl Measuring {
+    /// The CPU time of `threads` of process `pid`, in ns: precise from per-thread events where perf allows them
+    /// ([`CpuClock`]: the process clock of another process lags by up to a scheduler tick), else the process
+    /// clock.
+    fn cpu_ns(&mut self, pid: Pid, threads: &[Pid]) -> Option<u64> {
+        let clock = self.clock.get_or_insert_with(|| {
+            let mut c = CpuClock::new();
+            c.sync(threads).then_some(c)
+        });
+        match clock {
+            Some(c) => {
+                c.sync(threads);
+                c.read_ns()
+            }
+            None => process_cpu_ns(pid),
+        }
+    }
+}
+
+/// The process's CPU time (all its threads), in ns, as last accounted by the scheduler.
+fn process_cpu_ns(pid: Pid) -> Option<u64> {
     let mut clock: libc::clockid_t = 0;
     // SAFETY: writes one clockid_t into `clock`, a local.
     if unsafe { libc::clock_getcpuclockid(pid.as_raw(), &mut clock) } != 0 {
@@ -150,7 +173,8 @@ impl Session {
         let pid = rt.pid;
         let at = Instant::now().duration_since(self.time.start);
         let time_ms = at.as_millis() as u64;
-        let Some(cpu) = cpu_ns(pid) else {
+        let threads = self.tracer.threads(pid);
+        let Some(cpu) = self.measuring.cpu_ns(pid, &threads) else {
             return;
         };
         if let Some(cur) = self.measuring.current.take() {

@@ -23,8 +23,10 @@
 //!   writes (they fail with EFAULT), and no mechanism sees writes made by other processes to shared memory.
 
 pub mod addr;
+pub mod cpuclock;
 pub mod error;
 pub mod maps;
+mod perf;
 pub mod permission;
 pub mod process;
 pub mod program;
@@ -36,6 +38,7 @@ pub mod watch;
 pub mod world;
 
 pub use addr::Addr;
+pub use cpuclock::CpuClock;
 pub use error::{FileKind, ProgramFile, TracerError};
 pub use maps::{mapping_at, read_maps, same_address_space, Mapping};
 pub use nix::unistd::Pid;

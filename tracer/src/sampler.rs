@@ -7,7 +7,7 @@
 //! the target one timer interrupt.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -113,17 +113,14 @@ pub struct Sample {
     pub flags: u64,
 }
 
-// --- perf ABI (linux/perf_event.h), defined here because libc does not carry it. ---
+use crate::perf::{
+    perf_event_open, PerfEventAttr, ATTR_FLAG_EXCLUDE_HV, ATTR_FLAG_EXCLUDE_KERNEL, ATTR_FLAG_FREQ,
+    PERF_COUNT_SW_TASK_CLOCK, PERF_TYPE_SOFTWARE,
+};
 
-const PERF_TYPE_SOFTWARE: u32 = 1;
-const PERF_COUNT_SW_TASK_CLOCK: u64 = 1;
 const PERF_SAMPLE_IP: u64 = 1 << 0;
 const PERF_SAMPLE_TID: u64 = 1 << 1;
 const PERF_SAMPLE_REGS_USER: u64 = 1 << 12;
-const ATTR_FLAG_EXCLUDE_KERNEL: u64 = 1 << 5;
-const ATTR_FLAG_EXCLUDE_HV: u64 = 1 << 6;
-const ATTR_FLAG_FREQ: u64 = 1 << 10;
-const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
 const PERF_RECORD_LOST: u32 = 2;
 const PERF_RECORD_SAMPLE: u32 = 9;
 
@@ -146,35 +143,6 @@ const REGS_MASK: u64 =
     ((1u64 << (PR_FLAGS + 1)) - 1) | (((1u64 << (PR_R15 + 1)) - 1) & !((1u64 << PR_R8) - 1));
 /// Number of u64 register values in a sample: the set bits of REGS_MASK.
 const NREGS: usize = REGS_MASK.count_ones() as usize;
-
-/// `struct perf_event_attr`, PERF_ATTR_SIZE_VER8 (136 bytes). Bit fields are folded into `flags`.
-#[repr(C)]
-#[derive(Default)]
-struct PerfEventAttr {
-    type_: u32,
-    size: u32,
-    config: u64,
-    sample_freq: u64,
-    sample_type: u64,
-    read_format: u64,
-    flags: u64,
-    wakeup_events: u32,
-    bp_type: u32,
-    config1: u64,
-    config2: u64,
-    branch_sample_type: u64,
-    sample_regs_user: u64,
-    sample_stack_user: u32,
-    clockid: i32,
-    sample_regs_intr: u64,
-    aux_watermark: u32,
-    sample_max_stack: u16,
-    reserved_2: u16,
-    aux_sample_size: u32,
-    reserved_3: u32,
-    sig_data: u64,
-    config3: u64,
-}
 
 // Offsets in `struct perf_event_mmap_page`.
 const MMAP_DATA_HEAD: usize = 1024;
@@ -215,7 +183,6 @@ impl Ring {
         let tid_raw = tid.as_raw();
         let attr = PerfEventAttr {
             type_: PERF_TYPE_SOFTWARE,
-            size: std::mem::size_of::<PerfEventAttr>() as u32,
             config: PERF_COUNT_SW_TASK_CLOCK,
             sample_freq: rate_hz,
             sample_type: PERF_SAMPLE_IP | PERF_SAMPLE_TID | PERF_SAMPLE_REGS_USER,
@@ -223,38 +190,21 @@ impl Ring {
             sample_regs_user: REGS_MASK,
             ..Default::default()
         };
-        // SAFETY: `attr` is a fully initialised perf_event_attr of the size it declares and outlives the call;
-        // the remaining arguments are plain integers.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_perf_event_open,
-                &attr as *const PerfEventAttr,
-                tid_raw as libc::pid_t,
-                -1 as libc::c_int,
-                -1 as libc::c_int,
-                PERF_FLAG_FD_CLOEXEC,
-            )
-        };
-        if ret < 0 {
-            let err = std::io::Error::last_os_error();
-            return Err(match err.raw_os_error() {
-                Some(libc::EACCES) | Some(libc::EPERM) => {
-                    SamplerError::PermissionDenied { tid: tid_raw }
-                }
-                Some(libc::ESRCH) => SamplerError::ThreadGone { tid: tid_raw },
-                Some(libc::ENOENT)
-                | Some(libc::ENODEV)
-                | Some(libc::EOPNOTSUPP)
-                | Some(libc::ENOSYS) => SamplerError::Unsupported { source: err },
-                _ => SamplerError::Io {
-                    op: "perf_event_open",
-                    tid: tid_raw,
-                    source: err,
-                },
-            });
-        }
-        // SAFETY: perf_event_open returned a fresh file descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(ret as i32) };
+        let fd = perf_event_open(&attr, tid).map_err(|err| match err.raw_os_error() {
+            Some(libc::EACCES) | Some(libc::EPERM) => {
+                SamplerError::PermissionDenied { tid: tid_raw }
+            }
+            Some(libc::ESRCH) => SamplerError::ThreadGone { tid: tid_raw },
+            Some(libc::ENOENT)
+            | Some(libc::ENODEV)
+            | Some(libc::EOPNOTSUPP)
+            | Some(libc::ENOSYS) => SamplerError::Unsupported { source: err },
+            _ => SamplerError::Io {
+                op: "perf_event_open",
+                tid: tid_raw,
+                source: err,
+            },
+        })?;
         let page = page_size();
         let len = page * (1 + data_pages);
         let map = MmapOptions::new()
@@ -569,11 +519,6 @@ impl Drop for Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn attr_has_the_v8_size() {
-        assert_eq!(std::mem::size_of::<PerfEventAttr>(), 136);
-    }
 
     #[test]
     fn regs_mask_counts_18_values() {
