@@ -5,19 +5,21 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
-use super::{pt, waitpid_raw, Pid, Resume, State, StopKind, Tracer, WAIT_FLAGS};
+use super::{pt, waitpid_raw, Event, ExitStatus, Pid, Resume, State, StopKind, Tracer, WAIT_FLAGS};
 use crate::TracerError;
 
 impl Tracer {
     /// Leave every process running, untraced, exactly as it was (pending signals delivered, job-control stops kept).
-    pub fn detach(mut self) -> Result<(), TracerError> {
+    /// Returns the exit statuses of traced processes that ended before they could be let go (reaped here, or
+    /// queued and not yet taken with [`Tracer::next_event`]): nobody can wait for them any more.
+    pub fn detach(mut self) -> Result<Vec<(Pid, ExitStatus)>, TracerError> {
         self.detach_inner()
     }
 
-    fn detach_inner(&mut self) -> Result<(), TracerError> {
+    fn detach_inner(&mut self) -> Result<Vec<(Pid, ExitStatus)>, TracerError> {
         self.check_thread()?;
         if self.finished {
-            return Ok(());
+            return Ok(Vec::new());
         }
         self.finished = true;
         self.stop_all()?;
@@ -71,12 +73,19 @@ impl Tracer {
                 Ok(None) | Err(_) => break,
             }
         }
+        let exited = self
+            .queue
+            .drain(..)
+            .filter_map(|e| match e {
+                Event::Exited { pid, status } => Some((pid, status)),
+                _ => None,
+            })
+            .collect();
         self.threads.clear();
         self.procs.clear();
-        self.queue.clear();
         match first_err {
             Some(e) => Err(e),
-            None => Ok(()),
+            None => Ok(exited),
         }
     }
 
