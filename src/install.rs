@@ -394,7 +394,10 @@ impl Installer {
         (result, note)
     }
 
-    /// Stop the threads, specialize `cand` and install it before they run again (no snapshot needed).
+    /// Stop the threads, specialize `cand` and install it before they run again. The snapshots still go with
+    /// the request: when the install must let the threads run on and stop them again (one stopped inside the
+    /// patch site), what they wrote meanwhile must fail the install, not be covered by a guard set too late
+    /// (selfmod_interp: variants folding an immediate its program had rewritten 28 times since, 1 run in 8).
     fn install_stopped(
         &mut self,
         tr: &mut Tracer,
@@ -408,19 +411,20 @@ impl Installer {
         let specialized = TargetMemory::new(&world, self.pid, Some(&self.cache)).map(|mut mem| {
             mem.allow(constant.iter().copied());
             let consts = plan::region_constants(&mem, r);
-            plan::specialize_candidate(&mem, r, cand, &consts, &forward, t0).1
+            let v = plan::specialize_candidate(&mem, r, cand, &consts, &forward, t0).1;
+            (v, mem.snapshots())
         });
         self.specialize_time += t0.elapsed();
         // Dropping the world on these returns resumes the threads.
-        let variants = match specialized {
-            Ok(v) if !v.variants.is_empty() => v,
+        let (variants, snapshots) = match specialized {
+            Ok((v, s)) if !v.variants.is_empty() => (v, s),
             Ok(_) => return Err(InstallError::NothingWorthIt),
             Err(e) => return Err(InstallError::Memory(e)),
         };
         // The threads stay stopped into the install (which finds them stopped), so what was read is what is
         // guarded; the install resumes them.
         world.keep_stopped();
-        self.install_candidate(tr, r, cand, variants, Snapshots::new())
+        self.install_candidate(tr, r, cand, variants, snapshots)
     }
 
     /// Install `variants` of `cand` with the world stopped, and record the install.

@@ -218,30 +218,33 @@ impl uffd::Handler for HoldFaults {
             return;
         };
         let page = address & !(PAGE - 1);
-        let ours = flags & UFFD_PAGEFAULT_FLAG_WP != 0
-            && self
-                .shared
-                .lock()
-                .map(|mut s| {
-                    if s.guarded.contains(&page) {
-                        s.faulted.insert(page);
-                        if let Some(t) = tid {
-                            s.blocked.insert(t.as_raw());
-                        }
-                        true
-                    } else {
-                        false
+        let wp = flags & UFFD_PAGEFAULT_FLAG_WP != 0;
+        // Decided and acted on under the lock: a fault whose page was released meanwhile clears the protection,
+        // and that must not land after the page was guarded again (the tracer thread guards under the same
+        // lock), or a new variant's page would be left writable while counted as guarded.
+        let ours = self
+            .shared
+            .lock()
+            .map(|mut s| {
+                if wp && s.guarded.contains(&page) {
+                    s.faulted.insert(page);
+                    if let Some(t) = tid {
+                        s.blocked.insert(t.as_raw());
                     }
-                })
-                .unwrap_or(false);
+                    true
+                } else {
+                    if wp {
+                        let _ = uffd.writeprotect(page, PAGE, false);
+                    }
+                    false
+                }
+            })
+            .unwrap_or(false);
         if ours {
             // The writer stays blocked until the tracer thread releases the page.
             self.flag.store(true, Ordering::SeqCst);
         } else {
-            // Released meanwhile (or not a write-protect fault): clear and wake.
-            if flags & UFFD_PAGEFAULT_FLAG_WP != 0 {
-                let _ = uffd.writeprotect(page, PAGE, false);
-            }
+            // Released meanwhile (or not a write-protect fault): woken.
             let _ = uffd.wake(page, PAGE);
         }
     }
@@ -556,14 +559,18 @@ impl GuardSet {
         }
         if let Some(fd) = self.fd.as_ref() {
             if uffd::may_register(m) && self.registered.register_wp(fd, m) {
-                if let Ok(mut s) = self.shared.lock() {
+                // Under the reader's lock, so that it never clears this protection for a stale fault (see
+                // `HoldFaults::message`).
+                let protected = self.shared.lock().is_ok_and(|mut s| {
                     s.guarded.insert(page.0);
-                }
-                if fd.writeprotect(page.0, PAGE, true).is_ok() {
+                    let ok = fd.writeprotect(page.0, PAGE, true).is_ok();
+                    if !ok {
+                        s.guarded.remove(&page.0);
+                    }
+                    ok
+                });
+                if protected {
                     return Ok(GuardKind::Uffd);
-                }
-                if let Ok(mut s) = self.shared.lock() {
-                    s.guarded.remove(&page.0);
                 }
             }
         }
@@ -619,15 +626,12 @@ impl GuardSet {
                 }
             }
         }
-        let was = self
-            .shared
-            .lock()
-            .map(|mut s| s.guarded.remove(&page.0))
-            .unwrap_or(false);
-        if was {
-            if let Some(fd) = &self.fd {
-                // Clearing the protection also wakes a thread blocked on the page.
-                let _ = fd.writeprotect(page.0, PAGE, false);
+        if let Ok(mut s) = self.shared.lock() {
+            if s.guarded.remove(&page.0) {
+                if let Some(fd) = &self.fd {
+                    // Clearing the protection also wakes a thread blocked on the page.
+                    let _ = fd.writeprotect(page.0, PAGE, false);
+                }
             }
         }
         Ok(())

@@ -69,11 +69,35 @@ impl<'a> TargetMemory<'a> {
 }
 
 impl Memory for TargetMemory<'_> {
+    /// Bytes of a page already taken as constant come from its snapshot, not from the live target: the program
+    /// runs while the specializer reads, and the install verifies the snapshot, so every value a variant folds
+    /// must be the snapshot's (a byte the program changed and changed back would otherwise pass the check with
+    /// the variant holding the value in between).
     fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let end = addr.0.saturating_add(buf.len() as u64);
+        // A guardable page read before it was asked about is snapshotted now, so the two agree.
+        let mut p = addr.0 & !(PAGE_SIZE - 1);
+        while p < end {
+            if self.guardable.contains(&Addr(p)) {
+                self.is_constant(Addr(p));
+            }
+            p += PAGE_SIZE;
+        }
         self.tr
             .read_memory(self.pid, addr, buf)
             .map_err(|_| MemoryError::Unreadable(addr))?;
-        let end = addr.0.saturating_add(buf.len() as u64);
+        for (page, snap) in self
+            .snapshots
+            .borrow()
+            .range(Addr(addr.0 & !(PAGE_SIZE - 1))..Addr(end))
+        {
+            let from = page.0.max(addr.0);
+            let to = (page.0 + snap.len() as u64).min(end);
+            if from < to {
+                buf[(from - addr.0) as usize..(to - addr.0) as usize]
+                    .copy_from_slice(&snap[(from - page.0) as usize..(to - page.0) as usize]);
+            }
+        }
         for (at, orig) in &self.overlay {
             for (i, b) in orig.iter().enumerate() {
                 let a = at.0 + i as u64;

@@ -10,10 +10,10 @@
 
 mod common;
 
-use common::native_lib::{specialize_function, SampleLib, Specialized};
+use common::native_lib::{specialize_function, specialize_request, SampleLib, Specialized};
 use common::rng::Rng;
 use common::{Cpu, Machine, Mapping, SelfMemory};
-use specializer::{Addr, Flag, Gpr, Memory, Options};
+use specializer::{Addr, Flag, Gpr, KnownState, Memory, Options, Request};
 
 type InterpRun = unsafe extern "C" fn(*const Insn, *mut i64) -> i64;
 type InterpDemo = unsafe extern "C" fn(i64, *mut usize) -> *mut Insn;
@@ -88,11 +88,17 @@ impl Program {
     }
 }
 
-/// The option sets every fixed program is specialized with: the defaults
-/// (register scratch copies and store forwarding on) and both off.
+/// The option sets every fixed program is specialized with: store forwarding on (as dynspec specializes
+/// private memory; off by default) with register scratch copies, and both off.
 fn option_sets() -> [(&'static str, Options); 2] {
     [
-        ("default options", Options::default()),
+        (
+            "store forwarding",
+            Options {
+                forward_stores: true,
+                ..Options::default()
+            },
+        ),
         (
             "no scratch registers, no store forwarding",
             Options {
@@ -421,7 +427,7 @@ fn bpf_filter_variant_matches_original() {
                 r1, r2,
                 "bpf filter {name} ({oname}), packet {k} (len {len}): original {r1}, variant {r2}"
             );
-            if name == "demo" && oname == "default options" && r1 != 0 {
+            if name == "demo" && oname == "store forwarding" && r1 != 0 {
                 accepted += 1;
             }
         }
@@ -694,9 +700,16 @@ fn deopt_resumes_the_interpreters() {
     let lib = SampleLib::build("interp_switch");
     let func = lib.function("interp_run");
     let env = std::cell::RefCell::new([0i64; 8]);
-    for (name, prog) in interp_programs(&lib) {
+    let forwarding = Options {
+        forward_stores: true,
+        ..Options::default()
+    };
+    for ((name, prog), opts) in interp_programs(&lib)
+        .into_iter()
+        .flat_map(|p| [Options::default(), forwarding.clone()].map(|o| (p.clone(), o)))
+    {
         let mem = lib.memory(&[prog.range()]);
-        let s = specialize_function(func, prog.addr(), &mem, Options::default())
+        let s = specialize_function(func, prog.addr(), &mem, opts)
             .unwrap_or_else(|e| panic!("program {name}: {e}"));
         let mut input = Cpu::default();
         input.regs[Gpr::Rdi.index()] = prog.addr();
@@ -811,5 +824,252 @@ fn variants_execute_fewer_instructions() {
     assert!(
         spec * 3 <= orig * 2,
         "bpf demo: the variant executes {spec} instructions, the original {orig} (want at most 2/3)"
+    );
+}
+
+/// selfmod_interp's program (`OP_PATCH 12: code[res].op2 = env[op1]` rewrites its own bytecode), with an outer
+/// count of `size`.
+fn selfmod_program(size: i32) -> Vec<u8> {
+    const PATCH: i32 = 12;
+    let prog = [
+        i(MOVI, 0, 0, 0),
+        i(MOVI, 1, size, 0),
+        i(MOVI, 5, 1, 0),
+        i(JMP, 0, 0, 17),
+        i(ANDI, 7, 1, 255),
+        i(PATCH, 9, 7, 0),
+        i(MOVI, 2, 8, 0),
+        i(MUL, 3, 5, 2),
+        i(ADD, 0, 0, 3),
+        i(ADDI, 5, 5, 0),
+        i(SHRI, 4, 0, 7),
+        i(XOR, 5, 5, 4),
+        i(ANDI, 5, 5, 0xffffff),
+        i(ADDI, 2, 2, -1),
+        i(BNEQ, 0, 2, 7),
+        i(SUB, 0, 0, 1),
+        i(ADDI, 1, 1, -1),
+        i(BNEQ, 0, 1, 4),
+        i(MOV, 6, 5, 0),
+        i(HALT, 0, 0, 0),
+    ];
+    // SAFETY: Insn is plain-old-data repr(C).
+    unsafe { std::slice::from_raw_parts(prog.as_ptr() as *const u8, std::mem::size_of_val(&prog)) }
+        .to_vec()
+}
+
+/// Stop the variant `s` (entered with `input`) before each of its instructions in turn, up to and including
+/// the first that writes the bytecode (a store through rdi in the original code: there its guard stops it in a
+/// live process), apply the deopt entry there and resume the original function at `func`: result, memory and
+/// bytecode must be what the original computes from `input` at `start`. Returns whether that store was reached.
+#[allow(clippy::too_many_arguments)]
+fn deopt_resume_until_code_write(
+    name: &str,
+    m: &Machine,
+    s: &Specialized,
+    mem: &SelfMemory,
+    func: (Addr, u64),
+    start: u64,
+    input: &Cpu,
+    reset: &dyn Fn(),
+    observe: &dyn Fn() -> Vec<u8>,
+) -> bool {
+    let mut input = *input;
+    input.regs[Gpr::Rsp.index()] = m.call_frame();
+    reset();
+    // SAFETY: the function returns into the harness epilogue through the call frame.
+    let want = unsafe { m.run(start, &input) };
+    let want_mem = observe();
+    let range = (s.addr(), s.addr() + s.encoded.code.len() as u64);
+    let also = (func.0 .0, func.0 .0 + func.1);
+    for k in 1u64.. {
+        reset();
+        input.regs[Gpr::Rsp.index()] = m.call_frame();
+        // SAFETY: as above; stepping stops inside the variant.
+        let (mut cpu, stopped) = unsafe { m.run_stepped(s.addr(), &input, range, also, k) };
+        let Some(rip) = stopped else {
+            return false;
+        };
+        let off = rip - s.addr();
+        let e = s
+            .encoded
+            .deopt
+            .iter()
+            .find(|e| e.offset as u64 == off)
+            .unwrap_or_else(|| {
+                panic!("{name}: variant offset {off:#x} executes without a deopt entry")
+            });
+        let mut b = [0u8; 16];
+        mem.read(e.original, &mut b).expect("original code");
+        let ins = iced_x86::Decoder::with_ip(64, &b, e.original.0, 0).decode();
+        let writes_code = ins.op_count() == 2
+            && ins.op0_kind() == iced_x86::OpKind::Memory
+            && ins.memory_base() == iced_x86::Register::RDI;
+        for g in Gpr::ALL {
+            if let Some(v) = e.state.reg(g) {
+                cpu.regs[g.index()] = v;
+            }
+        }
+        for f in Flag::ALL {
+            if let Some(v) = e.state.flag(f) {
+                cpu.set_flag(f, v);
+            }
+        }
+        // SAFETY: resuming the original function; it returns into the epilogue.
+        let got = unsafe { m.run(e.original.0, &cpu) };
+        assert_eq!(
+            (got.regs[Gpr::Rax.index()], observe()),
+            (want.regs[Gpr::Rax.index()], want_mem.clone()),
+            "{name}: stopped at variant offset {off:#x} (instruction {k}), resumed the original at {} with folded {}",
+            e.original,
+            specializer::snippet::state_text(&e.state)
+        );
+        if writes_code {
+            return true;
+        }
+    }
+    false
+}
+
+/// A variant that folded the bytecode is stopped by its guard at the program's first bytecode write and resumed
+/// in the original code through its deopt entry there. With store forwarding the value stored comes from a
+/// register that held an earlier store (env[op1]): every stop point up to that store must resume correctly.
+#[test]
+fn deopt_resumes_the_self_modifying_interpreter_up_to_its_first_bytecode_write() {
+    let m = Machine::new();
+    common::on_crash(|| "deopt_resumes_the_self_modifying_interpreter".into());
+    let lib = SampleLib::build("selfmod_interp");
+    let func = lib.function("selfmod_run");
+    let bytes = selfmod_program(3);
+    let page = Mapping::anywhere(4096);
+    let code = page.addr;
+    let env = std::cell::RefCell::new([0i64; 8]);
+    let reset = || {
+        *env.borrow_mut() = [0; 8];
+        page.write(0, &bytes);
+    };
+    let observe = || {
+        let mut out: Vec<u8> = env.borrow().iter().flat_map(|v| v.to_le_bytes()).collect();
+        // SAFETY: the page is mapped and holds the program's bytes.
+        out.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(code as *const u8, bytes.len())
+        });
+        out
+    };
+    for (oname, opts) in option_sets() {
+        reset();
+        let mem = lib.memory(&[(code, code + 4096)]);
+        let s = specialize_function(func, code, &mem, opts)
+            .unwrap_or_else(|e| panic!("selfmod ({oname}): {e}"));
+        let mut input = Cpu::default();
+        input.regs[Gpr::Rdi.index()] = code;
+        input.regs[Gpr::Rsi.index()] = env.as_ptr() as u64;
+        let reached = deopt_resume_until_code_write(
+            &format!("selfmod from the entry ({oname})"),
+            &m,
+            &s,
+            &mem,
+            func,
+            func.0 .0,
+            &input,
+            &reset,
+            &observe,
+        );
+        assert!(reached, "{oname}: no stop at the bytecode write");
+    }
+}
+
+/// The same for the variants dynspec installs: entered at the dispatch with the bytecode pc in rax (one
+/// variant per bytecode instruction), the registers the profile saw constant there assumed (code, env, the jump
+/// table), store forwarding within the program's writable memory, exits back to the dispatch when the pc is
+/// unknown.
+#[test]
+fn deopt_resumes_the_self_modifying_interpreter_entered_at_its_dispatch() {
+    let m = Machine::new();
+    common::on_crash(|| "deopt_resumes_the_self_modifying_interpreter_at_its_dispatch".into());
+    let lib = SampleLib::build("selfmod_interp");
+    let func = lib.function("selfmod_run");
+    let bytes = selfmod_program(3);
+    let page = Mapping::anywhere(4096);
+    let code = page.addr;
+    let env = std::cell::RefCell::new([0i64; 8]);
+    let env_at = env.as_ptr() as u64;
+    // An environment from the middle of a run: outer count 3, inner count 3 (every loop ends).
+    let start_env = [5i64, 3, 3, 0, 0, 7, 0, 0];
+    let reset = || {
+        *env.borrow_mut() = start_env;
+        page.write(0, &bytes);
+    };
+    let observe = || {
+        let mut out: Vec<u8> = env.borrow().iter().flat_map(|v| v.to_le_bytes()).collect();
+        // SAFETY: the page is mapped and holds the program's bytes.
+        out.extend_from_slice(unsafe {
+            std::slice::from_raw_parts(code as *const u8, bytes.len())
+        });
+        out
+    };
+    let mem = lib.memory(&[(code, code + 4096)]);
+    // The dispatch is the instruction after `lea r8, [rip + table]` (the jump table's base).
+    let mut fcode = vec![0u8; func.1 as usize];
+    mem.read(func.0, &mut fcode).expect("function code");
+    let mut dec = iced_x86::Decoder::with_ip(64, &fcode, func.0 .0, 0);
+    let (dispatch, table) = loop {
+        let ins = dec.decode();
+        assert!(!ins.is_invalid(), "no lea r8 in selfmod_run");
+        if ins.mnemonic() == iced_x86::Mnemonic::Lea && ins.op0_register() == iced_x86::Register::R8
+        {
+            break (ins.next_ip(), ins.memory_displacement64());
+        }
+    };
+    let mut reached = 0;
+    // With the environment's address assumed or not (it is a register the profile may see constant or not).
+    for (pc, env_known) in (4..=17u64).flat_map(|pc| [(pc, true), (pc, false)]) {
+        let mut known = KnownState::default();
+        known.set_reg(Gpr::Rax, Some(code + 16 * pc));
+        known.set_reg(Gpr::Rdi, Some(code));
+        if env_known {
+            known.set_reg(Gpr::Rsi, Some(env_at));
+        }
+        known.set_reg(Gpr::R8, Some(table));
+        let req = Request {
+            entry: Addr(dispatch),
+            region_start: func.0,
+            region_end: func.0.offset(func.1),
+            known,
+            options: Options {
+                forward_stores: true,
+                forward_within: Some(vec![
+                    (Addr(code), Addr(code + 4096)),
+                    (Addr(env_at), Addr(env_at + 64)),
+                ]),
+                redispatch_at: Some((Addr(dispatch), Gpr::Rax)),
+                ..Options::default()
+            },
+        };
+        reset();
+        let s =
+            specialize_request(&req, &mem).unwrap_or_else(|e| panic!("selfmod at pc {pc}: {e}"));
+        let mut input = Cpu::default();
+        input.regs[Gpr::Rax.index()] = code + 16 * pc;
+        input.regs[Gpr::Rdi.index()] = code;
+        input.regs[Gpr::Rsi.index()] = env_at;
+        input.regs[Gpr::R8.index()] = table;
+        if deopt_resume_until_code_write(
+            &format!("selfmod at pc {pc} (env known: {env_known})"),
+            &m,
+            &s,
+            &mem,
+            func,
+            dispatch,
+            &input,
+            &reset,
+            &observe,
+        ) {
+            reached += 1;
+        }
+    }
+    assert!(
+        reached >= 20,
+        "only {reached} variants reached the bytecode write"
     );
 }

@@ -166,7 +166,13 @@ pub fn specialize_function(
         known,
         options,
     };
-    let variant = specializer::specialize(&req, mem).map_err(|e| format!("specialize: {e}"))?;
+    specialize_request(&req, mem)
+}
+
+/// Specialize `req` over `mem` and encode the variant into an executable buffer of its own.
+#[allow(dead_code)] // not every test binary specializes mid-function
+pub fn specialize_request(req: &Request, mem: &SelfMemory) -> Result<Specialized, String> {
+    let variant = specializer::specialize(req, mem).map_err(|e| format!("specialize: {e}"))?;
     // Encode twice: once to learn the size, then at the buffer's real address.
     let probe = variant
         .encode(Addr(0x1000_0000))
