@@ -18,9 +18,10 @@
 use std::time::Duration;
 
 /// Length of an interval with the stub on, and off (wall time; the readings are CPU time, so load only makes
-/// them noisier). Time per unit compares intervals of any length; off intervals are shorter because a winning
-/// variant switched off is what measuring costs the program.
-pub const INTERVAL: Duration = Duration::from_millis(20);
+/// them noisier). Time per unit compares intervals of any length. What measuring costs the program is a winner
+/// switched off and a loser switched on: off intervals are short for the first, on intervals not much longer for
+/// the second (a loser needs at least 7 pairs to be found slower, a winner 4 to be found faster).
+pub const INTERVAL: Duration = Duration::from_millis(10);
 pub const INTERVAL_OFF: Duration = Duration::from_millis(8);
 /// Pairs of intervals before any verdict, and at most (then the variant is not measurably slower).
 pub const MIN_PAIRS: usize = 4;
@@ -211,10 +212,16 @@ impl Trial {
         self.on
     }
 
+    /// Whether the current interval is over at `at` (a reading before then is only waited on): the session
+    /// reads the target's CPU clock only then, each reading of a running thread's clock interrupts its CPU.
+    pub fn due(&self, at: Duration) -> bool {
+        at.saturating_sub(self.start.at) >= if self.on { INTERVAL } else { INTERVAL_OFF }
+    }
+
     /// Feed a reading; `stub_off_ns` as for [`judge`].
     pub fn step(&mut self, r: Reading, stub_off_ns: f64) -> Step {
         let elapsed = r.at.saturating_sub(self.start.at);
-        if elapsed < if self.on { INTERVAL } else { INTERVAL_OFF } {
+        if !self.due(r.at) {
             return Step::Wait;
         }
         if !self.on {
@@ -413,8 +420,10 @@ mod tests {
             passes: 1_000_000,
             stub_passes: 1_000_000,
         };
+        assert!(!t.due(r.at));
         assert_eq!(t.step(r, 1.0), Step::Wait);
         assert!(t.is_on());
+        assert!(t.due(ms(10)));
     }
 
     #[test]

@@ -19,6 +19,12 @@ pub const STOP_KERNEL_COST: Duration = Duration::from_micros(15);
 pub const SAMPLE_COST: Duration = Duration::from_micros(25);
 /// Shortest window whose cost share [`decide`] trusts.
 pub const MIN_WINDOW: Duration = Duration::from_millis(250);
+/// A window closes this early when it is already [`SEVERE`] times over budget from at least [`FAST_MIN_STOPS`]
+/// stops: a signal-heavy program loses most of its time to stops (sig_interp: 7000 stops a second, 60% of its
+/// time), and waiting out a whole window cost it more than the 2% the budget allows.
+pub const FAST_WINDOW: Duration = Duration::from_millis(40);
+/// Stops a window needs to close early: one invalidation (a world stop of a few ms) is a one-time cost.
+pub const FAST_MIN_STOPS: u32 = 20;
 /// Default share of the program's wall time dynspec may take in stops before it backs off (`--max-overhead`).
 pub const DEFAULT_MAX_OVERHEAD: f64 = 0.02;
 /// Final planning rounds in a row that installed nothing (the first final one and the periodic looks after it,
@@ -52,11 +58,17 @@ pub struct Overhead {
     /// Time dynspec held stopped threads (timed on its side), all stops.
     held: Duration,
     window_start: Instant,
-    window_lost: Duration,
+    /// Time dynspec held stopped threads in the current window, and the stops there.
+    window_held: Duration,
+    window_stops: u32,
     /// Share of wall time lost in the last completed window.
     last_share: Option<f64>,
     /// Completed windows in a row whose share was over the budget.
     costly_windows: u32,
+    /// The kernel's part of one stop: [`STOP_KERNEL_COST`] until measured ([`Overhead::set_stop_cost`]).
+    stop_cost: Duration,
+    /// Whether `stop_cost` was measured on this machine.
+    stop_cost_measured: bool,
 }
 
 impl Overhead {
@@ -67,10 +79,20 @@ impl Overhead {
             guard_faults: 0,
             held: Duration::ZERO,
             window_start: now,
-            window_lost: Duration::ZERO,
+            window_held: Duration::ZERO,
+            window_stops: 0,
             last_share: None,
             costly_windows: 0,
+            stop_cost: STOP_KERNEL_COST,
+            stop_cost_measured: false,
         }
+    }
+
+    /// The kernel's part of one stop as measured on this machine (`tracer::calibrate::signal_stop_cost`): every
+    /// stop, the earlier ones too, is charged at it.
+    pub fn set_stop_cost(&mut self, cost: Duration) {
+        self.stop_cost = cost;
+        self.stop_cost_measured = true;
     }
 
     /// One stop of a thread, held `held` by dynspec.
@@ -81,17 +103,25 @@ impl Overhead {
             StopKind::GuardFault => self.guard_faults += 1,
         }
         self.held += held;
-        self.window_lost += held + STOP_KERNEL_COST;
+        self.window_held += held;
+        self.window_stops = self.window_stops.saturating_add(1);
     }
 
-    /// Close the window once it is [`MIN_WINDOW`] long: its share of wall time lost becomes the last share, and
-    /// the count of costly windows in a row is updated against `budget`.
+    /// Close the window once it is [`MIN_WINDOW`] long (or [`FAST_WINDOW`], when it is already severely over
+    /// budget from many stops): its share of wall time lost becomes the last share, and the count of costly
+    /// windows in a row is updated against `budget`.
     pub fn roll(&mut self, now: Instant, budget: f64) {
         let len = now.saturating_duration_since(self.window_start);
-        if len < MIN_WINDOW {
+        // Charged at the stop cost known now: the measurement may come in during the window.
+        let lost = self.window_held + self.stop_cost * self.window_stops;
+        let share = cost_share(lost, len);
+        let severe_early = len >= FAST_WINDOW
+            && self.window_stops >= FAST_MIN_STOPS
+            && budget < 1.0
+            && share > budget * SEVERE;
+        if len < MIN_WINDOW && !severe_early {
             return;
         }
-        let share = cost_share(self.window_lost, len);
         self.last_share = Some(share);
         self.costly_windows = if share > budget {
             self.costly_windows + 1
@@ -99,7 +129,8 @@ impl Overhead {
             0
         };
         self.window_start = now;
-        self.window_lost = Duration::ZERO;
+        self.window_held = Duration::ZERO;
+        self.window_stops = 0;
     }
 
     /// Share of wall time lost in the last completed window (None before the first).
@@ -117,7 +148,7 @@ impl Overhead {
 
     /// Total time lost to stops: dynspec's handling plus the kernel's estimated part of each.
     pub fn stop_time(&self) -> Duration {
-        self.held + STOP_KERNEL_COST * u32::try_from(self.stops()).unwrap_or(u32::MAX)
+        self.held + self.stop_cost * u32::try_from(self.stops()).unwrap_or(u32::MAX)
     }
 
     /// The report's `overhead`, given the samples taken, the time the world was stopped for installs, and the
@@ -136,6 +167,8 @@ impl Overhead {
             event_stops: self.event_stops,
             guard_faults: self.guard_faults,
             stop_ms: ms(self.stop_time()),
+            stop_cost_us: (self.stop_cost.as_secs_f64() * 1e7).round() / 10.0,
+            stop_cost_measured: self.stop_cost_measured,
             held_ms: ms(self.held),
             sampling_ms: ms(sampling),
             install_ms: ms(install),
@@ -246,6 +279,11 @@ pub fn decide(s: &Standing) -> Decision {
         if s.planned && s.fruitless_rounds >= 1 && over {
             return Decision::Detach(StepReason::CostWithoutVariants);
         }
+        // Losing a fifth of its time to stops before anything is installed: a variant would have to win that
+        // back first, under the same stops (each signal also moves a thread out of it).
+        if s.budget < 1.0 && s.last_share.is_some_and(|x| x > s.budget * SEVERE) {
+            return Decision::Detach(StepReason::CostWithoutVariants);
+        }
         return Decision::Stay;
     }
     let severe = s.budget < 1.0 && s.last_share.is_some_and(|x| x > s.budget * SEVERE);
@@ -295,8 +333,14 @@ pub struct OverheadJson {
     pub event_stops: u64,
     /// Writes to guarded (or watched) pages handled by dynspec.
     pub guard_faults: u64,
-    /// Time lost to those stops: `held_ms` plus the kernel's estimated part of each.
+    /// Time lost to those stops: `held_ms` plus the kernel's part of each (`stop_cost_us`).
     pub stop_ms: f64,
+    /// The kernel's part of one stop: measured on this machine at the start (`stop_cost_measured`), else an
+    /// estimate.
+    #[serde(default)]
+    pub stop_cost_us: f64,
+    #[serde(default)]
+    pub stop_cost_measured: bool,
     /// Time dynspec held stopped threads (timed).
     pub held_ms: f64,
     /// Estimated cost of the perf samples.
@@ -395,7 +439,7 @@ mod tests {
     #[test]
     fn costly_stops_without_variants_detach_after_a_fruitless_plan() {
         let mut s = Standing {
-            last_share: Some(0.3),
+            last_share: Some(0.1),
             fruitless_rounds: 0,
             planned: false,
             ..standing()
@@ -405,6 +449,13 @@ mod tests {
             Decision::Stay,
             "the first plan may find a variant worth its cost"
         );
+        s.last_share = Some(0.3);
+        assert_eq!(
+            decide(&s),
+            Decision::Detach(StepReason::CostWithoutVariants),
+            "not when a fifth of the time goes to stops: a variant would have to win that back first"
+        );
+        s.last_share = Some(0.1);
         s.planned = true;
         s.fruitless_rounds = 1;
         assert_eq!(
@@ -456,11 +507,11 @@ mod tests {
         for _ in 0..25 {
             o.stop(StopKind::Signal, Duration::from_millis(1));
         }
-        o.roll(t0 + Duration::from_millis(50), 0.02);
+        o.roll(t0 + Duration::from_millis(30), 0.02);
         assert_eq!(
             o.last_share(),
             None,
-            "a window shorter than MIN_WINDOW is not closed"
+            "a window shorter than FAST_WINDOW is not closed"
         );
         o.roll(t0 + MIN_WINDOW, 0.02);
         let share = o.last_share().expect("closed");
@@ -474,6 +525,34 @@ mod tests {
             o.stop_time(),
             Duration::from_millis(25) + Duration::from_micros(10) + STOP_KERNEL_COST * 26
         );
+    }
+
+    #[test]
+    fn a_window_severely_over_budget_from_many_stops_closes_early() {
+        let t0 = Instant::now();
+        let mut o = Overhead::new(t0);
+        o.set_stop_cost(Duration::from_micros(70));
+        // Three invalidations of 4 ms each in 50 ms: a one-time cost, the window stays open.
+        for _ in 0..3 {
+            o.stop(StopKind::GuardFault, Duration::from_millis(4));
+        }
+        o.roll(t0 + Duration::from_millis(50), 0.02);
+        assert_eq!(o.last_share(), None);
+        // 400 signal stops of 20 us held + 70 us in the kernel by 60 ms: 36 ms lost, far over 20%.
+        for _ in 0..400 {
+            o.stop(StopKind::Signal, Duration::from_micros(20));
+        }
+        o.roll(t0 + Duration::from_millis(60), 0.02);
+        let share = o.last_share().expect("closed early");
+        assert!(share > 0.02 * SEVERE, "{share}");
+        assert_eq!(o.costly_windows(), 1);
+        // The same at a budget of the whole run: never early.
+        let mut o = Overhead::new(t0);
+        for _ in 0..400 {
+            o.stop(StopKind::Signal, Duration::from_micros(90));
+        }
+        o.roll(t0 + Duration::from_millis(60), 1.0);
+        assert_eq!(o.last_share(), None);
     }
 
     #[test]

@@ -20,6 +20,7 @@ impl Session {
     /// Close the overhead window if due and decide whether to step aside; true when the session should end by
     /// detaching (the decision is recorded for the report).
     pub(super) fn consider_stepping_aside(&mut self) -> bool {
+        self.calibrate_stops();
         let now = Instant::now();
         self.overhead.roll(now, self.cfg.max_overhead);
         let live = self.rt.as_ref().map_or(0, |rt| rt.live_regions());
@@ -63,6 +64,42 @@ impl Session {
         self.steps.push(step);
         self.stepped_aside = true;
         true
+    }
+}
+
+/// The measurement of what one stop costs (`tracer::calibrate::signal_stop_cost`).
+pub(super) enum StopCost {
+    NotStarted,
+    Running(std::thread::JoinHandle<Option<std::time::Duration>>),
+    Done,
+}
+
+impl Session {
+    /// Start measuring the cost of a stop once the program has paid for [`overhead::FAST_MIN_STOPS`] of them (a
+    /// program that is rarely stopped never pays for the measurement, ~30 ms of a second CPU), and use the
+    /// result once it is in.
+    fn calibrate_stops(&mut self) {
+        match &self.stop_cost {
+            StopCost::NotStarted
+                if self.overhead.stops() >= u64::from(overhead::FAST_MIN_STOPS) =>
+            {
+                // In a thread of its own: its child is traced by that thread, never seen by the tracer
+                // thread's waits (`__WNOTHREAD`).
+                self.stop_cost = std::thread::Builder::new()
+                    .name("dynspec-stopcost".into())
+                    .spawn(tracer::calibrate::signal_stop_cost)
+                    .map_or(StopCost::Done, StopCost::Running);
+            }
+            StopCost::Running(h) if h.is_finished() => {
+                if let StopCost::Running(h) = std::mem::replace(&mut self.stop_cost, StopCost::Done)
+                {
+                    if let Ok(Some(cost)) = h.join() {
+                        self.overhead.set_stop_cost(cost);
+                    }
+                }
+            }
+            _ => {}
+        }
     }
 }
 

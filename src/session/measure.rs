@@ -41,6 +41,8 @@ pub(super) struct Measuring {
     removed: Vec<u64>,
     /// Installs asked to be measured again (phase change).
     again: BTreeSet<InstallId>,
+    /// When the kept installs' pass rates were last looked at.
+    phase_checked_at: Option<Duration>,
     /// The process's CPU time, one counting event per thread; None: the process CPU clock is read instead
     /// (perf events refused at the first reading), decided once so readings are never mixed.
     clock: Option<Option<CpuClock>>,
@@ -173,12 +175,19 @@ impl Session {
         let pid = rt.pid;
         let at = Instant::now().duration_since(self.time.start);
         let time_ms = at.as_millis() as u64;
+        // The clock is read only when a reading is due: reading a running thread's clock interrupts its CPU, and
+        // this runs every event-loop turn.
         let threads = self.tracer.threads(pid);
-        let Some(cpu) = self.measuring.cpu_ns(pid, &threads) else {
-            return;
-        };
-        if let Some(cur) = self.measuring.current.take() {
-            self.continue_trial(cur, at, cpu);
+        if let Some(due) = self.measuring.current.as_ref().map(|c| c.trial.due(at)) {
+            if !due {
+                return;
+            }
+            let Some(cpu) = self.measuring.cpu_ns(pid, &threads) else {
+                return;
+            };
+            if let Some(cur) = self.measuring.current.take() {
+                self.continue_trial(cur, at, cpu);
+            }
             return;
         }
         // Nothing under measurement: the first live install without a verdict, or one whose phase changed.
@@ -190,7 +199,19 @@ impl Session {
             })
             .copied();
         let Some((id, unit)) = next else {
-            self.check_phases(&live, at, cpu);
+            let phase_due = self
+                .measuring
+                .phase_checked_at
+                .is_none_or(|t| at.saturating_sub(t) >= PHASE_CHECK);
+            if phase_due && !self.measuring.judged.is_empty() {
+                self.measuring.phase_checked_at = Some(at);
+                if let Some(cpu) = self.measuring.cpu_ns(pid, &threads) {
+                    self.check_phases(&live, at, cpu);
+                }
+            }
+            return;
+        };
+        let Some(cpu) = self.measuring.cpu_ns(pid, &threads) else {
             return;
         };
         self.measuring.again.remove(&id);

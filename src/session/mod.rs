@@ -232,6 +232,9 @@ struct Session {
     measuring: measure::Measuring,
     /// Attach mode: the process that undoes every change if dynspec dies (none: do not specialize).
     guardian: Option<guardian::Guardian>,
+    /// Measuring what a signal stop costs on this machine (`tracer::calibrate`), in a thread of its own, started
+    /// once the program has been stopped often enough for the cost to matter (`aside.rs`).
+    stop_cost: aside::StopCost,
 }
 
 /// Run a whole session and write its report.
@@ -315,6 +318,7 @@ pub fn run(target: Target, cfg: &SessionConfig) -> Result<Outcome> {
         stepped_aside: false,
         measuring: measure::Measuring::default(),
         guardian,
+        stop_cost: aside::StopCost::NotStarted,
     };
     if let Some(e) = guardian_failed {
         s.say(format_args!("{e:#}; profiling only"));

@@ -23,6 +23,7 @@
 //!   writes (they fail with EFAULT), and no mechanism sees writes made by other processes to shared memory.
 
 pub mod addr;
+pub mod calibrate;
 pub mod cpuclock;
 pub mod error;
 pub mod maps;
