@@ -22,7 +22,7 @@ use std::time::Duration;
 /// switched off and a loser switched on: off intervals are short for the first, on intervals not much longer for
 /// the second (a loser needs at least 7 pairs to be found slower, a winner 4 to be found faster).
 pub const INTERVAL: Duration = Duration::from_millis(10);
-pub const INTERVAL_OFF: Duration = Duration::from_millis(8);
+pub const INTERVAL_OFF: Duration = Duration::from_millis(5);
 /// Pairs of intervals before any verdict, and at most (then the variant is not measurably slower).
 pub const MIN_PAIRS: usize = 4;
 pub const MAX_PAIRS: usize = 24;
