@@ -641,11 +641,44 @@ fn deopt_resume_check(
     reset: &dyn Fn(),
     observe: &dyn Fn() -> Vec<u8>,
 ) -> usize {
+    let spread = |k: u64| if k < 40 { k + 1 } else { k + k / 3 };
+    deopt_resume(
+        name,
+        m,
+        s,
+        func,
+        func.0 .0,
+        input,
+        reset,
+        observe,
+        &spread,
+        &|_| false,
+    )
+    .0
+}
+
+/// Stop the variant `s` (entered with `input`) before its k-th instruction for k = 1, `next(1)`, ..., apply the
+/// deopt entry there and resume the original function `func`: result and memory (`observe`) must be what the
+/// original computes from `input` at `start` alone. Stops after the first stop whose original instruction
+/// `last` accepts. Returns the stops checked and whether `last` was reached.
+#[allow(clippy::too_many_arguments)]
+fn deopt_resume(
+    name: &str,
+    m: &Machine,
+    s: &Specialized,
+    func: (Addr, u64),
+    start: u64,
+    input: &Cpu,
+    reset: &dyn Fn(),
+    observe: &dyn Fn() -> Vec<u8>,
+    next: &dyn Fn(u64) -> u64,
+    last: &dyn Fn(Addr) -> bool,
+) -> (usize, bool) {
     let mut inp = *input;
     inp.regs[Gpr::Rsp.index()] = m.call_frame();
     reset();
     // SAFETY: the function returns into the harness epilogue through the call frame.
-    let want = unsafe { m.run(func.0 .0, &inp) };
+    let want = unsafe { m.run(start, &inp) };
     let want_mem = observe();
     let range = (s.addr(), s.addr() + s.encoded.code.len() as u64);
     let also = (func.0 .0, func.0 .0 + func.1);
@@ -656,7 +689,9 @@ fn deopt_resume_check(
         inp.regs[Gpr::Rsp.index()] = m.call_frame();
         // SAFETY: as above; stepping stops inside the variant.
         let (mut cpu, stopped) = unsafe { m.run_stepped(s.addr(), &inp, range, also, k) };
-        let Some(rip) = stopped else { break };
+        let Some(rip) = stopped else {
+            return (checked, false);
+        };
         let off = rip - s.addr();
         let e = s
             .encoded
@@ -686,9 +721,11 @@ fn deopt_resume_check(
             specializer::snippet::state_text(&e.state)
         );
         checked += 1;
-        k = if k < 40 { k + 1 } else { k + k / 3 };
+        if last(e.original) {
+            return (checked, true);
+        }
+        k = next(k);
     }
-    checked
 }
 
 #[test]
@@ -858,10 +895,9 @@ fn selfmod_program(size: i32) -> Vec<u8> {
         .to_vec()
 }
 
-/// Stop the variant `s` (entered with `input`) before each of its instructions in turn, up to and including
-/// the first that writes the bytecode (a store through rdi in the original code: there its guard stops it in a
-/// live process), apply the deopt entry there and resume the original function at `func`: result, memory and
-/// bytecode must be what the original computes from `input` at `start`. Returns whether that store was reached.
+/// [`deopt_resume`] at every instruction of the variant `s` up to and including the first whose original
+/// instruction writes the bytecode (a store through rdi: there its guard stops it in a live process). Returns
+/// whether that store was reached.
 #[allow(clippy::too_many_arguments)]
 fn deopt_resume_until_code_write(
     name: &str,
@@ -874,61 +910,27 @@ fn deopt_resume_until_code_write(
     reset: &dyn Fn(),
     observe: &dyn Fn() -> Vec<u8>,
 ) -> bool {
-    let mut input = *input;
-    input.regs[Gpr::Rsp.index()] = m.call_frame();
-    reset();
-    // SAFETY: the function returns into the harness epilogue through the call frame.
-    let want = unsafe { m.run(start, &input) };
-    let want_mem = observe();
-    let range = (s.addr(), s.addr() + s.encoded.code.len() as u64);
-    let also = (func.0 .0, func.0 .0 + func.1);
-    for k in 1u64.. {
-        reset();
-        input.regs[Gpr::Rsp.index()] = m.call_frame();
-        // SAFETY: as above; stepping stops inside the variant.
-        let (mut cpu, stopped) = unsafe { m.run_stepped(s.addr(), &input, range, also, k) };
-        let Some(rip) = stopped else {
-            return false;
-        };
-        let off = rip - s.addr();
-        let e = s
-            .encoded
-            .deopt
-            .iter()
-            .find(|e| e.offset as u64 == off)
-            .unwrap_or_else(|| {
-                panic!("{name}: variant offset {off:#x} executes without a deopt entry")
-            });
+    let writes_code = |a: Addr| {
         let mut b = [0u8; 16];
-        mem.read(e.original, &mut b).expect("original code");
-        let ins = iced_x86::Decoder::with_ip(64, &b, e.original.0, 0).decode();
-        let writes_code = ins.op_count() == 2
+        mem.read(a, &mut b).expect("original code");
+        let ins = iced_x86::Decoder::with_ip(64, &b, a.0, 0).decode();
+        ins.op_count() == 2
             && ins.op0_kind() == iced_x86::OpKind::Memory
-            && ins.memory_base() == iced_x86::Register::RDI;
-        for g in Gpr::ALL {
-            if let Some(v) = e.state.reg(g) {
-                cpu.regs[g.index()] = v;
-            }
-        }
-        for f in Flag::ALL {
-            if let Some(v) = e.state.flag(f) {
-                cpu.set_flag(f, v);
-            }
-        }
-        // SAFETY: resuming the original function; it returns into the epilogue.
-        let got = unsafe { m.run(e.original.0, &cpu) };
-        assert_eq!(
-            (got.regs[Gpr::Rax.index()], observe()),
-            (want.regs[Gpr::Rax.index()], want_mem.clone()),
-            "{name}: stopped at variant offset {off:#x} (instruction {k}), resumed the original at {} with folded {}",
-            e.original,
-            specializer::snippet::state_text(&e.state)
-        );
-        if writes_code {
-            return true;
-        }
-    }
-    false
+            && ins.memory_base() == iced_x86::Register::RDI
+    };
+    deopt_resume(
+        name,
+        m,
+        s,
+        func,
+        start,
+        input,
+        reset,
+        observe,
+        &|k| k + 1,
+        &writes_code,
+    )
+    .1
 }
 
 /// A variant that folded the bytecode is stopped by its guard at the program's first bytecode write and resumed
