@@ -73,13 +73,12 @@ impl Measuring {
             removed: self.removed.clone(),
         }
     }
-}
 
-impl Measuring {
-    /// The CPU time of `threads` of process `pid`, in ns: precise from per-thread events where perf allows them
+    /// The CPU time of process `pid`'s threads, in ns: precise from per-thread events where perf allows them
     /// ([`CpuClock`]: the process clock of another process lags by up to a scheduler tick), else the process
     /// clock.
-    fn cpu_ns(&mut self, pid: Pid, threads: &[Pid]) -> Option<u64> {
+    fn cpu_ns(&mut self, pid: Pid, tracer: &tracer::Tracer) -> Option<u64> {
+        let threads = &tracer.threads(pid);
         let clock = self.clock.get_or_insert_with(|| {
             let mut c = CpuClock::new();
             c.sync(threads).then_some(c)
@@ -177,12 +176,11 @@ impl Session {
         let time_ms = at.as_millis() as u64;
         // The clock is read only when a reading is due: reading a running thread's clock interrupts its CPU, and
         // this runs every event-loop turn.
-        let threads = self.tracer.threads(pid);
         if let Some(due) = self.measuring.current.as_ref().map(|c| c.trial.due(at)) {
             if !due {
                 return;
             }
-            let Some(cpu) = self.measuring.cpu_ns(pid, &threads) else {
+            let Some(cpu) = self.measuring.cpu_ns(pid, &self.tracer) else {
                 return;
             };
             if let Some(cur) = self.measuring.current.take() {
@@ -205,13 +203,13 @@ impl Session {
                 .is_none_or(|t| at.saturating_sub(t) >= PHASE_CHECK);
             if phase_due && !self.measuring.judged.is_empty() {
                 self.measuring.phase_checked_at = Some(at);
-                if let Some(cpu) = self.measuring.cpu_ns(pid, &threads) {
+                if let Some(cpu) = self.measuring.cpu_ns(pid, &self.tracer) {
                     self.check_phases(&live, at, cpu);
                 }
             }
             return;
         };
-        let Some(cpu) = self.measuring.cpu_ns(pid, &threads) else {
+        let Some(cpu) = self.measuring.cpu_ns(pid, &self.tracer) else {
             return;
         };
         self.measuring.again.remove(&id);
