@@ -319,15 +319,22 @@ impl Installer {
             ..
         } in scored.into_iter().take(plan::MAX_INSTALL_TRIES)
         {
+            let took = variants.took;
             let result = match self.install_candidate(tr, r, &cand, variants, snapshots.clone()) {
                 Err(e) if e.page_changed() => {
                     // A page changed between reading and guarding it (it is being written right now): specialize
-                    // again with the threads stopped, so the guard covers exactly what was read.
-                    self.install_stopped(tr, r, &cand, constant)
-                        .map_err(|retry| InstallError::Retried {
-                            first: Box::new(e),
-                            retry: Box::new(retry),
-                        })
+                    // again, so the guard covers exactly what was read. With the threads stopped only when that
+                    // costs the program little: the stopped world is the program's time (an 11 KB variant of a
+                    // stock Lua's interpreter loop took 200 ms to specialize, 8-12% of the run).
+                    let retry = if took <= STOPPED_SPECIALIZE_MAX {
+                        self.install_stopped(tr, r, &cand, constant)
+                    } else {
+                        self.install_respecialized(tr, r, &cand, constant)
+                    };
+                    retry.map_err(|retry| InstallError::Retried {
+                        first: Box::new(e),
+                        retry: Box::new(retry),
+                    })
                 }
                 other => other,
             };
@@ -398,6 +405,7 @@ impl Installer {
     /// the request: when the install must let the threads run on and stop them again (one stopped inside the
     /// patch site), what they wrote meanwhile must fail the install, not be covered by a guard set too late
     /// (selfmod_interp: variants folding an immediate its program had rewritten 28 times since, 1 run in 8).
+    /// Values left when [`STOPPED_SPECIALIZE_MAX`] has passed are not specialized (the threads wait meanwhile).
     fn install_stopped(
         &mut self,
         tr: &mut Tracer,
@@ -407,24 +415,56 @@ impl Installer {
     ) -> Result<(), InstallError> {
         let t0 = Instant::now();
         let world = self.cache.stop_all(tr).map_err(InstallError::Stop)?;
-        let forward = self.forwarding(&world);
-        let specialized = TargetMemory::new(&world, self.pid, Some(&self.cache)).map(|mut mem| {
-            mem.allow(constant.iter().copied());
-            let consts = plan::region_constants(&mem, r);
-            let v = plan::specialize_candidate(&mem, r, cand, &consts, &forward, t0).1;
-            (v, mem.snapshots())
-        });
-        self.specialize_time += t0.elapsed();
-        // Dropping the world on these returns resumes the threads.
-        let (variants, snapshots) = match specialized {
-            Ok((v, s)) if !v.variants.is_empty() => (v, s),
-            Ok(_) => return Err(InstallError::NothingWorthIt),
-            Err(e) => return Err(InstallError::Memory(e)),
-        };
+        let specialized =
+            self.specialize_one(&world, r, cand, constant, t0 + STOPPED_SPECIALIZE_MAX);
+        // The program waited for this specialization as it waits for an install.
+        self.install_time += t0.elapsed();
+        // Dropping the world on this return resumes the threads.
+        let (variants, snapshots) = specialized?;
         // The threads stay stopped into the install (which finds them stopped), so what was read is what is
         // guarded; the install resumes them.
         world.keep_stopped();
         self.install_candidate(tr, r, cand, variants, snapshots)
+    }
+
+    /// Specialize `cand` again while the program runs, and install it if what it read is still what the
+    /// program's memory holds: for a candidate too costly to specialize with the threads stopped.
+    fn install_respecialized(
+        &mut self,
+        tr: &mut Tracer,
+        r: &RegionPlan,
+        cand: &TriggerCandidate,
+        constant: &BTreeSet<Addr>,
+    ) -> Result<(), InstallError> {
+        let (variants, snapshots) =
+            self.specialize_one(tr, r, cand, constant, Instant::now() + plan::PLAN_BUDGET)?;
+        self.install_candidate(tr, r, cand, variants, snapshots)
+    }
+
+    /// Specialize every hot value of `cand` (none started after `deadline`) on the target's memory as it is
+    /// now, with the snapshots of the pages read.
+    fn specialize_one(
+        &mut self,
+        tr: &Tracer,
+        r: &RegionPlan,
+        cand: &TriggerCandidate,
+        constant: &BTreeSet<Addr>,
+        deadline: Instant,
+    ) -> Result<(Specialized, Snapshots), InstallError> {
+        let t0 = Instant::now();
+        let forward = self.forwarding(tr);
+        let specialized = TargetMemory::new(tr, self.pid, Some(&self.cache)).map(|mut mem| {
+            mem.allow(constant.iter().copied());
+            let consts = plan::region_constants(&mem, r);
+            let v = plan::specialize_candidate(&mem, r, cand, &consts, &forward, deadline).1;
+            (v, mem.snapshots())
+        });
+        self.specialize_time += t0.elapsed();
+        match specialized {
+            Ok((v, s)) if !v.variants.is_empty() => Ok((v, s)),
+            Ok(_) => Err(InstallError::NothingWorthIt),
+            Err(e) => Err(InstallError::Memory(e)),
+        }
     }
 
     /// Install `variants` of `cand` with the world stopped, and record the install.
@@ -715,6 +755,9 @@ fn unit_of(
     Unit::None
 }
 
+/// Longest a candidate's specialization may have taken for it to be specialized again with the threads stopped
+/// (and the longest such a stopped specialization runs): the program waits for it.
+const STOPPED_SPECIALIZE_MAX: std::time::Duration = std::time::Duration::from_millis(10);
 /// Stops of the world an install tries while a thread sits inside the bytes its patch replaces.
 const MAX_PATCH_TRIES: u32 = 8;
 /// How long the threads run between those tries.
@@ -737,7 +780,7 @@ pub enum InstallError {
     Install { at: Addr, source: CacheError },
     #[error("cannot resume the target: {0}")]
     Resume(tracer::TracerError),
-    #[error("{first}; stopped retry: {retry}")]
+    #[error("{first}; retry: {retry}")]
     Retried {
         first: Box<InstallError>,
         retry: Box<InstallError>,
@@ -745,7 +788,7 @@ pub enum InstallError {
 }
 
 impl InstallError {
-    /// A page changed between reading and guarding it: worth one retry with the threads stopped.
+    /// A page changed between reading and guarding it: worth one retry (specialized again).
     fn page_changed(&self) -> bool {
         matches!(
             self,

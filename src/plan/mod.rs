@@ -341,6 +341,9 @@ pub struct Specialized {
     pub stats: Stats,
     /// Why the values that got no variant got none (the first such reason).
     pub rejected: Option<Reason>,
+    /// Time spent specializing these values: what specializing them again would cost (with the threads stopped,
+    /// the program's time).
+    pub took: Duration,
 }
 
 /// A scored candidate: its estimated benefit (over all its hot values) and the variants compiled so far.
@@ -394,7 +397,8 @@ pub fn score_region(
             values: probe_values(c, &r.candidates),
             ..c.clone()
         };
-        let (benefit, variants) = specialize_candidate(mem, r, &probe, &consts, forward, t0);
+        let (benefit, variants) =
+            specialize_candidate(mem, r, &probe, &consts, forward, t0 + PLAN_BUDGET);
         note.folded = Some(variants.stats.clone());
         if benefit <= 0.0 || variants.variants.is_empty() {
             note.reason = Some(variants.rejected.clone().unwrap_or(Reason::NoFoldedLoad));
@@ -443,8 +447,9 @@ pub fn score_region(
                     .collect(),
                 ..c.clone()
             };
-            let (_, more) = specialize_candidate(mem, r, &rest, &consts, forward, t0);
+            let (_, more) = specialize_candidate(mem, r, &rest, &consts, forward, t0 + PLAN_BUDGET);
             variants.variants.extend(more.variants);
+            variants.took += more.took;
             add_stats(&mut variants.stats, &more.stats);
             if let Some(n) = notes
                 .iter_mut()
@@ -604,16 +609,17 @@ pub fn assumed_for(
 }
 
 /// Specialize the region at `c` for each hot value of its register (plus the entry constants where they hold,
-/// and the registers assumed there); returns the benefit (folded instructions weighted by value frequency) and
-/// the variants worth a stub.
+/// and the registers assumed there), starting no value after `deadline`; returns the benefit (folded
+/// instructions weighted by value frequency) and the variants worth a stub.
 pub fn specialize_candidate(
     mem: &dyn Memory,
     r: &RegionPlan,
     c: &TriggerCandidate,
     consts: &[(Gpr, u64, Addr)],
     forward: &Forwarding,
-    t0: Instant,
+    deadline: Instant,
 ) -> (f64, Specialized) {
+    let started = Instant::now();
     let opts = Options {
         redispatch_at: Some((c.address, c.register)),
         ..options(forward)
@@ -624,7 +630,7 @@ pub fn specialize_candidate(
     let mut stats = Stats::default();
     let mut rejected = None;
     for &(value, samples) in &c.values {
-        if t0.elapsed() > PLAN_BUDGET {
+        if Instant::now() > deadline {
             break;
         }
         let mut known = KnownState::default();
@@ -670,6 +676,7 @@ pub fn specialize_candidate(
             forwards: forward.is_some(),
             stats,
             rejected,
+            took: started.elapsed(),
         },
     )
 }

@@ -271,7 +271,7 @@ fn variants_that_fold_no_memory_read_are_not_worth_installing() {
         let c = rdi_at_entry(vec![(0x2000, 100)]);
         let r = region_of(&code, vec![c.clone()]);
         let mem = CodeAndData(code, data());
-        specialize_candidate(&mem, &r, &c, &[], &None, Instant::now())
+        specialize_candidate(&mem, &r, &c, &[], &None, Instant::now() + PLAN_BUDGET)
             .1
             .variants
             .len()
