@@ -12,6 +12,7 @@ use nix::unistd::Pid;
 use specializer::Addr;
 use tracer::{Stopped, Tracer};
 
+use crate::metric::{Metric, Site};
 use crate::plan::{
     self, Forwarding, Reason, RegionHistory, RegionNote, RegionPlan, Scored, Specialized,
     TriggerCandidate,
@@ -86,6 +87,9 @@ pub struct Installer {
     units: HashMap<codecache::InstallId, Unit>,
     /// What measuring each install found (the latest verdict).
     effects: HashMap<codecache::InstallId, EffectJson>,
+    /// The user's unit of work (`--metric`), and where it was last found (or why not).
+    metric: Option<Metric>,
+    metric_site: Option<Result<Site, String>>,
 }
 
 /// A variant's code as the report shows it, each list at most [`MAX_ASM_LINES`] long.
@@ -134,7 +138,37 @@ impl Installer {
             installed_at: HashMap::new(),
             units: HashMap::new(),
             effects: HashMap::new(),
+            metric: None,
+            metric_site: None,
         })
+    }
+
+    /// Measure installs by the user's unit of work from now on.
+    pub fn set_metric(&mut self, metric: Option<Metric>) {
+        self.metric = metric;
+        self.metric_site = None;
+    }
+
+    /// Where the user's metric counts: looked up in the program's modules until found (a library it names may
+    /// be loaded later).
+    fn metric_site(&mut self) -> Option<Site> {
+        let metric = self.metric.as_ref()?;
+        if !matches!(self.metric_site, Some(Ok(_))) {
+            let found = tracer::symbols::modules(self.pid)
+                .map_err(|e| e.to_string())
+                .and_then(|mods| metric.resolve(&mods));
+            self.metric_site = Some(found);
+        }
+        self.metric_site.as_ref()?.as_ref().ok().copied()
+    }
+
+    /// Why the user's metric is not used, once an install looked for it and did not find it.
+    pub fn metric_problem(&self) -> Option<String> {
+        self.metric.as_ref()?;
+        match self.metric_site.as_ref()? {
+            Ok(_) => None,
+            Err(e) => Some(e.clone()),
+        }
     }
 
     /// Whether any variant is installed and alive.
@@ -497,7 +531,8 @@ impl Installer {
         snapshots: Snapshots,
     ) -> Result<codecache::InstallId, InstallError> {
         let forwards = variants.forwards;
-        let unit = unit_of(r, cand.address, &variants.variants);
+        let metric = self.metric_site();
+        let unit = unit_of(r, cand.address, &variants.variants, metric);
         // Formatted before the world stops: the program should not wait for the report's listings.
         let listings: Vec<(Option<u64>, Listings)> = variants
             .variants
@@ -728,28 +763,43 @@ pub enum Unit {
     /// again inside themselves).
     Passes,
     /// Calls of the function around it, counted by a counting stub at its entry (`site`, in `region`) while it
-    /// is measured: its variants pass the trigger inside themselves, but never the function's entry.
-    Calls { site: Addr, region: (Addr, Addr) },
+    /// is measured: its variants pass the trigger inside themselves, but never the function's entry. Or, with
+    /// `metric`, passes through the user's `--metric` site.
+    Calls {
+        site: Addr,
+        region: (Addr, Addr),
+        metric: bool,
+    },
     /// Neither applies.
     None,
 }
 
-/// How an install of `variants` at `trigger` in region `r` is measured: by its own passes when no variant
-/// passes the trigger again, else by calls of the function when the region is a whole function (from symbols or
-/// `.eh_frame`) whose entry is not the trigger and no variant covers it.
+/// How an install of `variants` at `trigger` in region `r` is measured: by calls at the user's `--metric` site
+/// when it has one that no variant covers (the user said what a unit of work is); else by its own passes when
+/// no variant passes the trigger again; else by calls of the function when the region is a whole function (from
+/// symbols or `.eh_frame`) whose entry is not the trigger and no variant covers it.
 fn unit_of(
     r: &RegionPlan,
     trigger: Addr,
     variants: &[(Option<u64>, specializer::Variant)],
+    metric: Option<Site>,
 ) -> Unit {
+    let uncovered = |a: Addr| a != trigger && !variants.iter().any(|(_, v)| v.covers(a));
+    if let Some(site) = metric.filter(|s| uncovered(s.at)) {
+        return Unit::Calls {
+            site: site.at,
+            region: site.function,
+            metric: true,
+        };
+    }
     if !variants.iter().any(|(_, v)| v.revisits(trigger)) {
         return Unit::Passes;
     }
-    if r.symbol.is_some() && r.start != trigger && !variants.iter().any(|(_, v)| v.covers(r.start))
-    {
+    if r.symbol.is_some() && uncovered(r.start) {
         return Unit::Calls {
             site: r.start,
             region: (r.start, r.end),
+            metric: false,
         };
     }
     Unit::None

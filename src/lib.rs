@@ -19,6 +19,7 @@ pub mod bench;
 pub mod codemap;
 pub mod fold;
 pub mod install;
+pub mod metric;
 pub mod overhead;
 pub mod plan;
 pub mod profile;

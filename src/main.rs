@@ -59,6 +59,11 @@ struct ProfileOpts {
     /// goes on window after window; 100 never backs off for cost.
     #[arg(long, value_name = "PERCENT", default_value_t = dynspec::overhead::DEFAULT_MAX_OVERHEAD * 100.0, value_parser = parse_percent)]
     max_overhead: f64,
+    /// The unit of work variants are measured by (keep a variant only when the program does no less of it per
+    /// CPU second): `calls:SYMBOL`, `calls:MODULE+0xVADDR` (a function as the report names it) or
+    /// `calls:0xADDRESS` [default: passes through each variant's dispatch site, or calls of its function].
+    #[arg(long, value_name = "calls:FUNCTION", value_parser = parse_metric)]
+    metric: Option<dynspec::metric::Metric>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -162,6 +167,11 @@ enum Command {
 const MAX_SECS: f64 = 1e7;
 
 /// `--max-overhead`: a percentage from 0 to 100.
+fn parse_metric(s: &str) -> Result<dynspec::metric::Metric, String> {
+    s.parse()
+        .map_err(|e: dynspec::metric::MetricError| e.to_string())
+}
+
 fn parse_percent(s: &str) -> Result<f64, String> {
     let v: f64 = s
         .trim()
@@ -433,6 +443,7 @@ fn session_config(opts: &ProfileOpts, attach_for: Option<Duration>) -> SessionCo
         specialize: !opts.profile_only,
         close_fds: closed_stdio(),
         max_overhead: opts.max_overhead / 100.0,
+        metric: opts.metric.clone(),
     }
 }
 

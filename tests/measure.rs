@@ -130,3 +130,54 @@ fn a_winner_measured_by_calls_of_its_function_is_kept() {
         assert!(e["low"].as_f64().is_some_and(|x| x > 1.0), "{e}");
     }
 }
+
+#[test]
+fn a_variant_entered_once_is_measured_by_the_users_metric() {
+    // metric_interp's variants loop inside the interpreter function, which is called once: with no unit of
+    // its own the variant would be kept unmeasured. Its bytecode calls a native builtin once per iteration;
+    // named as the metric, the builtin's calls are the unit, counted the same way with the variant on and off.
+    let extra = ["--metric", "calls:metric_builtin"];
+    let (_, r, _tmp) = run_both("metric_interp", &["40000000"], &extra);
+    let vs = variants(&r);
+    assert!(!vs.is_empty(), "nothing installed: {}", r["plan"]);
+    let m = &r["measurement"];
+    assert_eq!(m["metric"], "calls:metric_builtin", "{m}");
+    assert!(m["metric_problem"].is_null(), "{m}");
+    let judged: Vec<&Value> = vs.iter().filter(|v| !v["effect"].is_null()).collect();
+    assert!(!judged.is_empty(), "no verdict at all: {vs:?}");
+    for v in judged {
+        let e = &v["effect"];
+        assert!(
+            ["faster", "not_measurably_slower", "slower"]
+                .contains(&e["verdict"].as_str().unwrap_or("")),
+            "measured by the metric, a verdict is reached: {v}"
+        );
+        assert!(
+            e["unit"]
+                .as_str()
+                .is_some_and(|u| u.contains("--metric calls:metric_builtin")),
+            "{e}"
+        );
+    }
+}
+
+#[test]
+fn a_metric_the_program_lacks_is_said_and_the_own_unit_used() {
+    let extra = ["--metric", "calls:no_such_function"];
+    let (_, r, _tmp) = run_both("bpf_filter", &["100000000"], &extra);
+    let m = &r["measurement"];
+    assert!(
+        m["metric_problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("no_such_function")),
+        "{m}"
+    );
+    let vs = variants(&r);
+    assert!(!vs.is_empty(), "nothing installed: {}", r["plan"]);
+    assert!(
+        vs.iter()
+            .filter_map(|v| v["effect"]["unit"].as_str())
+            .all(|u| !u.contains("--metric")),
+        "{vs:?}"
+    );
+}

@@ -78,6 +78,11 @@ const INTERP_THREADED: Case = case("interp_threaded", "1000000", &["threaded_run
 const INTERP_DL: Case = case("interp_dl", "1000000", &["dl_run", "dl_demo"]);
 const INTERP_SPILL: Case = case("interp_spill", "1000000", &["spill_run"]);
 const SERVE_PATCH: Case = case("serve_patch", "50", &["serve_run"]);
+const METRIC_INTERP: Case = case(
+    "metric_interp",
+    "5000000",
+    &["metric_run", "metric_builtin"],
+);
 
 /// Every built sample (the -nopie/-stripped variants are builds of interp_switch.c).
 const ALL: &[&Case] = &[
@@ -213,6 +218,7 @@ sample_tests! {
     interp_dl => super::INTERP_DL;
     interp_spill => super::INTERP_SPILL;
     serve_patch => super::SERVE_PATCH;
+    metric_interp => super::METRIC_INTERP;
 }
 
 /// Size for the attach test: about 3-4 s natively, so a 2 s attach window ends well before the program does.

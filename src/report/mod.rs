@@ -241,6 +241,14 @@ pub struct MeasurementJson {
     pub off_ms: u64,
     /// Variant ids removed because they were measured slower.
     pub removed: Vec<u64>,
+    /// The user's unit of work (`--metric`), as given.
+    #[serde(default)]
+    #[schemars(required, schema_with = "nullable::<String>")]
+    pub metric: Option<String>,
+    /// Why the user's metric could not be used (installs were measured by their own unit instead).
+    #[serde(default)]
+    #[schemars(required, schema_with = "nullable::<String>")]
+    pub metric_problem: Option<String>,
 }
 
 /// Lines of variant code kept in the report per variant.
@@ -685,6 +693,12 @@ impl Report {
 
     fn render_measurement(&self, o: &mut String) -> std::fmt::Result {
         let m = &self.measurement;
+        if let Some(metric) = &m.metric {
+            match &m.metric_problem {
+                Some(p) => writeln!(o, "metric:    --metric {metric} not used: {p}")?,
+                None => writeln!(o, "metric:    --metric {metric}")?,
+            }
+        }
         if m.trials == 0 {
             return Ok(());
         }

@@ -46,6 +46,8 @@ pub(super) struct Measuring {
     /// The process's CPU time, one counting event per thread; None: the process CPU clock is read instead
     /// (perf events refused at the first reading), decided once so readings are never mixed.
     clock: Option<Option<CpuClock>>,
+    /// Why the user's `--metric` is not used (said once).
+    metric_problem: Option<String>,
 }
 
 impl Measuring {
@@ -71,6 +73,8 @@ impl Measuring {
             trials: self.trials,
             off_ms: off.as_millis() as u64,
             removed: self.removed.clone(),
+            metric: None,
+            metric_problem: self.metric_problem.clone(),
         }
     }
 
@@ -171,6 +175,16 @@ impl Session {
         let Some(rt) = self.rt.as_ref() else {
             return;
         };
+        if self.measuring.metric_problem.is_none() {
+            if let Some(p) = rt.metric_problem() {
+                if let Some(m) = &self.cfg.metric {
+                    self.warn(format_args!(
+                        "--metric {m}: {p}; measuring by each variant's own unit"
+                    ));
+                }
+                self.measuring.metric_problem = Some(p);
+            }
+        }
         let pid = rt.pid;
         let at = Instant::now().duration_since(self.time.start);
         let time_ms = at.as_millis() as u64;
@@ -222,7 +236,11 @@ impl Session {
                 }
                 return;
             }
-            Unit::Calls { site, region } => {
+            Unit::Calls {
+                site,
+                region,
+                metric,
+            } => {
                 let installed = self
                     .rt
                     .as_mut()
@@ -231,7 +249,12 @@ impl Session {
                     Some(Ok(c)) => Some(c),
                     Some(Err(e)) => {
                         self.measuring.judged.insert(id, None);
-                        let why = format!("{NO_UNIT}: its calls cannot be counted at {site}: {e}");
+                        let why = match (metric, &self.cfg.metric) {
+                            (true, Some(m)) => {
+                                format!("--metric {m}: its site {site} cannot be counted: {e}")
+                            }
+                            _ => format!("{NO_UNIT}: its calls cannot be counted at {site}: {e}"),
+                        };
                         if let Some(rt) = self.rt.as_mut() {
                             rt.record_effect(id, unmeasured(time_ms, why));
                         }
@@ -249,8 +272,9 @@ impl Session {
             self.measuring.stub_off_ns = Some(codecache::stub::calibrate::disabled_stub_ns());
         }
         self.measuring.trials += 1;
-        let unit = match unit {
-            Unit::Calls { site, .. } => format!("call of the function at {site}"),
+        let unit = match (unit, &self.cfg.metric) {
+            (Unit::Calls { metric: true, .. }, Some(m)) => format!("unit of --metric {m}"),
+            (Unit::Calls { site, .. }, _) => format!("call of the function at {site}"),
             _ => "pass through the dispatch site".to_string(),
         };
         self.measuring.current = Some(Current {

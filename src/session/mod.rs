@@ -21,7 +21,8 @@ use crate::install::Installer;
 use crate::overhead::{Overhead, StepJson};
 use crate::profile::Profiler;
 use crate::report::{
-    ExitStatusJson, InvalidationJson, PlanRoundJson, Report, Timings, VariantJson, REPORT_VERSION,
+    ExitStatusJson, InvalidationJson, MeasurementJson, PlanRoundJson, Report, Timings, VariantJson,
+    REPORT_VERSION,
 };
 use crate::signals;
 
@@ -98,6 +99,8 @@ pub struct SessionConfig {
     pub close_fds: Vec<i32>,
     /// Share of the program's wall time dynspec may cost it in stops before it backs off (`--max-overhead`).
     pub max_overhead: f64,
+    /// The user's unit of work for measuring variants (`--metric`).
+    pub metric: Option<crate::metric::Metric>,
 }
 
 /// How the session ended.
@@ -753,7 +756,10 @@ impl Session {
                 duration,
                 self.steps.clone(),
             ),
-            measurement: self.measuring.to_json(),
+            measurement: MeasurementJson {
+                metric: self.cfg.metric.as_ref().map(|m| m.to_string()),
+                ..self.measuring.to_json()
+            },
         }
     }
 

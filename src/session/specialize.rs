@@ -47,6 +47,7 @@ impl Session {
         let base = (self.generations + 1) * ID_STRIDE;
         match Installer::new(&mut self.tracer, pid, base) {
             Ok(mut rt) => {
+                rt.set_metric(self.cfg.metric.clone());
                 // Attach mode: every change is journaled to the guardian before it reaches the target.
                 if self.attach_mode {
                     let watched = match &self.guardian {
