@@ -109,6 +109,7 @@ const ALL: &[&Case] = &[
     &INTERP_DL,
     &INTERP_SPILL,
     &SERVE_PATCH,
+    &METRIC_INTERP,
 ];
 
 /// Native run of the case: stdout is the .expected file, stderr and exit status as documented.
