@@ -23,6 +23,14 @@ use std::time::Duration;
 /// the second (a loser needs at least 7 pairs to be found slower, a winner 4 to be found faster).
 pub const INTERVAL: Duration = Duration::from_millis(10);
 pub const INTERVAL_OFF: Duration = Duration::from_millis(5);
+/// Shortest intervals: a site that sees [`WANTED_PASSES`] in less gets these (a loser on at 0.6x costs the
+/// program 40% of every on interval, a winner off its win in every off interval). Readings are exact per-thread
+/// CPU counters, so a short interval is no less precise, only its share of scheduler noise larger: the sign test
+/// discounts that.
+pub const SHORT_INTERVAL: Duration = Duration::from_millis(3);
+pub const SHORT_INTERVAL_OFF: Duration = Duration::from_millis(2);
+/// Passes an interval should see for its time per pass to be trusted.
+pub const WANTED_PASSES: u64 = 20_000;
 /// Pairs of intervals before any verdict, and at most (then the variant is not measurably slower).
 pub const MIN_PAIRS: usize = 4;
 pub const MAX_PAIRS: usize = 24;
@@ -179,8 +187,24 @@ pub struct Trial {
     halves: Vec<Half>,
     empty: usize,
     pairs_started_on: bool,
+    /// Lengths of the on and off intervals: [`INTERVAL`] and [`INTERVAL_OFF`] until an interval showed the
+    /// site's pass rate ([`interval_lengths`]).
+    lengths: (Duration, Duration),
     /// Time the stub spent switched off so far.
     pub off_time: Duration,
+}
+
+/// Interval lengths for a site passed `passes` times in `elapsed`: long enough for [`WANTED_PASSES`], between
+/// the short and the full intervals.
+pub fn interval_lengths(passes: u64, elapsed: Duration) -> (Duration, Duration) {
+    if passes == 0 || elapsed.is_zero() {
+        return (INTERVAL, INTERVAL_OFF);
+    }
+    let wanted = elapsed.mul_f64(WANTED_PASSES as f64 / passes as f64);
+    (
+        wanted.clamp(SHORT_INTERVAL, INTERVAL),
+        wanted.clamp(SHORT_INTERVAL_OFF, INTERVAL_OFF),
+    )
 }
 
 /// What the session must do after a reading.
@@ -203,8 +227,28 @@ impl Trial {
             halves: Vec::new(),
             empty: 0,
             pairs_started_on: true,
+            lengths: (INTERVAL, INTERVAL_OFF),
             off_time: Duration::ZERO,
         }
+    }
+
+    /// The lengths of its on and off intervals.
+    pub fn lengths(&self) -> (Duration, Duration) {
+        self.lengths
+    }
+
+    /// The current interval's length.
+    fn length(&self) -> Duration {
+        if self.on {
+            self.lengths.0
+        } else {
+            self.lengths.1
+        }
+    }
+
+    /// How long after `at` the current interval is over (zero: it is).
+    pub fn due_in(&self, at: Duration) -> Duration {
+        (self.start.at + self.length()).saturating_sub(at)
     }
 
     /// Whether the stub should be on now.
@@ -215,7 +259,7 @@ impl Trial {
     /// Whether the current interval is over at `at` (a reading before then is only waited on): the session
     /// reads the target's CPU clock only then, each reading of a running thread's clock interrupts its CPU.
     pub fn due(&self, at: Duration) -> bool {
-        at.saturating_sub(self.start.at) >= if self.on { INTERVAL } else { INTERVAL_OFF }
+        at.saturating_sub(self.start.at) >= self.length()
     }
 
     /// Feed a reading; `stub_off_ns` as for [`judge`].
@@ -243,6 +287,10 @@ impl Trial {
             return Step::Switch(self.on);
         }
         let stub = r.stub_passes.wrapping_sub(self.start.stub_passes);
+        if self.halves.is_empty() {
+            // The first interval's pass rate sets the lengths for the whole trial (both modes alike).
+            self.lengths = interval_lengths(passes, elapsed);
+        }
         self.halves.push(Half {
             on: self.on,
             ns_per_pass: cpu as f64 / passes as f64,
@@ -381,6 +429,39 @@ mod tests {
             .collect();
         let v = judge(&pairs, 0.4).expect("decided");
         assert!(matches!(v, Verdict::Faster(_)), "{v:?}");
+    }
+
+    #[test]
+    fn intervals_shrink_for_a_busy_site_only() {
+        // 1M passes in 10 ms: 20k take 0.2 ms, so the shortest intervals.
+        assert_eq!(
+            interval_lengths(1_000_000, ms(10)),
+            (SHORT_INTERVAL, SHORT_INTERVAL_OFF)
+        );
+        // 10k passes in 10 ms: 20k take 20 ms, more than the longest.
+        assert_eq!(interval_lengths(10_000, ms(10)), (INTERVAL, INTERVAL_OFF));
+        // 40k in 10 ms: 5 ms wanted.
+        assert_eq!(interval_lengths(40_000, ms(10)), (ms(5), ms(5)));
+        assert_eq!(interval_lengths(0, ms(10)), (INTERVAL, INTERVAL_OFF));
+        // A trial takes its lengths from its first interval.
+        let mut t = Trial::start(Reading {
+            at: ms(0),
+            cpu_ns: 0,
+            passes: 0,
+            stub_passes: 0,
+        });
+        assert_eq!(t.due_in(ms(0)), INTERVAL);
+        let r = Reading {
+            at: ms(10),
+            cpu_ns: 10_000_000,
+            passes: 1_000_000,
+            stub_passes: 1_000_000,
+        };
+        assert_eq!(t.step(r, 1.0), Step::Switch(false));
+        assert_eq!(t.lengths(), (SHORT_INTERVAL, SHORT_INTERVAL_OFF));
+        assert_eq!(t.due_in(ms(10)), SHORT_INTERVAL_OFF);
+        assert!(!t.due(ms(11)));
+        assert!(t.due(ms(12)));
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn process_cpu_ns(pid: Pid) -> Option<u64> {
     Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
-fn effect_json(v: &Verdict, unit: &str, time_ms: u64) -> EffectJson {
+fn effect_json(v: &Verdict, unit: &str, lengths: (Duration, Duration), time_ms: u64) -> EffectJson {
     let e = v.effect();
     let why = match (v, e) {
         (Verdict::TooFewPasses, _) => {
@@ -130,8 +130,8 @@ fn effect_json(v: &Verdict, unit: &str, time_ms: u64) -> EffectJson {
             e.low,
             e.high,
             e.pairs,
-            abtest::INTERVAL.as_millis(),
-            abtest::INTERVAL_OFF.as_millis(),
+            lengths.0.as_millis(),
+            lengths.1.as_millis(),
             if v.keeps() { "" } else { ": removed" }
         ),
         (_, None) => String::new(),
@@ -167,6 +167,12 @@ const NO_UNIT: &str = "a variant passes its trigger address again inside itself 
                        not a whole function whose calls could be counted instead";
 
 impl Session {
+    /// How soon the trial under way wants its next reading (None: no trial), so the event loop wakes for it.
+    pub(super) fn measure_due_in(&self) -> Option<Duration> {
+        let at = Instant::now().duration_since(self.time.start);
+        self.measuring.current.as_ref().map(|c| c.trial.due_in(at))
+    }
+
     /// One step of measuring (called every event-loop turn; cheap when nothing is due).
     pub(super) fn measure(&mut self) {
         if !self.cfg.specialize {
@@ -347,7 +353,7 @@ impl Session {
                 } else {
                     None
                 };
-                self.finish_trial(cur.id, &v, &cur.unit, rate, time_ms);
+                self.finish_trial(cur.id, &v, &cur.unit, rate, cur.trial.lengths(), time_ms);
             }
         }
     }
@@ -359,12 +365,13 @@ impl Session {
         v: &Verdict,
         unit: &str,
         on_rate: Option<f64>,
+        lengths: (Duration, Duration),
         time_ms: u64,
     ) {
         let Some(rt) = self.rt.as_mut() else {
             return;
         };
-        rt.record_effect(id, effect_json(v, unit, time_ms));
+        rt.record_effect(id, effect_json(v, unit, lengths, time_ms));
         self.measuring.judged.insert(id, on_rate);
         if v.keeps() {
             // Switched on again (a refusal means an invalidation is under way: the guards decide).

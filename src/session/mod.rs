@@ -40,6 +40,8 @@ use sampling::Sampling;
 const EVENT_POLL: Duration = Duration::from_millis(20);
 /// The same while variants are guarded: a thread that writes a guarded page waits this long at most for us.
 const GUARD_POLL: Duration = Duration::from_millis(3);
+/// Shortest wait for an event (a trial's interval that is about to end).
+const MIN_POLL: Duration = Duration::from_micros(200);
 /// How often the variants' entry counters are read from the target.
 const COUNTER_REFRESH: Duration = Duration::from_millis(50);
 /// Profiling restarts after an exec (the new image is profiled and specialized again), at most this often.
@@ -514,6 +516,10 @@ impl Session {
             } else {
                 EVENT_POLL
             };
+            // A trial's interval ends on time (short intervals are what keeps measuring cheap).
+            let poll = self
+                .measure_due_in()
+                .map_or(poll, |d| poll.min(d.max(MIN_POLL)));
             let ev = self
                 .tracer
                 .next_event(Some(poll))
