@@ -94,15 +94,16 @@ fn bpf_filter_installs_variants() {
 
 #[test]
 fn selfmod_interp_is_invalidated_and_correct() {
-    // The bytecode page is trusted only when the short first profile saw (almost) no store into it; in the rare
-    // run where it saw a few, the next look at the program is a second later: a longer run leaves room for it.
+    // The bytecode page is trusted (optimistically) only when the first profile saw at most one store into it
+    // per 200 samples; OP_PATCH is about one bytecode in 70, so a run now and then sees more and, rightly,
+    // leaves the page alone (output identical, nothing installed). Such a run is retried, up to six in all.
     let mut r = specialized("selfmod_interp", "15000000", &[]);
-    if invalidations(&r).is_empty() {
-        eprintln!(
-            "no invalidation at 15000000 ({}); trying a longer run",
-            brief(&r)
-        );
-        r = specialized("selfmod_interp", "40000000", &[]);
+    for _ in 1..6 {
+        if !invalidations(&r).is_empty() {
+            break;
+        }
+        eprintln!("no invalidation ({}); trying again", brief(&r));
+        r = specialized("selfmod_interp", "15000000", &[]);
     }
     let inv = invalidations(&r);
     assert!(!inv.is_empty(), "no invalidation: {}", brief(&r));
