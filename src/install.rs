@@ -42,8 +42,10 @@ pub fn shares_vm(a: Pid, b: Pid) -> bool {
 struct RegionState {
     installs: u32,
     live: Option<codecache::InstallId>,
-    /// Its variants were measured slower and removed.
-    lost: bool,
+    /// The trigger of the live install.
+    live_trigger: Option<TriggerCandidate>,
+    /// Triggers whose variants were measured slower and removed.
+    lost: Vec<TriggerCandidate>,
 }
 
 impl RegionState {
@@ -51,7 +53,7 @@ impl RegionState {
         RegionHistory {
             installs: self.installs,
             live: self.live.is_some(),
-            lost: self.lost,
+            lost: self.lost.len() >= plan::MAX_LOST_TRIGGERS,
         }
     }
 }
@@ -318,6 +320,14 @@ impl Installer {
         constant: &BTreeSet<Addr>,
     ) -> (Result<bool, InstallError>, RegionNote) {
         let t0 = Instant::now();
+        // Triggers measured slower before are not tried again; the runners-up are.
+        let lost = self
+            .regions
+            .get(&(r.start, r.end))
+            .map(|st| st.lost.clone())
+            .unwrap_or_default();
+        let (kept, lost_notes) = plan::without_lost(r, &lost);
+        let r = &kept;
         let forward = self.forwarding(tr);
         let arenas = self.cache.arena_ranges();
         if arenas.iter().any(|(s, e)| r.start.0 < *e && *s < r.end.0) {
@@ -340,6 +350,7 @@ impl Installer {
             }
         };
         self.specialize_time += t0.elapsed();
+        notes.extend(lost_notes);
         let (best, best_samples) = scored
             .first()
             .map(|s| (s.estimate, s.candidate.samples))
@@ -517,6 +528,7 @@ impl Installer {
         let st = self.regions.entry((r.start, r.end)).or_default();
         st.installs += 1;
         st.live = Some(id);
+        st.live_trigger = Some(cand.clone());
         self.first_install.get_or_insert_with(Instant::now);
         Ok(())
     }
@@ -742,7 +754,7 @@ impl Installer {
         for st in self.regions.values_mut() {
             if st.live == Some(id) {
                 st.live = None;
-                st.lost = true;
+                st.lost.extend(st.live_trigger.take());
             }
         }
         Ok(dead.iter().map(|v| self.id_base + v.0).collect())

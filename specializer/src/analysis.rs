@@ -1,4 +1,4 @@
-//! Pure x86-64 analysis shared by the engine and the planner: which registers an instruction writes, functions decoded front to back, registers a function names, constants it hoists at entry.
+//! Pure x86-64 analysis shared by the engine and the planner: which registers an instruction writes, functions decoded front to back, registers a function names (its constants: [`crate::constants`]).
 //!
 //! Nothing here specializes or reads anything but the bytes handed in (or read through [`Memory`]).
 
@@ -6,12 +6,12 @@ use crate::insn_info::{decode_info, InsnInfo};
 use crate::{Addr, Gpr, Memory};
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfo, InstructionInfoFactory,
-    Mnemonic, OpAccess, OpKind,
+    OpAccess, OpKind,
 };
 use std::collections::HashSet;
 use std::sync::Arc;
 
-/// Functions larger than this are not scanned by [`registers_named`] and [`entry_constants`].
+/// Functions larger than this are not scanned by [`registers_named`] and [`crate::constants::function_constants`].
 pub const MAX_SCAN_BYTES: u64 = 64 * 1024;
 
 /// The GPRs `ins` may write, as a bit set by [`Gpr::index`].
@@ -20,7 +20,7 @@ pub const MAX_SCAN_BYTES: u64 = 64 * 1024;
 /// `ReadCondWrite`), explicit or implicit, mapped to its full 64-bit register: a partial write (`mov al, 1`, `mov
 /// ax, 1`) counts as a write of `rax`; a conditional one (`cmovcc`) counts too; `push`/`pop`/`call`/`ret` write
 /// `rsp`. Not included: what a called function may clobber (the `call` itself writes only `rsp`; see
-/// [`entry_constants`] for clobbers), the `rax` a `syscall` returns in (iced reports its `rcx` and `r11` only),
+/// [`crate::constants`] for clobbers), the `rax` a `syscall` returns in (iced reports its `rcx` and `r11` only),
 /// flags, and registers used only to address memory.
 ///
 /// The engine uses the same notion (via [`written_gprs_of`]) for what a residual instruction leaves unknown and
@@ -145,92 +145,11 @@ pub fn registers_named(mem: &dyn Memory, start: Addr, end: Addr) -> u16 {
     named
 }
 
-/// Registers a function sets to a constant before anything else can happen and never changes afterwards:
-/// `lea reg, [rip+d]` or `mov reg, imm` in the straight-line code at its entry, and no other write to `reg`
-/// anywhere in the function (calls and system calls count as writes of the registers they clobber). Compilers hoist
-/// jump-table bases like this; knowing them lets the specializer fold a `switch` entered in the middle of the loop.
-/// Returns (register, value, address after the defining instruction). Empty when the function cannot be decoded
-/// (or read, or is larger than [`MAX_SCAN_BYTES`]).
-/// Limit: a function entered other than at its symbol (e.g. from a `.cold` part that writes the register) would
-/// break the assumption; compilers do not generate such code for hoisted constants.
-pub fn entry_constants(mem: &dyn Memory, start: Addr, end: Addr) -> Vec<(Gpr, u64, Addr)> {
-    let Some(buf) = read_function(mem, start, end) else {
-        return Vec::new();
-    };
-    let mut d = Decoder::with_ip(64, &buf, start.0, DecoderOptions::NONE);
-    let mut insns = Vec::new();
-    while d.can_decode() {
-        let i = d.decode();
-        if i.is_invalid() {
-            return Vec::new();
-        }
-        insns.push(i);
-    }
-    const CALLER_SAVED: [Gpr; 9] = [
-        Gpr::Rax,
-        Gpr::Rcx,
-        Gpr::Rdx,
-        Gpr::Rsi,
-        Gpr::Rdi,
-        Gpr::R8,
-        Gpr::R9,
-        Gpr::R10,
-        Gpr::R11,
-    ];
-    let mut consts: Vec<(Gpr, u64, Addr)> = Vec::new();
-    let mut defs: Vec<u64> = Vec::new();
-    for i in &insns {
-        if i.flow_control() != FlowControl::Next {
-            break;
-        }
-        let dst = (i.op_count() >= 1 && i.op0_kind() == OpKind::Register)
-            .then(|| i.op0_register())
-            .filter(|r| r.is_gpr64() || r.is_gpr32());
-        let value = match (i.mnemonic(), dst) {
-            (Mnemonic::Lea, Some(r)) if r.is_gpr64() && i.is_ip_rel_memory_operand() => {
-                Some(i.ip_rel_memory_address())
-            }
-            (Mnemonic::Mov, Some(_)) if i.op1_kind() == OpKind::Immediate64 => {
-                Some(i.immediate64())
-            }
-            (Mnemonic::Mov, Some(r)) if r.is_gpr32() && i.op1_kind() == OpKind::Immediate32 => {
-                Some(i.immediate32() as u64)
-            }
-            (Mnemonic::Mov, Some(r)) if r.is_gpr64() && i.op1_kind() == OpKind::Immediate32to64 => {
-                Some(i.immediate32to64() as u64)
-            }
-            _ => None,
-        };
-        if let (Some(v), Some(g)) = (value, dst.and_then(Gpr::containing)) {
-            consts.retain(|c| c.0 != g);
-            consts.push((g, v, Addr(i.next_ip())));
-            defs.push(i.ip());
-        }
-    }
-    consts.retain(|(g, _, _)| {
-        insns.iter().all(|i| {
-            if defs.contains(&i.ip()) {
-                return true;
-            }
-            // iced reports `syscall` as FlowControl::Call, so it takes the first arm (every caller-saved
-            // register); the `Syscall` arm is kept for the day it does not.
-            let clobbers = match i.flow_control() {
-                FlowControl::Call | FlowControl::IndirectCall => CALLER_SAVED.contains(g),
-                _ if i.mnemonic() == Mnemonic::Syscall => {
-                    matches!(g, Gpr::Rax | Gpr::Rcx | Gpr::R11)
-                }
-                _ => false,
-            };
-            !clobbers && written_gprs(i) & (1 << g.index()) == 0
-        })
-    });
-    consts
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::MemoryError;
+    use iced_x86::Mnemonic;
 
     fn one(bytes: &[u8]) -> Instruction {
         let mut d = Decoder::with_ip(64, bytes, 0x1000, DecoderOptions::NONE);
@@ -342,7 +261,7 @@ mod tests {
         assert_eq!(targets, vec![0x2000]);
     }
 
-    /// Code at 0x1000 for [`entry_constants`] and [`registers_named`].
+    /// Code at 0x1000 for [`registers_named`].
     struct Code(Vec<u8>);
 
     impl Memory for Code {
@@ -359,62 +278,6 @@ mod tests {
         fn is_constant(&self, _page: Addr) -> bool {
             false
         }
-    }
-
-    #[test]
-    fn entry_constants_are_hoisted_and_never_rewritten() {
-        let code = vec![
-            0x4c, 0x8d, 0x05, 0x00, 0x01, 0x00, 0x00, // 1000: lea r8, [rip+0x100]
-            0xb8, 0x05, 0x00, 0x00, 0x00, // 1007: mov eax, 5
-            0xb9, 0x07, 0x00, 0x00, 0x00, // 100c: mov ecx, 7
-            0x39, 0xc8, // 1011: cmp eax, ecx
-            0x74, 0x02, // 1013: je 1017
-            0xff, 0xc0, // 1015: inc eax (eax is not constant after all)
-            0xc3, // 1017: ret
-        ];
-        let end = Addr(0x1000 + code.len() as u64);
-        let c = entry_constants(&Code(code.clone()), Addr(0x1000), end);
-        assert_eq!(
-            c,
-            vec![(Gpr::R8, 0x1107, Addr(0x1007)), (Gpr::Rcx, 7, Addr(0x1011))]
-        );
-        // A call clobbers the caller-saved registers: nothing stays constant.
-        let mut with_call = code;
-        with_call.splice(21..23, [0xe8, 0x00, 0x00, 0x00, 0x00]); // call next
-        let end = Addr(0x1000 + with_call.len() as u64);
-        assert!(entry_constants(&Code(with_call), Addr(0x1000), end).is_empty());
-        // Unreadable or empty code: nothing.
-        assert!(entry_constants(&Code(Vec::new()), Addr(0x1000), Addr(0x1010)).is_empty());
-    }
-
-    #[test]
-    fn entry_constants_limits() {
-        // mov r12, 0x1122334455667788 (imm64); mov rbx, -1 (imm32 sign-extended); mov ecx, 1; mov edx, 2; syscall.
-        // iced gives `syscall` the flow control of a call, so it clobbers every caller-saved register here (rdx
-        // too), not only the rax/rcx/r11 a system call really writes: conservative.
-        let mut code = vec![0x49, 0xbc, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11];
-        code.extend([0x48, 0xc7, 0xc3, 0xff, 0xff, 0xff, 0xff]);
-        code.extend([0xb9, 0x01, 0x00, 0x00, 0x00]);
-        code.extend([0xba, 0x02, 0x00, 0x00, 0x00]);
-        code.extend([0x0f, 0x05, 0xc3]); // syscall; ret
-        let end = Addr(0x1000 + code.len() as u64);
-        assert_eq!(
-            entry_constants(&Code(code.clone()), Addr(0x1000), end),
-            vec![
-                (Gpr::R12, 0x1122_3344_5566_7788, Addr(0x100a)),
-                (Gpr::Rbx, u64::MAX, Addr(0x1011)),
-            ]
-        );
-        // Undecodable bytes anywhere: nothing.
-        let mut bad = code.clone();
-        bad.push(0x06);
-        let end = Addr(0x1000 + bad.len() as u64);
-        assert!(entry_constants(&Code(bad), Addr(0x1000), end).is_empty());
-        // Larger than MAX_SCAN_BYTES: not scanned.
-        let big = Code(vec![0x90; MAX_SCAN_BYTES as usize + 1]);
-        let end = Addr(0x1000 + MAX_SCAN_BYTES + 1);
-        assert!(entry_constants(&big, Addr(0x1000), end).is_empty());
-        assert_eq!(registers_named(&big, Addr(0x1000), end), 0);
     }
 
     #[test]

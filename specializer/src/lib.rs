@@ -33,6 +33,7 @@
 //! immediates/displacements and are re-encoded with iced's `BlockEncoder`.
 
 pub mod analysis;
+pub mod constants;
 mod engine;
 pub mod insn_info;
 #[cfg(test)]

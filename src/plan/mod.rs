@@ -11,7 +11,8 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use specializer::analysis::{entry_constants, registers_named};
+use specializer::analysis::registers_named;
+use specializer::constants::{function_constants, FunctionConstants};
 use specializer::{Addr, Gpr, KnownState, Memory, Options, Request, Stats, Variant};
 
 use crate::profile::{RegionProfile, TriggerProfile};
@@ -32,6 +33,10 @@ pub const SCORE_VALUES: usize = 2;
 pub const MAX_INSTALL_TRIES: usize = 3;
 /// Installs per region over the whole run: after this many invalidations the region is left alone.
 pub const MAX_INSTALLS_PER_REGION: u32 = 4;
+/// Triggers of one region measured slower before the region is left alone: the planner's estimate ranks the
+/// candidates, the measurement decides, and the runner-up of a lost trigger may well win (a trigger entered at
+/// every pass of one handler loses where the bytecode pc beside it, which loops inside its variant, wins).
+pub const MAX_LOST_TRIGGERS: usize = 2;
 /// A value must cover at least this share of its candidate's samples to get a variant of its own.
 pub const MIN_VALUE_SHARE: f64 = 0.01;
 /// Samples a value needs to count as hot.
@@ -288,8 +293,29 @@ pub struct RegionHistory {
     pub installs: u32,
     /// Whether variants of the region are installed and alive.
     pub live: bool,
-    /// Its variants were measured slower than the original code and removed ([`crate::abtest`]).
+    /// Its variants were measured slower than the original code and removed ([`crate::abtest`]), for
+    /// [`MAX_LOST_TRIGGERS`] triggers: no trigger is tried again.
     pub lost: bool,
+}
+
+/// `r` without the candidates of triggers already measured slower (`lost`) and the candidates that see mostly
+/// the same values (the same quantity at a neighbouring instruction, or copied to another register: the same
+/// variants), and the notes saying so.
+pub fn without_lost(r: &RegionPlan, lost: &[TriggerCandidate]) -> (RegionPlan, Vec<CandidateNote>) {
+    let mut kept = r.clone();
+    let mut notes = Vec::new();
+    kept.candidates.retain(|c| {
+        let gone = lost
+            .iter()
+            .any(|l| (l.address == c.address && l.register == c.register) || same_values(l, c));
+        if gone {
+            let mut n = c.note();
+            n.reason = Some(Reason::MeasuredSlower);
+            notes.push(n);
+        }
+        !gone
+    });
+    (kept, notes)
 }
 
 /// Whether a region may be (re)specialized: never specialized, or its variants died and it has installs left.
@@ -354,13 +380,13 @@ pub struct Scored {
     pub specialized: Specialized,
 }
 
-/// Registers a function sets to a constant at its entry (see [`entry_constants`]); only for real functions
-/// (symbols), whose entry is known.
-pub fn region_constants(mem: &dyn Memory, r: &RegionPlan) -> Vec<(Gpr, u64, Addr)> {
+/// Registers proven constant per instruction of the region's function (see [`function_constants`]); only for
+/// real functions (symbols, `.eh_frame`), whose entry is known.
+pub fn region_constants(mem: &dyn Memory, r: &RegionPlan) -> FunctionConstants {
     if r.symbol.is_some() {
-        entry_constants(mem, r.start, r.end)
+        function_constants(mem, r.start, r.end)
     } else {
-        Vec::new()
+        FunctionConstants::none()
     }
 }
 
@@ -573,13 +599,13 @@ fn same_values(a: &TriggerCandidate, b: &TriggerCandidate) -> bool {
 /// Registers to assume at a mid-function trigger: those the profile saw holding one value there (e.g. an
 /// interpreter's bytecode base, which bytecode jump targets are computed from) and that some instruction of the
 /// region names as an operand (a caller's callee-saved register the region never touches cannot help folding,
-/// and every assumed register costs a compare on each entry), except the trigger register and entry constants
+/// and every assumed register costs a compare on each entry), except the trigger register and the registers proven constant there
 /// (known without a check). At a function entry the arguments change per call: none.
 pub fn assumed_for(
     mem: &dyn Memory,
     r: &RegionPlan,
     c: &TriggerCandidate,
-    consts: &[(Gpr, u64, Addr)],
+    consts: &FunctionConstants,
 ) -> Vec<(Gpr, u64)> {
     if c.address == r.start {
         return Vec::new();
@@ -592,9 +618,7 @@ pub fn assumed_for(
         .filter(|(a, _)| *a == c.address)
         .flat_map(|(_, regs)| regs.iter().copied());
     for (g, v) in regs {
-        let constant = consts
-            .iter()
-            .any(|(k, _, after)| *k == g && c.address >= *after);
+        let constant = consts.at(c.address).iter().any(|(k, _)| *k == g);
         let wanted = named & (1 << g.index()) != 0;
         if wanted
             && g != Gpr::Rsp
@@ -608,14 +632,14 @@ pub fn assumed_for(
     out
 }
 
-/// Specialize the region at `c` for each hot value of its register (plus the entry constants where they hold,
+/// Specialize the region at `c` for each hot value of its register (plus the registers proven constant there,
 /// and the registers assumed there), starting no value after `deadline`; returns the benefit (folded
 /// instructions weighted by value frequency) and the variants worth a stub.
 pub fn specialize_candidate(
     mem: &dyn Memory,
     r: &RegionPlan,
     c: &TriggerCandidate,
-    consts: &[(Gpr, u64, Addr)],
+    consts: &FunctionConstants,
     forward: &Forwarding,
     deadline: Instant,
 ) -> (f64, Specialized) {
@@ -634,9 +658,9 @@ pub fn specialize_candidate(
             break;
         }
         let mut known = KnownState::default();
-        for (g, v, after) in consts {
-            // Only where every path from the entry has executed the defining instruction.
-            if c.address >= *after && *g != c.register {
+        // Proven on every path from the function's entry: known without a check.
+        for (g, v) in consts.at(c.address) {
+            if *g != c.register {
                 known.set_reg(*g, Some(*v));
             }
         }

@@ -266,15 +266,72 @@ fn a_region_is_planned_again_only_while_it_has_installs_left() {
 }
 
 #[test]
+fn a_trigger_measured_slower_and_its_siblings_leave_the_runners_up() {
+    let code = load_then_registers();
+    let lost = rdi_at_entry(vec![(0x2000, 50), (0x2010, 40)]);
+    // The same register at the next instruction with mostly the same values: the same variants.
+    let sibling = TriggerCandidate {
+        address: Addr(0x1003),
+        values: vec![(0x2000, 30), (0x2010, 20), (0x2020, 5)],
+        ..lost.clone()
+    };
+    // The same values copied to another register: the same variants too.
+    let copy = TriggerCandidate {
+        address: Addr(0x1005),
+        register: Gpr::Rcx,
+        ..lost.clone()
+    };
+    // The same register with other values, and another register with other values: other variants.
+    let other_values = TriggerCandidate {
+        address: Addr(0x1003),
+        values: vec![(0x3000, 30), (0x3010, 20)],
+        ..lost.clone()
+    };
+    let other_register = TriggerCandidate {
+        register: Gpr::Rcx,
+        values: vec![(0x4000, 30)],
+        ..lost.clone()
+    };
+    let r = region_of(
+        &code,
+        vec![
+            lost.clone(),
+            sibling.clone(),
+            copy.clone(),
+            other_values.clone(),
+            other_register.clone(),
+        ],
+    );
+    let (kept, notes) = without_lost(&r, std::slice::from_ref(&lost));
+    assert_eq!(kept.candidates, vec![other_values, other_register]);
+    assert_eq!(notes.len(), 3);
+    for (n, c) in notes.iter().zip([&lost, &sibling, &copy]) {
+        assert_eq!((n.address, n.register), (c.address, c.register));
+        assert_eq!(n.reason, Some(Reason::MeasuredSlower));
+    }
+    // Nothing lost: the region as it is.
+    let (same, none) = without_lost(&r, &[]);
+    assert_eq!(same.candidates, r.candidates);
+    assert!(none.is_empty());
+}
+
+#[test]
 fn variants_that_fold_no_memory_read_are_not_worth_installing() {
     let planned = |code: Vec<u8>| {
         let c = rdi_at_entry(vec![(0x2000, 100)]);
         let r = region_of(&code, vec![c.clone()]);
         let mem = CodeAndData(code, data());
-        specialize_candidate(&mem, &r, &c, &[], &None, Instant::now() + PLAN_BUDGET)
-            .1
-            .variants
-            .len()
+        specialize_candidate(
+            &mem,
+            &r,
+            &c,
+            &FunctionConstants::none(),
+            &None,
+            Instant::now() + PLAN_BUDGET,
+        )
+        .1
+        .variants
+        .len()
     };
     assert_eq!(planned(registers_only()), 0);
     // The same with a read of the constant data through the trigger register in front: worth it.
@@ -339,10 +396,11 @@ fn nothing_is_assumed_at_a_function_entry_and_only_named_registers_mid_function(
     // rbx is never named by the region; rcx is; rdi is the trigger itself.
     let stable = vec![(Gpr::Rbx, 1), (Gpr::Rcx, 2), (Gpr::Rdi, 0x2000)];
     r.stable = vec![(Addr(0x1000), stable.clone()), (Addr(0x1003), stable)];
-    assert!(assumed_for(&mem, &r, &entry, &[]).is_empty());
-    assert_eq!(assumed_for(&mem, &r, &mid, &[]), vec![(Gpr::Rcx, 2)]);
-    // An entry constant is known without a check: not assumed.
-    let consts = [(Gpr::Rcx, 2, Addr(0x1000))];
+    let none = FunctionConstants::none();
+    assert!(assumed_for(&mem, &r, &entry, &none).is_empty());
+    assert_eq!(assumed_for(&mem, &r, &mid, &none), vec![(Gpr::Rcx, 2)]);
+    // A register proven constant there is known without a check: not assumed.
+    let consts = FunctionConstants::none().with(Addr(0x1003), vec![(Gpr::Rcx, 2)]);
     assert!(assumed_for(&mem, &r, &mid, &consts).is_empty());
 }
 

@@ -9,7 +9,7 @@ use codecache::InstallId;
 use nix::unistd::Pid;
 use tracer::CpuClock;
 
-use super::Session;
+use super::{Phase, Session, IDLE_MIN};
 use crate::abtest::{self, Reading, Step, Trial, Verdict};
 use crate::install::Unit;
 use crate::report::{EffectJson, MeasurementJson};
@@ -391,6 +391,12 @@ impl Session {
                     );
                 }
                 self.measuring.removed.extend(ids);
+                // The region's runner-up trigger may win: look again after one window rather than at the
+                // next periodic look.
+                if let Phase::Idle { until } = &mut self.phase {
+                    *until = Instant::now();
+                    self.idle_backoff = IDLE_MIN;
+                }
             }
             // Left switched off (the stub only falls back) until the next try.
             Err(e) => {
