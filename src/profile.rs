@@ -142,6 +142,19 @@ impl HotRegion {
     }
 }
 
+/// Samples a register value needs at one instruction for [`Profiler::watch_pages`] to watch the page it points at.
+const MIN_POINTED_SAMPLES: u64 = 3;
+
+/// The `cap` pages with the most samples (ties by address), sorted by address.
+fn top_pages(counts: HashMap<u64, u64>, cap: usize) -> Vec<Addr> {
+    let mut v: Vec<(u64, u64)> = counts.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v.truncate(cap);
+    let mut pages: Vec<Addr> = v.into_iter().map(|(p, _)| Addr(p)).collect();
+    pages.sort();
+    pages
+}
+
 /// Accumulates samples; see the module docs.
 pub struct Profiler {
     total: u64,
@@ -504,7 +517,29 @@ impl Profiler {
         pages
     }
 
-    fn candidate_pages_inner(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
+    /// The pages for the store profile to watch: [`Profiler::candidate_pages`], and the pages that hot register
+    /// values of the analysed regions point at (each value seen [`MIN_POINTED_SAMPLES`] times there, weighted by
+    /// its samples). An interpreter's pc is such a value: the bytecode (threaded code) it points at is read by a
+    /// load the timer samples rarely land near (the dispatch right before an indirect jump), so the loads alone
+    /// may never name its page. A value that is no address names a page the watch finds unmapped and skips.
+    pub fn watch_pages(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
+        let (pid, mut counts) = self.load_page_counts()?;
+        let regions = self.analysed_regions();
+        for (&(ip, reg), vs) in &self.values {
+            if reg == Gpr::Rsp || !regions.iter().any(|r| r.contains(ip)) {
+                continue;
+            }
+            for (&v, &c) in &vs.counts {
+                if c >= MIN_POINTED_SAMPLES {
+                    *counts.entry(Addr(v).page().0).or_default() += c;
+                }
+            }
+        }
+        Some((pid, top_pages(counts, cap)))
+    }
+
+    /// The process whose hot loads were sampled most and, per page, the samples of its hot loads into it.
+    fn load_page_counts(&self) -> Option<(Pid, HashMap<u64, u64>)> {
         let regions = self.analysed_regions();
         let mut per_pid: HashMap<Pid, HashMap<u64, u64>> = HashMap::new();
         for (&(pid, ip), pages) in &self.pages {
@@ -515,15 +550,14 @@ impl Profiler {
                 }
             }
         }
-        let (pid, counts) = per_pid
+        per_pid
             .into_iter()
-            .max_by_key(|(pid, c)| (c.values().sum::<u64>(), std::cmp::Reverse(*pid)))?;
-        let mut v: Vec<(u64, u64)> = counts.into_iter().collect();
-        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        v.truncate(cap);
-        let mut pages: Vec<Addr> = v.into_iter().map(|(p, _)| Addr(p)).collect();
-        pages.sort();
-        Some((pid, pages))
+            .max_by_key(|(pid, c)| (c.values().sum::<u64>(), std::cmp::Reverse(*pid)))
+    }
+
+    fn candidate_pages_inner(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
+        let (pid, counts) = self.load_page_counts()?;
+        Some((pid, top_pages(counts, cap)))
     }
 
     /// Trigger candidates of one region, best first.

@@ -271,6 +271,39 @@ fn table_lookup_with_overwritten_index_guesses_the_table_page() {
 }
 
 #[test]
+fn the_watch_also_covers_pages_hot_register_values_point_at() {
+    let mut e = env();
+    // 0x1000: movzx ecx, byte [rdi+rcx]; 0x1004: imul rcx, r9 (r9: a pointer no sampled load goes through)
+    let code: Vec<u8> = vec![0x0f, 0xb6, 0x0c, 0x0f, 0x49, 0x0f, 0xaf, 0xc9];
+    let mut f = code.clone();
+    f.resize(0x100, 0xcc);
+    e.code.insert(0x1000, f);
+    e.code.insert(0x1004, code[4..].to_vec());
+    let mut p = Profiler::new();
+    let v: Vec<Sample> = (0..5u64)
+        .map(|i| {
+            sample(
+                0x1004,
+                &[
+                    (Gpr::Rdi, 0x9000),
+                    (Gpr::Rcx, 0x7777_0000 + i * 0x1000),
+                    (Gpr::R9, 0x30_0040),
+                ],
+            )
+        })
+        .collect();
+    p.ingest(&v, &mut e);
+    assert_eq!(p.candidate_pages(16).map(|x| x.1), Some(vec![Addr(0x9000)]));
+    // r9's one value, seen five times, names its page; rcx's values, each seen once, do not.
+    assert_eq!(
+        p.watch_pages(16).map(|x| x.1),
+        Some(vec![Addr(0x9000), Addr(0x30_0000)])
+    );
+    // The cap keeps the most sampled pages: 0x9000 is read by the load and pointed at by rdi.
+    assert_eq!(p.watch_pages(1).map(|x| x.1), Some(vec![Addr(0x9000)]));
+}
+
+#[test]
 fn back_attribution_without_symbols() {
     let mut e = env();
     // Stripped code at 0x5000..0x9000; the dispatch sequence sits at 0x5200 behind some padding.

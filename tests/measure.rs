@@ -63,18 +63,20 @@ fn a_losing_variant_is_measured_slower_and_removed() {
         .iter()
         .filter(|v| removed.contains(&v["id"].as_u64().unwrap_or(0)))
         .collect();
-    let removed_at = removed_vs
+    // (value, time of its verdict) of every removed variant.
+    let lost: Vec<(&Value, u64)> = removed_vs
         .iter()
-        .filter_map(|v| v["effect"]["time_ms"].as_u64())
-        .min()
-        .expect("a removed variant's verdict time");
-    let lost_values: Vec<&Value> = removed_vs.iter().map(|v| &v["value"]).collect();
-    let later = r["plan"]
-        .as_array()
-        .expect("plan[]")
-        .iter()
-        .filter(|round| round["time_ms"].as_u64().is_some_and(|t| t > removed_at));
+        .filter_map(|v| Some((&v["value"], v["effect"]["time_ms"].as_u64()?)))
+        .collect();
+    assert!(!lost.is_empty(), "no removed variant's verdict time");
+    let later = r["plan"].as_array().expect("plan[]").iter();
     for round in later {
+        let at = round["time_ms"].as_u64().unwrap_or(0);
+        let lost_values: Vec<&Value> = lost
+            .iter()
+            .filter(|(_, t)| *t < at)
+            .map(|(v, _)| *v)
+            .collect();
         for region in round["regions"].as_array().into_iter().flatten() {
             if region["symbol"] != "step" {
                 continue;

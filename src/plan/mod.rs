@@ -298,16 +298,22 @@ pub struct RegionHistory {
     pub lost: bool,
 }
 
-/// `r` without the candidates of triggers already measured slower (`lost`) and the candidates that see mostly
-/// the same values (the same quantity at a neighbouring instruction, or copied to another register: the same
-/// variants), and the notes saying so.
+/// `r` without the triggers already measured slower (`lost`) and without their values elsewhere: a candidate
+/// that sees a lost trigger's value (the same quantity at a neighbouring instruction, or copied to another
+/// register) would give that value the same variant, so it keeps its other values only, and is dropped when
+/// none is left. The notes say which were dropped.
 pub fn without_lost(r: &RegionPlan, lost: &[TriggerCandidate]) -> (RegionPlan, Vec<CandidateNote>) {
     let mut kept = r.clone();
     let mut notes = Vec::new();
-    kept.candidates.retain(|c| {
-        let gone = lost
+    kept.candidates.retain_mut(|c| {
+        let same_trigger = lost
             .iter()
-            .any(|l| (l.address == c.address && l.register == c.register) || same_values(l, c));
+            .any(|l| l.address == c.address && l.register == c.register);
+        if !same_trigger {
+            c.values
+                .retain(|(v, _)| !lost.iter().any(|l| l.values.iter().any(|(w, _)| w == v)));
+        }
+        let gone = same_trigger || c.values.is_empty();
         if gone {
             let mut n = c.note();
             n.reason = Some(Reason::MeasuredSlower);

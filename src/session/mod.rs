@@ -569,7 +569,7 @@ impl Session {
         let now = Instant::now();
         match self.phase {
             Phase::Sampling { until } if now >= until => {
-                let candidates = self.profiler.candidate_pages(MAX_WATCHED_PAGES);
+                let candidates = self.profiler.watch_pages(MAX_WATCHED_PAGES);
                 let max_extensions = (MAX_SAMPLING_EXTENSION_TIME.as_secs_f64()
                     / self.cfg.window.as_secs_f64().max(1e-3))
                     as u32;

@@ -115,6 +115,30 @@ fn is_setcc(m: Mnemonic) -> bool {
     )
 }
 
+/// The near conditional jump taken exactly when a `cmovcc`/`jcc` with condition `cc` moves/jumps.
+fn jcc_of(cc: iced_x86::ConditionCode) -> Option<Code> {
+    use iced_x86::ConditionCode as C;
+    Some(match cc {
+        C::o => Code::Jo_rel32_64,
+        C::no => Code::Jno_rel32_64,
+        C::b => Code::Jb_rel32_64,
+        C::ae => Code::Jae_rel32_64,
+        C::e => Code::Je_rel32_64,
+        C::ne => Code::Jne_rel32_64,
+        C::be => Code::Jbe_rel32_64,
+        C::a => Code::Ja_rel32_64,
+        C::s => Code::Js_rel32_64,
+        C::ns => Code::Jns_rel32_64,
+        C::p => Code::Jp_rel32_64,
+        C::np => Code::Jnp_rel32_64,
+        C::l => Code::Jl_rel32_64,
+        C::ge => Code::Jge_rel32_64,
+        C::le => Code::Jle_rel32_64,
+        C::g => Code::Jg_rel32_64,
+        C::None => return None,
+    })
+}
+
 fn is_cmovcc(m: Mnemonic) -> bool {
     use Mnemonic as M;
     matches!(
@@ -624,6 +648,9 @@ impl Engine<'_> {
         st: &mut AbsState,
     ) -> Result<(), SpecializeError> {
         let Some(c) = sem::condition(ins.condition_code(), &st.flags) else {
+            if self.split_cmov(ip, ins, st)? {
+                return Ok(());
+            }
             return self.residual(ip, ins, st);
         };
         let dst = ins.op_register(0);
@@ -661,6 +688,52 @@ impl Engine<'_> {
         }
         self.stats.folded += 1;
         Ok(())
+    }
+
+    /// A `cmovcc` whose condition is unknown but whose two outcomes are known pointers into constant memory
+    /// becomes a conditional jump, each path going on with its own value: an interpreter's bytecode branch
+    /// compiled without a jump (gforth's `(loop)`: the next pc is one of two known addresses), after which each
+    /// path can follow its own bytecode. A select between other values stays a cmov: a data-dependent select is
+    /// cheaper than a branch that may mispredict. Returns whether it was split.
+    fn split_cmov(
+        &mut self,
+        ip: Addr,
+        ins: &Instruction,
+        st: &mut AbsState,
+    ) -> Result<bool, SpecializeError> {
+        let dst = ins.op_register(0);
+        let bits = dst.size() as u32 * 8;
+        if bits < 32 {
+            return Ok(false);
+        }
+        let (Some(old), Some(new)) = (Self::reg_val(st, dst), self.op_val(st, ins, 1, bits)) else {
+            return Ok(false);
+        };
+        let points_to_constant = |v: u64| self.mem.is_constant(Addr(v).page());
+        if old == new || !points_to_constant(old) || !points_to_constant(new) {
+            return Ok(false);
+        }
+        let Some(code) = jcc_of(ins.condition_code()) else {
+            return Ok(false);
+        };
+        if !st.fmat {
+            let live = self.live_flags(ip) | flag_mask(ins.rflags_read());
+            self.mat_flags(live, ip, st)?;
+        }
+        let next = Addr(ins.next_ip());
+        let mut moved = st.clone();
+        refine_flags(ins.condition_code(), true, &mut moved);
+        Self::write_reg(&mut moved, dst, Some(new), false);
+        moved.normalize();
+        let l = self.label_for(next, &moved);
+        let j = Instruction::with_branch(code, Self::label_ip(l))
+            .map_err(|e| SpecializeError::Encode(e.to_string()))?;
+        self.emit(j, ip, st);
+        refine_flags(ins.condition_code(), false, st);
+        // Not moved: the destination keeps its value (a 32-bit one zero-extended, `old` is already).
+        Self::write_reg(st, dst, Some(old), false);
+        st.normalize();
+        Ok(true)
     }
 
     /// Whether a folded instruction's result derives only from constant
