@@ -37,6 +37,10 @@ pub const COSTLY_WINDOWS: u32 = 2;
 /// A window this many times over the budget removes live variants at once: an invalidation costs a few
 /// milliseconds, a program losing a fifth of its time to stops should not lose it for another window.
 pub const SEVERE: f64 = 10.0;
+/// Share of the budget stops may cost once a planning round found nothing to install: with no variant they buy
+/// nothing, and a run that pays its whole budget in stops is measurably slower than native (`samples/signals`:
+/// 1.3% of its time in stops for SIGPROFs, the budget being 2%).
+pub const IDLE_SHARE: f64 = 0.25;
 
 /// Which kind of stop the program paid for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,8 +245,9 @@ impl StepReason {
                  install: detached, the program runs on untraced"
             }
             StepReason::CostWithoutVariants => {
-                "nothing is installed and ptrace stops (signals, events) cost the program more than the budget \
-                 (--max-overhead): detached"
+                "nothing is installed and ptrace stops (signals, events) cost the program more than they can buy \
+                 (a quarter of --max-overhead once a planning round found nothing, a fifth of its time before): \
+                 detached"
             }
             StepReason::CostOverBudget => {
                 "ptrace stops cost the program more than the budget (--max-overhead) window after window, more than \
@@ -276,7 +281,8 @@ pub fn decide(s: &Standing) -> Decision {
         if s.idle && s.fruitless_rounds >= FRUITLESS_ROUNDS {
             return Decision::Detach(StepReason::NothingToInstall);
         }
-        if s.planned && s.fruitless_rounds >= 1 && over {
+        let over_idle = s.budget < 1.0 && s.last_share.is_some_and(|x| x > s.budget * IDLE_SHARE);
+        if s.planned && s.fruitless_rounds >= 1 && over_idle {
             return Decision::Detach(StepReason::CostWithoutVariants);
         }
         // Losing a fifth of its time to stops before anything is installed: a variant would have to win that
@@ -463,7 +469,20 @@ mod tests {
             Decision::Detach(StepReason::CostWithoutVariants)
         );
         s.last_share = Some(DEFAULT_MAX_OVERHEAD / 2.0);
-        assert_eq!(decide(&s), Decision::Stay, "within budget");
+        assert_eq!(
+            decide(&s),
+            Decision::Detach(StepReason::CostWithoutVariants),
+            "with nothing installed, half the budget already buys nothing"
+        );
+        s.last_share = Some(DEFAULT_MAX_OVERHEAD * IDLE_SHARE / 2.0);
+        assert_eq!(decide(&s), Decision::Stay, "within the idle share of the budget");
+        s.last_share = Some(DEFAULT_MAX_OVERHEAD / 2.0);
+        s.fruitless_rounds = 0;
+        assert_eq!(
+            decide(&s),
+            Decision::Stay,
+            "before a planning round found nothing, the whole budget"
+        );
     }
 
     #[test]
