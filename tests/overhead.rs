@@ -22,7 +22,8 @@ fn steps(r: &Value) -> &[Value] {
 #[test]
 fn signal_heavy_program_is_let_go_and_keeps_running_untraced() {
     // sig_interp faults 4 times every 10000 iterations all through its run (~12k SIGSEGVs a second, each a ptrace
-    // stop): far over the 2% budget once its variant is live, so dynspec removes it and detaches, mid-run.
+    // stop): far over the 2% budget, so dynspec detaches mid-run (removing its variant if one is live by then;
+    // usually the first fast window, 20 ms and 20 stops in, comes first).
     let size = "100000000";
     let native = run_native(sample("sig_interp"), &[size]);
     let tmp = TempDir::new();
@@ -85,7 +86,8 @@ fn signal_heavy_program_is_let_go_and_keeps_running_untraced() {
         "a step for cost names a share over the budget: {st:?}"
     );
     let o = &r["overhead"];
-    assert!(o["signal_stops"].as_u64().unwrap_or(0) > 100, "{o}");
+    // At least the stops a fast window needs to close.
+    assert!(o["signal_stops"].as_u64().unwrap_or(0) >= 20, "{o}");
     assert!(o["lost_ms"].as_f64().unwrap_or(0.0) > 0.0, "{o}");
     // Every variant was removed before the detach.
     let vs = r["variants"].as_array().expect("variants[]");
