@@ -104,18 +104,7 @@ fn timed_run(traced: bool, cpu: Option<usize>) -> Option<u64> {
 /// The tracer sleeps while its tracee runs, so a stop usually wakes it on another CPU, which costs several times
 /// what a switch on one CPU does (5 µs against 60-70 µs on a 2-vCPU VM): the child runs on another CPU than this
 /// thread, both pinned for the measurement (this thread's affinity is restored after).
-///
-/// Call it on a thread of its own: the thread (and the child it forks, which inherits it) is given the lowest
-/// priority (nice 19) first, so that the measurement mostly takes CPU time the traced program leaves idle. On a
-/// 2-CPU machine the child's CPU is the program's half the time, and a measurement at normal priority took some
-/// 30 ms of the program's CPU, more than the stops it was to price (sig_interp, detached 30 ms in).
 pub fn signal_stop_cost() -> Option<Duration> {
-    // SAFETY: gettid has no preconditions; setpriority on one thread id changes only that thread's nice value
-    // (Linux), and a failure leaves it as it was.
-    unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
-    }
     let here = nix::sched::sched_getaffinity(Pid::from_raw(0)).ok();
     let cpus: Vec<usize> = here
         .as_ref()
@@ -158,11 +147,7 @@ mod tests {
 
     #[test]
     fn a_stop_costs_something_and_not_a_millisecond() {
-        // On a thread of its own, as the session runs it (it lowers its thread's priority).
-        let d = std::thread::spawn(signal_stop_cost)
-            .join()
-            .expect("calibration thread")
-            .expect("calibration runs");
+        let d = signal_stop_cost().expect("calibration runs");
         eprintln!("signal stop: {d:?}");
         assert!(d > Duration::from_nanos(500), "{d:?}");
         assert!(d < Duration::from_millis(1), "{d:?}");
