@@ -364,6 +364,18 @@ impl Installer {
             ..
         } in scored.into_iter().take(plan::MAX_INSTALL_TRIES)
         {
+            let loops = variants
+                .variants
+                .iter()
+                .any(|(_, v)| v.revisits(cand.address));
+            if !plan::worth_trying_after_losses(loops, lost.len()) {
+                tried.push((
+                    cand.address,
+                    cand.register,
+                    Reason::ExitsEveryPassAfterALoss,
+                ));
+                continue;
+            }
             let took = variants.took;
             let result = match self.install_candidate(tr, r, &cand, variants, snapshots.clone()) {
                 Err(e) if e.page_changed() => {
@@ -739,25 +751,28 @@ impl Installer {
     }
 
     /// Remove install `id`, measured slower than the original code (threads stopped here, moved out of its
-    /// variants); its region is not specialized again. Returns the report ids of the variants removed.
+    /// variants); its trigger is not planned again. Returns the report ids of the variants removed, and whether
+    /// its region may still be planned with another trigger.
     pub fn remove_measured(
         &mut self,
         tr: &mut Tracer,
         id: codecache::InstallId,
-    ) -> Result<Vec<u64>, CacheError> {
+    ) -> Result<(Vec<u64>, bool), CacheError> {
         self.read_counters(tr);
         let mut world = self.cache.stop_all(tr)?;
         let dead = self.cache.uninstall(&mut world, id);
         drop(world);
         let dead = dead?;
         self.forwarding_installs.remove(&id);
+        let mut again = false;
         for st in self.regions.values_mut() {
             if st.live == Some(id) {
                 st.live = None;
                 st.lost.extend(st.live_trigger.take());
+                again |= plan::wants(Some(&st.history()));
             }
         }
-        Ok(dead.iter().map(|v| self.id_base + v.0).collect())
+        Ok((dead.iter().map(|v| self.id_base + v.0).collect(), again))
     }
 
     /// Invalidations so far.

@@ -67,8 +67,13 @@ pub struct Overhead {
     /// Time dynspec held stopped threads in the current window, and the stops there.
     window_held: Duration,
     window_stops: u32,
+    /// The part of those that guard faults took (a write watch's, an invalidation's: one-time costs).
+    window_fault_held: Duration,
+    window_faults: u32,
     /// Share of wall time lost in the last completed window.
     last_share: Option<f64>,
+    /// The same without guard faults: what signals and events, which recur, cost.
+    last_recurrent_share: Option<f64>,
     /// Completed windows in a row whose share was over the budget.
     costly_windows: u32,
     /// The kernel's part of one stop: [`STOP_KERNEL_COST`] until measured ([`Overhead::set_stop_cost`]).
@@ -87,7 +92,10 @@ impl Overhead {
             window_start: now,
             window_held: Duration::ZERO,
             window_stops: 0,
+            window_fault_held: Duration::ZERO,
+            window_faults: 0,
             last_share: None,
+            last_recurrent_share: None,
             costly_windows: 0,
             stop_cost: STOP_KERNEL_COST,
             stop_cost_measured: false,
@@ -111,6 +119,10 @@ impl Overhead {
         self.held += held;
         self.window_held += held;
         self.window_stops = self.window_stops.saturating_add(1);
+        if kind == StopKind::GuardFault {
+            self.window_fault_held += held;
+            self.window_faults = self.window_faults.saturating_add(1);
+        }
     }
 
     /// Close the window once it is [`MIN_WINDOW`] long (or [`FAST_WINDOW`], when it is already severely over
@@ -121,14 +133,22 @@ impl Overhead {
         // Charged at the stop cost known now: the measurement may come in during the window.
         let lost = self.window_held + self.stop_cost * self.window_stops;
         let share = cost_share(lost, len);
+        let recurrent_stops = self.window_stops - self.window_faults;
+        let recurrent = cost_share(
+            self.window_held.saturating_sub(self.window_fault_held)
+                + self.stop_cost * recurrent_stops,
+            len,
+        );
+        // Only stops that recur close a window early: one invalidation (a few ms) is a one-time cost.
         let severe_early = len >= FAST_WINDOW
-            && self.window_stops >= FAST_MIN_STOPS
+            && recurrent_stops >= FAST_MIN_STOPS
             && budget < 1.0
-            && share > budget * SEVERE;
+            && recurrent > budget * SEVERE;
         if len < MIN_WINDOW && !severe_early {
             return;
         }
         self.last_share = Some(share);
+        self.last_recurrent_share = Some(recurrent);
         self.costly_windows = if share > budget {
             self.costly_windows + 1
         } else {
@@ -137,11 +157,18 @@ impl Overhead {
         self.window_start = now;
         self.window_held = Duration::ZERO;
         self.window_stops = 0;
+        self.window_fault_held = Duration::ZERO;
+        self.window_faults = 0;
     }
 
     /// Share of wall time lost in the last completed window (None before the first).
     pub fn last_share(&self) -> Option<f64> {
         self.last_share
+    }
+
+    /// [`Overhead::last_share`] without guard faults.
+    pub fn last_recurrent_share(&self) -> Option<f64> {
+        self.last_recurrent_share
     }
 
     pub fn costly_windows(&self) -> u32 {
@@ -215,6 +242,8 @@ pub struct Standing {
     pub idle: bool,
     /// Share of wall time lost in the last completed window (None before the first).
     pub last_share: Option<f64>,
+    /// The same without guard faults (a write watch's faults end with it; signals and events recur).
+    pub last_recurrent_share: Option<f64>,
     /// Completed windows in a row over the budget.
     pub costly_windows: u32,
     /// The budget: `--max-overhead`.
@@ -283,13 +312,18 @@ pub fn decide(s: &Standing) -> Decision {
         if s.idle && s.fruitless_rounds >= FRUITLESS_ROUNDS {
             return Decision::Detach(StepReason::NothingToInstall);
         }
-        let over_idle = s.budget < 1.0 && s.last_share.is_some_and(|x| x > s.budget * IDLE_SHARE);
+        let over_idle = s.budget < 1.0
+            && s.last_recurrent_share
+                .is_some_and(|x| x > s.budget * IDLE_SHARE);
         if s.planned && s.fruitless_rounds >= 1 && over_idle {
             return Decision::Detach(StepReason::CostWithoutVariants);
         }
         // Losing a fifth of its time to stops before anything is installed: a variant would have to win that
         // back first, under the same stops (each signal also moves a thread out of it).
-        if s.budget < 1.0 && s.last_share.is_some_and(|x| x > s.budget * SEVERE) {
+        if s.budget < 1.0
+            && s.last_recurrent_share
+                .is_some_and(|x| x > s.budget * SEVERE)
+        {
             return Decision::Detach(StepReason::CostWithoutVariants);
         }
         return Decision::Stay;
@@ -401,6 +435,7 @@ mod tests {
             fruitless_rounds: 0,
             idle: true,
             last_share: Some(0.0),
+            last_recurrent_share: Some(0.0),
             costly_windows: 0,
             budget: DEFAULT_MAX_OVERHEAD,
         }
@@ -448,6 +483,7 @@ mod tests {
     fn costly_stops_without_variants_detach_after_a_fruitless_plan() {
         let mut s = Standing {
             last_share: Some(0.1),
+            last_recurrent_share: Some(0.1),
             fruitless_rounds: 0,
             planned: false,
             ..standing()
@@ -458,12 +494,14 @@ mod tests {
             "the first plan may find a variant worth its cost"
         );
         s.last_share = Some(0.3);
+        s.last_recurrent_share = s.last_share;
         assert_eq!(
             decide(&s),
             Decision::Detach(StepReason::CostWithoutVariants),
             "not when a fifth of the time goes to stops: a variant would have to win that back first"
         );
         s.last_share = Some(0.1);
+        s.last_recurrent_share = s.last_share;
         s.planned = true;
         s.fruitless_rounds = 1;
         assert_eq!(
@@ -471,24 +509,32 @@ mod tests {
             Decision::Detach(StepReason::CostWithoutVariants)
         );
         s.last_share = Some(DEFAULT_MAX_OVERHEAD / 2.0);
+        s.last_recurrent_share = s.last_share;
         assert_eq!(
             decide(&s),
             Decision::Detach(StepReason::CostWithoutVariants),
             "with nothing installed, half the budget already buys nothing"
         );
         s.last_share = Some(DEFAULT_MAX_OVERHEAD * IDLE_SHARE / 2.0);
+        s.last_recurrent_share = s.last_share;
         assert_eq!(
             decide(&s),
             Decision::Stay,
             "within the idle share of the budget"
         );
         s.last_share = Some(DEFAULT_MAX_OVERHEAD / 2.0);
+        s.last_recurrent_share = s.last_share;
         s.fruitless_rounds = 0;
         assert_eq!(
             decide(&s),
             Decision::Stay,
             "before a planning round found nothing, the whole budget"
         );
+        // A window whose cost was the write watch's faults (they end with it): no reason to leave.
+        s.fruitless_rounds = 1;
+        s.last_share = Some(0.3);
+        s.last_recurrent_share = Some(0.0);
+        assert_eq!(decide(&s), Decision::Stay);
     }
 
     #[test]
@@ -557,9 +603,13 @@ mod tests {
         let t0 = Instant::now();
         let mut o = Overhead::new(t0);
         o.set_stop_cost(Duration::from_micros(70));
-        // Three invalidations of 4 ms each in 50 ms: a one-time cost, the window stays open.
+        // Three invalidations of 4 ms each and 20 more guard faults in 50 ms: one-time costs, the window stays
+        // open.
         for _ in 0..3 {
             o.stop(StopKind::GuardFault, Duration::from_millis(4));
+        }
+        for _ in 0..20 {
+            o.stop(StopKind::GuardFault, Duration::from_micros(100));
         }
         o.roll(t0 + Duration::from_millis(50), 0.02);
         assert_eq!(o.last_share(), None);

@@ -6,21 +6,25 @@
 //! function's entry to the trigger set it to that one value and nothing changed it since: this module computes
 //! exactly that, per instruction.
 //!
-//! The analysis: the function is decoded front to back (nothing when a byte does not decode, or it is larger
-//! than [`MAX_SCAN_BYTES`]); at the entry every register holds the caller's value (unknown). A `lea reg,
-//! [rip+d]` or `mov reg, imm` makes `reg` that constant, every other write (partial ones included) and every
-//! call, for the caller-saved registers, makes it unknown. Flow follows fall-through and direct branches inside
-//! the function; an indirect jump may land on any instruction, so the state at every instruction also joins the
-//! states at every indirect jump. Two paths agree on a register only with the same constant.
+//! The analysis: the function is decoded front to back (nothing when a byte does not decode, a branch lands
+//! inside a decoded instruction, a call targets the function's own middle, or it is larger than
+//! [`MAX_SCAN_BYTES`]); at the entry every register holds the caller's value (unknown). A `lea reg, [rip+d]` or
+//! `mov reg, imm` makes `reg` that constant, every other write (partial ones included), every call (for the
+//! caller-saved registers) and every `int n` (for all) makes it unknown. Flow follows fall-through and direct
+//! branches inside the function. Every instruction may also be reached other than by that flow, and joins what
+//! those entries may bring: an indirect jump's state (a jump table's case), a jump out of the function's state
+//! (a thunk or split-off part that comes back), and a landing pad's (the unwinder enters it from a call with
+//! the callee-saved registers as at the call and the others unknown: so in a function that calls anything, only
+//! callee-saved registers can be proven). Two paths agree on a register only with the same constant.
 //!
 //! Limit (as for any reasoning about a function in isolation): code outside the function that jumps into its
-//! middle (a `.cold` part of it, split off by the compiler) is not seen. Compilers do not rewrite a hoisted
-//! constant's register with something else there and jump back expecting the constant.
+//! middle without being jumped to from it (a `.cold` part entered from a branch the function does not show) is
+//! not seen. The planner also drops a proven constant the profile saw contradicted at the trigger.
 
 use crate::analysis::{written_gprs, MAX_SCAN_BYTES};
 use crate::{Addr, Gpr, Memory};
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// The registers a call may clobber (System V ABI).
 const CALLER_SAVED: [Gpr; 9] = [
@@ -121,6 +125,10 @@ fn constant_def(ins: &Instruction) -> Option<(Gpr, u64)> {
 fn transfer(ins: &Instruction, before: &State) -> State {
     let mut s = *before;
     let mut killed = written_gprs(ins);
+    if ins.flow_control() == FlowControl::Interrupt {
+        // `int n` (a system call on old ABIs, a trap): iced names no register it writes.
+        killed = u16::MAX;
+    }
     if matches!(
         ins.flow_control(),
         FlowControl::Call | FlowControl::IndirectCall
@@ -165,50 +173,105 @@ pub fn function_constants(mem: &dyn Memory, start: Addr, end: Addr) -> FunctionC
         insns.push(i);
     }
     let index: HashMap<u64, usize> = insns.iter().enumerate().map(|(k, i)| (i.ip(), k)).collect();
+    let inside = |a: u64| start.0 <= a && a < end.0;
+    for ins in &insns {
+        let direct = matches!(
+            ins.flow_control(),
+            FlowControl::UnconditionalBranch
+                | FlowControl::ConditionalBranch
+                | FlowControl::Call
+                | FlowControl::XbeginXabortXend
+        ) && ins.op0_kind() == OpKind::NearBranch64;
+        if !direct {
+            continue;
+        }
+        let t = ins.near_branch_target();
+        // A branch into the middle of a decoded instruction (the decode is not the code's), or a call into
+        // the function's own middle (code run as a callee that may write the callee-saved registers): the
+        // flow is not what the analysis sees.
+        let misaligned = inside(t) && !index.contains_key(&t);
+        let called_inside = ins.flow_control() == FlowControl::Call && inside(t) && t != start.0;
+        if misaligned || called_inside {
+            return FunctionConstants::none();
+        }
+    }
     let mut before = vec![[Held::Unreached; 16]; insns.len()];
     if let Some(first) = before.first_mut() {
         *first = [Held::Unknown; 16];
     }
-    // Join of the states after every indirect jump: what an instruction reached that way may hold.
-    let mut indirect = [Held::Unreached; 16];
-    // Lattice height 3 per register: a few passes suffice; the bound only guards against a bug.
-    for _ in 0..64 {
-        let mut changed = false;
-        for k in 0..insns.len() {
-            let mut here = before[k];
-            join_into(&mut here, &indirect);
-            if here.iter().all(|h| *h == Held::Unreached) {
-                continue;
-            }
-            let ins = &insns[k];
-            let after = transfer(ins, &here);
-            let next = (k + 1 < insns.len()).then_some(k + 1);
-            let target = || index.get(&ins.near_branch_target()).copied();
-            let succs: [Option<usize>; 2] = match ins.flow_control() {
-                FlowControl::Next
-                | FlowControl::Call
-                | FlowControl::IndirectCall
-                | FlowControl::Interrupt => [next, None],
-                FlowControl::ConditionalBranch | FlowControl::XbeginXabortXend => [next, target()],
-                FlowControl::UnconditionalBranch => [target(), None],
-                FlowControl::IndirectBranch => {
-                    changed |= join_into(&mut indirect, &after);
-                    [None, None]
+    // What an instruction may hold when it is reached other than by the flow seen: after an indirect jump (a
+    // jump table's case), after a jump out of the function (a thunk or a tail part that comes back), and at a
+    // landing pad the unwinder enters from a call (callee-saved registers as at the call, the others unknown).
+    // Every instruction joins it.
+    let mut elsewhere = [Held::Unreached; 16];
+    let mut queued = vec![false; insns.len()];
+    let mut work: VecDeque<usize> = VecDeque::new();
+    if !insns.is_empty() {
+        work.push_back(0);
+        queued[0] = true;
+    }
+    while let Some(k) = work.pop_front() {
+        queued[k] = false;
+        let mut here = before[k];
+        join_into(&mut here, &elsewhere);
+        if here.iter().all(|h| *h == Held::Unreached) {
+            continue;
+        }
+        let ins = &insns[k];
+        let after = transfer(ins, &here);
+        let next = (k + 1 < insns.len()).then_some(k + 1);
+        let target = index.get(&ins.near_branch_target()).copied();
+        let mut out_of_flow: Option<State> = None;
+        let succs: [Option<usize>; 2] = match ins.flow_control() {
+            FlowControl::Next | FlowControl::Interrupt => [next, None],
+            FlowControl::Call | FlowControl::IndirectCall => {
+                let mut landing = here;
+                for g in CALLER_SAVED {
+                    landing[g.index()] = Held::Unknown;
                 }
-                FlowControl::Return | FlowControl::Exception => [None, None],
-            };
-            for s in succs.into_iter().flatten() {
-                changed |= join_into(&mut before[s], &after);
+                out_of_flow = Some(landing);
+                [next, None]
+            }
+            FlowControl::ConditionalBranch | FlowControl::XbeginXabortXend => {
+                if target.is_none() {
+                    out_of_flow = Some(after);
+                }
+                [next, target]
+            }
+            FlowControl::UnconditionalBranch => {
+                if target.is_none() {
+                    out_of_flow = Some(after);
+                }
+                [target, None]
+            }
+            FlowControl::IndirectBranch => {
+                out_of_flow = Some(after);
+                [None, None]
+            }
+            FlowControl::Return | FlowControl::Exception => [None, None],
+        };
+        if let Some(o) = out_of_flow {
+            if join_into(&mut elsewhere, &o) {
+                // Every instruction joins it: all of them again (at most twice per register).
+                for (j, q) in queued.iter_mut().enumerate() {
+                    if !*q {
+                        *q = true;
+                        work.push_back(j);
+                    }
+                }
             }
         }
-        if !changed {
-            break;
+        for s in succs.into_iter().flatten() {
+            if join_into(&mut before[s], &after) && !queued[s] {
+                queued[s] = true;
+                work.push_back(s);
+            }
         }
     }
     let mut at = HashMap::new();
     for (k, ins) in insns.iter().enumerate() {
         let mut here = before[k];
-        join_into(&mut here, &indirect);
+        join_into(&mut here, &elsewhere);
         let consts: Vec<(Gpr, u64)> = Gpr::ALL
             .iter()
             .filter(|g| **g != Gpr::Rsp)
@@ -256,30 +319,62 @@ mod tests {
     }
 
     #[test]
-    fn a_constant_set_again_after_each_call_holds_wherever_every_path_set_it() {
-        // The shape of a big interpreter loop: the table base hoisted, clobbered by calls, rematerialized.
+    fn a_constant_set_again_on_every_path_holds_through_a_jump_table() {
+        // The shape of a big interpreter loop: the table base hoisted, set again in a handler.
         let code = [
             0x4c, 0x8d, 0x0d, 0x00, 0x01, 0x00, 0x00, // 1000: lea r9, [rip+0x100]   (0x1107)
             0x41, 0xff, 0x24,
             0xc1, // 1007: jmp [r9+rax*8]               (loop head: dispatch)
-            0xe8, 0x00, 0x00, 0x00, 0x00, // 100b: call 1010             (a handler calls out)
-            0x4c, 0x8d, 0x0d, 0xf0, 0x00, 0x00,
-            0x00, // 1010: lea r9, [rip+0xf0] (0x1107 again)
-            0xeb, 0xee, // 1017: jmp 1007
-            0x31, 0xc0, // 1019: xor eax, eax                (another handler)
-            0xeb, 0xea, // 101b: jmp 1007
+            0x31, 0xc0, // 100b: xor eax, eax                (a handler)
+            0xeb, 0xf8, // 100d: jmp 1007
+            0x4c, 0x8d, 0x0d, 0xf1, 0x00, 0x00,
+            0x00, // 100f: lea r9, [rip+0xf1] (0x1107 again)
+            0xeb, 0xef, // 1016: jmp 1007
         ];
         let c = consts(&code);
         assert_eq!(c.at(Addr(0x1000)), &[]);
         assert_eq!(c.at(Addr(0x1007)), &[(Gpr::R9, 0x1107)]);
         // Reached only through the indirect jump, which had r9 set.
         assert_eq!(c.at(Addr(0x100b)), &[(Gpr::R9, 0x1107)]);
-        assert_eq!(c.at(Addr(0x1019)), &[(Gpr::R9, 0x1107)]);
-        // Right after the call r9 is the callee's.
-        assert_eq!(c.at(Addr(0x1010)), &[]);
-        assert_eq!(c.at(Addr(0x1017)), &[(Gpr::R9, 0x1107)]);
+        assert_eq!(c.at(Addr(0x100f)), &[(Gpr::R9, 0x1107)]);
+        assert_eq!(c.at(Addr(0x1016)), &[(Gpr::R9, 0x1107)]);
         // Not an instruction boundary.
         assert_eq!(c.at(Addr(0x1008)), &[]);
+    }
+
+    #[test]
+    fn after_any_call_only_callee_saved_constants_hold_everywhere() {
+        // The unwinder may enter a landing pad anywhere after a call, with the caller-saved registers unknown:
+        // r9, set again after the call, is not proven; r14, callee-saved, is.
+        let code = [
+            0x4c, 0x8d, 0x35, 0x00, 0x01, 0x00, 0x00, // 1000: lea r14, [rip+0x100]  (0x1107)
+            0x4c, 0x8d, 0x0d, 0x00, 0x02, 0x00, 0x00, // 1007: lea r9, [rip+0x200]   (0x120e)
+            0x41, 0xff, 0x24, 0xc6, // 100e: jmp [r14+rax*8]
+            0xe8, 0xe9, 0x0f, 0x00, 0x00, // 1012: call 2000 (another function)
+            0x4c, 0x8d, 0x0d, 0xf0, 0x01, 0x00,
+            0x00, // 1017: lea r9, [rip+0x1f0] (0x120e again)
+            0xeb, 0xee, // 101e: jmp 100e
+        ];
+        let c = consts(&code);
+        assert_eq!(c.at(Addr(0x100e)), &[(Gpr::R14, 0x1107)]);
+        assert_eq!(c.at(Addr(0x1017)), &[(Gpr::R14, 0x1107)]);
+        assert_eq!(c.at(Addr(0x101e)), &[(Gpr::R14, 0x1107)]);
+    }
+
+    #[test]
+    fn flow_the_decode_cannot_follow_proves_nothing() {
+        // mov eax, 5; jmp 1001 (into the middle of the mov): the decode is not the code.
+        let misaligned = [0xb8, 0x05, 0x00, 0x00, 0x00, 0xeb, 0xfa];
+        assert_eq!(consts(&misaligned), FunctionConstants::none());
+        // mov eax, 5; call 1007 (the function's own middle); ret; ret.
+        let called = [
+            0xb8, 0x05, 0x00, 0x00, 0x00, 0xe8, 0x01, 0x00, 0x00, 0x00, 0xc3, 0xc3,
+        ];
+        assert_eq!(consts(&called), FunctionConstants::none());
+        // mov eax, 5; int 0x80: the kernel's result.
+        let int = [0xb8, 0x05, 0x00, 0x00, 0x00, 0xcd, 0x80, 0xc3];
+        assert_eq!(consts(&int).at(Addr(0x1005)), &[(Gpr::Rax, 5)]);
+        assert_eq!(consts(&int).at(Addr(0x1007)), &[]);
     }
 
     #[test]

@@ -298,6 +298,17 @@ pub struct RegionHistory {
     pub lost: bool,
 }
 
+/// Whether a candidate is worth installing in a region where `lost` triggers were measured slower: after a loss
+/// only one whose variants loop inside themselves (`loops`), the kind a per-pass loser's runner-up can win as (a
+/// stock Lua 5.3's handler-sized variants lost at its dispatch, and so did the next trigger's, each loss costing
+/// the program about 1% in its trial).
+pub fn worth_trying_after_losses(loops: bool, lost: usize) -> bool {
+    lost == 0 || loops
+}
+
+/// Values up to this are too common to mean one quantity in different registers (counts, opcodes, flags).
+const AMBIGUOUS_VALUE_MAX: u64 = 0xffff;
+
 /// `r` without the triggers already measured slower (`lost`) and without their values elsewhere: a candidate
 /// that sees a lost trigger's value (the same quantity at a neighbouring instruction, or copied to another
 /// register) would give that value the same variant, so it keeps its other values only, and is dropped when
@@ -310,8 +321,14 @@ pub fn without_lost(r: &RegionPlan, lost: &[TriggerCandidate]) -> (RegionPlan, V
             .iter()
             .any(|l| l.address == c.address && l.register == c.register);
         if !same_trigger {
-            c.values
-                .retain(|(v, _)| !lost.iter().any(|l| l.values.iter().any(|(w, _)| w == v)));
+            // In another register only a value too large to be a count or an opcode is the same quantity.
+            let lost_value = |v: u64| {
+                lost.iter().any(|l| {
+                    (l.register == c.register || v > AMBIGUOUS_VALUE_MAX)
+                        && l.values.iter().any(|(w, _)| *w == v)
+                })
+            };
+            c.values.retain(|(v, _)| !lost_value(*v));
         }
         let gone = same_trigger || c.values.is_empty();
         if gone {
@@ -664,9 +681,16 @@ pub fn specialize_candidate(
             break;
         }
         let mut known = KnownState::default();
-        // Proven on every path from the function's entry: known without a check.
+        // Proven on every path from the function's entry: known without a check (unless the profile saw the
+        // register hold something else there: code the analysis does not see).
+        let seen = r
+            .stable
+            .iter()
+            .find(|(a, _)| *a == c.address)
+            .map_or(&[][..], |(_, regs)| regs.as_slice());
         for (g, v) in consts.at(c.address) {
-            if *g != c.register {
+            let contradicted = seen.iter().any(|(h, w)| h == g && w != v);
+            if *g != c.register && !contradicted {
                 known.set_reg(*g, Some(*v));
             }
         }

@@ -51,6 +51,9 @@ pub enum Reason {
     InstallFailed(String),
     /// Better candidates were tried first and the round stopped trying.
     NotTried,
+    /// A trigger of the region was measured slower already, and this one's variants would also be entered and
+    /// left at every pass ([`super::worth_trying_after_losses`]).
+    ExitsEveryPassAfterALoss,
 }
 
 impl fmt::Display for Reason {
@@ -121,6 +124,10 @@ impl fmt::Display for Reason {
             ),
             Reason::InstallFailed(e) => write!(f, "install failed: {e}"),
             Reason::NotTried => f.write_str("better candidates were tried first"),
+            Reason::ExitsEveryPassAfterALoss => f.write_str(
+                "a trigger of this region was measured slower, and this one's variants would also be entered and \
+                 left at every pass: only one that loops inside itself is tried after a loss",
+            ),
         }
     }
 }

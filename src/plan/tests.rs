@@ -266,27 +266,38 @@ fn a_region_is_planned_again_only_while_it_has_installs_left() {
 }
 
 #[test]
+fn after_a_loss_only_variants_that_loop_are_tried() {
+    assert!(worth_trying_after_losses(false, 0));
+    assert!(worth_trying_after_losses(true, 0));
+    assert!(worth_trying_after_losses(true, 1));
+    assert!(!worth_trying_after_losses(false, 1));
+}
+
+#[test]
 fn a_trigger_measured_slower_and_its_values_elsewhere_leave_the_runners_up() {
     let code = load_then_registers();
-    let lost = rdi_at_entry(vec![(0x2000, 50), (0x2010, 40)]);
+    // Pointers (a bytecode pc, say), and a small value (an opcode) the lost trigger also saw.
+    const P: u64 = 0x7f00_0000_2000;
+    let lost = rdi_at_entry(vec![(P, 50), (P + 0x10, 40), (7, 5)]);
     // The same trigger seen again with other values: still the trigger that lost.
-    let again = rdi_at_entry(vec![(0x5000, 50)]);
-    // The same quantity at the next instruction: keeps only the value that did not lose.
+    let again = rdi_at_entry(vec![(P + 0x3000, 50)]);
+    // The same quantity at the next instruction: keeps only the values that did not lose.
     let sibling = TriggerCandidate {
         address: Addr(0x1003),
-        values: vec![(0x2000, 30), (0x2010, 20), (0x2020, 5)],
+        values: vec![(P, 30), (P + 0x10, 20), (P + 0x20, 5), (7, 3)],
         ..lost.clone()
     };
-    // The same values copied to another register: nothing left.
+    // The same pointers copied to another register: nothing left.
     let copy = TriggerCandidate {
         address: Addr(0x1005),
         register: Gpr::Rcx,
+        values: vec![(P, 50), (P + 0x10, 40)],
         ..lost.clone()
     };
-    // Another register with other values: another variant, untouched.
+    // Another register with other values, or with a value too small to be the same quantity: untouched.
     let other = TriggerCandidate {
         register: Gpr::Rcx,
-        values: vec![(0x4000, 30)],
+        values: vec![(P + 0x4000, 30), (7, 10)],
         ..lost.clone()
     };
     let r = region_of(
@@ -295,7 +306,7 @@ fn a_trigger_measured_slower_and_its_values_elsewhere_leave_the_runners_up() {
     );
     let (kept, notes) = without_lost(&r, std::slice::from_ref(&lost));
     let sibling_rest = TriggerCandidate {
-        values: vec![(0x2020, 5)],
+        values: vec![(P + 0x20, 5)],
         ..sibling
     };
     assert_eq!(kept.candidates, vec![sibling_rest, other]);

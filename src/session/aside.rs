@@ -38,6 +38,7 @@ impl Session {
             fruitless_rounds: self.fruitless_rounds,
             idle: matches!(self.phase, Phase::Idle { .. }),
             last_share: self.overhead.last_share(),
+            last_recurrent_share: self.overhead.last_recurrent_share(),
             costly_windows: self.overhead.costly_windows(),
             budget: self.cfg.max_overhead,
         };
