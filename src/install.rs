@@ -70,6 +70,8 @@ pub struct Installer {
     counters: Counters,
     last_counters: Option<Instant>,
     pub specialize_time: Duration,
+    /// Candidates rejected in earlier rounds (not specialized again on the same inputs).
+    rejections: plan::Rejections,
     pub install_time: Duration,
     pub first_install: Option<Instant>,
     /// Added to the cache's variant ids in the report, so ids stay unique across processes and execs.
@@ -130,6 +132,7 @@ impl Installer {
             counters: Counters::default(),
             last_counters: None,
             specialize_time: Duration::ZERO,
+            rejections: plan::Rejections::default(),
             install_time: Duration::ZERO,
             first_install: None,
             id_base,
@@ -338,7 +341,9 @@ impl Installer {
         let (scored, mut notes, snapshots) = match mem {
             Ok(mut mem) => {
                 mem.allow(constant.iter().copied());
-                let (scored, notes) = plan::score_region(&mem, r, &forward, t0);
+                self.rejections.trust(constant);
+                let (scored, notes) =
+                    plan::score_region(&mem, r, &forward, t0, &mut self.rejections);
                 (scored, notes, mem.snapshots())
             }
             Err(e) => {

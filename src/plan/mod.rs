@@ -8,7 +8,7 @@
 //! its hottest values, run the specializer and count what it folds; benefit = folded work x sample frequency;
 //! the best candidate gets a variant for each of its hot values.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use specializer::analysis::registers_named;
@@ -413,6 +413,53 @@ pub fn region_constants(mem: &dyn Memory, r: &RegionPlan) -> FunctionConstants {
     }
 }
 
+/// Candidates rejected in earlier planning rounds, by what decided it: the region, the trigger, the values it was
+/// probed on, the pages trusted as constant and whether stores may be forwarded. Planning again on the same
+/// inputs reaches the same verdict (specialization is deterministic), so a later round reuses it instead of
+/// specializing again: a stock interpreter's rounds re-scored the same dozen candidates, 160-420 ms of CPU per
+/// run that, on a machine whose CPUs share cores, the program paid for too.
+#[derive(Debug, Default)]
+pub struct Rejections {
+    /// The trusted pages of the round (set with [`Rejections::trust`]).
+    trusted: u64,
+    seen: HashMap<RejectionKey, (Stats, Reason)>,
+}
+
+type RejectionKey = (Addr, Addr, Addr, Gpr, Vec<u64>, u64, bool);
+
+impl Rejections {
+    /// The pages planning trusts as constant this round.
+    pub fn trust(&mut self, pages: &BTreeSet<Addr>) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        pages.hash(&mut h);
+        self.trusted = h.finish();
+    }
+
+    /// Rejections remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+
+    fn key(&self, r: &RegionPlan, c: &TriggerCandidate, forward: &Forwarding) -> RejectionKey {
+        let mut values: Vec<u64> = c.values.iter().map(|v| v.0).collect();
+        values.sort_unstable();
+        (
+            r.start,
+            r.end,
+            c.address,
+            c.register,
+            values,
+            self.trusted,
+            forward.is_some(),
+        )
+    }
+}
+
 /// Score each candidate of `r` on its hottest values, then specialize every hot value of the best one (most of a
 /// planning round's time is specialization, and losers need not be compiled in full). Best first; candidates that
 /// fold nothing worth a stub are left out. Stops scoring once `t0` is [`PLAN_BUDGET`] old. The notes say, for
@@ -423,6 +470,7 @@ pub fn score_region(
     r: &RegionPlan,
     forward: &Forwarding,
     t0: Instant,
+    memo: &mut Rejections,
 ) -> (Vec<Scored>, Vec<CandidateNote>) {
     let consts = region_constants(mem, r);
     let mut notes: Vec<(usize, CandidateNote)> = Vec::new();
@@ -446,11 +494,25 @@ pub fn score_region(
             values: probe_values(c, &r.candidates),
             ..c.clone()
         };
+        let key = memo.key(r, &probe, forward);
+        if let Some((stats, reason)) = memo.seen.get(&key) {
+            // Rejected before on the same values and the same trusted memory: not specialized again.
+            note.folded = Some(stats.clone());
+            note.reason = Some(reason.clone());
+            notes.push((at, note));
+            continue;
+        }
         let (benefit, variants) =
             specialize_candidate(mem, r, &probe, &consts, forward, t0 + PLAN_BUDGET);
         note.folded = Some(variants.stats.clone());
         if benefit <= 0.0 || variants.variants.is_empty() {
-            note.reason = Some(variants.rejected.clone().unwrap_or(Reason::NoFoldedLoad));
+            let reason = variants.rejected.clone().unwrap_or(Reason::NoFoldedLoad);
+            if !matches!(reason, Reason::SpecializeFailed(_)) && Instant::now() <= t0 + PLAN_BUDGET
+            {
+                memo.seen
+                    .insert(key, (variants.stats.clone(), reason.clone()));
+            }
+            note.reason = Some(reason);
             notes.push((at, note));
             continue;
         }

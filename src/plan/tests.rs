@@ -360,7 +360,7 @@ fn the_best_candidate_comes_first_and_gets_all_its_hot_values() {
     };
     let r = region_of(&code, vec![rax, outside, rdi.clone()]);
     let mem = CodeAndData(code, data());
-    let (scored, notes) = score_region(&mem, &r, &None, Instant::now());
+    let (scored, notes) = score_region(&mem, &r, &None, Instant::now(), &mut Rejections::default());
     assert_eq!(scored.len(), 1, "only rdi folds anything worth a stub");
     // Every candidate has its note: rax folded no memory read, the stray one lies outside, rdi awaits the
     // installer's decision with what it folded.
@@ -387,6 +387,17 @@ fn the_best_candidate_comes_first_and_gets_all_its_hot_values() {
     let values: Vec<Option<u64>> = scored[0].specialized.variants.iter().map(|v| v.0).collect();
     assert_eq!(values, vec![Some(0x2000), Some(0x2008), Some(0x2010)]);
     assert!(scored[0].estimate > 0.0);
+    // A later round on the same inputs reuses the rejection (rax, only) and reaches the same plan.
+    let mut memo = Rejections::default();
+    let first = score_region(&mem, &r, &None, Instant::now(), &mut memo);
+    assert_eq!(memo.len(), 1, "only the rejected candidate is remembered");
+    let again = score_region(&mem, &r, &None, Instant::now(), &mut memo);
+    assert_eq!(again.1, first.1);
+    assert_eq!(again.0.len(), 1);
+    // Other trusted pages are other inputs: specialized again.
+    memo.trust(&[Addr(0x2000)].into_iter().collect());
+    score_region(&mem, &r, &None, Instant::now(), &mut memo);
+    assert_eq!(memo.len(), 2);
 }
 
 #[test]
@@ -451,7 +462,7 @@ fn samples_become_a_plan() {
     assert_eq!(plans.len(), 1);
     let r = &plans[0];
     assert_eq!((r.start, r.symbol.as_deref()), (Addr(0x1000), Some("run")));
-    let (scored, _) = score_region(&mem, r, &None, Instant::now());
+    let (scored, _) = score_region(&mem, r, &None, Instant::now(), &mut Rejections::default());
     let best = &scored[0];
     assert_eq!(best.candidate.register, Gpr::Rdi);
     assert_eq!(best.candidate.values, vec![(0x2000, 300), (0x2008, 100)]);
@@ -509,7 +520,7 @@ fn the_sampled_instruction_does_not_decide_between_candidates_of_one_dispatch() 
             ..rdi_at_entry(vec![(0x2000, late_samples)])
         };
         let r = region_of(&code, vec![late.clone(), early.clone()]);
-        let (scored, _) = score_region(&mem, &r, &None, Instant::now());
+        let (scored, _) = score_region(&mem, &r, &None, Instant::now(), &mut Rejections::default());
         assert_eq!(scored.len(), 2);
         assert_eq!(
             scored[0].candidate.address,
