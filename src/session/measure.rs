@@ -421,11 +421,11 @@ impl Session {
                     );
                 }
                 self.measuring.removed.extend(ids);
-                // The region's runner-up trigger may win: look again after one window rather than at the
-                // next periodic look.
+                // The region's runner-up is tried at the next periodic look, sooner after a loss: a look at
+                // once costs a window of samples and a planning round, which a loser's run (samples/losing_variant)
+                // paid for with nothing to show.
                 if let (true, Phase::Idle { until }) = (again, &mut self.phase) {
-                    *until = Instant::now();
-                    self.idle_backoff = IDLE_MIN;
+                    *until = (*until).min(Instant::now() + IDLE_MIN);
                 }
             }
             // Left switched off (the stub only falls back) until the next try.
