@@ -381,15 +381,24 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn reading(at_ms: u64, cpu_ns: u64, passes: u64, stub_passes: u64) -> Reading {
+        Reading {
+            at: ms(at_ms),
+            cpu_ns,
+            passes,
+            stub_passes,
+        }
+    }
+
+    /// A trial started at time 0 with every count at 0.
+    fn started() -> Trial {
+        Trial::start(reading(0, 0, 0, 0))
+    }
+
     /// Drive a trial with a program whose time per pass is `on_ns` / `off_ns` (plus a little deterministic
     /// noise); returns the verdict and the number of intervals it took.
     fn drive(on_ns: f64, off_ns: f64, stub_ns: f64) -> (Verdict, usize) {
-        let mut t = Trial::start(Reading {
-            at: ms(0),
-            cpu_ns: 0,
-            passes: 0,
-            stub_passes: 0,
-        });
+        let mut t = started();
         let (mut cpu, mut passes) = (0u64, 0u64);
         for i in 1..200u64 {
             let per = if t.is_on() { on_ns } else { off_ns };
@@ -464,20 +473,10 @@ mod tests {
 
     #[test]
     fn the_stub_rate_counts_the_on_intervals_only() {
-        let mut t = Trial::start(Reading {
-            at: ms(0),
-            cpu_ns: 0,
-            passes: 0,
-            stub_passes: 0,
-        });
+        let mut t = started();
         assert_eq!(t.on_stub_rate(), 0.0);
         // On: 10 ms of CPU, 5 units but 50000 stub passes (an empty interval for the unit: too few calls).
-        let r = Reading {
-            at: ms(10),
-            cpu_ns: 10_000_000,
-            passes: 5,
-            stub_passes: 50_000,
-        };
+        let r = reading(10, 10_000_000, 5, 50_000);
         assert_eq!(
             t.step(r, 0.0),
             Step::Switch(true),
@@ -485,12 +484,7 @@ mod tests {
         );
         assert_eq!(t.on_stub_rate(), 5000.0);
         // Another on interval with the stub passed 10 times in 10 ms: 50010 in 20 ms.
-        let r2 = Reading {
-            at: ms(20),
-            cpu_ns: 20_000_000,
-            passes: 10,
-            stub_passes: 50_010,
-        };
+        let r2 = reading(20, 20_000_000, 10, 50_010);
         t.step(r2, 0.0);
         assert_eq!(t.on_stub_rate(), 2500.5);
     }
@@ -520,19 +514,9 @@ mod tests {
         assert_eq!(interval_lengths(40_000, ms(10)), (ms(5), ms(5)));
         assert_eq!(interval_lengths(0, ms(10)), (INTERVAL, INTERVAL_OFF));
         // A trial takes its lengths from its first interval.
-        let mut t = Trial::start(Reading {
-            at: ms(0),
-            cpu_ns: 0,
-            passes: 0,
-            stub_passes: 0,
-        });
+        let mut t = started();
         assert_eq!(t.due_in(ms(0)), INTERVAL);
-        let r = Reading {
-            at: ms(10),
-            cpu_ns: 10_000_000,
-            passes: 1_000_000,
-            stub_passes: 1_000_000,
-        };
+        let r = reading(10, 10_000_000, 1_000_000, 1_000_000);
         assert_eq!(t.step(r, 1.0), Step::Switch(false));
         assert_eq!(t.lengths(), (SHORT_INTERVAL, SHORT_INTERVAL_OFF));
         assert_eq!(t.due_in(ms(10)), SHORT_INTERVAL_OFF);
@@ -542,12 +526,7 @@ mod tests {
 
     #[test]
     fn a_site_that_goes_cold_gives_up() {
-        let mut t = Trial::start(Reading {
-            at: ms(0),
-            cpu_ns: 0,
-            passes: 0,
-            stub_passes: 0,
-        });
+        let mut t = started();
         let mut last = Step::Wait;
         for i in 1..=MAX_EMPTY as u64 {
             last = t.step(
@@ -565,12 +544,7 @@ mod tests {
 
     #[test]
     fn nothing_happens_before_an_interval_is_over() {
-        let mut t = Trial::start(Reading {
-            at: ms(0),
-            cpu_ns: 0,
-            passes: 0,
-            stub_passes: 0,
-        });
+        let mut t = started();
         let r = Reading {
             at: ms(5),
             cpu_ns: 5_000_000,
@@ -585,12 +559,7 @@ mod tests {
 
     #[test]
     fn intervals_alternate_and_pairs_swap_their_order() {
-        let mut t = Trial::start(Reading {
-            at: ms(0),
-            cpu_ns: 0,
-            passes: 0,
-            stub_passes: 0,
-        });
+        let mut t = started();
         let mut modes = Vec::new();
         for i in 1..=4u64 {
             // Noisy enough that no verdict comes after the first pair.

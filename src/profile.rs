@@ -501,7 +501,8 @@ impl Profiler {
     /// in a child) and the pages those loads read, most sampled first, at most `cap`, sorted. None if no hot load
     /// was sampled.
     pub fn candidate_pages(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
-        self.candidate_pages_inner(cap)
+        let (pid, counts) = self.load_page_counts()?;
+        Some((pid, top_pages(counts, cap)))
     }
 
     /// The pages the sampled loads of `[start, end)` in process `pid` read, sorted.
@@ -553,11 +554,6 @@ impl Profiler {
         per_pid
             .into_iter()
             .max_by_key(|(pid, c)| (c.values().sum::<u64>(), std::cmp::Reverse(*pid)))
-    }
-
-    fn candidate_pages_inner(&self, cap: usize) -> Option<(Pid, Vec<Addr>)> {
-        let (pid, counts) = self.load_page_counts()?;
-        Some((pid, top_pages(counts, cap)))
     }
 
     /// Trigger candidates of one region, best first.

@@ -253,15 +253,20 @@ fn back_attribution_reaches_the_dispatch_load() {
         .is_some_and(|(_, v)| v.contains(&Addr(0x40000))));
 }
 
-#[test]
-fn table_lookup_with_overwritten_index_guesses_the_table_page() {
+/// 0x1000: movzx ecx, byte [rdi+rcx]; 0x1004: imul rcx, r9 (samples land on the imul).
+fn table_lookup_env() -> FakeEnv {
     let mut e = env();
-    // 0x1000: movzx ecx, byte [rdi+rcx]; 0x1004: imul rcx, r9
     let code: Vec<u8> = vec![0x0f, 0xb6, 0x0c, 0x0f, 0x49, 0x0f, 0xaf, 0xc9];
     let mut f = code.clone();
     f.resize(0x100, 0xcc);
     e.code.insert(0x1000, f);
     e.code.insert(0x1004, code[4..].to_vec());
+    e
+}
+
+#[test]
+fn table_lookup_with_overwritten_index_guesses_the_table_page() {
+    let mut e = table_lookup_env();
     let mut p = Profiler::new();
     let v: Vec<Sample> = (0..5u64)
         .map(|i| sample(0x1004, &[(Gpr::Rdi, 0x9000), (Gpr::Rcx, 0x7777_0000 + i)]))
@@ -272,13 +277,8 @@ fn table_lookup_with_overwritten_index_guesses_the_table_page() {
 
 #[test]
 fn the_watch_also_covers_pages_hot_register_values_point_at() {
-    let mut e = env();
-    // 0x1000: movzx ecx, byte [rdi+rcx]; 0x1004: imul rcx, r9 (r9: a pointer no sampled load goes through)
-    let code: Vec<u8> = vec![0x0f, 0xb6, 0x0c, 0x0f, 0x49, 0x0f, 0xaf, 0xc9];
-    let mut f = code.clone();
-    f.resize(0x100, 0xcc);
-    e.code.insert(0x1000, f);
-    e.code.insert(0x1004, code[4..].to_vec());
+    // r9: a pointer no sampled load goes through.
+    let mut e = table_lookup_env();
     let mut p = Profiler::new();
     let v: Vec<Sample> = (0..5u64)
         .map(|i| {

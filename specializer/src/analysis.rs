@@ -148,7 +148,7 @@ pub fn registers_named(mem: &dyn Memory, start: Addr, end: Addr) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MemoryError;
+    use crate::test_memory::Code;
     use iced_x86::Mnemonic;
 
     fn one(bytes: &[u8]) -> Instruction {
@@ -259,25 +259,6 @@ mod tests {
             .map(|i| i.addr)
             .collect();
         assert_eq!(targets, vec![0x2000]);
-    }
-
-    /// Code at 0x1000 for [`registers_named`].
-    struct Code(Vec<u8>);
-
-    impl Memory for Code {
-        fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), MemoryError> {
-            let off = addr.0.wrapping_sub(0x1000) as usize;
-            match self.0.get(off..off + buf.len()) {
-                Some(b) => {
-                    buf.copy_from_slice(b);
-                    Ok(())
-                }
-                None => Err(MemoryError::Unreadable(addr)),
-            }
-        }
-        fn is_constant(&self, _page: Addr) -> bool {
-            false
-        }
     }
 
     #[test]

@@ -290,28 +290,7 @@ pub fn function_constants(mem: &dyn Memory, start: Addr, end: Addr) -> FunctionC
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::MemoryError;
-
-    /// Code at 0x1000, nothing else readable.
-    struct Code(Vec<u8>);
-    impl Memory for Code {
-        fn read(&self, addr: Addr, buf: &mut [u8]) -> Result<(), MemoryError> {
-            let off = addr
-                .0
-                .checked_sub(0x1000)
-                .ok_or(MemoryError::Unreadable(addr))? as usize;
-            match self.0.get(off..off + buf.len()) {
-                Some(b) => {
-                    buf.copy_from_slice(b);
-                    Ok(())
-                }
-                None => Err(MemoryError::Unreadable(addr)),
-            }
-        }
-        fn is_constant(&self, _page: Addr) -> bool {
-            false
-        }
-    }
+    use crate::test_memory::Code;
 
     fn consts(code: &[u8]) -> FunctionConstants {
         let end = Addr(0x1000 + code.len() as u64);

@@ -40,6 +40,8 @@ pub mod insn_info;
 mod native_tests;
 mod sem;
 pub mod snippet;
+#[cfg(test)]
+mod test_memory;
 mod types;
 mod variant;
 

@@ -273,6 +273,15 @@ pub fn regions_to_plan(
 }
 
 impl RegionPlan {
+    /// The registers the profile saw holding one value at `a` (empty when it saw none, or `a` is no
+    /// candidate's address).
+    pub fn stable_at(&self, a: Addr) -> &[(Gpr, u64)] {
+        self.stable
+            .iter()
+            .find(|(at, _)| *at == a)
+            .map_or(&[], |(_, regs)| regs.as_slice())
+    }
+
     /// The report's note on this region with `candidates` and `reason` (None: installed).
     pub fn note(&self, candidates: Vec<CandidateNote>, reason: Option<Reason>) -> RegionNote {
         RegionNote {
@@ -697,12 +706,7 @@ pub fn assumed_for(
     }
     let named = registers_named(mem, r.start, r.end);
     let mut out: Vec<(Gpr, u64)> = Vec::new();
-    let regs = r
-        .stable
-        .iter()
-        .filter(|(a, _)| *a == c.address)
-        .flat_map(|(_, regs)| regs.iter().copied());
-    for (g, v) in regs {
+    for &(g, v) in r.stable_at(c.address) {
         let constant = consts.at(c.address).iter().any(|(k, _)| *k == g);
         let wanted = named & (1 << g.index()) != 0;
         if wanted
@@ -734,6 +738,15 @@ pub fn specialize_candidate(
         ..options(forward)
     };
     let assumed = assumed_for(mem, r, c, consts);
+    // Proven on every path from the function's entry: known without a check (unless the profile saw the
+    // register hold something else there: code the analysis does not see).
+    let seen = r.stable_at(c.address);
+    let proven: Vec<(Gpr, u64)> = consts
+        .at(c.address)
+        .iter()
+        .filter(|(g, v)| *g != c.register && !seen.iter().any(|(h, w)| h == g && w != v))
+        .copied()
+        .collect();
     let mut benefit = 0.0;
     let mut variants = Vec::new();
     let mut stats = Stats::default();
@@ -743,20 +756,7 @@ pub fn specialize_candidate(
             break;
         }
         let mut known = KnownState::default();
-        // Proven on every path from the function's entry: known without a check (unless the profile saw the
-        // register hold something else there: code the analysis does not see).
-        let seen = r
-            .stable
-            .iter()
-            .find(|(a, _)| *a == c.address)
-            .map_or(&[][..], |(_, regs)| regs.as_slice());
-        for (g, v) in consts.at(c.address) {
-            let contradicted = seen.iter().any(|(h, w)| h == g && w != v);
-            if *g != c.register && !contradicted {
-                known.set_reg(*g, Some(*v));
-            }
-        }
-        for (g, v) in &assumed {
+        for (g, v) in proven.iter().chain(&assumed) {
             known.set_reg(*g, Some(*v));
         }
         known.set_reg(c.register, Some(value));
